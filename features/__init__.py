@@ -1,0 +1,6 @@
+"""Parity's feature store: one aggregation engine behind a batch path and a streaming path.
+
+Public modules: events (the event-log schema), definitions (feature declarations),
+engine (state building and reading), eventlog, offline, online, pit (point-in-time join),
+streaming (ingest), materialize, verify.
+"""

@@ -1,0 +1,115 @@
+"""The online-store contract every backend honours (memory, redis).
+
+A backend stores opaque bytes: packing and unpacking feature state is a pure function in
+features.codec, tested without a server. Keys follow
+`{namespace}:{feature_set}:{version}:{entity_type}:{entity_id}` and never need a multi-key
+command that spans hash slots, so the same code works against Redis Cluster.
+
+Expiry: every record is written with a TTL (the store reclaims space); readers also check
+the record's own feature timestamp against the feature set's TTL, so an expired value
+reads as missing even if the backend has not evicted it yet.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+__all__ = ["RecordKey", "Write", "OnlineStore", "StoreUnavailable", "format_key"]
+
+
+class StoreUnavailable(RuntimeError):
+    """The backend could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    feature_set: str
+    version: str
+    entity_type: str
+    entity_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    key: RecordKey
+    value: bytes
+    ttl_ms: int
+
+
+def format_key(namespace: str, key: RecordKey) -> str:
+    return f"{namespace}:{key.feature_set}:{key.version}:{key.entity_type}:{key.entity_id}"
+
+
+def _check_part(name: str, value: str) -> None:
+    if not value or ":" in value or "{" in value or "}" in value or any(c.isspace() for c in value):
+        raise ValueError(f"{name} {value!r} must be non-empty without ':', braces or spaces")
+
+
+def validate_key(key: RecordKey) -> None:
+    _check_part("feature_set", key.feature_set)
+    _check_part("version", key.version)
+    _check_part("entity_type", key.entity_type)
+    _check_part("entity_id", key.entity_id)
+
+
+class OnlineStore(abc.ABC):
+    """One small interface; every method is one network round trip at most (per node)."""
+
+    namespace: str
+
+    @abc.abstractmethod
+    def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
+        """Values in key order; None where absent or expired. One round trip."""
+
+    @abc.abstractmethod
+    def commit(
+        self,
+        writes: Sequence[Write],
+        *,
+        dedupe_ids: Sequence[int] = (),
+        dedupe_ttl_ms: int = 0,
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        """Atomically write records, mark event ids as applied and update metadata.
+
+        Atomic means a reader or a restarted consumer sees all of it or none of it: this is
+        what turns at-least-once delivery into an exactly-once effect.
+        """
+
+    @abc.abstractmethod
+    def seen(self, event_ids: Sequence[int]) -> list[bool]:
+        """Whether each event id was marked applied by an earlier commit. One round trip."""
+
+    @abc.abstractmethod
+    def get_meta(self, name: str) -> str | None:
+        """Small metadata values (watermarks, materialisation state)."""
+
+    @abc.abstractmethod
+    def set_meta(self, name: str, value: str) -> None: ...
+
+    @abc.abstractmethod
+    def delete(self, keys: Sequence[RecordKey]) -> int:
+        """Delete records; returns how many existed."""
+
+    @abc.abstractmethod
+    def delete_matching(
+        self, feature_set: str, version: str | None = None, entity_type: str | None = None, entity_prefix: str | None = None
+    ) -> int:
+        """Delete every record of a feature set (optionally one version, one entity id prefix).
+
+        Used to retire a feature set and to erase a user from pair entities ("42|*").
+        """
+
+    @abc.abstractmethod
+    def iter_keys(self, feature_set: str | None = None) -> Iterable[RecordKey]:
+        """All live record keys (optionally of one feature set); for audits and tests."""
+
+    def close(self) -> None:  # pragma: no cover - backends override when they hold resources
+        pass
+
+    def __enter__(self) -> "OnlineStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

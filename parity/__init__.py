@@ -1,0 +1,1 @@
+"""Parity command line and demo."""
