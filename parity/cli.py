@@ -1,0 +1,76 @@
+"""The `parity` command: data, features (and, in later issues, train, serve, export).
+
+Every subcommand validates its arguments up front and reports a bad value with the option
+that carried it; domain errors (a missing data dir, an unreachable store) print one line
+`parity: error: ...` and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable, Sequence
+
+from features.online.base import StoreUnavailable
+
+__all__ = ["main", "build_parser"]
+
+
+def _positive(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
+        return v
+
+    return parse
+
+
+def _nonneg(name: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
+        return v
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from parity import cli_data, cli_features
+
+    p = argparse.ArgumentParser(prog="parity", description="Parity: features, models and serving that never disagree with themselves.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cli_data.register(sub, _positive, _nonneg)
+    cli_features.register(sub, _positive, _nonneg)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, StoreUnavailable) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"parity: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def print_json(obj: object) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

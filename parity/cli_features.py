@@ -1,0 +1,270 @@
+"""`parity features ...`: inspect, materialise, verify, stream, read, erase, retire."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+
+import numpy as np
+
+from parity.workspace import open_workspace
+
+STORE_HELP = "online store: memory or redis://HOST:PORT/DB (default memory)"
+
+
+def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
+    f = sub.add_parser("features", help="the feature store").add_subparsers(dest="features_command", required=True, metavar="ACTION")
+
+    p = f.add_parser("list", help="feature sets, versions and columns for a data dir")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.set_defaults(func=_list)
+
+    p = f.add_parser("lineage", help="where a feature set comes from: source events, definition, version")
+    p.add_argument("name", help="feature set name")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--store", default=None, help=STORE_HELP + "; shows the materialisation watermark")
+    p.set_defaults(func=_lineage)
+
+    p = f.add_parser("materialize", help="offline views and online states from the event log (idempotent)")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--store", default="memory", help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace in the store (default parity)")
+    p.add_argument("--full", action="store_true", help="recompute every entity instead of those with events since the watermark")
+    p.add_argument("--until", type=nonneg("--until"), default=None, help="materialise events with ts < UNTIL (ms); default: the whole log")
+    p.add_argument("--no-offline", action="store_true", help="skip rebuilding the offline views")
+    p.set_defaults(func=_materialize)
+
+    p = f.add_parser(
+        "verify",
+        help="prove parity: replay the log through the streaming path and compare with the batch point-in-time values",
+        description="Replays the log into a fresh online store and, at N probe times, compares every entity's online "
+        "read with the batch point-in-time value. Last line: JSON {checked, mismatches, max_abs_diff}; exit 1 if any "
+        "mismatch or nothing was checked.",
+    )
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--probes", type=positive("--probes"), default=10, help="probe times per entity (default 10)")
+    p.add_argument("--store", default="memory", help=STORE_HELP + "; a fresh namespace is used and removed")
+    p.add_argument("--seed", type=nonneg("--seed"), default=0, help="seed for the probe times (default 0)")
+    p.set_defaults(func=_verify)
+
+    p = f.add_parser("stream", help="consume events from a Redis Stream (consumer group) into the online store")
+    p.add_argument("--redis", required=True, help="redis://HOST:PORT/DB holding the stream")
+    p.add_argument("--stream", required=True, help="stream name")
+    p.add_argument("--events", required=True, help="data dir (for the dataset kind and its feature sets)")
+    p.add_argument("--store", default=None, help="online store (default: the --redis server)")
+    p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
+    p.add_argument("--group", default="parity-features", help="consumer group (default parity-features)")
+    p.add_argument("--consumer", default="consumer-1", help="consumer name within the group (default consumer-1)")
+    p.add_argument("--batch", type=positive("--batch"), default=500, help="messages per read (default 500)")
+    p.add_argument("--lateness-ms", type=nonneg("--lateness-ms"), default=3_600_000, help="allowed lateness in ms (default 1 h)")
+    p.add_argument("--dead-letter-stream", default=None, help="dead-letter stream (default STREAM:dead)")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without messages")
+    p.add_argument("--max-messages", type=positive("--max-messages"), default=None, help="exit after handling this many messages")
+    p.set_defaults(func=_stream)
+
+    p = f.add_parser("publish", help="append a data dir's events to a Redis Stream (for replays and demos)")
+    p.add_argument("--redis", required=True, help="redis://HOST:PORT/DB")
+    p.add_argument("--stream", required=True, help="stream name")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--limit", type=positive("--limit"), default=None, help="publish only the first N events")
+    p.set_defaults(func=_publish)
+
+    p = f.add_parser("read", help="read one entity's features online, with feature timestamp and staleness")
+    p.add_argument("--events", required=True, help="data dir (for the feature sets)")
+    p.add_argument("--store", required=True, help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
+    p.add_argument("--set", dest="set_name", required=True, help="feature set name")
+    p.add_argument("--id", dest="entity_id", required=True, help='entity id: "42", or "42|7" for a pair')
+    p.add_argument("--now", type=nonneg("--now"), default=None, help="read as of this time (ms); default now")
+    p.set_defaults(func=_read)
+
+    p = f.add_parser("delete-user", help="erase one user's data from the event log, the offline and the online store (audited)")
+    p.add_argument("--events", required=True, help="data dir")
+    p.add_argument("--user", type=nonneg("--user"), required=True, help="user id")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    p.add_argument("--store", default="memory", help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
+    p.set_defaults(func=_delete_user)
+
+    p = f.add_parser("retire", help="stop materialising a feature set version and delete its online keys")
+    p.add_argument("name", help="feature set name")
+    p.add_argument("--events", required=True, help="data dir")
+    p.add_argument("--store", required=True, help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
+    p.set_defaults(func=_retire)
+
+
+def _store(spec: str, namespace: str):
+    from features.online import open_store
+
+    return open_store(spec, namespace=namespace)
+
+
+def _list(args: argparse.Namespace) -> int:
+    ws = open_workspace(args.events)
+    from features.state import StateLayout
+
+    for fs in ws.sets:
+        lay = StateLayout(fs)
+        print(f"{fs.name} {fs.version}  entity={fs.entity.name}{list(fs.entity.keys)}  ttl={fs.ttl_ms // 3_600_000} h  record={lay.record_size} B")
+        for f in fs.features:
+            w = f" window={f.window.duration_ms // 60_000} min tile={f.window.tile_ms // 60_000} min" if f.window else ""
+            h = f" half_life={f.half_life_ms // 60_000} min" if f.half_life_ms else ""
+            d = f" dim={f.dim}" if f.dim > 1 else ""
+            print(f"  {f.name:<22} {f.agg.value:<15} source={f.source}{w}{h}{d} default={f.default}")
+    return 0
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    ws = open_workspace(args.events)
+    fs = ws.feature_set(args.name)
+    events = ws.log.read(must_exist=True)
+    m = fs.event_mask(events)
+    per_source = {s.name: int((s.mask(events) & m).sum()) for s in fs.sources}
+    out = {
+        "feature_set": fs.name,
+        "version": fs.version,
+        "entity": {"name": fs.entity.name, "keys": list(fs.entity.keys)},
+        "ttl_ms": fs.ttl_ms,
+        "description": fs.description,
+        "sources": [
+            {"name": s.name, "event_types": [t.name.lower() for t in s.event_types], "value": s.value, "events_in_log": per_source[s.name]}
+            for s in fs.sources
+        ],
+        "source_log": str(ws.log.root),
+        "events_in_log": int(m.sum()),
+        "entities_in_log": int(len(np.unique(fs.entity.codes(events.take(np.flatnonzero(m)))[0]))),
+        "online_key": f"{{namespace}}:{fs.name}:{fs.version}:{fs.entity.name}:{{entity_id}}",
+        "offline_view": str(ws.offline.root / fs.name / fs.version / "events.parquet"),
+        "pii_inputs": list(fs.pii_inputs),
+        "definition": fs.definition(),
+    }
+    if ws.offline.has(fs):
+        out["offline_view_info"] = ws.offline.info(fs).__dict__
+    if args.store:
+        from features.materialize import stored_watermark
+
+        with _store(args.store, "parity") as store:
+            out["materialized_until_ts"] = stored_watermark(store, fs)
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from features.deletion import is_retired
+    from features.materialize import materialize
+
+    ws = open_workspace(args.events)
+    t = time.perf_counter()
+    if not args.no_offline:
+        for v in ws.offline.build(ws.log, ws.sets, until_ts=args.until):
+            print(f"offline {v.feature_set} {v.version}: {v.rows} events -> {ws.offline.root / v.feature_set / v.version}")
+    with _store(args.store, args.namespace) as store:
+        retired = [fs.name for fs in ws.sets if is_retired(store, fs)]
+        for r in materialize(ws.log, store, ws.sets, until_ts=args.until, full=args.full, retired=retired):
+            print(f"online {r.feature_set} {r.version}: {r.mode} [{r.from_ts}, {r.until_ts}) {r.entities_written} entities written from {r.events_read} events")
+        for name in retired:
+            print(f"online {name}: retired, skipped")
+    print(f"done in {time.perf_counter() - t:.1f} s")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from features.verify import verify_parity
+
+    ws = open_workspace(args.events)
+    t = time.perf_counter()
+    events = ws.log.read(must_exist=True)
+    ns = f"verify-{uuid.uuid4().hex[:10]}"
+    with _store(args.store, ns) as store:
+        try:
+            rep = verify_parity(events, ws.sets, store, probes=args.probes, seed=args.seed)
+        finally:
+            for fs in ws.sets:
+                store.delete_matching(fs.name)
+    print(f"replayed {rep.events} events through the streaming path; {rep.probes} probe times ({time.perf_counter() - t:.1f} s)")
+    for s in rep.sets:
+        print(f"  {s.feature_set:<16} {s.version}  entities={s.entities:<7} checked={s.checked:<9} mismatches={s.mismatches}  max_abs_diff={s.max_abs_diff:.3g}")
+        for e in s.examples:
+            print(f"    mismatch: {e}")
+    print(json.dumps(rep.summary()))
+    return 1 if rep.mismatches > 0 or rep.checked == 0 else 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import redis
+
+    from features.online.redis_store import RedisStore
+    from features.redis_stream import RedisStreamConsumer
+    from features.streaming import StreamingIngestor
+
+    ws = open_workspace(args.events)
+    client = redis.Redis.from_url(args.redis)
+    store = _store(args.store, args.namespace) if args.store else RedisStore(args.redis, namespace=args.namespace)
+    ing = StreamingIngestor(store, ws.sets, name=f"stream-{args.stream}", allowed_lateness_ms=args.lateness_ms)
+    cons = RedisStreamConsumer(client, args.stream, ing, group=args.group, consumer=args.consumer, batch_size=args.batch, dead_letter_stream=args.dead_letter_stream)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: cons.stop())
+    try:
+        st = cons.run(max_messages=args.max_messages, idle_exit_s=args.idle_exit)
+    finally:
+        store.close()
+    wm = ing.stats().watermark
+    print(json.dumps({"messages": st.messages, "accepted": st.accepted, "duplicates": st.duplicates, "late": st.late, "malformed": st.malformed, "watermark": wm}))
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    import redis
+
+    from features.redis_stream import publish_events
+
+    ws = open_workspace(args.events)
+    events = ws.log.read(must_exist=True)
+    if args.limit:
+        events = events.take(np.arange(min(args.limit, len(events))))
+    n = publish_events(redis.Redis.from_url(args.redis), args.stream, events)
+    print(f"published {n} events to {args.stream}")
+    return 0
+
+
+def _read(args: argparse.Namespace) -> int:
+    from features.lookup import FeatureLookup
+
+    ws = open_workspace(args.events)
+    fs = ws.feature_set(args.set_name)
+    code = fs.entity.parse_key_id(args.entity_id)
+    now = args.now if args.now is not None else int(time.time() * 1000)
+    with _store(args.store, args.namespace) as store:
+        res = FeatureLookup(store, [fs]).read(fs.name, [code], now)
+    fr = res.frame
+    print(json.dumps({
+        "feature_set": fs.name, "version": fs.version, "entity_id": args.entity_id, "as_of_ms": now,
+        "found": bool(res.found[0]), "feature_ts": int(fr.feature_ts[0]), "staleness_ms": int(res.staleness_ms[0]),
+        "values": {c: float(fr.values[0, j]) for j, c in enumerate(fr.columns)},
+        "missing": [c for j, c in enumerate(fr.columns) if fr.missing[0, j]],
+    }, indent=2))
+    return 0
+
+
+def _delete_user(args: argparse.Namespace) -> int:
+    from features.deletion import delete_user
+
+    ws = open_workspace(args.events)
+    with _store(args.store, args.namespace) as store:
+        d = delete_user(args.user, log=ws.log, store=store, sets=ws.sets, offline=ws.offline, reason=args.reason)
+    print(json.dumps(d.__dict__))
+    return 0
+
+
+def _retire(args: argparse.Namespace) -> int:
+    from features.deletion import retire_feature_set
+
+    ws = open_workspace(args.events)
+    fs = ws.feature_set(args.name)
+    with _store(args.store, args.namespace) as store:
+        n = retire_feature_set(fs, store, ws.offline)
+    print(f"retired {fs.name} {fs.version}: {n} online keys deleted; materialisation will skip it")
+    return 0
