@@ -17,6 +17,14 @@ from features.state import NO_TILE, FeatureFrame, StateLayout, decay_factor, rea
 __all__ = ["BatchEngine"]
 
 
+def _gather(arr: np.ndarray, idx: np.ndarray, fill) -> np.ndarray:
+    """arr[idx] where idx >= 0, else fill (safe for an empty arr)."""
+    out = np.full(len(idx), fill, dtype=arr.dtype)
+    hit = idx >= 0
+    out[hit] = arr[idx[hit]]
+    return out
+
+
 class _Sorted:
     """Events of one component, sorted by (entity, ts, event_id), with a search key."""
 
@@ -43,6 +51,7 @@ class BatchEngine:
     def __init__(self, layout: StateLayout, events: EventBatch) -> None:
         self.layout = layout
         fs = layout.feature_set
+        events = events.deduplicated()  # same effect as the streaming path's dedupe
         ev = events.take(np.flatnonzero(fs.event_mask(events)))
         codes = fs.entity.codes(ev)[0]
         self.entities = np.unique(codes)
@@ -83,6 +92,7 @@ class BatchEngine:
                 mk = m if k is None else m & (idx == k)
                 s = _Sorted(ent[mk], ev.ts[mk], ev.event_id[mk], src.values(ev)[mk], t0, span)
                 gap = np.diff(s.ts, prepend=s.ts[:1] if len(s.ts) else s.ts)
+                gap[segment_starts(s.ent)] = 0  # a segment's first factor is never used
                 parts.append((s, segmented_linear_scan(decay_factor(gap, d.half_life_ms), s.v, s.ent)))
             whole = _Sorted(ent[m], ev.ts[m], ev.event_id[m], ev.value[m], t0, span)
             self._decays.append((d, whole, parts))
@@ -108,7 +118,7 @@ class BatchEngine:
         n = len(ent)
         st = lay.empty(n)
         i = self._all.last_before(ent, t)
-        st["feature_ts"] = np.where(i >= 0, self._all.ts[i], -1)
+        st["feature_ts"] = _gather(self._all.ts, i, -1)
         for r, s, tiles, (ccount, csum, cmax), gkey, ends, tmin, tspan in self._rings:
             li = s.last_before(ent, t)
             ok = li >= 0
@@ -131,7 +141,7 @@ class BatchEngine:
                 cnt[hr, sl], sm[hr, sl], mx[hr, sl] = ccount[he], csum[he], cmax[he]
         for d, whole, parts in self._decays:
             li = whole.last_before(ent, t)
-            t_last = np.where(li >= 0, whole.ts[li], -1)
+            t_last = _gather(whole.ts, li, -1)
             st[f"{d.field}_t"] = t_last
             S = np.zeros((n, d.dim), dtype=np.float64)
             for k, (s, y) in enumerate(parts):
@@ -141,10 +151,9 @@ class BatchEngine:
             st[f"{d.field}_s"] = S.reshape(st[f"{d.field}_s"].shape)
         for last, s in self._lasts:
             li = s.last_before(ent, t)
-            hit = li >= 0
-            st[f"{last.field}_t"] = np.where(hit, s.ts[li], -1)
-            st[f"{last.field}_e"] = np.where(hit, s.eid[li], -1)
-            st[f"{last.field}_v"] = np.where(hit, s.v[li], 0.0)
+            st[f"{last.field}_t"] = _gather(s.ts, li, -1)
+            st[f"{last.field}_e"] = _gather(s.eid, li, -1)
+            st[f"{last.field}_v"] = _gather(s.v, li, 0.0)
         return st
 
     def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 200_000) -> FeatureFrame:

@@ -124,6 +124,15 @@ class EventBatch:
     def take(self, idx: np.ndarray) -> "EventBatch":
         return EventBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def deduplicated(self) -> "EventBatch":
+        """First occurrence of each event_id: the log is at-least-once, features are not."""
+        if len(self) == 0:
+            return self
+        _, first = np.unique(self.event_id, return_index=True)
+        if len(first) == len(self):
+            return self
+        return self.take(np.sort(first))
+
     def sorted(self) -> "EventBatch":
         """Events in (ts, event_id) order: the order in which ties are broken everywhere."""
         return self.take(np.lexsort((self.event_id, self.ts)))

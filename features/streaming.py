@@ -118,8 +118,7 @@ class StreamingIngestor:
         st = self.stats()
         if received == 0:
             return IngestResult(0, 0, 0, 0, st.watermark, 0)
-        _, first = np.unique(events.event_id, return_index=True)
-        batch = events.take(np.sort(first))
+        batch = events.deduplicated()
         dup = received - len(batch)
         seen = np.asarray(self.store.seen(batch.event_id.tolist()), dtype=bool)
         dup += int(seen.sum())

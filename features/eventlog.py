@@ -1,0 +1,376 @@
+"""The event log: an append-only Parquet store of EVENT_SCHEMA rows, partitioned by UTC day.
+
+Layout: ``ROOT/day=YYYY-MM-DD/part-<uuid>.parquet``. Every append writes new part files and
+never touches existing ones, so readers need no locks and a half-finished append is
+invisible: a part is written under a temp name (``.part-*.tmp``, which no reader globs),
+fsynced, then renamed into place.
+
+Duplicates are kept: sources deliver at least once, and deciding which copy wins is the
+consumers' job (they dedupe on event_id). The log's only other mutation is
+delete_user, the erasure path, which rewrites exactly the part files holding that user's
+rows (each by an atomic rename over the old file) and records what it did in
+``ROOT/_audit/deletions.jsonl``.
+
+Reads go through DuckDB's ``read_parquet(..., hive_partitioning=true)``: day partitions are
+pruned before any file is opened, and the ts/user/type filters are pushed into the Parquet
+scan (row-group statistics), so reading a slice of a multi-million-event log is fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from features.events import EVENT_SCHEMA, MS_PER_DAY, EventBatch, EventType
+
+__all__ = ["EventLog", "DeletionReport", "day_of", "day_start_ts"]
+
+_DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
+_PART_GLOB = "part-*.parquet"
+_AUDIT_DIR = "_audit"
+_AUDIT_FILE = "deletions.jsonl"
+_LOCK_FILE = "_writer.lock"
+# Above this many ids a user filter is joined from a registered table instead of an IN list.
+_MAX_INLINE_IDS = 2000
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def day_of(ts_ms: int) -> str:
+    """The UTC day (``YYYY-MM-DD``) holding a ms timestamp: the partition an event goes to."""
+    return (_EPOCH + dt.timedelta(days=int(ts_ms) // MS_PER_DAY)).isoformat()
+
+
+def day_start_ts(day: str) -> int:
+    """ms since epoch of 00:00 UTC on ``day`` (``YYYY-MM-DD``)."""
+    return (dt.date.fromisoformat(day) - _EPOCH).days * MS_PER_DAY
+
+
+@dataclass(frozen=True)
+class DeletionReport:
+    """What delete_user changed: the day partitions rewritten and how many rows went."""
+
+    partitions_rewritten: list[str]
+    rows_removed: int
+
+
+def _fsync_dir(path: Path) -> None:
+    # A rename is durable only once the directory entry is; best effort where unsupported.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_part_atomic(table: pa.Table, final: Path) -> None:
+    """Write ``table`` to a temp file beside ``final``, fsync, rename over ``final``."""
+    tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(final.parent)
+
+
+def _sql_paths(paths: Iterable[str | Path]) -> str:
+    """A DuckDB list literal of file paths, quoted safely."""
+    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
+
+
+def _type_codes(types: Iterable[EventType | int | str]) -> list[int]:
+    out = []
+    for t in types:
+        if isinstance(t, str):
+            out.append(int(EventType.parse(t)))
+        else:
+            out.append(int(EventType(int(t))))
+    return sorted(set(out))
+
+
+class EventLog:
+    """An append-only, day-partitioned Parquet event log rooted at ``root``.
+
+    The root need not exist until the first append; reading a missing or empty log yields an
+    empty result unless ``must_exist=True`` (the CLI's choice, where an empty result from a
+    mistyped path would be silently wrong).
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"EventLog({str(self.root)!r})"
+
+    # ------------------------------------------------------------------ layout
+
+    def _day_dirs(self) -> list[tuple[str, Path]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _DAY_DIR.match(p.name)
+            if m and p.is_dir():
+                out.append((m.group(1), p))
+        out.sort()
+        return out
+
+    def _parts(self, day_dir: Path) -> list[Path]:
+        return sorted(day_dir.glob(_PART_GLOB))
+
+    def _files(self, start_ts: int | None = None, end_ts: int | None = None) -> list[tuple[str, Path]]:
+        """(day, part file) for every part in the days overlapping [start_ts, end_ts)."""
+        lo = day_of(start_ts) if start_ts is not None else None
+        hi = day_of(end_ts - 1) if end_ts is not None else None
+        out = []
+        for day, d in self._day_dirs():
+            if (lo is not None and day < lo) or (hi is not None and day > hi):
+                continue
+            out.extend((day, p) for p in self._parts(d))
+        return out
+
+    def exists(self) -> bool:
+        """True if the root holds at least one day partition."""
+        return bool(self._day_dirs())
+
+    def _check_exists(self) -> None:
+        if not self.root.exists():
+            raise ValueError(f"event log {self.root} does not exist")
+        if not self.root.is_dir():
+            raise ValueError(f"event log {self.root} is not a directory")
+        if not self.exists():
+            hint = ""
+            if (self.root / "events").is_dir():
+                hint = f"; did you mean {self.root / 'events'}?"
+            raise ValueError(f"{self.root} is not an event log (no day=YYYY-MM-DD partitions){hint}")
+
+    @contextlib.contextmanager
+    def _writer_lock(self) -> Iterator[None]:
+        """Serialise writers (append vs delete_user) across processes; readers never lock."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / _LOCK_FILE, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(self, batch: EventBatch) -> int:
+        """Write ``batch`` as one new part file per UTC day it touches; returns rows written.
+
+        Rows are sorted by (ts, event_id) inside each part so row-group statistics prune well.
+        """
+        if not isinstance(batch, EventBatch):
+            raise TypeError(f"append takes an EventBatch, got {type(batch).__name__}")
+        n = len(batch)
+        if n == 0:
+            return 0
+        batch = batch.sorted()
+        day_idx = batch.ts // MS_PER_DAY
+        bounds = np.flatnonzero(np.diff(day_idx)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [n]])
+        table = batch.to_arrow()
+        with self._writer_lock():
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                day = day_of(int(batch.ts[s]))
+                d = self.root / f"day={day}"
+                d.mkdir(parents=True, exist_ok=True)
+                _write_part_atomic(table.slice(s, e - s), d / f"part-{uuid.uuid4().hex}.parquet")
+        return n
+
+    def delete_user(self, user_id: int, reason: str, actor: str = "cli") -> DeletionReport:
+        """Erase every event of ``user_id``; audit the erasure. Idempotent.
+
+        Only part files containing the user are rewritten, each atomically (temp file, fsync,
+        rename over the original), so a crash leaves every file either old or new, never
+        partial, and re-running finishes the job. A part left empty is removed. The audit
+        line holds the user id, reason, actor, partitions and row count, nothing else.
+        """
+        user_id = int(user_id)
+        if not reason or not reason.strip():
+            raise ValueError("delete_user needs a reason (it is recorded in the audit log)")
+        rewritten: list[str] = []
+        removed = 0
+        with self._writer_lock():
+            files = self._files()
+            hits: dict[str, int] = {}
+            if files:
+                con = duckdb.connect()
+                try:
+                    paths = [str(p) for _, p in files]
+                    rows = con.sql(
+                        f"SELECT filename, count(*) FROM read_parquet({_sql_paths(paths)}, filename=true) "
+                        f"WHERE user_id = {user_id} GROUP BY filename"
+                    ).fetchall()
+                finally:
+                    con.close()
+                hits = {str(f): int(c) for f, c in rows}
+            for day, path in files:
+                if str(path) not in hits:
+                    continue
+                table = pq.read_table(path, schema=EVENT_SCHEMA)
+                keep = pc.not_equal(table.column("user_id"), pa.scalar(user_id, pa.int64()))
+                kept = table.filter(keep)
+                removed += table.num_rows - kept.num_rows
+                if kept.num_rows:
+                    _write_part_atomic(kept, path)
+                else:
+                    path.unlink()
+                    _fsync_dir(path.parent)
+                if day not in rewritten:
+                    rewritten.append(day)
+            self._audit(
+                {
+                    "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+                    "user_id": user_id,
+                    "reason": reason,
+                    "actor": actor,
+                    "partitions_rewritten": rewritten,
+                    "rows_removed": removed,
+                }
+            )
+        return DeletionReport(partitions_rewritten=rewritten, rows_removed=removed)
+
+    def _audit(self, record: dict) -> None:
+        d = self.root / _AUDIT_DIR
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / _AUDIT_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def audit_records(self) -> list[dict]:
+        """The deletion audit trail, oldest first."""
+        p = self.root / _AUDIT_DIR / _AUDIT_FILE
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # ------------------------------------------------------------------ reading
+
+    def read_table(
+        self,
+        start_ts: int | None = None,
+        end_ts: int | None = None,
+        user_ids: Sequence[int] | np.ndarray | None = None,
+        types: Iterable[EventType | int | str] | None = None,
+        columns: Sequence[str] | None = None,
+        *,
+        must_exist: bool = False,
+    ) -> pa.Table:
+        """Events with ``start_ts <= ts < end_ts`` (either bound optional), optionally only
+        for ``user_ids`` and ``types``, as an Arrow table sorted by (ts, event_id).
+
+        ``columns`` selects a subset of EVENT_SCHEMA (default: all), in the order given.
+        """
+        if must_exist:
+            self._check_exists()
+        if columns is None:
+            cols = [f.name for f in EVENT_SCHEMA]
+        else:
+            cols = list(columns)
+            unknown = [c for c in cols if c not in EVENT_SCHEMA.names]
+            if unknown:
+                raise ValueError(f"unknown event columns {unknown}; allowed: {EVENT_SCHEMA.names}")
+        schema = pa.schema([EVENT_SCHEMA.field(c) for c in cols])
+        if start_ts is not None and end_ts is not None and end_ts <= start_ts:
+            return schema.empty_table()
+        files = self._files(start_ts, end_ts)
+        if not files:
+            return schema.empty_table()
+
+        where = []
+        if start_ts is not None:
+            where.append(f"ts >= {int(start_ts)}")
+        if end_ts is not None:
+            where.append(f"ts < {int(end_ts)}")
+        if types is not None:
+            codes = _type_codes(types)
+            if not codes:
+                return schema.empty_table()
+            where.append(f"type IN ({', '.join(map(str, codes))})")
+        con = duckdb.connect()
+        try:
+            if user_ids is not None:
+                ids = np.unique(np.asarray(user_ids, dtype=np.int64))
+                if len(ids) == 0:
+                    return schema.empty_table()
+                if len(ids) <= _MAX_INLINE_IDS:
+                    where.append(f"user_id IN ({', '.join(map(str, ids.tolist()))})")
+                else:
+                    con.register("_wanted_users", pa.table({"uid": ids}))
+                    where.append(f"user_id BETWEEN {int(ids[0])} AND {int(ids[-1])}")
+                    where.append("user_id IN (SELECT uid FROM _wanted_users)")
+            select = ", ".join(f'"{c}"' for c in cols)
+            sql = (
+                f"SELECT {select} FROM read_parquet({_sql_paths(p for _, p in files)}, hive_partitioning=true)"
+                + (f" WHERE {' AND '.join(where)}" if where else "")
+                + " ORDER BY ts, event_id"
+            )
+            table = con.sql(sql).to_arrow_table()
+        finally:
+            con.close()
+        return table.cast(schema)
+
+    def read(
+        self,
+        start_ts: int | None = None,
+        end_ts: int | None = None,
+        user_ids: Sequence[int] | np.ndarray | None = None,
+        types: Iterable[EventType | int | str] | None = None,
+        *,
+        must_exist: bool = False,
+    ) -> EventBatch:
+        """As read_table (all columns), as an EventBatch sorted by (ts, event_id)."""
+        table = self.read_table(start_ts, end_ts, user_ids, types, must_exist=must_exist)
+        if table.num_rows == 0:
+            return EventBatch.empty()
+        return EventBatch.from_arrow(table)
+
+    # ------------------------------------------------------------------ summaries
+
+    def days(self) -> list[str]:
+        """The UTC days (``YYYY-MM-DD``) that hold at least one part file, ascending."""
+        return [day for day, d in self._day_dirs() if self._parts(d)]
+
+    def count(self) -> int:
+        """Rows in the log (duplicates included), from Parquet footers: no data is scanned."""
+        return sum(pq.ParquetFile(p).metadata.num_rows for _, p in self._files())
+
+    def max_ts(self) -> int | None:
+        """The latest event time in the log, or None if empty. Only the last day is read."""
+        for day in reversed(self.days()):
+            files = [str(p) for p in self._parts(self.root / f"day={day}")]
+            con = duckdb.connect()
+            try:
+                ((v,),) = con.sql(f"SELECT max(ts) FROM read_parquet({_sql_paths(files)})").fetchall()
+            finally:
+                con.close()
+            if v is not None:
+                return int(v)
+        return None

@@ -1,0 +1,439 @@
+"""One contract, two backends: every test here runs against MemoryStore and RedisStore.
+
+Redis-only tests at the end cover what memory cannot show: raw key layout, round trips,
+unavailability and the Redis Cluster code path (on a private one-node cluster).
+"""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Iterator
+
+import pytest
+
+from features.online.base import OnlineStore, RecordKey, StoreUnavailable, Write, format_key
+from features.online.memory import MemoryStore
+from features.online.registry import open_store
+
+redis = pytest.importorskip("redis")
+
+from features.online.redis_store import RedisStore  # noqa: E402  (needs the redis package)
+from redis_server import RedisServer  # noqa: E402
+
+HOUR_MS = 3_600_000
+
+
+def rk(entity_id: str, feature_set: str = "clicks", version: str = "v1", entity_type: str = "user") -> RecordKey:
+    return RecordKey(feature_set, version, entity_type, entity_id)
+
+
+def put(store: OnlineStore, *keys: RecordKey, value: bytes = b"x", ttl_ms: int = HOUR_MS) -> None:
+    store.commit([Write(k, value, ttl_ms) for k in keys])
+
+
+def let_expire(store: OnlineStore, ttl_ms: int, probe: RecordKey | None = None, event_id: int | None = None) -> None:
+    """Move past ttl_ms: advance the manual clock (memory) or poll the server (redis).
+
+    Polling is bounded (2 s) so a broken expiry fails the test instead of hanging it.
+    """
+    clock = getattr(store, "clock", None)
+    if hasattr(clock, "advance"):
+        clock.advance(ttl_ms / 1000.0 + 0.001)
+        return
+    deadline = time.monotonic() + 2.0
+    time.sleep(ttl_ms / 1000.0)
+    while time.monotonic() < deadline:
+        gone_record = probe is None or store.get_many([probe]) == [None]
+        gone_marker = event_id is None or store.seen([event_id]) == [False]
+        if gone_record and gone_marker:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"nothing expired within 2 s after a {ttl_ms} ms TTL")
+
+
+# -- reads and writes ------------------------------------------------------------------------
+
+
+def test_round_trip_of_opaque_bytes(online_store: OnlineStore) -> None:
+    values = {
+        rk("1"): b"",
+        rk("2"): b"\x00\x01\x00binary\xff\x00",
+        rk("3"): bytes(range(256)) * 4,
+    }
+    online_store.commit([Write(k, v, HOUR_MS) for k, v in values.items()])
+    assert online_store.get_many(list(values)) == list(values.values())
+
+
+def test_get_many_keeps_order_and_reports_absent_as_none(online_store: OnlineStore) -> None:
+    online_store.commit([Write(rk("a"), b"A", HOUR_MS), Write(rk("b"), b"B", HOUR_MS)])
+    keys = [rk("b"), rk("missing"), rk("a"), rk("a", version="v2"), rk("b")]
+    assert online_store.get_many(keys) == [b"B", None, b"A", None, b"B"]
+    assert online_store.get_many([]) == []
+
+
+def test_later_commit_overwrites(online_store: OnlineStore) -> None:
+    put(online_store, rk("1"), value=b"old")
+    put(online_store, rk("1"), value=b"new")
+    assert online_store.get_many([rk("1")]) == [b"new"]
+
+
+def test_records_expire_after_their_ttl(online_store: OnlineStore) -> None:
+    short, long = rk("short"), rk("long")
+    online_store.commit([Write(short, b"s", 60), Write(long, b"l", HOUR_MS)])
+    assert online_store.get_many([short, long]) == [b"s", b"l"]
+    let_expire(online_store, 60, probe=short)
+    assert online_store.get_many([short, long]) == [None, b"l"]
+    assert set(online_store.iter_keys()) == {long}
+    assert online_store.delete([short]) == 0  # expired records are not counted as existing
+
+
+@pytest.mark.parametrize("ttl_ms", [0, -1, -HOUR_MS])
+def test_non_positive_ttl_is_rejected_and_nothing_is_written(online_store: OnlineStore, ttl_ms: int) -> None:
+    good = Write(rk("good"), b"g", HOUR_MS)
+    with pytest.raises(ValueError, match="ttl_ms"):
+        online_store.commit([good, Write(rk("bad"), b"b", ttl_ms)], dedupe_ids=[7], dedupe_ttl_ms=HOUR_MS, meta={"wm": "1"})
+    assert online_store.get_many([good.key]) == [None]
+    assert online_store.seen([7]) == [False]
+    assert online_store.get_meta("wm") is None
+
+
+def test_non_bytes_value_is_rejected(online_store: OnlineStore) -> None:
+    with pytest.raises(TypeError, match="bytes"):
+        online_store.commit([Write(rk("1"), "text", HOUR_MS)])  # type: ignore[arg-type]
+
+
+# -- commit, dedupe, meta --------------------------------------------------------------------
+
+
+def test_commit_makes_records_markers_and_meta_visible_together(online_store: OnlineStore) -> None:
+    writes = [Write(rk(str(i)), f"v{i}".encode(), HOUR_MS) for i in range(5)]
+    assert online_store.seen([101, 102]) == [False, False]
+    online_store.commit(writes, dedupe_ids=[101, 102], dedupe_ttl_ms=HOUR_MS, meta={"watermark": "1700000000000", "state": "live"})
+    assert online_store.get_many([w.key for w in writes]) == [w.value for w in writes]
+    assert online_store.seen([101, 103, 102]) == [True, False, True]
+    assert online_store.get_meta("watermark") == "1700000000000"
+    assert online_store.get_meta("state") == "live"
+
+
+def test_commit_with_only_markers_or_nothing(online_store: OnlineStore) -> None:
+    online_store.commit([])
+    online_store.commit([], dedupe_ids=[5], dedupe_ttl_ms=HOUR_MS)
+    assert online_store.seen([5, 6]) == [True, False]
+    assert list(online_store.iter_keys()) == []
+
+
+def test_dedupe_markers_expire(online_store: OnlineStore) -> None:
+    online_store.commit([], dedupe_ids=[9], dedupe_ttl_ms=60)
+    assert online_store.seen([9]) == [True]
+    let_expire(online_store, 60, event_id=9)
+    assert online_store.seen([9]) == [False]
+
+
+def test_dedupe_ids_need_a_positive_ttl(online_store: OnlineStore) -> None:
+    with pytest.raises(ValueError, match="dedupe_ttl_ms"):
+        online_store.commit([Write(rk("1"), b"x", HOUR_MS)], dedupe_ids=[1])
+    assert online_store.get_many([rk("1")]) == [None]
+
+
+def test_seen_of_nothing_is_empty(online_store: OnlineStore) -> None:
+    assert online_store.seen([]) == []
+
+
+def test_meta_round_trip(online_store: OnlineStore) -> None:
+    assert online_store.get_meta("watermark:clicks") is None
+    online_store.set_meta("watermark:clicks", "1")
+    online_store.set_meta("watermark:clicks", "2")
+    assert online_store.get_meta("watermark:clicks") == "2"
+    assert online_store.get_meta("other") is None
+    assert list(online_store.iter_keys()) == []  # meta is not a record
+
+
+# -- delete ----------------------------------------------------------------------------------
+
+
+def test_delete_counts_existing_records(online_store: OnlineStore) -> None:
+    put(online_store, rk("1"), rk("2"))
+    assert online_store.delete([rk("1"), rk("3"), rk("1")]) == 1
+    assert online_store.get_many([rk("1"), rk("2")]) == [None, b"x"]
+    assert online_store.delete([]) == 0
+
+
+def test_delete_matching_one_version_only(online_store: OnlineStore) -> None:
+    v1 = [rk(str(i), version="v1") for i in range(3)]
+    v2 = [rk(str(i), version="v2") for i in range(3)]
+    other = rk("1", feature_set="plays")
+    put(online_store, *v1, *v2, other)
+    assert online_store.delete_matching("clicks", "v1") == 3
+    assert set(online_store.iter_keys()) == {*v2, other}
+    assert online_store.delete_matching("clicks") == 3
+    assert set(online_store.iter_keys()) == {other}
+
+
+def test_delete_matching_entity_prefix_erases_pairs_of_one_user(online_store: OnlineStore) -> None:
+    pair = lambda eid, **kw: rk(eid, feature_set="affinity", entity_type="user_item", **kw)  # noqa: E731
+    doomed = [pair("42|7"), pair("42|8")]
+    kept = [pair("420|7"), pair("4|2"), pair("142|7"), pair("42|7", version="v2"), rk("42|7", feature_set="affinity", entity_type="user_topic")]
+    put(online_store, *doomed, *kept)
+    assert online_store.delete_matching("affinity", "v1", "user_item", "42|") == 2
+    assert online_store.get_many(doomed) == [None, None]
+    assert set(online_store.iter_keys()) == set(kept)
+    # Without a version or entity type the prefix applies to every version and type.
+    assert online_store.delete_matching("affinity", entity_prefix="42|") == 2
+    assert set(online_store.iter_keys()) == {pair("420|7"), pair("4|2"), pair("142|7")}
+
+
+def test_delete_matching_escapes_glob_characters(online_store: OnlineStore) -> None:
+    ids = ["a*b", "a*c", "axb", "a?b", "ayb", "a[b]", "ab", "a\\b", "a\\\\b", "a]b"]
+    put(online_store, *(rk(i) for i in ids))
+    assert online_store.delete_matching("clicks", "v1", "user", "a*") == 2
+    assert online_store.delete_matching("clicks", "v1", "user", "a?") == 1
+    assert online_store.delete_matching("clicks", "v1", "user", "a[") == 1
+    assert online_store.delete_matching("clicks", "v1", "user", "a\\") == 2
+    assert online_store.delete_matching("clicks", "v1", "user", "a]") == 1
+    assert {k.entity_id for k in online_store.iter_keys()} == {"axb", "ayb", "ab"}
+    # Glob characters in other parts are literal too.
+    put(online_store, rk("1", version="v*"), rk("1", entity_type="u?"))
+    assert online_store.delete_matching("clicks", version="v*") == 1
+    assert online_store.delete_matching("clicks", entity_type="u?") == 1
+    assert {k.entity_id for k in online_store.iter_keys()} == {"axb", "ayb", "ab"}
+
+
+# -- iteration, key format, validation ----------------------------------------------------
+
+
+def test_iter_keys_lists_live_records_only(online_store: OnlineStore) -> None:
+    clicks = [rk(str(i)) for i in range(30)]
+    plays = [rk(str(i), feature_set="plays", entity_type="item") for i in range(5)]
+    put(online_store, *clicks, *plays)
+    online_store.commit([], dedupe_ids=[1, 2], dedupe_ttl_ms=HOUR_MS, meta={"a:b:c": "meta that looks like a key"})
+    assert sorted(online_store.iter_keys(), key=repr) == sorted(clicks + plays, key=repr)
+    assert set(online_store.iter_keys("plays")) == set(plays)
+    assert list(online_store.iter_keys("nothing")) == []
+
+
+def test_key_format(online_store: OnlineStore) -> None:
+    key = RecordKey("clicks", "v3", "user", "42|7")
+    ns = online_store.namespace
+    assert format_key(ns, key) == f"{ns}:clicks:v3:user:42|7"
+    online_store.commit([Write(key, b"\x00raw", HOUR_MS)], dedupe_ids=[77], dedupe_ttl_ms=HOUR_MS, meta={"wm": "5"})
+    if isinstance(online_store, RedisStore):
+        raw = redis.Redis.from_url(online_store.url)
+        try:
+            assert set(raw.keys("*")) == {
+                f"{ns}:clicks:v3:user:42|7".encode(),
+                f"{ns}:__dedupe__:77".encode(),
+                f"{ns}:__meta__:wm".encode(),
+            }
+            assert raw.get(f"{ns}:clicks:v3:user:42|7") == b"\x00raw"
+            assert 0 < raw.pttl(f"{ns}:clicks:v3:user:42|7") <= HOUR_MS
+            assert 0 < raw.pttl(f"{ns}:__dedupe__:77") <= HOUR_MS
+            assert raw.get(f"{ns}:__meta__:wm") == b"5"
+        finally:
+            raw.close()
+
+
+BAD_PARTS = ["", "a:b", "a b", "a\tb", "{a}", "a}", "a\n"]
+
+
+@pytest.mark.parametrize("field", ["feature_set", "version", "entity_type", "entity_id"])
+@pytest.mark.parametrize("bad", BAD_PARTS)
+def test_bad_key_parts_are_rejected(online_store: OnlineStore, field: str, bad: str) -> None:
+    parts = {"feature_set": "clicks", "version": "v1", "entity_type": "user", "entity_id": "1"}
+    parts[field] = bad
+    key = RecordKey(**parts)
+    with pytest.raises(ValueError, match=field):
+        online_store.get_many([key])
+    with pytest.raises(ValueError, match=field):
+        online_store.commit([Write(key, b"x", HOUR_MS)])
+    with pytest.raises(ValueError, match=field):
+        online_store.delete([key])
+    assert list(online_store.iter_keys()) == []
+
+
+def test_bad_filters_and_reserved_names_are_rejected(online_store: OnlineStore) -> None:
+    with pytest.raises(ValueError):
+        online_store.delete_matching("clicks", "v:1")
+    with pytest.raises(ValueError):
+        online_store.delete_matching("clicks", entity_prefix="4 2")
+    with pytest.raises(ValueError):
+        online_store.delete_matching("")
+    with pytest.raises(ValueError, match="reserved"):
+        online_store.commit([Write(rk("1", feature_set="__meta__"), b"x", HOUR_MS)])
+    with pytest.raises(ValueError):
+        online_store.set_meta("", "x")
+    with pytest.raises(ValueError):
+        list(online_store.iter_keys("a:b"))
+
+
+def test_namespaces_isolate_stores(online_store: OnlineStore, request: pytest.FixtureRequest) -> None:
+    other: OnlineStore
+    if isinstance(online_store, RedisStore):
+        other = RedisStore(request.getfixturevalue("redis_url"), namespace=online_store.namespace + "x")
+    else:
+        other = MemoryStore(online_store.namespace + "x")
+    with other:
+        put(online_store, rk("1"), rk("2"))
+        online_store.commit([], dedupe_ids=[1], dedupe_ttl_ms=HOUR_MS, meta={"wm": "a"})
+        put(other, rk("1"), value=b"other")
+        assert other.get_many([rk("1"), rk("2")]) == [b"other", None]
+        assert other.seen([1]) == [False] and other.get_meta("wm") is None
+        assert list(other.iter_keys()) == [rk("1")]
+        assert other.delete_matching("clicks") == 1
+        assert online_store.get_many([rk("1"), rk("2")]) == [b"x", b"x"]
+        assert online_store.seen([1]) == [True] and online_store.get_meta("wm") == "a"
+
+
+# -- registry --------------------------------------------------------------------------------
+
+
+def test_open_store_specs() -> None:
+    with open_store("memory", namespace="reg") as store:
+        assert isinstance(store, MemoryStore) and store.namespace == "reg"
+    # Constructing a RedisStore does not connect, so no server is needed here.
+    with open_store("redis://127.0.0.1:1/0", socket_timeout_s=0.2) as store:
+        assert isinstance(store, RedisStore)
+    with open_store("rediss://user:secret@127.0.0.1:1/0") as store:
+        assert isinstance(store, RedisStore) and "secret" not in store.url
+    with pytest.raises(ValueError, match="memory.*redis://"):
+        open_store("postgres://db")
+    with pytest.raises(TypeError, match="socket_timeout"):
+        open_store("redis://127.0.0.1:1/0", socket_timeout=1)
+    with pytest.raises(TypeError, match="socket_timeout_s"):
+        open_store("memory", socket_timeout_s=1)
+
+
+# -- redis only --------------------------------------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_redis_unavailable_is_reported_quickly() -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    with RedisStore(url, namespace="down") as store:
+        calls = [
+            lambda: store.get_many([rk("1")]),
+            lambda: store.commit([Write(rk("1"), b"x", HOUR_MS)], dedupe_ids=[1], dedupe_ttl_ms=HOUR_MS),
+            lambda: store.seen([1]),
+            lambda: store.get_meta("wm"),
+            lambda: store.delete([rk("1")]),
+            lambda: store.delete_matching("clicks"),
+            lambda: list(store.iter_keys()),
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{url.split(':')[2]}"):
+                call()
+            assert time.monotonic() - started < 2.0
+
+
+def _commandstats(client: "redis.Redis") -> dict[str, int]:
+    return {name: int(stats["calls"]) for name, stats in client.info("commandstats").items()}
+
+
+@pytest.mark.redis
+def test_redis_get_many_is_one_round_trip_of_gets(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 40
+    keys = [rk(str(i)) for i in range(n)]
+    admin = redis.Redis.from_url(redis_url)
+    with RedisStore(redis_url, namespace="rt") as store:
+        put(store, *keys[::2])
+        store.get_many(keys[:1])  # open (and handshake) the pooled connection first
+        sends: list[object] = []
+        real = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: object, command: object, check_health: bool = True) -> None:
+            sends.append(command)
+            real(self, command, check_health)
+
+        before = _commandstats(admin)
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        values = store.get_many(keys)
+        assert len(sends) == 1, "get_many must be a single pipelined write"
+        commit_sends = len(sends)
+        store.commit([Write(rk("n"), b"n", HOUR_MS)], dedupe_ids=[1], dedupe_ttl_ms=HOUR_MS, meta={"wm": "1"})
+        assert len(sends) - commit_sends == 1, "commit must be a single MULTI/EXEC round trip"
+        monkeypatch.undo()
+        after = _commandstats(admin)
+    admin.close()
+    assert values == [b"x" if i % 2 == 0 else None for i in range(n)]
+    assert after.get("cmdstat_get", 0) - before.get("cmdstat_get", 0) == n
+    assert "cmdstat_mget" not in after
+    assert after.get("cmdstat_exec", 0) - before.get("cmdstat_exec", 0) == 1
+
+
+# -- redis cluster (a private one-node cluster: all slots on one server) ------------------
+
+
+def _raw(port: int, *args: str) -> bytes:
+    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(payload)
+        return sock.recv(4096)
+
+
+@pytest.fixture(scope="module")
+def cluster_port(redis_server: RedisServer) -> Iterator[int]:
+    """Depends on redis_server only so a missing binary skips/fails the same way."""
+    with RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]) as server:
+        assert _raw(server.port, "CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
+        deadline = time.monotonic() + 10
+        while b"cluster_state:ok" not in _raw(server.port, "CLUSTER", "INFO"):
+            if time.monotonic() > deadline:
+                pytest.fail("one-node redis cluster did not reach cluster_state:ok within 10 s")
+            time.sleep(0.02)
+        yield server.port
+
+
+@pytest.fixture
+def cluster_store(cluster_port: int) -> Iterator[RedisStore]:
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster_port, socket_timeout=1)
+    client.flushall()
+    store = RedisStore(namespace="cl", client=client)
+    try:
+        yield store
+    finally:
+        store.close()
+        client.close()
+
+
+@pytest.mark.redis
+def test_cluster_mode_runs_the_contract_basics(cluster_store: RedisStore) -> None:
+    keys = [rk(str(i)) for i in range(50)]  # spread over many hash slots
+    cluster_store.commit([Write(k, k.entity_id.encode(), HOUR_MS) for k in keys], dedupe_ids=[1, 2], dedupe_ttl_ms=HOUR_MS, meta={"wm": "9"})
+    assert cluster_store.get_many(keys) == [k.entity_id.encode() for k in keys]
+    assert cluster_store.seen([1, 2, 3]) == [True, True, False]
+    assert cluster_store.get_meta("wm") == "9"
+    assert set(cluster_store.iter_keys()) == set(keys)
+    assert cluster_store.delete(keys[:5]) == 5
+    assert cluster_store.delete_matching("clicks", "v1", "user", "1") == 10  # 1, 10..19 minus deleted "1"
+    assert len(set(cluster_store.iter_keys())) == 35
+
+
+@pytest.mark.redis
+def test_cluster_mode_writes_markers_last(cluster_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure between the two cluster pipelines leaves records unmarked (the documented
+    limitation), never markers without records."""
+    client = cluster_store._client
+    real_pipeline = client.pipeline
+    calls = 0
+
+    def failing_second(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        pipe = real_pipeline(*args, **kwargs)
+        if calls == 2:
+            def boom(*a: object, **k: object) -> None:
+                raise redis.exceptions.ConnectionError("simulated crash before the markers")
+            pipe.execute = boom  # type: ignore[method-assign]
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", failing_second)
+    with pytest.raises(StoreUnavailable, match="simulated crash"):
+        cluster_store.commit([Write(rk("1"), b"x", HOUR_MS)], dedupe_ids=[5], dedupe_ttl_ms=HOUR_MS)
+    monkeypatch.undo()
+    assert cluster_store.get_many([rk("1")]) == [b"x"]
+    assert cluster_store.seen([5]) == [False]
