@@ -18,7 +18,7 @@ from features.batch import BatchEngine
 from features.definitions import FeatureSet
 from features.eventlog import EventLog
 from features.lookup import record_keys
-from features.materialize import stored_watermark
+from features.materialize import is_retired, retired_key, stored_watermark
 from features.offline import OfflineStore
 from features.online.base import OnlineStore, Write
 from features.state import StateLayout
@@ -79,14 +79,6 @@ def delete_user(
         store.commit([Write(k, v, fs.ttl_ms) for k, v in zip([k for k, h in zip(keys, has) if h], lay.encode(states[has]))])
         recomputed += int(has.sum())
     return UserDeletion(uid, report.rows_removed, list(report.partitions_rewritten), offline_removed, deleted, recomputed)
-
-
-def retired_key(fs: FeatureSet) -> str:
-    return f"retired:{fs.name}:{fs.version}"
-
-
-def is_retired(store: OnlineStore, fs: FeatureSet) -> bool:
-    return store.get_meta(retired_key(fs)) is not None
 
 
 def retire_feature_set(fs: FeatureSet, store: OnlineStore, offline: OfflineStore | None = None) -> int:

@@ -23,9 +23,9 @@ from features.lookup import record_keys
 from features.online.base import OnlineStore, Write
 from features.state import StateLayout
 
-__all__ = ["materialize", "MaterializeReport", "watermark_key", "stored_watermark"]
+__all__ = ["materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
 
-_CHUNK = 20_000  # records per store commit
+_CHUNK = 2_000  # records per store commit: a few MB, well inside socket timeouts
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,14 @@ class MaterializeReport:
 
 def watermark_key(fs: FeatureSet) -> str:
     return f"materialized:{fs.name}:{fs.version}"
+
+
+def retired_key(fs: FeatureSet) -> str:
+    return f"retired:{fs.name}:{fs.version}"
+
+
+def is_retired(store: OnlineStore, fs: FeatureSet) -> bool:
+    return store.get_meta(retired_key(fs)) is not None
 
 
 def stored_watermark(store: OnlineStore, fs: FeatureSet) -> int | None:
@@ -60,15 +68,16 @@ def materialize(
     *,
     until_ts: int | None = None,
     full: bool = False,
-    retired: Sequence[str] = (),
 ) -> list[MaterializeReport]:
+    """Retired feature-set versions are skipped (reported with mode "retired")."""
     if until_ts is None:
         mx = log.max_ts()
         until_ts = (mx + 1) if mx is not None else 0
     history: EventBatch | None = None
     reports = []
     for fs in sets:
-        if fs.name in retired:
+        if is_retired(store, fs):
+            reports.append(MaterializeReport(fs.name, fs.version, "retired", -1, -1, 0, 0))
             continue
         w = stored_watermark(store, fs)
         mode = "full" if (full or w is None) else "incremental"

@@ -59,6 +59,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--batch", type=positive("--batch"), default=500, help="messages per read (default 500)")
     p.add_argument("--lateness-ms", type=nonneg("--lateness-ms"), default=3_600_000, help="allowed lateness in ms (default 1 h)")
     p.add_argument("--dead-letter-stream", default=None, help="dead-letter stream (default STREAM:dead)")
+    p.add_argument("--claim-idle-ms", type=nonneg("--claim-idle-ms"), default=30_000, help="take over messages a dead consumer left pending this long (default 30000)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without messages")
     p.add_argument("--max-messages", type=positive("--max-messages"), default=None, help="exit after handling this many messages")
     p.set_defaults(func=_stream)
@@ -98,7 +99,10 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
 def _store(spec: str, namespace: str):
     from features.online import open_store
 
-    return open_store(spec, namespace=namespace)
+    # Batch commands move megabytes per commit: give them a patient socket timeout
+    # (the server's request path keeps the store's short default).
+    opts = {"socket_timeout_s": 30.0} if spec.startswith(("redis://", "rediss://")) else {}
+    return open_store(spec, namespace=namespace, **opts)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -152,7 +156,6 @@ def _lineage(args: argparse.Namespace) -> int:
 
 
 def _materialize(args: argparse.Namespace) -> int:
-    from features.deletion import is_retired
     from features.materialize import materialize
 
     ws = open_workspace(args.events)
@@ -161,11 +164,11 @@ def _materialize(args: argparse.Namespace) -> int:
         for v in ws.offline.build(ws.log, ws.sets, until_ts=args.until):
             print(f"offline {v.feature_set} {v.version}: {v.rows} events -> {ws.offline.root / v.feature_set / v.version}")
     with _store(args.store, args.namespace) as store:
-        retired = [fs.name for fs in ws.sets if is_retired(store, fs)]
-        for r in materialize(ws.log, store, ws.sets, until_ts=args.until, full=args.full, retired=retired):
-            print(f"online {r.feature_set} {r.version}: {r.mode} [{r.from_ts}, {r.until_ts}) {r.entities_written} entities written from {r.events_read} events")
-        for name in retired:
-            print(f"online {name}: retired, skipped")
+        for r in materialize(ws.log, store, ws.sets, until_ts=args.until, full=args.full):
+            if r.mode == "retired":
+                print(f"online {r.feature_set} {r.version}: retired, skipped")
+            else:
+                print(f"online {r.feature_set} {r.version}: {r.mode} [{r.from_ts}, {r.until_ts}) {r.entities_written} entities written from {r.events_read} events")
     print(f"done in {time.perf_counter() - t:.1f} s")
     return 0
 
@@ -195,15 +198,16 @@ def _verify(args: argparse.Namespace) -> int:
 def _stream(args: argparse.Namespace) -> int:
     import redis
 
-    from features.online.redis_store import RedisStore
     from features.redis_stream import RedisStreamConsumer
     from features.streaming import StreamingIngestor
 
     ws = open_workspace(args.events)
     client = redis.Redis.from_url(args.redis)
-    store = _store(args.store, args.namespace) if args.store else RedisStore(args.redis, namespace=args.namespace)
+    store = _store(args.store or args.redis, args.namespace)
     ing = StreamingIngestor(store, ws.sets, name=f"stream-{args.stream}", allowed_lateness_ms=args.lateness_ms)
-    cons = RedisStreamConsumer(client, args.stream, ing, group=args.group, consumer=args.consumer, batch_size=args.batch, dead_letter_stream=args.dead_letter_stream)
+    cons = RedisStreamConsumer(client, args.stream, ing, group=args.group, consumer=args.consumer, batch_size=args.batch,
+        dead_letter_stream=args.dead_letter_stream, claim_idle_ms=args.claim_idle_ms,
+    )
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: cons.stop())

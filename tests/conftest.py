@@ -78,3 +78,23 @@ def movielens_dir() -> Path:
             pytest.fail(reason + " and PARITY_REQUIRE_MOVIELENS=1", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small simulated data dir (read-only for tests: copy it before changing it)."""
+    from features.simulator import simulate
+
+    out = tmp_path_factory.mktemp("sim") / "data"
+    simulate(out, users=150, items=60, days=4, seed=3)
+    return out
+
+
+@pytest.fixture
+def sim_copy(small_sim: Path, tmp_path: Path) -> Path:
+    """A private copy of the small simulated data dir, free to change."""
+    import shutil
+
+    dst = tmp_path / "data"
+    shutil.copytree(small_sim, dst)
+    return dst
