@@ -1,0 +1,1 @@
+"""Benchmarks of the feature store (`make bench`); not collected by `make test`."""
