@@ -65,20 +65,24 @@ class BatchEngine:
             raise ValueError(f"{len(self.entities)} entities over {span} ms overflow the search key; split the log")
         self._all = _Sorted(ent, ev.ts, ev.event_id, ev.value, t0, span)
         self._rings = []
+        by_source: dict[str, _Sorted] = {}
         for r in layout.rings:
             src = fs.source(r.source)
-            m = src.mask(ev)
-            s = _Sorted(ent[m], ev.ts[m], ev.event_id[m], src.values(ev)[m], t0, span)
+            if r.source not in by_source:
+                m = src.mask(ev)
+                by_source[r.source] = _Sorted(ent[m], ev.ts[m], ev.event_id[m], src.values(ev)[m], t0, span)
+            s = by_source[r.source]
             tiles = s.ts // r.tile_ms
             tmin = int(tiles.min()) if len(tiles) else 0
             tspan = (int(tiles.max()) - tmin + 1) if len(tiles) else 1
-            gkey_ev = s.ent * tspan + (tiles - tmin)
-            starts = segment_starts(gkey_ev)
+            starts = segment_starts(s.ent * tspan + (tiles - tmin))  # one group per (entity, tile)
             gid = np.cumsum(starts) - 1
-            pos = np.arange(len(gid)) - np.flatnonzero(starts)[gid] if len(gid) else gid
+            first = np.flatnonzero(starts)
+            pos = np.arange(len(gid)) - first[gid] if len(gid) else gid
             cum = (pos + 1, segmented_cumsum(s.v, gid), segmented_cummax(s.v, gid))
-            ends = np.r_[np.flatnonzero(starts)[1:] - 1, len(gid) - 1] if len(gid) else gid
-            self._rings.append((r, s, tiles, cum, gkey_ev[ends] if len(gid) else gid, ends, tmin, tspan))
+            ends = np.r_[first[1:] - 1, len(gid) - 1] if len(gid) else gid
+            groups = (s.ent[ends], tiles[ends], cum[0][ends], cum[1][ends], cum[2][ends])
+            self._rings.append((r, s, tiles, gid, cum, groups))
         self._decays = []
         for d in layout.decays:
             src = fs.source(d.source)
@@ -119,26 +123,32 @@ class BatchEngine:
         st = lay.empty(n)
         i = self._all.last_before(ent, t)
         st["feature_ts"] = _gather(self._all.ts, i, -1)
-        for r, s, tiles, (ccount, csum, cmax), gkey, ends, tmin, tspan in self._rings:
-            li = s.last_before(ent, t)
-            ok = li >= 0
-            rows = np.flatnonzero(ok)
+        last_of: dict[int, np.ndarray] = {}  # rings on one source share its search
+        for r, s, tiles, gid, (ccount, csum, cmax), (g_ent, g_tile, g_cnt, g_sum, g_max) in self._rings:
+            if id(s) not in last_of:
+                last_of[id(s)] = s.last_before(ent, t)
+            li = last_of[id(s)]
+            rows = np.flatnonzero(li >= 0)
             head = np.full(n, NO_TILE, dtype=np.int64)
             head[rows] = tiles[li[rows]]
             st[f"{r.field}_head"] = head
             cnt, sm, mx = st[f"{r.field}_count"], st[f"{r.field}_sum"], st[f"{r.field}_max"]
             nt = r.n_tiles
+            # The head tile: a prefix of its events (those before t).
             slot = head[rows] % nt
             cnt[rows, slot], sm[rows, slot], mx[rows, slot] = ccount[li[rows]], csum[li[rows]], cmax[li[rows]]
-            for j in range(1, nt):  # full tiles head-1 ... head-n+1
-                tile = head[rows] - j
-                q = ent[rows] * tspan + (tile - tmin)
-                g = np.searchsorted(gkey, q)
-                g_c = np.minimum(g, len(gkey) - 1)
-                hit = (tile >= tmin) & (gkey[g_c] == q)
-                hr, he = rows[hit], ends[g_c[hit]]
-                sl = tile[hit] % nt
-                cnt[hr, sl], sm[hr, sl], mx[hr, sl] = ccount[he], csum[he], cmax[he]
+            # Older tiles are complete: walk back through the entity's (entity, tile) groups
+            # until a group belongs to another entity or falls out of the ring.
+            gh, ent_r, low = gid[li[rows]], ent[rows], head[rows] - nt
+            for m in range(1, nt):
+                g = gh - m
+                live = g >= 0
+                live[live] &= (g_ent[g[live]] == ent_r[live]) & (g_tile[g[live]] > low[live])
+                if not live.any():
+                    break
+                rows, g, gh, ent_r, low = rows[live], g[live], gh[live], ent_r[live], low[live]
+                sl = g_tile[g] % nt
+                cnt[rows, sl], sm[rows, sl], mx[rows, sl] = g_cnt[g], g_sum[g], g_max[g]
         for d, whole, parts in self._decays:
             li = whole.last_before(ent, t)
             t_last = _gather(whole.ts, li, -1)
@@ -156,17 +166,23 @@ class BatchEngine:
             st[f"{last.field}_v"] = _gather(s.v, li, 0.0)
         return st
 
-    def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 200_000) -> FeatureFrame:
-        """Feature values per (entity, t) row; chunked so memory stays bounded."""
+    def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 32_768) -> FeatureFrame:
+        """Feature values per (entity, t) row.
+
+        Rows are processed sorted by (entity, t), so each binary search starts where the
+        previous one ended (numpy reuses the bound for sorted needles), and in chunks, so
+        the states being built stay small enough for the CPU cache.
+        """
         codes = np.asarray(codes, dtype=np.int64)
         t = np.asarray(t, dtype=np.int64)
-        frames = [
-            read_features(self.layout, self.states_asof(codes[a : a + chunk], t[a : a + chunk]), t[a : a + chunk])
-            for a in range(0, max(len(codes), 1), chunk)
-        ]
-        return FeatureFrame(
-            columns=self.layout.columns,
-            values=np.concatenate([f.values for f in frames]),
-            missing=np.concatenate([f.missing for f in frames]),
-            feature_ts=np.concatenate([f.feature_ts for f in frames]),
-        )
+        order = np.lexsort((t, codes))
+        cs, ts = codes[order], t[order]
+        n_cols = len(self.layout.columns)
+        values = np.empty((len(codes), n_cols), dtype=np.float64)
+        missing = np.empty((len(codes), n_cols), dtype=bool)
+        fts = np.empty(len(codes), dtype=np.int64)
+        for a in range(0, len(codes), chunk):
+            sl = order[a : a + chunk]
+            fr = read_features(self.layout, self.states_asof(cs[a : a + chunk], ts[a : a + chunk]), ts[a : a + chunk])
+            values[sl], missing[sl], fts[sl] = fr.values, fr.missing, fr.feature_ts
+        return FeatureFrame(columns=self.layout.columns, values=values, missing=missing, feature_ts=fts)

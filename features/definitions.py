@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import cached_property
 
 import numpy as np
 
@@ -97,7 +98,10 @@ class Source:
             raise ValueError(f"source {self.name!r}: needs at least one event type")
 
     def mask(self, events: EventBatch) -> np.ndarray:
-        return np.isin(events.type, np.asarray([int(t) for t in self.event_types], dtype=np.int8))
+        m = events.type == int(self.event_types[0])  # a few comparisons beat np.isin on small batches
+        for t in self.event_types[1:]:
+            m |= events.type == int(t)
+        return m
 
     def values(self, events: EventBatch) -> np.ndarray:
         return np.ones(len(events), dtype=np.float64) if self.value == "one" else events.value
@@ -194,8 +198,8 @@ class FeatureSet:
             f.pop("description", None)
         return json.loads(json.dumps(d, sort_keys=True, default=_enc))
 
-    @property
-    def version(self) -> str:
+    @cached_property
+    def version(self) -> str:  # cached: the definition is frozen, and keys need it per request
         blob = json.dumps(self.definition(), sort_keys=True, separators=(",", ":"))
         return "v" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 

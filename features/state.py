@@ -180,11 +180,15 @@ def read_features(layout: StateLayout, states: np.ndarray, t: np.ndarray | int) 
     fts = states["feature_ts"].astype(np.int64)
     alive = (fts >= 0) & (t - fts <= fs.ttl_ms)
     j = 0
+    masks: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # shared by features on one window
     for f in fs.features:
         if f.window is not None:
             r = layout.ring_for(f)
-            m = _window_mask(states[f"{r.field}_head"], r.n_tiles, f.window.n_tiles, f.window.tile_ms, t)
-            cnt = np.where(m, states[f"{r.field}_count"], 0).sum(axis=1)
+            mk = (r.field, f.window.n_tiles)
+            if mk not in masks:
+                m = _window_mask(states[f"{r.field}_head"], r.n_tiles, f.window.n_tiles, f.window.tile_ms, t)
+                masks[mk] = (m, np.where(m, states[f"{r.field}_count"], 0).sum(axis=1))
+            m, cnt = masks[mk]
             if f.agg is Agg.COUNT:
                 v, undefined = cnt.astype(np.float64), np.zeros(n, dtype=bool)
             elif f.agg is Agg.SUM:

@@ -6,12 +6,14 @@ one backend is a bug in the contract, not in a test double.
 """
 from __future__ import annotations
 
+import functools
+
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from features.online.base import OnlineStore, RecordKey, Write, _check_part, validate_key
+from features.online.base import OnlineStore, RecordKey, Write, _check_part
 
 __all__ = ["MemoryStore"]
 
@@ -27,10 +29,18 @@ def check_feature_set(feature_set: str) -> None:
         raise ValueError(f"feature_set {feature_set!r} is reserved for the store's own keys")
 
 
+@functools.lru_cache(maxsize=4096)
+def _check_key_prefix(feature_set: str, version: str, entity_type: str) -> None:
+    # A handful of distinct prefixes recur on every request: check each once.
+    check_feature_set(feature_set)
+    _check_part("version", version)
+    _check_part("entity_type", entity_type)
+
+
 def check_record_key(key: RecordKey) -> None:
-    """validate_key plus the reserved-name rule; shared by both backends so they agree."""
-    validate_key(key)
-    check_feature_set(key.feature_set)
+    """base.validate_key plus the reserved-name rule; shared by both backends so they agree."""
+    _check_key_prefix(key.feature_set, key.version, key.entity_type)
+    _check_part("entity_id", key.entity_id)
 
 
 def check_namespace(namespace: str) -> None:
