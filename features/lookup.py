@@ -15,7 +15,7 @@ from features.definitions import FeatureSet
 from features.online.base import OnlineStore, RecordKey
 from features.state import FeatureFrame, StateLayout, read_features
 
-__all__ = ["FeatureLookup", "LookupResult", "LookupRequest", "record_keys"]
+__all__ = ["FeatureLookup", "LookupResult", "LookupRequest", "record_keys", "freshness", "FreshnessReport"]
 
 
 def record_keys(fs: FeatureSet, codes: Sequence[int] | np.ndarray) -> list[RecordKey]:
@@ -77,3 +77,33 @@ class FeatureLookup:
             return self.layouts[name]
         except KeyError:
             raise KeyError(f"unknown feature set {name!r}; known: {sorted(self.layouts)}") from None
+
+
+@dataclass(frozen=True)
+class FreshnessReport:
+    feature_set: str
+    version: str
+    entities: int
+    expired: int  # records whose feature timestamp is older than the TTL at `now`
+    staleness_p50_ms: int
+    staleness_p95_ms: int
+    staleness_max_ms: int
+
+
+def freshness(store: OnlineStore, sets: Sequence[FeatureSet], now_ms: int, batch: int = 5_000) -> list[FreshnessReport]:
+    """Staleness (now - feature timestamp) over every live record of each set."""
+    out = []
+    for fs in sets:
+        lay = StateLayout(fs)
+        keys = [k for k in store.iter_keys(fs.name) if k.version == fs.version]
+        fts = []
+        for a in range(0, len(keys), batch):
+            states, found = lay.decode(store.get_many(keys[a : a + batch]))
+            fts.append(states["feature_ts"][found])
+        ts = np.concatenate(fts) if fts else np.empty(0, dtype=np.int64)
+        stale = now_ms - ts
+        q = np.percentile(stale, [50, 95]).astype(np.int64) if len(stale) else np.array([-1, -1])
+        out.append(
+            FreshnessReport(fs.name, fs.version, len(ts), int((stale > fs.ttl_ms).sum()), int(q[0]), int(q[1]), int(stale.max()) if len(stale) else -1)
+        )
+    return out

@@ -80,6 +80,13 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--now", type=nonneg("--now"), default=None, help="read as of this time (ms); default now")
     p.set_defaults(func=_read)
 
+    p = f.add_parser("freshness", help="staleness of every online record per feature set (p50/p95/max, expired)")
+    p.add_argument("--events", required=True, help="data dir (for the feature sets)")
+    p.add_argument("--store", required=True, help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
+    p.add_argument("--now", type=nonneg("--now"), default=None, help="as of this time (ms); default now")
+    p.set_defaults(func=_freshness)
+
     p = f.add_parser("delete-user", help="erase one user's data from the event log, the offline and the online store (audited)")
     p.add_argument("--events", required=True, help="data dir")
     p.add_argument("--user", type=nonneg("--user"), required=True, help="user id")
@@ -250,6 +257,19 @@ def _read(args: argparse.Namespace) -> int:
         "values": {c: float(fr.values[0, j]) for j, c in enumerate(fr.columns)},
         "missing": [c for j, c in enumerate(fr.columns) if fr.missing[0, j]],
     }, indent=2))
+    return 0
+
+
+def _freshness(args: argparse.Namespace) -> int:
+    from features.lookup import freshness
+
+    ws = open_workspace(args.events)
+    now = args.now if args.now is not None else int(time.time() * 1000)
+    with _store(args.store, args.namespace) as store:
+        reps = freshness(store, ws.sets, now)
+    for r in reps:
+        print(f"{r.feature_set:<16} {r.version}  records={r.entities:<7} expired={r.expired:<6} staleness p50={r.staleness_p50_ms / 1000:.0f} s p95={r.staleness_p95_ms / 1000:.0f} s max={r.staleness_max_ms / 1000:.0f} s")
+    print(json.dumps([r.__dict__ for r in reps]))
     return 0
 
 

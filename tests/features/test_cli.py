@@ -64,6 +64,9 @@ def test_materialize_read_lineage_and_delete_user_from_the_command_line(sim_copy
     lin = json.loads(parity("features", "lineage", "user_topic", "--events", ev, "--store", redis_url, check=True).stdout)
     assert lin["entity"]["keys"] == ["user_id", "topic"] and lin["version"].startswith("v")
     assert lin["materialized_until_ts"] > 0 and {s["name"] for s in lin["sources"]} == {"plays", "engaged"}
+    fr = json.loads(parity("features", "freshness", "--events", ev, "--store", redis_url, "--now", "1768000000000", check=True).stdout.strip().splitlines()[-1])
+    assert {r["feature_set"] for r in fr} == {"user_activity", "item_popularity", "user_topic", "user_creator"}
+    assert all(r["entities"] > 0 and 0 <= r["staleness_p50_ms"] <= r["staleness_max_ms"] for r in fr)
     d = parity("features", "delete-user", "--events", ev, "--user", "3", "--reason", "test", "--store", redis_url, check=True)
     assert json.loads(d.stdout)["log_rows_removed"] > 0
     r = parity("features", "read", "--events", ev, "--store", redis_url, "--set", "user_activity", "--id", "3", check=True)
