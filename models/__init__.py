@@ -1,1 +1,2 @@
-"""Filled by later issues; see ../shared/DESIGN.md."""
+"""Training: datasets from the feature store, two-tower retrieval, teacher and student rankers,
+distillation, evaluation. Imports torch (the `train` extra); serving never imports this."""

@@ -1,0 +1,116 @@
+"""The ranker's raw input matrix, assembled the same way for training rows and for serving.
+
+Inputs are named columns ("user_activity.plays_7d", "request.item_age_h", ...); missing
+values become NaN and the ONNX graph applies the missing policy, log1p, clipping and
+normalisation, so training, the server and the device feed identical raw numbers to
+identical maths. Training gets its columns from the point-in-time join table; the server
+from online FeatureFrames; both end in `assemble`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from features.definitions import FeatureSet
+from features.profile import item_age_hours
+from features.state import FeatureFrame
+
+__all__ = ["RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns"]
+
+Columns = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, missing)
+
+
+@dataclass(frozen=True)
+class RankerInputs:
+    """Which feature sets feed the ranker and the ordered raw input columns."""
+
+    user_set: str
+    item_set: str
+    pair_sets: tuple[tuple[str, str], ...]  # (set name, item column giving the pair's second key)
+    affinity: str  # user vector feature indexed by item topic: "set.feature"
+    columns: tuple[str, ...]
+
+    @property
+    def sets(self) -> tuple[str, ...]:
+        return (self.user_set, self.item_set, *(p for p, _ in self.pair_sets))
+
+
+def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:
+    by = {fs.name: fs for fs in sets}
+    if "user_activity" in by:
+        user, item, pairs, aff = "user_activity", "item_popularity", (("user_topic", "topic"), ("user_creator", "creator_id")), "user_activity.topic_affinity"
+    elif "user_ratings" in by:
+        user, item, pairs, aff = "user_ratings", "item_ratings", (("user_genre", "topic"),), "user_ratings.genre_affinity"
+    else:
+        raise ValueError(f"no ranker inputs known for feature sets {sorted(by)}")
+    cols: list[str] = []
+    for name in (user, item, *(p for p, _ in pairs)):
+        cols += [f"{name}.{c}" for c in by[name].columns]
+    cols += ["cross.topic_affinity", "request.item_age_h", "item.duration_s"]
+    return RankerInputs(user, item, pairs, aff, tuple(cols))
+
+
+def columns_from_frame(prefix: str, frame: FeatureFrame, fs: FeatureSet) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for j, c in enumerate(frame.columns):
+        out[f"{prefix}.{c}"] = (frame.values[:, j], frame.missing[:, j])
+    return out
+
+
+def columns_from_join(table: pa.Table, sets: Sequence[FeatureSet]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Columns of a point-in-time join table (values plus per-feature missing flags)."""
+    out = {}
+    for fs in sets:
+        for f in fs.features:
+            miss = table.column(f"{fs.name}.{f.name}.missing").to_numpy(zero_copy_only=False)
+            for c in f.columns:
+                out[f"{fs.name}.{c}"] = (table.column(f"{fs.name}.{c}").to_numpy(zero_copy_only=False), miss)
+    return out
+
+
+def assemble(
+    spec: RankerInputs,
+    cols: Columns,
+    *,
+    item_topic: np.ndarray,
+    item_publish_ts: np.ndarray,
+    item_duration_s: np.ndarray,
+    request_ts: np.ndarray | int,
+) -> np.ndarray:
+    """(n, len(spec.columns)) float32, NaN where missing. Columns broadcast to n rows."""
+    n = len(item_topic)
+    X = np.empty((n, len(spec.columns)), dtype=np.float32)
+    derived = _derived(spec, cols, np.asarray(item_topic), np.asarray(item_publish_ts), np.asarray(item_duration_s), request_ts, n)
+    for j, name in enumerate(spec.columns):
+        if name in derived:
+            v, m = derived[name]
+        else:
+            try:
+                v, m = cols[name]
+            except KeyError:
+                raise KeyError(f"ranker input {name!r} was not provided") from None
+        X[:, j] = np.where(np.broadcast_to(m, (n,)), np.nan, np.broadcast_to(v, (n,)))
+    return X
+
+
+def _derived(spec, cols, topic, publish_ts, duration_s, request_ts, n):
+    prefix = spec.affinity + "["
+    dims = sorted((int(k[len(prefix) : -1]), k) for k in cols if k.startswith(prefix))
+    if dims:
+        A = np.stack([np.broadcast_to(cols[k][0], (n,)) for _, k in dims], axis=1)
+        miss = np.broadcast_to(cols[dims[0][1]][1], (n,))
+        ok = (topic >= 0) & (topic < len(dims))
+        aff = np.where(ok, A[np.arange(n), np.clip(topic, 0, len(dims) - 1)], 0.0)
+        aff_m = miss | ~ok
+    else:
+        aff, aff_m = np.zeros(n), np.ones(n, dtype=bool)
+    age, age_m = item_age_hours(publish_ts, request_ts)
+    dur = np.asarray(duration_s, dtype=np.float64)
+    return {
+        "cross.topic_affinity": (aff, aff_m),
+        "request.item_age_h": (np.broadcast_to(age, (n,)), np.broadcast_to(age_m, (n,))),
+        "item.duration_s": (dur, dur <= 0),
+    }

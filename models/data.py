@@ -1,0 +1,190 @@
+"""Training data from the feature store: labelled rows, point-in-time features, time split.
+
+Labels (simulated): an impression is positive if, in the same session, the user played the
+item for at least half its duration or liked it. Labels (MovieLens): a rating >= 4 is
+positive, a lower rating negative, and for each rating `negatives_per_rating` items the
+user had not rated by then are sampled as negatives at the same time.
+
+Every row's features come from the point-in-time join at the row's own time, so no row
+sees its label event or anything after it. Pure numpy: no torch needed to build or check it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from features.assemble import RankerInputs, assemble, columns_from_join, ranker_inputs
+from features.datasets import DatasetInfo, load_info, read_items
+from features.definitions import FeatureSet
+from features.eventlog import EventLog
+from features.events import EventBatch, EventType
+from features.pit import PitJoiner
+from features.repo import feature_sets
+
+__all__ = ["ItemCatalog", "Split", "TrainingData", "build_training_data", "label_rows", "LabelledRows"]
+
+
+@dataclass(frozen=True)
+class ItemCatalog:
+    item_id: np.ndarray  # int64, sorted
+    topic: np.ndarray  # int32, -1 unknown
+    creator_id: np.ndarray  # int64, -1 unknown
+    duration_s: np.ndarray  # float64, 0 unknown
+    publish_ts: np.ndarray  # int64 ms, 0 unknown
+
+    @classmethod
+    def from_table(cls, t: pa.Table) -> "ItemCatalog":
+        t = t.sort_by("item_id")
+        col = lambda n: t.column(n).to_numpy(zero_copy_only=False)  # noqa: E731
+        return cls(col("item_id").astype(np.int64), col("topic").astype(np.int32), col("creator_id").astype(np.int64),
+                   col("duration_s").astype(np.float64), col("publish_ts").astype(np.int64))
+
+    def index(self, item_ids: np.ndarray) -> np.ndarray:
+        """Row of each item id; -1 for unknown ids."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        i = np.clip(np.searchsorted(self.item_id, item_ids), 0, len(self.item_id) - 1)
+        return np.where(self.item_id[i] == item_ids, i, -1)
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+
+@dataclass(frozen=True)
+class LabelledRows:
+    user_id: np.ndarray
+    item_id: np.ndarray
+    ts: np.ndarray
+    label: np.ndarray  # float32 0/1
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    user_id: np.ndarray  # (n,) int64
+    item_id: np.ndarray  # (n,) int64
+    ts: np.ndarray  # (n,) int64 ms
+    label: np.ndarray  # (n,) float32
+    X: np.ndarray  # (n, F) float32 raw ranker inputs, NaN = missing
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    info: DatasetInfo
+    sets: tuple[FeatureSet, ...]
+    inputs: RankerInputs
+    items: ItemCatalog
+    train: Split
+    valid: Split
+    test: Split
+    split_ts: tuple[int, int]  # train < split_ts[0] <= valid < split_ts[1] <= test
+    events: EventBatch  # the deduplicated log the rows were built from
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return self.inputs.columns
+
+    @property
+    def feature_set_versions(self) -> dict[str, str]:
+        return {fs.name: fs.version for fs in self.sets}
+
+    def fingerprint(self) -> str:
+        """Content hash of every row, label and input: same events + config → same hash."""
+        h = hashlib.sha256()
+        for s in (self.train, self.valid, self.test):
+            for a in (s.user_id, s.item_id, s.ts, s.label, np.nan_to_num(s.X, nan=-1.2345e30)):
+                h.update(np.ascontiguousarray(a).tobytes())
+        h.update(repr(self.columns).encode())
+        return h.hexdigest()[:16]
+
+
+def label_rows(kind: str, events: EventBatch, items: ItemCatalog, *, seed: int = 0, negatives_per_rating: int = 1) -> LabelledRows:
+    if kind == "simulated":
+        return _video_labels(events, items)
+    if kind == "movielens":
+        return _rating_labels(events, items, seed, negatives_per_rating)
+    raise ValueError(f"unknown dataset kind {kind!r}")
+
+
+def _key(u: np.ndarray, i: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return (u.astype(np.int64) << 40) ^ (i.astype(np.int64) << 20) ^ s.astype(np.int64)
+
+
+def _video_labels(ev: EventBatch, items: ItemCatalog) -> LabelledRows:
+    imp = ev.type == EventType.IMPRESSION
+    play, like = ev.type == EventType.PLAY, ev.type == EventType.LIKE
+    row = items.index(ev.item_id)
+    dur = np.where(row >= 0, items.duration_s[np.maximum(row, 0)], 0.0)
+    watched = play & (dur > 0) & (ev.value >= 0.5 * dur)
+    good = np.unique(_key(ev.user_id, ev.item_id, ev.session_id)[watched | like])
+    k = _key(ev.user_id[imp], ev.item_id[imp], ev.session_id[imp])
+    label = np.isin(k, good).astype(np.float32)
+    return LabelledRows(ev.user_id[imp], ev.item_id[imp], ev.ts[imp], label)
+
+
+def _rating_labels(ev: EventBatch, items: ItemCatalog, seed: int, k: int) -> LabelledRows:
+    r = ev.type == EventType.RATING
+    u, i, t, v = ev.user_id[r], ev.item_id[r], ev.ts[r], ev.value[r]
+    rng = np.random.default_rng(seed)
+    first: dict[tuple[int, int], int] = {}
+    for uu, ii, tt in zip(u.tolist(), i.tolist(), t.tolist()):
+        first[(uu, ii)] = min(tt, first.get((uu, ii), tt))
+    nu, ni, nt = [], [], []
+    cand = items.item_id
+    for uu, tt in zip(u.tolist(), t.tolist()):
+        got = 0
+        for draw in rng.choice(cand, size=4 * k + 4).tolist():
+            f = first.get((uu, draw))
+            if f is None or f >= tt:  # not rated by then
+                nu.append(uu), ni.append(draw), nt.append(tt)
+                got += 1
+                if got == k:
+                    break
+    user = np.concatenate([u, np.asarray(nu, dtype=np.int64)])
+    item = np.concatenate([i, np.asarray(ni, dtype=np.int64)])
+    ts = np.concatenate([t, np.asarray(nt, dtype=np.int64)])
+    label = np.concatenate([(v >= 4).astype(np.float32), np.zeros(len(nu), dtype=np.float32)])
+    order = np.lexsort((item, user, ts))
+    return LabelledRows(user[order], item[order], ts[order], label[order])
+
+
+def rows_to_X(data_sets, inputs: RankerInputs, items: ItemCatalog, joiner: PitJoiner, rows: LabelledRows) -> np.ndarray:
+    row = items.index(rows.item_id)
+    ok = row >= 0
+    r = np.maximum(row, 0)
+    topic = np.where(ok, items.topic[r], -1).astype(np.int64)
+    creator = np.where(ok, items.creator_id[r], -1)
+    spine = pa.table({"user_id": rows.user_id, "item_id": rows.item_id, "topic": topic, "creator_id": creator, "ts": rows.ts})
+    joined = joiner.join(spine)
+    cols = columns_from_join(joined, data_sets)
+    return assemble(
+        inputs, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
+        item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=rows.ts,
+    )
+
+
+def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | None = None, split=(0.7, 0.85)) -> TrainingData:
+    """Rows, labels and point-in-time features for a data dir, split by time."""
+    info = load_info(data_dir)
+    sets = feature_sets(info.kind, info.n_topics)
+    events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    items = ItemCatalog.from_table(read_items(data_dir))
+    rows = label_rows(info.kind, events, items, seed=seed)
+    if max_rows is not None and len(rows.ts) > max_rows:  # keep the most recent rows: the split stays temporal
+        keep = np.argsort(rows.ts, kind="stable")[-max_rows:]
+        keep.sort()
+        rows = LabelledRows(rows.user_id[keep], rows.item_id[keep], rows.ts[keep], rows.label[keep])
+    inputs = ranker_inputs(sets)
+    needed = [fs for fs in sets if fs.name in inputs.sets]
+    X = rows_to_X(needed, inputs, items, PitJoiner(needed, events), rows)
+    t1, t2 = (int(np.quantile(rows.ts, q)) for q in split)
+    parts = []
+    for name, m in (("train", rows.ts < t1), ("valid", (rows.ts >= t1) & (rows.ts < t2)), ("test", rows.ts >= t2)):
+        parts.append(Split(name, rows.user_id[m], rows.item_id[m], rows.ts[m], rows.label[m], X[m]))
+    return TrainingData(info, tuple(needed), inputs, items, *parts, (t1, t2), events)
