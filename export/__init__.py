@@ -1,1 +1,3 @@
-"""Filled by later issues; see ../shared/DESIGN.md."""
+"""Artifacts that leave training: ONNX models, the ScaNN index, releases, device bundles.
+
+Modules the server loads (release, index) import no torch."""

@@ -1,0 +1,41 @@
+"""Reference distributions recorded at training time, for drift detection when serving.
+
+Per input column: quantile bin edges from training rows, the share of rows per bin and the
+missing rate; for predictions: the same over the validation scores. The population
+stability index (PSI) compares a serving sample with them. Pure numpy (the server uses it).
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["histogram_reference", "column_references", "psi"]
+
+
+def histogram_reference(values: np.ndarray, bins: int = 10) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    missing = ~np.isfinite(v)
+    x = v[~missing]
+    if len(x) == 0:
+        return {"edges": [], "shares": [], "missing_rate": 1.0}
+    edges = np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1]))
+    counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=len(edges) + 1)
+    return {"edges": edges.tolist(), "shares": (counts / len(x)).tolist(), "missing_rate": float(missing.mean())}
+
+
+def column_references(X: np.ndarray, columns: Sequence[str], bins: int = 10) -> dict[str, dict]:
+    return {c: histogram_reference(X[:, j], bins) for j, c in enumerate(columns)}
+
+
+def psi(reference: Mapping, values: np.ndarray, eps: float = 1e-4) -> float:
+    """Population stability index of `values` against a reference histogram (> 0.2: drift)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    edges = np.asarray(reference["edges"], dtype=np.float64)
+    ref = np.asarray(reference["shares"], dtype=np.float64)
+    if len(v) == 0 or len(ref) == 0:
+        return 0.0
+    obs = np.bincount(np.searchsorted(edges, v, side="right"), minlength=len(ref)) / len(v)
+    ref, obs = np.maximum(ref, eps), np.maximum(obs, eps)
+    return float(np.sum((obs - ref) * np.log(obs / ref)))
