@@ -4,18 +4,26 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.parity-installed
+PROTOS := $(wildcard proto/parity_api/v1/*.proto)
+GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo bench clean verify-movielens
 
-setup: $(STAMP)
+setup: $(STAMP) $(GEN)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[train,test]"
+	$(PY) -m pip install --quiet -e ".[train,test]" --config-settings editable_mode=compat
 	touch $(STAMP)
+
+# Generated gRPC code is not committed: it is made from proto/ here (tests check it is current).
+$(GEN): $(PROTOS) $(STAMP)
+	mkdir -p parity_api/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch $(GEN)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
