@@ -26,7 +26,7 @@ from features.events import EventBatch, EventType
 from features.pit import PitJoiner
 from features.repo import feature_sets
 
-__all__ = ["ItemCatalog", "Split", "TrainingData", "build_training_data", "label_rows", "LabelledRows"]
+__all__ = ["ItemCatalog", "Split", "TrainingData", "build_training_data", "label_rows", "LabelledRows", "feature_matrix"]
 
 
 @dataclass(frozen=True)
@@ -130,19 +130,19 @@ def _rating_labels(ev: EventBatch, items: ItemCatalog, seed: int, k: int) -> Lab
     return LabelledRows(user[order], item[order], ts[order], label[order])
 
 
-def rows_to_X(data_sets, inputs: RankerInputs, items: ItemCatalog, joiner: PitJoiner, rows: LabelledRows) -> np.ndarray:
-    row = items.index(rows.item_id)
+def feature_matrix(inputs: RankerInputs, joiner: PitJoiner, sets, items: ItemCatalog,
+                   user_ids: np.ndarray, item_ids: np.ndarray, ts: np.ndarray | int) -> np.ndarray:
+    """Raw ranker inputs for (user, item, t) rows: point-in-time features as of each t."""
+    row = items.index(item_ids)
     ok = row >= 0
     r = np.maximum(row, 0)
     topic = np.where(ok, items.topic[r], -1).astype(np.int64)
-    creator = np.where(ok, items.creator_id[r], -1)
-    spine = pa.table({"user_id": rows.user_id, "item_id": rows.item_id, "topic": topic, "creator_id": creator, "ts": rows.ts})
-    joined = joiner.join(spine)
-    cols = columns_from_join(joined, data_sets)
-    return assemble(
-        inputs, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
-        item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=rows.ts,
-    )
+    t = np.broadcast_to(np.asarray(ts, dtype=np.int64), (len(row),))
+    spine = pa.table({"user_id": np.asarray(user_ids, np.int64), "item_id": np.asarray(item_ids, np.int64), "topic": topic,
+                      "creator_id": np.where(ok, items.creator_id[r], -1), "ts": t})
+    cols = columns_from_join(joiner.join(spine), sets)
+    return assemble(inputs, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
+                    item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=t)
 
 
 def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | None = None, split=(0.7, 0.85)) -> TrainingData:
@@ -158,7 +158,7 @@ def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | 
         rows = LabelledRows(rows.user_id[keep], rows.item_id[keep], rows.ts[keep], rows.label[keep])
     inputs = ranker_inputs(sets)
     needed = [fs for fs in sets if fs.name in inputs.sets]
-    X = rows_to_X(needed, inputs, items, PitJoiner(needed, events), rows)
+    X = feature_matrix(inputs, PitJoiner(needed, events), needed, items, rows.user_id, rows.item_id, rows.ts)
     t1, t2 = (int(np.quantile(rows.ts, q)) for q in split)
     parts = []
     for name, m in (("train", rows.ts < t1), ("valid", (rows.ts >= t1) & (rows.ts < t2)), ("test", rows.ts >= t2)):

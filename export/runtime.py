@@ -1,0 +1,111 @@
+"""A loaded release, ready to compute: user embeddings, ANN retrieval, ranking.
+
+The same object serves offline evaluation and the gRPC server, so what `parity eval`
+measures is what the server runs. ONNX Runtime and ScaNN only; no torch.
+
+Release layout (paths relative to the release folder):
+  rankers/{teacher_fp32,student_fp32,student_int8}.onnx   input "features" [N, F] -> "score" [N]
+  retrieval/user_tower.onnx                               "user_features" [N, U] -> "embedding"
+  retrieval/item_tower.onnx                               item_index, topic, creator_bucket, duration_s -> "embedding"
+  retrieval/item_ids.npy, retrieval/item_embeddings.npy   the vocabulary and its embeddings
+  retrieval/index/                                        the ScaNN index (export.index)
+  popularity.json                                         item ids, most popular first
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.index import ItemIndex
+from export.item_inputs import item_tower_inputs, load_vocab
+from export.release import Release, ReleaseError
+from features.assemble import RankerInputs
+from features.catalog import ItemCatalog
+
+__all__ = ["ReleaseRuntime", "RANKERS", "session_options"]
+
+RANKERS = ("teacher_fp32", "student_fp32", "student_int8")
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """Small, latency-bound batches: one intra-op thread, no spinning, full graph optimisation."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+@dataclass
+class ReleaseRuntime:
+    release: Release
+    inputs: RankerInputs
+    user_columns: list[str]
+    vocab: np.ndarray
+    item_embeddings: np.ndarray
+    index: ItemIndex
+    popular: np.ndarray
+    creator_buckets: int
+    _rankers: dict[str, ort.InferenceSession]
+    _user_tower: ort.InferenceSession
+    _item_tower: ort.InferenceSession
+
+    @classmethod
+    def load(cls, release: Release, *, rankers: tuple[str, ...] = RANKERS, threads: int = 1) -> "ReleaseRuntime":
+        m = release.manifest
+        ri = m["ranker_inputs"]
+        inputs = RankerInputs(ri["user_set"], ri["item_set"], tuple(tuple(p) for p in ri["pair_sets"]), ri["affinity"], tuple(ri["columns"]))
+        so = session_options(threads)
+        sess = lambda rel: ort.InferenceSession(str(release.file(rel)), so, providers=["CPUExecutionProvider"])  # noqa: E731
+        unknown = [r for r in rankers if r not in RANKERS]
+        if unknown:
+            raise ReleaseError(f"unknown rankers {unknown}; a release has {RANKERS}")
+        emb = np.load(release.file("retrieval/item_embeddings.npy"), allow_pickle=False)
+        vocab = load_vocab(release.file("retrieval/item_ids.npy"))
+        if len(vocab) != len(emb):
+            raise ReleaseError(f"release {release.release_id}: {len(vocab)} item ids but {len(emb)} embeddings")
+        pop = np.asarray(json.loads(release.file("popularity.json").read_text())["item_ids"], dtype=np.int64)
+        return cls(
+            release, inputs, list(m["retrieval"]["user_columns"]), vocab, emb,
+            ItemIndex.load(release.path / "retrieval" / "index", emb), pop, int(m["retrieval"]["creator_buckets"]),
+            {r: sess(f"rankers/{r}.onnx") for r in rankers}, sess("retrieval/user_tower.onnx"), sess("retrieval/item_tower.onnx"),
+        )
+
+    @property
+    def release_id(self) -> str:
+        return self.release.release_id
+
+    def user_embeddings(self, user_features: np.ndarray) -> np.ndarray:
+        U = np.ascontiguousarray(user_features, dtype=np.float32)
+        return self._user_tower.run(["embedding"], {"user_features": U})[0]
+
+    def user_inputs(self, X: np.ndarray) -> np.ndarray:
+        """The user tower's columns out of a ranker input matrix."""
+        pos = {c: j for j, c in enumerate(self.inputs.columns)}
+        return np.ascontiguousarray(X[:, [pos[c] for c in self.user_columns]], dtype=np.float32)
+
+    def content_embeddings(self, catalog: ItemCatalog, item_ids: np.ndarray) -> np.ndarray:
+        """Embeddings of items not in the release (new items) from their content alone."""
+        feeds = item_tower_inputs(catalog, item_ids, vocab=self.vocab, n_creator_buckets=self.creator_buckets)
+        return self._item_tower.run(["embedding"], feeds)[0]
+
+    def retrieve(self, user_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids (n, k), scores) by approximate dot product."""
+        idx, scores = self.index.search(np.ascontiguousarray(user_emb, dtype=np.float32), k)
+        return self.vocab[idx], scores
+
+    def score(self, X: np.ndarray, ranker: str = "student_int8") -> np.ndarray:
+        try:
+            s = self._rankers[ranker]
+        except KeyError:
+            raise ReleaseError(f"ranker {ranker!r} not loaded; loaded: {sorted(self._rankers)}") from None
+        return s.run(["score"], {"features": np.ascontiguousarray(X, dtype=np.float32)})[0].reshape(-1)
+
+    def file_path(self, rel: str) -> Path:
+        return self.release.file(rel)

@@ -1,0 +1,146 @@
+"""`parity eval`: every model of a release on the held-out time slice, the way it serves.
+
+The two-stage path is the server's: user features as of the test start (point-in-time),
+the user tower, ANN retrieval of 200 candidates (seen and not-yet-published items removed),
+ranking with each ranker, top 10. Popularity and the two-tower alone are measured on the
+same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from export.release import ReleaseError, load_release
+from export.runtime import RANKERS, ReleaseRuntime
+from features.assemble import columns_from_join
+from features.catalog import ItemCatalog
+from features.datasets import load_info, read_items
+from features.eventlog import EventLog
+from features.pit import PitJoiner
+from features.repo import feature_sets
+from models.data import feature_matrix, label_rows
+from models.metrics import auc, logloss
+from models.popularity import engagement_mask, popularity
+
+__all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
+
+
+def topk_metrics(top: np.ndarray, truth: set[int], k: int = 10) -> tuple[float, float]:
+    """(NDCG@k, recall@k) of one ranked id list against a set of relevant ids (binary gain)."""
+    disc = 1.0 / np.log2(np.arange(2, k + 2))
+    rel = np.fromiter((1.0 if int(x) in truth else 0.0 for x in top[:k]), dtype=np.float64, count=min(k, len(top)))
+    ideal = disc[: min(len(truth), k)].sum()
+    return float((rel * disc[: len(rel)]).sum() / ideal), float(rel.sum() / len(truth))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    release_id: str
+    dataset: str
+    users: int
+    two_stage: dict[str, dict[str, float]]  # model -> {"ndcg@10", "recall@10"}
+    retrieval: dict[str, float]
+    ranking: dict[str, dict[str, float]]  # model -> {"auc", "logloss"}
+    sizes: dict[str, int]
+    seconds: float
+
+    def summary(self) -> dict:
+        return {"release_id": self.release_id, "dataset": self.dataset, "users": self.users, "two_stage": self.two_stage,
+                "retrieval": self.retrieval, "ranking": self.ranking, "sizes": self.sizes}
+
+
+def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_k: int = 200, k: int = 10,
+                     max_users: int | None = None, seed: int = 0) -> EvalResult:
+    t_start = time.perf_counter()
+    rel = load_release(release_dir)
+    info = load_info(data_dir)
+    sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
+    for name, v in rel.feature_set_versions.items():
+        if name not in sets or sets[name].version != v:
+            have = sets[name].version if name in sets else "absent"
+            raise ReleaseError(f"release {rel.release_id} was trained on {name} {v}; this data dir defines {have}")
+    rt = ReleaseRuntime.load(rel)
+    m = rel.manifest
+    t2 = int(m["training_data"]["split_ts"][1])
+    events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    items = ItemCatalog.from_table(read_items(data_dir))
+    used = [sets[n] for n in rt.inputs.sets]
+    joiner = PitJoiner(used, events)
+
+    rows = label_rows(info.kind, events, items, seed=int(m["seed"]))
+    test = (rows.ts >= t2) & (rows.label > 0)
+    truth: dict[int, set[int]] = {}
+    for u, i in zip(rows.user_id[test].tolist(), rows.item_id[test].tolist()):
+        truth.setdefault(u, set()).add(i)
+    users = np.asarray(sorted(truth), dtype=np.int64)
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    if len(users) == 0:
+        raise ValueError("the held-out slice has no positives to evaluate")
+    before = events.ts < t2
+    eng = engagement_mask(events, info.kind) & before
+    seen: dict[int, set[int]] = {}
+    for u, i in zip(events.user_id[eng].tolist(), events.item_id[eng].tolist()):
+        seen.setdefault(u, set()).add(i)
+    row_of = items.index(rt.vocab)
+    published = (row_of >= 0) & (items.publish_ts[np.maximum(row_of, 0)] < t2)
+    eligible = set(rt.vocab[published].tolist())
+
+    # Stage 1: user tower on features as of t2, then ANN.
+    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": np.full(len(users), t2)})), [sets[rt.inputs.user_set]])
+    U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
+    emb = rt.user_embeddings(U)
+    max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
+    cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
+    cands = []
+    for r, u in enumerate(users.tolist()):
+        s = seen.get(u, set())
+        keep = [j for j, x in enumerate(cand_ids[r].tolist()) if x not in s and x in eligible][:retrieve_k]
+        cands.append((cand_ids[r][keep], cand_scores[r][keep]))
+
+    # Stage 2: rank every candidate with point-in-time features as of t2.
+    cu = np.concatenate([np.full(len(c[0]), u, dtype=np.int64) for u, c in zip(users.tolist(), cands)])
+    ci = np.concatenate([c[0] for c in cands]).astype(np.int64)
+    X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, t2)
+    scores = {r: rt.score(X, r) for r in RANKERS}
+
+    pop_ids, _ = popularity(events, info.kind, t2, half_life_ms=m["config"].get("popularity_half_life_ms"))
+    pop_ids = np.asarray([x for x in pop_ids.tolist() if x in eligible], dtype=np.int64)
+    acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
+    off = 0
+    for u, (ids, rs) in zip(users.tolist(), cands):
+        n = len(ids)
+        tset, s = truth[u], seen.get(u, set())
+        acc["popularity"].append(topk_metrics(np.asarray([x for x in pop_ids[: k + len(s)].tolist() if x not in s]), tset, k))
+        acc["two_tower"].append(topk_metrics(ids, tset, k))
+        for r in RANKERS:
+            sc = scores[r][off : off + n]
+            acc[r].append(topk_metrics(ids[np.lexsort((ids, -sc))], tset, k))
+        off += n
+    two_stage = {name: {"ndcg@10": float(np.mean([a for a, _ in v])), "recall@10": float(np.mean([b for _, b in v]))} for name, v in acc.items()}
+
+    # Retrieval recall@100 over the full catalogue, and pointwise ranking quality on test rows.
+    hit_exact = []
+    exact = emb @ rt.item_embeddings.T
+    top100 = rt.vocab[np.argsort(-exact, axis=1)[:, :100]]
+    ann100, _ = rt.retrieve(emb, 100)
+    hit_ann, agree = [], []
+    for r, u in enumerate(users.tolist()):
+        tset = truth[u]
+        hit_exact.append(len(tset & set(top100[r].tolist())) / len(tset))
+        hit_ann.append(len(tset & set(ann100[r].tolist())) / len(tset))
+        agree.append(len(set(top100[r].tolist()) & set(ann100[r].tolist())) / 100)
+    retrieval = {"recall@100_exact": float(np.mean(hit_exact)), "recall@100_ann": float(np.mean(hit_ann)), "ann_vs_exact@100": float(np.mean(agree))}
+    trow = rows.ts >= t2
+    Xt = feature_matrix(rt.inputs, joiner, used, items, rows.user_id[trow], rows.item_id[trow], rows.ts[trow])
+    yt = rows.label[trow]
+    ranking = {}
+    for r in RANKERS:
+        p = rt.score(Xt, r)
+        ranking[r] = {"auc": auc(yt, p), "logloss": logloss(yt, p)}
+    sizes = {r: int(rel.manifest["files"][f"rankers/{r}.onnx"]["bytes"]) for r in RANKERS}
+    return EvalResult(rel.release_id, info.kind, len(users), two_stage, retrieval, ranking, sizes, time.perf_counter() - t_start)
