@@ -42,12 +42,15 @@ class PitJoiner:
             fs.name: BatchEngine(StateLayout(fs), events[fs.name] if isinstance(events, Mapping) else events) for fs in self.sets
         }
 
-    def join(self, spine: pa.Table, ts_column: str = "ts") -> pa.Table:
+    def join(self, spine: pa.Table, ts_column: str = "ts", only: Sequence[str] | None = None) -> pa.Table:
+        """Append every set's features (or only the named sets') as of each row's time."""
         if ts_column not in spine.column_names:
             raise ValueError(f"spine lacks its timestamp column {ts_column!r}")
         t = spine.column(ts_column).to_numpy(zero_copy_only=False).astype(np.int64)
         out = spine
         for fs in self.sets:
+            if only is not None and fs.name not in only:
+                continue
             frame = self.engines[fs.name].features_asof(spine_codes(fs, spine), t)
             for j, col in enumerate(frame.columns):
                 out = out.append_column(f"{fs.name}.{col}", pa.array(frame.values[:, j]))

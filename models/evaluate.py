@@ -91,7 +91,7 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     eligible = set(rt.vocab[published].tolist())
 
     # Stage 1: user tower on features as of t2, then ANN.
-    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": np.full(len(users), t2)})), [sets[rt.inputs.user_set]])
+    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": np.full(len(users), t2)}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
     U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
     emb = rt.user_embeddings(U)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
@@ -133,7 +133,7 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         tset = truth[u]
         hit_exact.append(len(tset & set(top100[r].tolist())) / len(tset))
         hit_ann.append(len(tset & set(ann100[r].tolist())) / len(tset))
-        agree.append(len(set(top100[r].tolist()) & set(ann100[r].tolist())) / 100)
+        agree.append(len(set(top100[r].tolist()) & set(ann100[r].tolist())) / len(top100[r]))
     retrieval = {"recall@100_exact": float(np.mean(hit_exact)), "recall@100_ann": float(np.mean(hit_ann)), "ann_vs_exact@100": float(np.mean(agree))}
     trow = rows.ts >= t2
     Xt = feature_matrix(rt.inputs, joiner, used, items, rows.user_id[trow], rows.item_id[trow], rows.ts[trow])

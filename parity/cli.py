@@ -44,13 +44,14 @@ def _nonneg(name: str) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from parity import cli_data, cli_features
+    from parity import cli_data, cli_features, cli_models
 
     p = argparse.ArgumentParser(prog="parity", description="Parity: features, models and serving that never disagree with themselves.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cli_data.register(sub, _positive, _nonneg)
     cli_features.register(sub, _positive, _nonneg)
+    cli_models.register(sub, _positive, _nonneg)
     return p
 
 

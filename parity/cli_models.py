@@ -1,0 +1,110 @@
+"""`parity train`, `parity releases ...`, `parity eval`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
+    p = sub.add_parser("train", help="train a release: two-tower + ScaNN, teacher, distilled int8 student (prints the release path)",
+                       description="Builds point-in-time training data from the event log, trains and checks every model, and "
+                       "writes an immutable release folder under --out. Prints the release path as the last line.")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--out", required=True, help="releases folder; the release is written to OUT/<release id>")
+    p.add_argument("--profile", default="default", choices=("tiny", "small", "default"), help="model sizes and data cap (default: default)")
+    p.add_argument("--seed", type=nonneg("--seed"), default=0, help="random seed (default 0)")
+    p.set_defaults(func=_train)
+
+    r = sub.add_parser("releases", help="list and inspect releases").add_subparsers(dest="releases_command", required=True, metavar="ACTION")
+    p = r.add_parser("list", help="valid releases under a folder, newest first")
+    p.add_argument("--root", default="releases", help="releases folder (default ./releases)")
+    p.set_defaults(func=_list)
+    p = r.add_parser("show", help="a release's manifest (checked against its files)")
+    p.add_argument("release", help="release id (under --root) or a release folder")
+    p.add_argument("--root", default="releases", help="releases folder (default ./releases)")
+    p.set_defaults(func=_show)
+
+    p = sub.add_parser("eval", help="evaluate a release on the held-out time slice (last line: JSON)")
+    p.add_argument("--release", required=True, help="release folder")
+    p.add_argument("--events", required=True, help="data dir the release was trained on")
+    p.add_argument("--max-users", type=positive("--max-users"), default=None, help="evaluate a seeded sample of users")
+    p.add_argument("--protocol", action="store_true", help="also report MovieLens under the published protocol (random 80/20, full ranking)")
+    p.set_defaults(func=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from models.pipeline import train_release
+    from parity.workspace import open_workspace
+
+    ws = open_workspace(args.events)
+    logging.getLogger("models.pipeline").setLevel(logging.INFO)  # step timings to stderr
+    rel = train_release(ws.data_dir, args.out, profile=args.profile, seed=args.seed)
+    m = rel.manifest["metrics"]
+    rt = m["ranking_test"]
+    print(f"release {rel.release_id}: {rel.manifest['training_data']['rows']} rows, fingerprint {rel.manifest['training_data']['fingerprint']}")
+    print(f"  retrieval recall@100 (test): two-tower {m['retrieval']['recall@100_test_two_tower']:.3f}, popularity {m['retrieval']['recall@100_test_popularity']:.3f}, ANN vs exact {m['retrieval']['ann_recall@100_vs_exact']:.3f}")
+    for name, v in rt.items():
+        print(f"  {name:<13} AUC {v['auc']:.4f}  logloss {v['logloss']:.4f}")
+    print(rel.path)
+    return 0
+
+
+def _resolve(arg: str, root: str) -> Path:
+    p = Path(arg)
+    return p if p.is_dir() else Path(root) / arg
+
+
+def _list(args: argparse.Namespace) -> int:
+    from export.release import list_releases
+
+    rels = list_releases(args.root)
+    if not rels:
+        print(f"no releases under {args.root}")
+    for r in rels:
+        m = r.manifest
+        auc = m["metrics"].get("ranking_test", {}).get("student_int8", {}).get("auc")
+        print(f"{r.release_id}  {m['dataset']['kind']:<10} profile={m['config']['profile']:<8} seed={m['seed']}  int8 AUC={auc if auc is None else round(auc, 4)}  {r.path}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from export.release import load_release
+
+    rel = load_release(_resolve(args.release, args.root))
+    m = dict(rel.manifest)
+    m.pop("reference", None)  # large; kept in the file
+    print(json.dumps(m, indent=2, sort_keys=True))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from models.evaluate import evaluate_release
+    from parity.workspace import open_workspace
+
+    ws = open_workspace(args.events)
+    res = evaluate_release(args.release, ws.data_dir, max_users=args.max_users)
+    out = res.summary()
+    print(f"release {res.release_id} on {res.dataset}: {res.users} users, held-out slice ({res.seconds:.1f} s)")
+    print(f"{'model':<14} {'NDCG@10':>8} {'recall@10':>10} {'AUC':>7} {'logloss':>8} {'bytes':>9}")
+    for name, v in res.two_stage.items():
+        rk = res.ranking.get(name, {})
+        print(f"{name:<14} {v['ndcg@10']:>8.4f} {v['recall@10']:>10.4f} {rk.get('auc', float('nan')):>7.4f} {rk.get('logloss', float('nan')):>8.4f} {res.sizes.get(name, 0):>9}")
+    print(f"retrieval recall@100 over the catalogue: exact {res.retrieval['recall@100_exact']:.4f}, ANN {res.retrieval['recall@100_ann']:.4f} (ANN vs exact overlap {res.retrieval['ann_vs_exact@100']:.4f})")
+    pop = res.two_stage["popularity"]["ndcg@10"]
+    teacher, int8 = res.two_stage["teacher_fp32"]["ndcg@10"], res.two_stage["student_int8"]["ndcg@10"]
+    out["targets"] = {
+        "int8_within_1pct_of_teacher": bool(int8 >= 0.99 * teacher),
+        "two_stage_vs_popularity": (int8 / pop) if pop > 0 else None,
+        "int8_size_vs_teacher": res.sizes["student_int8"] / res.sizes["teacher_fp32"],
+    }
+    if args.protocol:
+        from models.protocol_eval import published_protocol
+
+        out["published_protocol"] = published_protocol(ws.data_dir, args.release)
+        for name, v in out["published_protocol"].items():
+            print(f"published protocol {name:<12} NDCG@10 {v['ndcg@10']:.4f} recall@10 {v['recall@10']:.4f}")
+    print(json.dumps(out, sort_keys=True))
+    return 0
