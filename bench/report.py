@@ -25,12 +25,14 @@ EXACT = (
     ".venv/bin/python -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:cacheprovider"
     " && .venv/bin/python -m bench.report bench/results/latest.json bench/RESULTS.md"
 )
-GROUP_ORDER = ["batch", "streaming", "online_read", "pit"]
+GROUP_ORDER = ["batch", "streaming", "online_read", "pit", "ranking", "training"]
 GROUP_TITLES = {
     "batch": "Batch feature computation (BatchEngine)",
     "streaming": "Streaming ingest (StreamingIngestor, 1000-event batches)",
     "online_read": "Online read: 1 user + 500 items",
     "pit": "Point-in-time join, all feature sets",
+    "ranking": "Ranking 500 candidates (one call, one thread)",
+    "training": "Training a release (`parity train`), per profile",
 }
 # extra_info keys shown in the "details" column (derived rates are recomputed, not copied)
 _SKIP_EXTRA = {"work", "unit", "baseline", "events", "rows", "events_per_s", "rows_per_s"}

@@ -80,7 +80,10 @@ def _libraries() -> dict[str, str]:
     return out
 
 
-def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0) -> Release:
+def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
+                  keep: dict | None = None) -> Release:
+    """Train, check and write a release. `keep`, if given, receives the torch models, the
+    training data and step timings (benchmarks compare torch with the exported files)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -175,4 +178,6 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         release = write_release(out_root, staged, manifest)
     timings["total"] = round(time.perf_counter() - t0, 3)
     log.info("release %s in %.1f s", release.release_id, timings["total"])
+    if keep is not None:
+        keep.update(teacher=teacher, student=student, two_tower=tt, data=td, timings=timings)
     return release
