@@ -3,8 +3,7 @@
 Labels (simulated): an impression is positive if, in the same session, the user played the
 item for at least half its duration or liked it. Labels (MovieLens): a rating >= 4 is
 positive, a lower rating negative, and for each rating `negatives_per_rating` items the
-user had not rated by then are sampled as negatives at the same time, in proportion to
-popularity^0.75.
+user had not rated by then are sampled as negatives at the same time.
 
 Every row's features come from the point-in-time join at the row's own time, so no row
 sees its label event or anything after it. Pure numpy: no torch needed to build or check it.
@@ -113,17 +112,10 @@ def _rating_labels(ev: EventBatch, items: ItemCatalog, seed: int, k: int) -> Lab
     for uu, ii, tt in zip(u.tolist(), i.tolist(), t.tolist()):
         first[(uu, ii)] = min(tt, first.get((uu, ii), tt))
     nu, ni, nt = [], [], []
-    # Negatives drawn in proportion to popularity^0.75 (as word2vec draws them): uniform
-    # negatives are mostly obscure items, and a ranker trained on them only learns
-    # "popular beats obscure", which the retrieval stage already knows.
     cand = items.item_id
-    counts = np.bincount(np.searchsorted(cand, i), minlength=len(cand)).astype(np.float64)
-    prob = (counts + 1.0) ** 0.75
-    prob /= prob.sum()
-    draws = rng.choice(cand, size=(len(u), 4 * k + 4), p=prob)
-    for row_i, (uu, tt) in enumerate(zip(u.tolist(), t.tolist())):
+    for uu, tt in zip(u.tolist(), t.tolist()):
         got = 0
-        for draw in draws[row_i].tolist():
+        for draw in rng.choice(cand, size=4 * k + 4).tolist():
             f = first.get((uu, draw))
             if f is None or f >= tt:  # not rated by then
                 nu.append(uu), ni.append(draw), nt.append(tt)
