@@ -23,6 +23,7 @@ from features.eventlog import EventLog
 from features.events import EventBatch
 from features.repo import feature_sets
 from features.simulator import simulate
+from tests.redis_server import RedisServer  # the tests' private-server helper (run from the repo root)
 
 # The dataset every benchmark reads. 10k users over 14 days is ~0.96M events (seed 1), which
 # the simulator writes in ~2 s; 20k users doubles it (~1.9M) and the whole run's time with it.
@@ -30,56 +31,6 @@ SIM_USERS = int(os.environ.get("PARITY_BENCH_USERS", "10000"))
 SIM_ITEMS = 3000
 SIM_DAYS = 14
 SIM_SEED = 1
-
-try:  # the tests' helper, when `tests` is importable (repo root on sys.path)
-    from tests.redis_server import RedisServer  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - a stripped checkout without tests/
-    import socket
-    import subprocess
-    import tempfile
-
-    class RedisServer:  # type: ignore[no-redef]
-        """Minimal private redis-server on a free port (same contract as tests/redis_server.py)."""
-
-        def __init__(self) -> None:
-            self.port = 0
-            self._proc: subprocess.Popen[bytes] | None = None
-            self._dir: tempfile.TemporaryDirectory[str] | None = None
-
-        @property
-        def url(self) -> str:
-            return f"redis://127.0.0.1:{self.port}/0"
-
-        def __enter__(self) -> "RedisServer":
-            self._dir = tempfile.TemporaryDirectory(prefix="parity-bench-redis-")
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                self.port = s.getsockname()[1]
-            self._proc = subprocess.Popen(
-                [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-                 "--save", "", "--appendonly", "no", "--dir", self._dir.name],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as c:
-                        c.sendall(b"*1\r\n$4\r\nPING\r\n")
-                        if c.recv(64).startswith(b"+PONG"):
-                            return self
-                except OSError:
-                    time.sleep(0.02)
-            self.__exit__()
-            raise RuntimeError(f"private redis-server on port {self.port} did not start")
-
-        def __exit__(self, *exc: object) -> None:
-            if self._proc is not None:
-                self._proc.terminate()
-                self._proc.wait(timeout=10)
-                self._proc = None
-            if self._dir is not None:
-                self._dir.cleanup()
-                self._dir = None
 
 
 @dataclass(frozen=True)

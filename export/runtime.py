@@ -21,25 +21,15 @@ import numpy as np
 import onnxruntime as ort
 
 from export.index import ItemIndex
+from export.onnx_export import ort_session
 from export.item_inputs import item_tower_inputs, load_vocab
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
 
-__all__ = ["ReleaseRuntime", "RANKERS", "session_options"]
+__all__ = ["ReleaseRuntime", "RANKERS"]
 
 RANKERS = ("teacher_fp32", "student_fp32", "student_int8")
-
-
-def session_options(threads: int = 1) -> ort.SessionOptions:
-    """Small, latency-bound batches: one intra-op thread, no spinning, full graph optimisation."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
 
 
 @dataclass
@@ -61,8 +51,7 @@ class ReleaseRuntime:
         m = release.manifest
         ri = m["ranker_inputs"]
         inputs = RankerInputs(ri["user_set"], ri["item_set"], tuple(tuple(p) for p in ri["pair_sets"]), ri["affinity"], tuple(ri["columns"]))
-        so = session_options(threads)
-        sess = lambda rel: ort.InferenceSession(str(release.file(rel)), so, providers=["CPUExecutionProvider"])  # noqa: E731
+        sess = lambda rel: ort_session(release.file(rel), threads)  # noqa: E731
         unknown = [r for r in rankers if r not in RANKERS]
         if unknown:
             raise ReleaseError(f"unknown rankers {unknown}; a release has {RANKERS}")

@@ -17,15 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from export.index import IndexConfig, build_index, recall_at_k
-from export.onnx_export import export_ranker
+from export.onnx_export import export_ranker, ort_session
 from export.quantize import quantize_student
 from export.reference import column_references, histogram_reference
 from export.release import Release, new_release_id, write_release
-from export.runtime import session_options
 from export.towers import export_towers
 from features.events import MS_PER_DAY
 from models.data import TrainingData, build_training_data
@@ -149,7 +147,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "quantization": quant,
         }
         p_teacher, p_student = predict(teacher, td.test.X), predict(student, td.test.X)
-        int8 = ort.InferenceSession(str(staged / "rankers/student_int8.onnx"), session_options(), providers=["CPUExecutionProvider"])
+        int8 = ort_session(staged / "rankers/student_int8.onnx")
         p_int8 = int8.run(["score"], {"features": td.test.X})[0].reshape(-1)
         for name, p in (("teacher", p_teacher), ("student_fp32", p_student), ("student_int8", p_int8)):
             metrics["ranking_test"][name] = {"auc": auc(td.test.label, p), "logloss": logloss(td.test.label, p)}
