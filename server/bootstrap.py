@@ -1,0 +1,111 @@
+"""Start-up: everything the server needs before it accepts a request, built synchronously.
+
+Order: the data dir (feature definitions and catalogue) → the online store (filled from the
+event log when it is the in-process store, or when a Redis store has never been materialised
+for the served feature sets) → the clock → the release (verified, skew-checked) → the item
+table → the first snapshot, warmed. A broken or skewed release stops start-up with the
+reason; a store that is down does not (the server starts degraded and recovers with it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from features.datasets import EVENTS_DIR, INFO_FILE, load_info
+from features.eventlog import EventLog
+from features.materialize import materialize, stored_watermark
+from features.online import open_store
+from features.online.base import OnlineStore, StoreUnavailable
+from features.online.memory import MemoryStore
+from features.repo import feature_sets
+from server.clock import choose_clock
+from server.config import ServerConfig
+from server.items import INGEST_NAME, catalog_stamp, load_catalog, load_item_table
+from server.metrics import Metrics
+from server.seen import bootstrap_seen
+from server.service import RecommenderService, warm
+from server.state import ServingState, build_snapshot, load_runtime
+
+__all__ = ["build_service", "resolve_data_dir"]
+
+log = logging.getLogger(__name__)
+
+_PATIENT_TIMEOUT_S = 30.0  # bulk writes at start-up move megabytes per commit
+
+
+def resolve_data_dir(path: str | Path) -> Path:
+    """The data dir (holding dataset.json) from itself or its events/ folder, with a clear error."""
+    p = Path(path)
+    if (p / INFO_FILE).is_file():
+        return p
+    if p.name == EVENTS_DIR and (p.parent / INFO_FILE).is_file():
+        return p.parent
+    raise FileNotFoundError(f"--events {p}: not a Parity data dir (no {INFO_FILE}); the server reads the feature "
+                            "definitions and the item catalogue (items.parquet) from it")
+
+
+def _open(cfg: ServerConfig, timeout_s: float) -> OnlineStore:
+    opts = {"socket_timeout_s": timeout_s} if cfg.store.startswith(("redis://", "rediss://")) else {}
+    return open_store(cfg.store, namespace=cfg.namespace, **opts)
+
+
+def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log_dir: Path) -> int | None:
+    """Materialise features and seen items from the log when needed; returns the log's end (ms)."""
+    elog = EventLog(log_dir)
+    if cfg.materialize == "never" or not elog.exists():
+        return None
+    is_memory = isinstance(store, MemoryStore)
+    patient = store if is_memory else _open(cfg, _PATIENT_TIMEOUT_S)
+    try:
+        mx = elog.max_ts()
+        until = (mx + 1) if mx is not None else 0
+        need = cfg.materialize == "always" or is_memory or any(stored_watermark(patient, fs) is None for fs in sets)
+        if need:
+            for r in materialize(elog, patient, sets, until_ts=until):
+                log.info("materialised %s %s: %s, %d entities", r.feature_set, r.version, r.mode, r.entities_written)
+        bootstrap_seen(patient, lambda: elog.read(end_ts=until), kind, until, cfg.seen_cap)
+        return until
+    finally:
+        if patient is not store:
+            patient.close()
+
+
+def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> RecommenderService:
+    data_dir = resolve_data_dir(cfg.data_dir)
+    cfg = cfg.with_(data_dir=data_dir)
+    info = load_info(data_dir)
+    sets = feature_sets(info.kind, info.n_topics)
+    by_name = {fs.name: fs for fs in sets}
+    # The release first: a broken or skewed one must stop start-up before any slow work.
+    runtime = load_runtime(cfg.release, by_name, ort_threads=cfg.ort_threads)
+    store = _open(cfg, cfg.store_timeout_s)
+    write_store = store if isinstance(store, MemoryStore) else _open(cfg, 2.0)
+    store_ok = True
+    try:
+        _bootstrap_store(cfg, store, sets, info.kind, data_dir / EVENTS_DIR)
+    except StoreUnavailable as exc:
+        store_ok = False
+        log.warning("online store unavailable at start-up (serving degraded until it is back): %s", exc)
+    watermark = -1
+    if store_ok:
+        try:
+            raw = store.get_meta(f"stream:{INGEST_NAME}")
+            watermark = int(json.loads(raw).get("watermark", -1)) if raw else -1
+        except StoreUnavailable:
+            store_ok = False
+    clock = choose_clock(cfg.clock, max(info.end_ts, watermark + 1))
+    if clock.mode == "data":
+        log.warning("clock: replaying a past event log, now starts at %d (the log's end), not the wall clock", clock.now_ms())
+    catalog = load_catalog(data_dir)
+    item_set = by_name[runtime.inputs.item_set]
+    try:
+        items = load_item_table(store if store_ok else None, item_set, catalog)
+    except StoreUnavailable as exc:
+        log.warning("item features unavailable at start-up: %s", exc)
+        items = load_item_table(None, item_set, catalog)
+    snap = build_snapshot(runtime, items, by_name, catalog_stamp(data_dir), prefetch_limit=cfg.pair_prefetch_limit)
+    warm(snap, cfg, clock.now_ms())
+    log.info("serving release %s: %d items (%d new), store %s", snap.release_id, snap.n_items, len(snap.new_ids), cfg.store.split("@")[-1])
+    return RecommenderService(cfg, info=info, sets=sets, store=store, write_store=write_store, clock=clock,
+                              state=ServingState(snap), metrics=metrics or Metrics())

@@ -1,0 +1,229 @@
+"""A typed Python client for backends: one reused channel, deadlines on every call, retries
+with jittered exponential backoff on UNAVAILABLE (never on a definite answer).
+
+    with ParityClient("127.0.0.1:50051", timeout_s=0.2) as c:
+        rec = c.recommend("42", k=10)
+        for item in rec.items: print(item.item_id, item.score, item.source)
+
+Every method is safe to retry: Recommend, Rank, GetFeatures and GetStatus only read;
+IngestEvents is deduplicated by event_id on the server; LoadRelease of the same folder twice
+ends in the same state. Failures raise `ParityRpcError` with the status code and the
+server's message (which names the bad field for INVALID_ARGUMENT).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from parity_api.v1 import recommender_pb2 as pb
+from parity_api.v1 import recommender_pb2_grpc as pb_grpc
+
+__all__ = ["ParityClient", "ParityRpcError", "ScoredItem", "Recommendation", "Ranking", "FeatureSetValues", "LiveEvent",
+           "IngestSummary", "Status", "LoadedRelease"]
+
+T = TypeVar("T")
+
+
+class ParityRpcError(Exception):
+    def __init__(self, method: str, code: grpc.StatusCode, details: str, attempts: int) -> None:
+        super().__init__(f"{method}: {code.name}: {details}" + (f" (after {attempts} attempts)" if attempts > 1 else ""))
+        self.method = method
+        self.code = code
+        self.details = details
+        self.attempts = attempts
+
+
+@dataclass(frozen=True)
+class ScoredItem:
+    item_id: str
+    score: float
+    source: str
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[ScoredItem]
+    release_id: str
+    degraded: bool
+    request_id: str
+    latency_ms: dict[str, float] = field(default_factory=dict)  # per stage, when asked for
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [i.item_id for i in self.items]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    items: list[ScoredItem]  # in request order
+    release_id: str
+    degraded: bool
+    request_id: str
+
+
+@dataclass(frozen=True)
+class FeatureSetValues:
+    feature_set: str
+    version: str
+    found: bool
+    feature_ts_ms: int
+    staleness_ms: int
+    values: dict[str, float]
+    missing: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LiveEvent:
+    event_id: int | str
+    ts_ms: int
+    user_id: int | str
+    item_id: int | str
+    type: str  # impression, play, like, skip, rating
+    value: float = 1.0
+
+    def to_proto(self) -> pb.Event:
+        return pb.Event(event_id=str(self.event_id), ts_ms=int(self.ts_ms), user_id=str(self.user_id), item_id=str(self.item_id),
+                        type=self.type, value=float(self.value))
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    received: int
+    accepted: int
+    duplicates: int
+    late: int
+    invalid: int
+    first_invalid: str | None = None  # why the first invalid event was refused
+
+
+@dataclass(frozen=True)
+class Status:
+    release_id: str
+    store: str
+    feature_set_versions: dict[str, str]
+    requests_served: int
+    uptime_s: float
+    serving: bool
+    now_ms: int
+    clock: str
+    catalogue_items: int
+
+
+@dataclass(frozen=True)
+class LoadedRelease:
+    release_id: str
+    previous_release_id: str
+    load_ms: float
+
+
+class ParityClient:
+    def __init__(self, target: str, *, timeout_s: float = 1.0, retries: int = 3, backoff_s: float = 0.05, admin_token: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, server_name: str | None = None,
+                 options: Sequence[tuple[str, object]] = ()) -> None:
+        """`tls` (or `root_certificates`) makes a TLS channel; `server_name` overrides the name checked in the certificate."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        opts = list(options)
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        if tls or root_certificates is not None:
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
+        else:
+            self._channel = grpc.insecure_channel(target, options=opts)
+        self.target = target
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._admin = [("authorization", f"Bearer {admin_token}")] if admin_token else []
+        self._rec = pb_grpc.RecommenderStub(self._channel)
+        self._adm = pb_grpc.AdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _call(self, method: str, fn: Callable[[float], T], timeout_s: float | None) -> T:
+        """Call with the overall deadline; retry UNAVAILABLE with backoff while time is left."""
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while True:
+            attempt += 1
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise ParityRpcError(method, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for another attempt", attempt - 1)
+                return fn(left)
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code != grpc.StatusCode.UNAVAILABLE or attempt > self.retries:
+                    raise ParityRpcError(method, code, exc.details() or "", attempt) from None
+                pause = self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+                if time.monotonic() + pause >= deadline:
+                    raise ParityRpcError(method, code, exc.details() or "", attempt) from None
+                time.sleep(pause)
+
+    @staticmethod
+    def _items(msgs) -> list[ScoredItem]:
+        return [ScoredItem(m.item_id, float(m.score), m.source) for m in msgs]
+
+    # -- Recommender -------------------------------------------------------------------------
+    def recommend(self, user_id: int | str, k: int = 10, *, exclude: Iterable[int | str] = (), context: Mapping[str, float] | None = None,
+                  include_latency: bool = False, request_id: str = "", timeout_s: float | None = None) -> Recommendation:
+        req = pb.RecommendRequest(user_id=str(user_id), k=int(k), exclude_item_ids=[str(x) for x in exclude], context=dict(context or {}),
+                                  request_id=request_id, include_latency=include_latency)
+        r = self._call("Recommend", lambda t: self._rec.Recommend(req, timeout=t), timeout_s)
+        return Recommendation(self._items(r.items), r.release_id, r.degraded, r.request_id, {s.stage: s.ms for s in r.latency})
+
+    def rank(self, user_id: int | str, item_ids: Iterable[int | str], *, context: Mapping[str, float] | None = None,
+             request_id: str = "", timeout_s: float | None = None) -> Ranking:
+        req = pb.RankRequest(user_id=str(user_id), item_ids=[str(x) for x in item_ids], context=dict(context or {}), request_id=request_id)
+        r = self._call("Rank", lambda t: self._rec.Rank(req, timeout=t), timeout_s)
+        return Ranking(self._items(r.items), r.release_id, r.degraded, r.request_id)
+
+    def get_features(self, entity_type: str, entity_id: int | str, feature_sets: Sequence[str] = (), *, timeout_s: float | None = None) -> list[FeatureSetValues]:
+        req = pb.GetFeaturesRequest(entity_type=entity_type, entity_id=str(entity_id), feature_sets=list(feature_sets))
+        r = self._call("GetFeatures", lambda t: self._rec.GetFeatures(req, timeout=t), timeout_s)
+        return [FeatureSetValues(s.feature_set, s.version, s.found, s.feature_ts_ms, s.staleness_ms, {v.name: v.value for v in s.values},
+                                 frozenset(v.name for v in s.values if v.missing)) for s in r.sets]
+
+    def ingest(self, events: Iterable[LiveEvent | pb.Event], *, timeout_s: float | None = None) -> IngestSummary:
+        """Send events in one stream (retried whole on UNAVAILABLE: the server deduplicates)."""
+        msgs = [e.to_proto() if isinstance(e, LiveEvent) else e for e in events]
+
+        def once(t: float):
+            resp, call = self._rec.IngestEvents.with_call(iter(msgs), timeout=t)
+            md = dict(call.trailing_metadata() or ())
+            return resp, md.get("parity-first-invalid")
+
+        r, why = self._call("IngestEvents", once, timeout_s or max(self.timeout_s, 10.0))
+        return IngestSummary(r.received, r.accepted, r.duplicates, r.late, r.invalid, why)
+
+    # -- Admin ------------------------------------------------------------------------------
+    def load_release(self, path: str, *, timeout_s: float = 120.0) -> LoadedRelease:
+        req = pb.LoadReleaseRequest(path=str(path))
+        r = self._call("LoadRelease", lambda t: self._adm.LoadRelease(req, timeout=t, metadata=self._admin), timeout_s)
+        return LoadedRelease(r.release_id, r.previous_release_id, r.load_ms)
+
+    def status(self, *, timeout_s: float | None = None) -> Status:
+        r = self._call("GetStatus", lambda t: self._adm.GetStatus(pb.GetStatusRequest(), timeout=t, metadata=self._admin), timeout_s)
+        return Status(r.release_id, r.store, dict(r.feature_set_versions), r.requests_served, r.uptime_s, r.serving, r.now_ms, r.clock, r.catalogue_items)
+
+    def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... (grpc.health.v1)."""
+        r = self._call("Health.Check", lambda t: self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=t), timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "ParityClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

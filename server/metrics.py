@@ -1,0 +1,72 @@
+"""Prometheus metrics of one server, in its own registry (several servers can share a process).
+
+Exposed on `--metrics-port` by prometheus_client's HTTP server. Names:
+  parity_requests_total{rpc,code}                 every RPC with its final status code
+  parity_request_seconds{rpc}                     RPC latency (histogram)
+  parity_stage_seconds{stage}                     Recommend / Rank stage latency (histogram)
+  parity_cache_requests_total{cache,result}       response / feature cache hits and misses
+  parity_feature_missing_ratio                    fraction of a request's user features missing (histogram)
+  parity_feature_staleness_seconds                now - feature timestamp of the user features served (histogram)
+  parity_degraded_responses_total{reason}         answers from fallbacks (store down or slow, ...)
+  parity_store_errors_total{op,kind}              online store failures on the request path
+  parity_ingest_events_total{outcome}             live events: accepted, duplicate, late, invalid
+  parity_release_loads_total{result}              LoadRelease outcomes
+  parity_release_info{release_id}                 1 for the release being served
+  parity_inflight_requests                        RPCs being handled
+  parity_item_table_refreshes_total{result}       item feature table refreshes
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+_STALENESS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400, 30 * 86400)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("parity_requests", "RPCs by method and status code", ["rpc", "code"], registry=r)
+        self.latency = Histogram("parity_request_seconds", "RPC latency", ["rpc"], buckets=_LATENCY, registry=r)
+        self.stage = Histogram("parity_stage_seconds", "request-path stage latency", ["stage"], buckets=_LATENCY, registry=r)
+        self.cache = Counter("parity_cache_requests", "cache lookups", ["cache", "result"], registry=r)
+        self.missing = Histogram("parity_feature_missing_ratio", "fraction of the user features missing per request",
+                                 buckets=(0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0), registry=r)
+        self.staleness = Histogram("parity_feature_staleness_seconds", "age of the user features served", buckets=_STALENESS, registry=r)
+        self.degraded = Counter("parity_degraded_responses", "responses served from fallbacks", ["reason"], registry=r)
+        self.store_errors = Counter("parity_store_errors", "online store failures on the request path", ["op", "kind"], registry=r)
+        self.ingest = Counter("parity_ingest_events", "live events by outcome", ["outcome"], registry=r)
+        self.release_loads = Counter("parity_release_loads", "LoadRelease outcomes", ["result"], registry=r)
+        self.release = Gauge("parity_release_info", "the release being served", ["release_id"], registry=r)
+        self.inflight = Gauge("parity_inflight_requests", "RPCs being handled", registry=r)
+        self.item_refresh = Counter("parity_item_table_refreshes", "item feature table refreshes", ["result"], registry=r)
+        self._release_id: str | None = None
+        self._http = None
+
+    def cache_result(self, cache: str):
+        hit, miss = self.cache.labels(cache, "hit"), self.cache.labels(cache, "miss")
+        return lambda is_hit: (hit if is_hit else miss).inc()
+
+    def set_release(self, release_id: str) -> None:
+        if self._release_id is not None:
+            self.release.remove(self._release_id)
+        self.release.labels(release_id).set(1)
+        self._release_id = release_id
+
+    def observe_stages(self, stages) -> None:
+        for name, ms in stages:
+            self.stage.labels(name).observe(ms / 1000.0)
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP endpoint; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,197 @@
+"""The request path's computation, pure: user features in, ranked items out.
+
+Nothing here awaits or touches the network: `retrieve` and `rank` run in a worker thread
+(ONNX Runtime and ScaNN release the GIL) on a `Snapshot` and the user's decoded features.
+The stages follow the offline evaluation (models.evaluate) exactly: user features → user
+tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
+every candidate's ranker inputs through `features.assemble.assemble` → the int8 student in
+one batched call → best first. Serving adds, for cold start and freshness, popular items,
+recently published items and new items (not in the release) found by their content
+embedding, then a per-creator cap.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from features.assemble import assemble, columns_from_frame
+from server.config import ServerConfig
+from server.state import RANKER, Snapshot
+from server.user_features import PairTable, UserFeatures, empty_pair_table
+
+__all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
+           "recommend", "score_items", "missing_pair_values"]
+
+SOURCES = ("ann", "content", "fresh", "popular", "request")  # index = Candidates.source code; first wins on duplicates
+
+
+@dataclass
+class Timer:
+    """Per-stage wall time in ms, in the order the stages ran."""
+
+    stages: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages.append((name, (time.perf_counter() - t) * 1000.0))
+
+    def add(self, name: str, ms: float) -> None:
+        self.stages.append((name, ms))
+
+
+@dataclass(frozen=True)
+class Candidates:
+    ids: np.ndarray  # int64
+    source: np.ndarray  # int8 index into SOURCES
+    rows: np.ndarray  # item-table rows
+
+
+@dataclass(frozen=True)
+class Ranked:
+    ids: np.ndarray
+    scores: np.ndarray  # float32
+    source: np.ndarray
+
+
+def user_matrix(snap: Snapshot, uf: UserFeatures) -> np.ndarray:
+    """The user tower's input row: the user set's columns, NaN where missing (as in training)."""
+    cols = uf.columns
+    row = [float("nan") if bool(np.asarray(cols[c][1]).reshape(-1)[0]) else float(np.asarray(cols[c][0]).reshape(-1)[0])
+           for c in snap.runtime.user_columns]
+    return np.asarray([row], dtype=np.float32)
+
+
+def _eligible(snap: Snapshot, ids: np.ndarray, rows: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
+    """In the catalogue, published before now, not seen or excluded (the offline eval's rule)."""
+    cat = snap.items.catalog
+    known = rows < len(cat)
+    pub = np.where(known, cat.publish_ts[np.where(known, rows, 0)], 0) if len(cat) else np.zeros(len(ids), np.int64)
+    ok = known & (pub < now_ms)
+    if len(blocked):
+        ok &= ~np.isin(ids, blocked)
+    return ok
+
+
+def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int, cfg: ServerConfig, timer: Timer) -> Candidates:
+    rt = snap.runtime
+    items = snap.items
+    blocked = np.union1d(exclude, uf.seen) if len(uf.seen) else exclude
+    with timer.stage("embed"):
+        emb = rt.user_embeddings(user_matrix(snap, uf))
+    parts: list[tuple[np.ndarray, int]] = []
+    with timer.stage("ann"):
+        want = min(len(rt.vocab), cfg.retrieve_k + len(blocked) + 50)
+        ids, _ = rt.retrieve(emb, want)
+        ids = ids[0]
+        ok = _eligible(snap, ids, items.rows(ids), blocked, now_ms)
+        parts.append((ids[ok][: cfg.retrieve_k], 0))
+    with timer.stage("cold_start"):
+        if cfg.n_content and len(snap.new_ids):
+            s = snap.new_emb @ emb[0].astype(np.float32)
+            order = np.argsort(-s, kind="stable")
+            ids = snap.new_ids[order]
+            ok = _eligible(snap, ids, items.rows(ids), blocked, now_ms)
+            parts.append((ids[ok][: cfg.n_content], 1))
+        cat = items.catalog
+        if cfg.n_fresh and len(cat):
+            fresh = np.flatnonzero((cat.publish_ts < now_ms) & (cat.publish_ts >= now_ms - cfg.fresh_window_ms))
+            fresh = fresh[np.lexsort((cat.item_id[fresh], -cat.publish_ts[fresh]))]
+            ids = cat.item_id[fresh]
+            ok = _eligible(snap, ids, fresh, blocked, now_ms)
+            parts.append((ids[ok][: cfg.n_fresh], 2))
+        if cfg.n_popular:
+            pop = rt.popular[: cfg.n_popular + len(blocked) + 50]
+            ok = _eligible(snap, pop, items.rows(pop), blocked, now_ms)
+            parts.append((pop[ok][: cfg.n_popular], 3))
+    ids = np.concatenate([p for p, _ in parts]).astype(np.int64)
+    src = np.concatenate([np.full(len(p), s, dtype=np.int8) for p, s in parts])
+    _, first = np.unique(ids, return_index=True)  # dedupe: the first source listed wins
+    keep = np.sort(first)
+    ids, src = ids[keep], src[keep]
+    return Candidates(ids, src, items.rows(ids))
+
+
+def missing_pair_values(snap: Snapshot, uf: UserFeatures, cand_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Pair sets whose values for these candidates were not prefetched: set -> sorted values to read."""
+    out = {}
+    topic, creator, _, _ = snap.items.content(cand_rows)
+    by_col = {"topic": topic, "creator_id": creator}
+    for fs, col in snap.plan.pair_sets:
+        if fs.name in uf.pairs and uf.pairs[fs.name].covers(by_col[col]):
+            continue
+        vals = np.unique(by_col[col])
+        out[fs.name] = vals[(vals >= 0) & (vals < (1 << 31))]
+    return out
+
+
+def feature_matrix(snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int, extra_pairs: Mapping[str, PairTable] | None = None) -> np.ndarray:
+    """Raw ranker inputs (n, F) for the user and item rows, through the shared `assemble`."""
+    rt = snap.runtime
+    spec = rt.inputs
+    topic, creator, duration, publish = snap.items.content(rows)
+    cols = dict(uf.columns)
+    frame = snap.items.features(rows, now_ms)
+    cols.update(columns_from_frame(spec.item_set, frame, snap.items.layout.feature_set))
+    by_col = {"topic": topic, "creator_id": creator}
+    for fs, col in snap.plan.pair_sets:
+        table = (extra_pairs or {}).get(fs.name) or uf.pairs.get(fs.name) or empty_pair_table(fs, now_ms)
+        cols.update(table.columns(by_col[col]))
+    return assemble(spec, cols, item_topic=topic, item_publish_ts=publish, item_duration_s=duration, request_ts=now_ms)
+
+
+def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer: Timer, extra_pairs: Mapping[str, PairTable] | None = None) -> Ranked:
+    if len(cand.ids) == 0:
+        return Ranked(cand.ids, np.empty(0, dtype=np.float32), cand.source)
+    with timer.stage("assemble"):
+        X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs)
+    with timer.stage("rank"):
+        scores = snap.runtime.score(X, RANKER)  # ONE batched ONNX Runtime call
+    return Ranked(cand.ids, scores.astype(np.float32), cand.source)
+
+
+def post_process(ranked: Ranked, creators: np.ndarray, k: int, per_creator_cap: int) -> np.ndarray:
+    """Indices of the top k: best score first (ties by item id, as the offline eval), at most
+    `per_creator_cap` items per known creator while enough others remain (then backfilled)."""
+    order = np.lexsort((ranked.ids, -ranked.scores))
+    if per_creator_cap <= 0:
+        return order[:k]
+    taken, skipped, count = [], [], {}
+    for i in order.tolist():
+        c = int(creators[i])
+        if c >= 0 and count.get(c, 0) >= per_creator_cap:
+            skipped.append(i)
+            continue
+        count[c] = count.get(c, 0) + 1
+        taken.append(i)
+        if len(taken) == k:
+            break
+    if len(taken) < k:
+        taken += skipped[: k - len(taken)]
+    return np.asarray(taken, dtype=np.int64)
+
+
+def recommend(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, k: int, now_ms: int, cfg: ServerConfig, timer: Timer,
+              cand: Candidates | None = None, extra_pairs: Mapping[str, PairTable] | None = None) -> tuple[Ranked, np.ndarray]:
+    """(ranked candidates, indices of the top k). Pass `cand` when retrieval already ran."""
+    if cand is None:
+        cand = retrieve(snap, uf, exclude, now_ms, cfg, timer)
+    ranked = rank(snap, uf, cand, now_ms, timer, extra_pairs)
+    with timer.stage("post_process"):
+        _, creator, _, _ = snap.items.content(cand.rows)
+        top = post_process(ranked, creator, k, cfg.per_creator_cap)
+    return ranked, top
+
+
+def score_items(snap: Snapshot, uf: UserFeatures, item_ids: np.ndarray, now_ms: int, timer: Timer,
+                extra_pairs: Mapping[str, PairTable] | None = None) -> np.ndarray:
+    """Scores for given items in the given order (Rank): no retrieval, no filtering."""
+    cand = Candidates(np.asarray(item_ids, dtype=np.int64), np.full(len(item_ids), 4, dtype=np.int8), snap.items.rows(item_ids))
+    return rank(snap, uf, cand, now_ms, timer, extra_pairs).scores

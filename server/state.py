@@ -1,0 +1,121 @@
+"""What the server serves from: a release, the catalogue and the item table, swapped atomically.
+
+A `Snapshot` is immutable. A request takes the current one once, at its start, and uses it
+to the end, so a release swap or an item-table refresh never changes what a request in
+flight sees: in-flight requests finish on the old release while new ones get the new one.
+Swapping is one reference assignment on the event loop.
+
+Loading a release is checked before anything serves from it: `load_release` verifies the
+folder (manifest, files, hashes) and the skew guard refuses a release trained on feature-set
+versions this server's feature definitions (and so its store keys) do not have.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from export.release import Release, ReleaseError, load_release
+from export.runtime import ReleaseRuntime
+from features.catalog import ItemCatalog
+from features.definitions import FeatureSet
+from server.errors import FailedPrecondition, InvalidArgument
+from server.items import ItemTable
+from server.user_features import UserFeaturePlan
+
+__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot"]
+
+RANKER = "student_int8"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    runtime: ReleaseRuntime
+    items: ItemTable
+    plan: UserFeaturePlan
+    vocab_rows: np.ndarray  # catalogue row of each release item (-1: not in the catalogue)
+    new_ids: np.ndarray  # catalogue items the release has never seen (new items), sorted
+    new_emb: np.ndarray  # their embeddings from the item tower's content path (m, d)
+    catalog_stamp: tuple[int, int]
+    loaded_at: float
+
+    @property
+    def release_id(self) -> str:
+        return self.runtime.release_id
+
+    @property
+    def n_items(self) -> int:
+        return int((self.vocab_rows >= 0).sum() + len(self.new_ids))
+
+
+def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
+    """Refuse a release whose feature-set versions this server cannot read (the skew guard)."""
+    wrong = []
+    for name, version in sorted(release.feature_set_versions.items()):
+        have = sets[name].version if name in sets else None
+        if have != version:
+            wrong.append(f"{name} {version} (server has {have or 'no such set'})")
+    if wrong:
+        raise FailedPrecondition(
+            f"release {release.release_id} was trained on feature-set versions this server cannot serve: {', '.join(wrong)}; "
+            "serve it with the feature definitions it was trained on, or retrain on the current ones")
+    ri = release.manifest.get("ranker_inputs", {})
+    for name in [ri.get("user_set"), ri.get("item_set"), *(p[0] for p in ri.get("pair_sets", []))]:
+        if name not in release.feature_set_versions:
+            raise FailedPrecondition(f"release {release.release_id}: ranker input set {name!r} is not among its feature_sets")
+
+
+def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1) -> ReleaseRuntime:
+    """Load, verify and skew-check a release. Raises InvalidArgument / FailedPrecondition with the reason."""
+    if not str(path).strip():
+        raise InvalidArgument("path", "must name a release folder")
+    try:
+        release = load_release(path)
+    except ReleaseError as exc:
+        raise FailedPrecondition(f"release refused: {exc}") from None
+    check_skew(release, sets)
+    try:
+        return ReleaseRuntime.load(release, rankers=(RANKER,), threads=ort_threads)
+    except (ReleaseError, KeyError, ValueError, OSError, RuntimeError) as exc:
+        # onnxruntime and ScaNN raise their own errors on broken model files
+        raise FailedPrecondition(f"release {release.release_id} refused: its models do not load ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any native loader failure means "not servable"
+        raise FailedPrecondition(f"release {release.release_id} refused: its models do not load ({type(exc).__name__}: {exc})") from None
+
+
+def build_snapshot(runtime: ReleaseRuntime, items: ItemTable, sets: Mapping[str, FeatureSet], catalog_stamp: tuple[int, int],
+                   *, prefetch_limit: int) -> Snapshot:
+    """Everything derived from (release, catalogue): the key plan, vocabulary rows, new-item embeddings."""
+    catalog: ItemCatalog = items.catalog
+    if items.layout.feature_set.name != runtime.inputs.item_set or items.layout.feature_set.version != sets[runtime.inputs.item_set].version:
+        raise FailedPrecondition(f"item table holds {items.layout.feature_set.name}, the release ranks with {runtime.inputs.item_set}")
+    vocab_rows = catalog.index(runtime.vocab) if len(catalog) else np.full(len(runtime.vocab), -1, dtype=np.int64)
+    new_ids = np.setdiff1d(catalog.item_id, runtime.vocab) if len(catalog) else np.empty(0, dtype=np.int64)
+    if len(new_ids):
+        new_emb = np.ascontiguousarray(runtime.content_embeddings(catalog, new_ids), dtype=np.float32)
+    else:
+        new_emb = np.empty((0, runtime.item_embeddings.shape[1]), dtype=np.float32)
+    plan = UserFeaturePlan(runtime.inputs, sets, catalog, prefetch_limit)
+    return Snapshot(runtime, items, plan, vocab_rows, new_ids, new_emb, catalog_stamp, time.time())
+
+
+class ServingState:
+    """The current snapshot; replaced whole, never mutated."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self._current = snapshot
+
+    @property
+    def current(self) -> Snapshot:
+        return self._current
+
+    def swap(self, snapshot: Snapshot) -> Snapshot:
+        old, self._current = self._current, snapshot
+        return old
+
+    def with_items(self, items: ItemTable) -> Snapshot:
+        """The current snapshot with a refreshed item table (same catalogue)."""
+        return replace(self._current, items=items)

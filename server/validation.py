@@ -1,0 +1,183 @@
+"""Request validation: proto messages in, typed queries out, or InvalidArgument naming the field.
+
+Pure functions (no grpc, no I/O): every check the server makes on what a client sent lives
+here, so the bad-input matrix is testable without a port. Ids on the wire are decimal
+strings of non-negative integers (see the proto); user and item ids must also fit the
+feature store's entity codes (< 2^31).
+"""
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+from features.events import EventType
+from server.config import ServerConfig
+from server.errors import InvalidArgument
+
+__all__ = ["RecommendQuery", "RankQuery", "FeaturesQuery", "ParsedEvents", "MAX_ENTITY_ID", "MAX_EVENT_ID",
+           "parse_id", "validate_recommend", "validate_rank", "validate_get_features", "parse_events", "request_id_of"]
+
+MAX_ENTITY_ID = (1 << 31) - 1  # user, item, topic and creator ids (pair entity codes pack two of them)
+MAX_EVENT_ID = (1 << 63) - 1
+_MAX_REQUEST_ID = 128
+_MAX_CONTEXT_KEY = 64
+_EVENT_TYPES = {t.name.lower(): int(t) for t in EventType}
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    user_id: int
+    k: int
+    exclude: np.ndarray  # int64, sorted unique
+    context: tuple[tuple[str, float], ...]  # sorted by key
+    request_id: str
+    include_latency: bool
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    user_id: int
+    item_ids: np.ndarray  # int64, request order (duplicates allowed)
+    context: tuple[tuple[str, float], ...]
+    request_id: str
+
+
+@dataclass(frozen=True)
+class FeaturesQuery:
+    entity_type: str
+    entity_id: str
+    feature_sets: tuple[str, ...]  # empty: every set of the entity type
+
+
+@dataclass(frozen=True)
+class ParsedEvents:
+    """The valid events of a batch as columns, and what was wrong with the others."""
+
+    event_id: np.ndarray
+    ts: np.ndarray
+    user_id: np.ndarray
+    item_id: np.ndarray
+    type: np.ndarray
+    value: np.ndarray
+    invalid: int
+    first_error: str | None
+
+    def __len__(self) -> int:
+        return len(self.event_id)
+
+
+def parse_id(field: str, text: str, *, max_value: int = MAX_ENTITY_ID, max_chars: int = 64) -> int:
+    if not isinstance(text, str) or text == "":
+        raise InvalidArgument(field, "must not be empty")
+    if len(text) > max_chars:
+        raise InvalidArgument(field, f"is {len(text)} characters long; the limit is {max_chars}")
+    if not (text.isascii() and text.isdigit()):
+        shown = text if len(text) <= 24 else text[:21] + "..."
+        raise InvalidArgument(field, f"must be a decimal string of a non-negative integer, got {shown!r}")
+    v = int(text)
+    if v > max_value:
+        raise InvalidArgument(field, f"must be <= {max_value}, got {text}")
+    return v
+
+
+def request_id_of(text: str) -> str:
+    """The client's request id, or a new one when empty."""
+    if not text:
+        return uuid.uuid4().hex
+    if len(text) > _MAX_REQUEST_ID or not text.isprintable():
+        raise InvalidArgument("request_id", f"must be at most {_MAX_REQUEST_ID} printable characters")
+    return text
+
+
+def _context(ctx: Mapping[str, float], cfg: ServerConfig) -> tuple[tuple[str, float], ...]:
+    if len(ctx) > cfg.max_context:
+        raise InvalidArgument("context", f"has {len(ctx)} entries; the limit is {cfg.max_context}")
+    out = []
+    for key in sorted(ctx):
+        if not key or len(key) > _MAX_CONTEXT_KEY or not key.isprintable():
+            raise InvalidArgument("context", f"keys must be 1..{_MAX_CONTEXT_KEY} printable characters, got {key[:_MAX_CONTEXT_KEY + 1]!r}")
+        v = float(ctx[key])
+        if not math.isfinite(v):
+            raise InvalidArgument(f"context[{key!r}]", f"must be finite, got {v}")
+        out.append((key, v))
+    return tuple(out)
+
+
+def _ids(field: str, values: Sequence[str], limit: int, cfg: ServerConfig) -> np.ndarray:
+    if len(values) > limit:
+        raise InvalidArgument(field, f"has {len(values)} ids; the limit is {limit}")
+    return np.fromiter((parse_id(f"{field}[{i}]", v, max_chars=cfg.max_id_chars) for i, v in enumerate(values)), dtype=np.int64, count=len(values))
+
+
+def validate_recommend(req, cfg: ServerConfig) -> RecommendQuery:
+    """`req` is a parity.v1.RecommendRequest."""
+    user = parse_id("user_id", req.user_id, max_chars=cfg.max_id_chars)
+    if req.k <= 0 or req.k > cfg.max_k:
+        raise InvalidArgument("k", f"must be in [1, {cfg.max_k}], got {req.k}")
+    exclude = np.unique(_ids("exclude_item_ids", req.exclude_item_ids, cfg.max_exclude, cfg))
+    return RecommendQuery(user, int(req.k), exclude, _context(req.context, cfg), request_id_of(req.request_id), bool(req.include_latency))
+
+
+def validate_rank(req, cfg: ServerConfig) -> RankQuery:
+    """`req` is a parity.v1.RankRequest."""
+    user = parse_id("user_id", req.user_id, max_chars=cfg.max_id_chars)
+    if len(req.item_ids) == 0:
+        raise InvalidArgument("item_ids", "must not be empty")
+    items = _ids("item_ids", req.item_ids, cfg.max_rank_items, cfg)
+    return RankQuery(user, items, _context(req.context, cfg), request_id_of(req.request_id))
+
+
+def validate_get_features(req, entity_types: Iterable[str], sets_of: Mapping[str, Sequence[str]], cfg: ServerConfig) -> FeaturesQuery:
+    """`req` is a parity.v1.GetFeaturesRequest; `sets_of` maps entity type -> its feature sets."""
+    types = sorted(entity_types)
+    if req.entity_type not in sets_of:
+        raise InvalidArgument("entity_type", f"must be one of {types}, got {req.entity_type!r}")
+    if not req.entity_id:
+        raise InvalidArgument("entity_id", "must not be empty")
+    if len(req.entity_id) > 2 * cfg.max_id_chars + 1:
+        raise InvalidArgument("entity_id", f"is {len(req.entity_id)} characters long; the limit is {2 * cfg.max_id_chars + 1}")
+    parts = req.entity_id.split("|")
+    for i, p in enumerate(parts):
+        parse_id("entity_id" if len(parts) == 1 else f"entity_id part {i + 1}", p, max_chars=cfg.max_id_chars)
+    known = list(sets_of[req.entity_type])
+    for name in req.feature_sets:
+        if name not in known:
+            raise InvalidArgument("feature_sets", f"{name!r} is not a feature set of entity type {req.entity_type!r}; known: {known}")
+    return FeaturesQuery(req.entity_type, req.entity_id, tuple(dict.fromkeys(req.feature_sets)))
+
+
+def _event_row(ev, now_ms: int, cfg: ServerConfig) -> tuple[int, int, int, int, int, float]:
+    eid = parse_id("event_id", ev.event_id, max_value=MAX_EVENT_ID, max_chars=20)
+    if ev.ts_ms < 0:
+        raise InvalidArgument("ts_ms", f"must be >= 0 (ms since the Unix epoch), got {ev.ts_ms}")
+    if ev.ts_ms > now_ms + cfg.max_event_future_ms:
+        raise InvalidArgument("ts_ms", f"{ev.ts_ms} is more than {cfg.max_event_future_ms} ms ahead of the server clock ({now_ms})")
+    user = parse_id("user_id", ev.user_id, max_chars=cfg.max_id_chars)
+    item = parse_id("item_id", ev.item_id, max_chars=cfg.max_id_chars)
+    t = _EVENT_TYPES.get(ev.type)
+    if t is None:
+        raise InvalidArgument("type", f"must be one of {sorted(_EVENT_TYPES)}, got {ev.type[:32]!r}")
+    v = float(ev.value)
+    if not math.isfinite(v):
+        raise InvalidArgument("value", f"must be finite, got {v}")
+    return eid, int(ev.ts_ms), user, item, t, v
+
+
+def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig) -> ParsedEvents:
+    """Valid events as columns; invalid ones are counted (one bad event never sinks a batch)."""
+    rows, invalid, first = [], 0, None
+    for i, ev in enumerate(events):
+        try:
+            rows.append(_event_row(ev, now_ms, cfg))
+        except InvalidArgument as exc:
+            invalid += 1
+            if first is None:
+                first = f"event {i} (event_id {ev.event_id[:24]!r}): {exc}"
+    cols = list(zip(*rows)) if rows else [(), (), (), (), (), ()]
+    return ParsedEvents(np.asarray(cols[0], dtype=np.int64), np.asarray(cols[1], dtype=np.int64), np.asarray(cols[2], dtype=np.int64),
+                        np.asarray(cols[3], dtype=np.int64), np.asarray(cols[4], dtype=np.int8), np.asarray(cols[5], dtype=np.float64),
+                        invalid, first)

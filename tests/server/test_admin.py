@@ -1,0 +1,105 @@
+"""Admin: bearer-token auth, status, hot release swap under load, refused releases."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from parity_api.v1 import recommender_pb2 as pb
+from parity_api.v1 import recommender_pb2_grpc as pb_grpc
+from server.app import BackgroundServer
+from server.client import ParityClient, ParityRpcError
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "{token}", "Basic {token}"], ids=["no token", "wrong token", "no scheme", "wrong scheme"])
+def test_admin_refuses_calls_without_the_right_bearer_token(memory_server, header, admin_token):
+    metadata = None if header is None else [("authorization", header.format(token=admin_token))]
+    with grpc.insecure_channel(f"127.0.0.1:{memory_server.port}") as ch:
+        stub = pb_grpc.AdminStub(ch)
+        for call, req in ((stub.GetStatus, pb.GetStatusRequest()), (stub.LoadRelease, pb.LoadReleaseRequest(path="/tmp"))):
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=5, metadata=metadata)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_status_with_the_token(client, release_dir):
+    st = client.status()
+    assert st.release_id == release_dir.name and st.serving and st.store == "memory"
+    assert st.clock == "data" and st.catalogue_items == 60
+    assert set(st.feature_set_versions) == {"user_activity", "item_popularity", "user_topic", "user_creator"}
+
+
+def test_admin_is_disabled_without_a_configured_token(release_dir, small_sim, server_config):
+    with BackgroundServer(server_config(release_dir, small_sim, admin_token=None)) as s, ParityClient(f"127.0.0.1:{s.port}", admin_token="anything") as c:
+        with pytest.raises(ParityRpcError) as e:
+            c.status()
+        assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "disabled" in e.value.details
+
+
+def _refused(client, path, code, words):
+    with pytest.raises(ParityRpcError) as e:
+        client.load_release(str(path))
+    assert e.value.code == code, e.value
+    assert words in e.value.details, e.value.details
+
+
+def test_broken_and_incompatible_releases_are_refused_and_serving_goes_on(client, release_dir, tmp_path, writable_copy):
+    corrupt = writable_copy(release_dir, tmp_path / "corrupt")
+    with open(corrupt / "rankers" / "student_int8.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    _refused(client, corrupt, grpc.StatusCode.FAILED_PRECONDITION, "sha256")
+
+    partial = writable_copy(release_dir, tmp_path / "partial")
+    (partial / "manifest.json").unlink()
+    _refused(client, partial, grpc.StatusCode.FAILED_PRECONDITION, "manifest.json")
+
+    _refused(client, tmp_path / "nowhere", grpc.StatusCode.FAILED_PRECONDITION, "no such folder")
+    _refused(client, "", grpc.StatusCode.INVALID_ARGUMENT, "path")
+
+    skewed = writable_copy(release_dir, tmp_path / "skewed")
+    m = json.loads((skewed / "manifest.json").read_text())
+    m["feature_sets"]["user_activity"]["version"] = "v000000000000"
+    (skewed / "manifest.json").write_text(json.dumps(m))
+    _refused(client, skewed, grpc.StatusCode.FAILED_PRECONDITION, "feature-set versions this server cannot serve")
+
+    assert client.status().release_id == release_dir.name
+    assert len(client.recommend(4, k=5).items) == 5
+
+
+def test_hot_swap_under_concurrent_requests_fails_no_request(memory_server, client, release_dir, tmp_path, writable_copy):
+    other = writable_copy(release_dir, tmp_path / "again")  # same release, another folder: a real reload
+    stop = threading.Event()
+    failures, served, releases = [], [0], set()
+
+    def load(i: int) -> None:
+        with ParityClient(f"127.0.0.1:{memory_server.port}", timeout_s=5.0, retries=0) as c:
+            u = 0
+            while not stop.is_set():
+                u = (u + 1) % 150
+                try:
+                    r = c.recommend(u + 1000 * i, k=10, exclude=[str(u % 60)])
+                    releases.add(r.release_id)
+                    served[0] += 1
+                    if len(r.items) != 10:
+                        failures.append(f"{len(r.items)} items")
+                except ParityRpcError as exc:
+                    failures.append(str(exc))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for path in (other, release_dir, other, release_dir):
+            loaded = client.load_release(str(path))
+            assert loaded.release_id == release_dir.name and loaded.load_ms > 0
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert not failures, failures[:5]
+    assert served[0] > 20
+    assert memory_server.service.state.current.runtime.release.path == Path(release_dir)
