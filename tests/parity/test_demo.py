@@ -9,3 +9,5 @@ def test_the_demo_runs_end_to_end_and_proves_parity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "parity PROVEN" in out and "0 mismatches" in out
     assert "duplicates ignored" in out
+    assert "served 10 items to known and new users: True" in out
+    assert "live events reflected in recommendations: True" in out and "server stopped cleanly" in out
