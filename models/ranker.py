@@ -19,6 +19,11 @@ data, config and seed give identical weights on the same machine and thread coun
 differ in the last bits between 1 and 2 threads). The transform is fitted once and the
 networks train on the transformed matrix (the transform has no trainable parameters).
 
+Threads: training runs with `cfg.threads` torch threads (restored afterwards). The default is
+1: on the 2-core build machine, shared with other jobs, the default teacher on MovieLens took
+2.5 s/epoch with 1 thread and 4.2-11.7 s/epoch with 2 (OpenMP threads wait on a core another
+process holds; these matrices are too small to gain from a second thread).
+
 Distillation defaults (alpha 0.1, T 1, student 32-16) were chosen on validation NDCG@10 and
 the student-teacher Kendall tau on the simulated data and MovieLens 100K: alpha 0.3 / T 2
 left the student 2 % below the teacher's NDCG@10 on MovieLens; a wider student (64-32), T 2
@@ -80,7 +85,7 @@ class RankerConfig:
     patience: int = 4  # epochs without a better validation AUC before stopping
     weight_decay: float = 1e-6
     max_train_rows: int | None = None  # keep the most recent rows (tiny profile)
-    threads: int = 2
+    threads: int = 1  # torch intra-op threads while training; see the module docstring
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES and not self.profile.startswith("custom"):
@@ -116,7 +121,7 @@ class RankerConfig:
         if profile == "tiny":
             return cls(profile="tiny", cross_layers=2, cross_rank=None, deep_hidden=(64, 32), dropout=0.0,
                        student_hidden=(16,), batch_size=256, max_epochs=8, patience=3, teacher_lr=3e-3,
-                       student_lr=5e-3, max_train_rows=20_000, threads=1)  # tiny matrices: a 2nd thread only adds sync cost
+                       student_lr=5e-3, max_train_rows=20_000)
         if profile == "small":
             return cls(profile="small", cross_layers=2, cross_rank=None, deep_hidden=(128, 64), dropout=0.1,
                        student_hidden=(32,), max_epochs=15, patience=3)
