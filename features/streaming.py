@@ -9,8 +9,11 @@ Lateness: the watermark is the newest event time ingested. An event older than t
 watermark minus the allowed lateness would land in tiles that reads may already have
 passed; it goes to the dead-letter sink with a counter, never silently dropped.
 
-One ingestor writes a given namespace at a time (states are read, updated and written
-back); scale out by partitioning entities across namespaces or consumers.
+Several ingestors (server replicas, consumers) may write one store at once: each batch is
+one optimistic store transaction (read states, markers and the watermark; decide; write
+only if none of them changed meanwhile, else retry), so no update is lost and no event is
+applied twice. On Redis Cluster the transaction is not isolated (keys span hash slots):
+there, partition entities so that one writer owns each.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
-from features.online.base import OnlineStore, Write
+from features.online.base import Commit, OnlineStore, Snapshot, Write
 from features.state import StateLayout, apply_events
 
 __all__ = ["StreamingIngestor", "IngestResult", "DeadLetterSink", "MemoryDeadLetters", "IngestStats"]
@@ -115,44 +118,67 @@ class StreamingIngestor:
 
     def _ingest(self, events: EventBatch) -> IngestResult:
         received = len(events)
-        st = self.stats()
         if received == 0:
+            st = self.stats()
             return IngestResult(0, 0, 0, 0, st.watermark, 0)
         batch = events.deduplicated()
-        dup = received - len(batch)
-        seen = np.asarray(self.store.seen(batch.event_id.tolist()), dtype=bool)
-        dup += int(seen.sum())
-        batch = batch.take(np.flatnonzero(~seen))
-        # The watermark advances event by event in arrival order, within a batch too.
-        before = np.maximum.accumulate(np.concatenate([[st.watermark], batch.ts]))[:-1]
-        late_mask = (before >= 0) & (batch.ts < before - self.allowed_lateness_ms)
-        late = int(late_mask.sum())
-        late_ids = batch.event_id[late_mask]
-        if late:
-            self.dead_letters.put(batch.take(np.flatnonzero(late_mask)), f"late: more than {self.allowed_lateness_ms} ms behind the watermark")
-        batch = batch.take(np.flatnonzero(~late_mask))
-        writes: list[Write] = []
+        in_batch_dups = received - len(batch)
+        # Every record this batch could touch, known before reading anything.
+        plan = []
+        keys: list = []
         for lay in self.layouts:
             fs = lay.feature_set
             m = fs.event_mask(batch)
-            # Events already folded in by a materialisation up to `until` are not re-applied.
-            m &= batch.ts >= st.materialized_before[fs.name]
-            if not m.any():
-                continue
-            sub = batch.take(np.flatnonzero(m))
-            codes = fs.entity.codes(sub)[0]
-            uniq, rows = np.unique(codes, return_inverse=True)
-            keys = record_keys(fs, uniq)
-            states, _ = lay.decode(self.store.get_many(keys))
-            apply_events(lay, states, rows.astype(np.int64), sub)
-            writes += [Write(k, v, fs.ttl_ms) for k, v in zip(keys, lay.encode(states))]
-        watermark = max(st.watermark, int(batch.ts.max())) if len(batch) else st.watermark
-        meta = {
-            self._meta_key(): json.dumps(
-                {"watermark": watermark, "accepted": st.accepted + len(batch), "duplicates": st.duplicates + dup, "late": st.late + late}
-            )
-        }
-        # Late events are marked too: a redelivery must not count them again.
-        applied = np.concatenate([batch.event_id, late_ids]).tolist()
-        self.store.commit(writes, dedupe_ids=applied, dedupe_ttl_ms=self.dedupe_ttl_ms, meta=meta)
-        return IngestResult(received, len(batch), dup, late, watermark, len(writes))
+            codes = fs.entity.codes(batch)[0]
+            uniq = np.unique(codes[m])
+            plan.append((lay, m, codes, uniq, len(keys)))
+            keys += record_keys(fs, uniq)
+        mat_names = [f"materialized:{lay.feature_set.name}:{lay.feature_set.version}" for lay in self.layouts]
+        meta_names = [self._meta_key(), *mat_names]
+        ids = batch.event_id.tolist()
+        outcome: dict = {}
+
+        def decide(snap: Snapshot) -> Commit:
+            raw = snap.meta[self._meta_key()]
+            d = json.loads(raw) if raw else {}
+            wm0 = int(d.get("watermark", -1))
+            seen = np.asarray(snap.seen, dtype=bool)
+            fresh = batch.take(np.flatnonzero(~seen))
+            fresh_idx = np.flatnonzero(~seen)
+            # The watermark advances event by event in arrival order, within a batch too.
+            before = np.maximum.accumulate(np.concatenate([[wm0], fresh.ts]))[:-1]
+            late_mask = (before >= 0) & (fresh.ts < before - self.allowed_lateness_ms)
+            late = int(late_mask.sum())
+            if late:  # at-least-once to the dead letters: a retried transaction may repeat them
+                self.dead_letters.put(fresh.take(np.flatnonzero(late_mask)), f"late: more than {self.allowed_lateness_ms} ms behind the watermark")
+            ok_idx = fresh_idx[~late_mask]
+            applied = np.zeros(len(batch), dtype=bool)
+            applied[ok_idx] = True
+            writes: list[Write] = []
+            for (lay, m, codes, uniq, k0), mname in zip(plan, mat_names):
+                fs = lay.feature_set
+                mv = snap.meta[mname]
+                mat_before = int(json.loads(mv)["until_ts"]) if mv else -1
+                # Events already folded in by a materialisation up to `until` are not re-applied.
+                sel = np.flatnonzero(m & applied & (batch.ts >= mat_before))
+                if len(sel) == 0:
+                    continue
+                sub = batch.take(sel)
+                rows = np.searchsorted(uniq, codes[sel])
+                touched = np.unique(rows)
+                states, _ = lay.decode([snap.values[k0 + r] for r in touched.tolist()])
+                apply_events(lay, states, np.searchsorted(touched, rows).astype(np.int64), sub)
+                writes += [Write(keys[k0 + r], v, fs.ttl_ms) for r, v in zip(touched.tolist(), lay.encode(states))]
+            accepted = int(applied.sum())
+            wm = max(wm0, int(batch.ts[applied].max())) if accepted else wm0
+            dups = in_batch_dups + int(seen.sum())
+            stats = {"watermark": wm, "accepted": int(d.get("accepted", 0)) + accepted,
+                     "duplicates": int(d.get("duplicates", 0)) + dups, "late": int(d.get("late", 0)) + late}
+            outcome.update(accepted=accepted, dups=dups, late=late, wm=wm, written=len(writes))
+            # Late events are marked too: a redelivery must not dead-letter them twice.
+            marked = [ids[i] for i in np.flatnonzero(~seen).tolist()]
+            return Commit(writes, marked, self.dedupe_ttl_ms, {self._meta_key(): json.dumps(stats)})
+
+        self.store.transact(keys, ids, meta_names, decide)
+        o = outcome
+        return IngestResult(received, o["accepted"], o["dups"], o["late"], o["wm"], o["written"])

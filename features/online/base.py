@@ -14,13 +14,17 @@ from __future__ import annotations
 import abc
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["RecordKey", "Write", "OnlineStore", "StoreUnavailable", "format_key"]
+__all__ = ["RecordKey", "Write", "OnlineStore", "StoreUnavailable", "format_key", "Commit", "Snapshot", "TransactionConflict"]
 
 
 class StoreUnavailable(RuntimeError):
     """The backend could not be reached or did not answer in time."""
+
+
+class TransactionConflict(RuntimeError):
+    """Other writers kept changing the keys a transaction read; it gave up after retrying."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,25 @@ class Write:
     key: RecordKey
     value: bytes
     ttl_ms: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a transaction read: record values, whether event ids are marked, metadata."""
+
+    values: list  # bytes | None per key
+    seen: list  # bool per event id
+    meta: dict  # name -> str | None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What a transaction writes if nothing it read changed meanwhile."""
+
+    writes: Sequence[Write] = ()
+    dedupe_ids: Sequence[int] = ()
+    dedupe_ttl_ms: int = 0
+    meta: Mapping[str, str] | None = None
 
 
 def format_key(namespace: str, key: RecordKey) -> str:
@@ -108,6 +131,25 @@ class OnlineStore(abc.ABC):
     @abc.abstractmethod
     def iter_keys(self, feature_set: str | None = None) -> Iterable[RecordKey]:
         """All live record keys (optionally of one feature set); for audits and tests."""
+
+    def transact(
+        self,
+        keys: Sequence[RecordKey],
+        event_ids: Sequence[int],
+        meta_names: Sequence[str],
+        fn: Callable[[Snapshot], Commit],
+    ) -> Commit:
+        """Read keys, markers and metadata, let `fn` decide, commit only if nothing changed.
+
+        This is what makes several writers (server replicas ingesting live events) safe on
+        one store: a read-modify-write whose inputs changed meanwhile is retried, so no
+        update is lost and no event is applied twice. `fn` may run more than once and must
+        not call the store. This default is NOT isolated (one writer only); backends override.
+        """
+        snap = Snapshot(self.get_many(keys), self.seen(event_ids), {n: self.get_meta(n) for n in meta_names})
+        c = fn(snap)
+        self.commit(c.writes, dedupe_ids=c.dedupe_ids, dedupe_ttl_ms=c.dedupe_ttl_ms, meta=c.meta)
+        return c
 
     def close(self) -> None:  # pragma: no cover - backends override when they hold resources
         pass

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from features.online.base import OnlineStore, RecordKey, Write, _check_part
+from features.online.base import OnlineStore, RecordKey, Snapshot, Write, _check_part
 
 __all__ = ["MemoryStore"]
 
@@ -162,6 +162,26 @@ class MemoryStore(OnlineStore):
             for event_id in dedupe_ids:
                 self._markers[event_id] = now + dedupe_ttl_ms / 1000.0
             self._meta.update(meta_items)
+
+    def transact(self, keys, event_ids, meta_names, fn):
+        """Read, decide and write under the store's lock: trivially isolated in one process."""
+        for key in keys:
+            check_record_key(key)
+        with self._lock:
+            now = self.clock()
+            snap = Snapshot(
+                [None if (e := self._live(k, now)) is None else e.value for k in keys],
+                [self._marker_live(i, now) for i in event_ids],
+                {n: self._meta.get(n) for n in meta_names},
+            )
+            c = fn(snap)
+            check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms)
+            for w in c.writes:
+                self._records[w.key] = _Entry(w.value, now + w.ttl_ms / 1000.0)
+            for event_id in c.dedupe_ids:
+                self._markers[event_id] = now + c.dedupe_ttl_ms / 1000.0
+            self._meta.update(dict(c.meta or {}))
+            return c
 
     def seen(self, event_ids: Sequence[int]) -> list[bool]:
         with self._lock:

@@ -8,7 +8,9 @@ purpose because they fail with CROSSSLOT on a cluster.
 from __future__ import annotations
 
 import contextlib
+import random
 import re
+import time
 from typing import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +22,7 @@ try:
     from redis.exceptions import ClusterDownError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
+    from redis.exceptions import WatchError
     from redis.retry import Retry
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without the package
     if exc.name != "redis" and not (exc.name or "").startswith("redis."):
@@ -28,7 +31,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
         "the redis online store needs the redis package: pip install redis (or pip install -e .)"
     ) from exc
 
-from features.online.base import OnlineStore, RecordKey, StoreUnavailable, Write, format_key
+from features.online.base import OnlineStore, RecordKey, Snapshot, StoreUnavailable, TransactionConflict, Write, format_key
 from features.online.memory import (
     RESERVED_FEATURE_SETS,
     check_feature_set,
@@ -260,6 +263,42 @@ class RedisStore(OnlineStore):
             for event_id in event_ids:
                 pipe.exists(self._marker_key(event_id))
             return [bool(n) for n in pipe.execute()]
+
+    def transact(self, keys, event_ids, meta_names, fn, *, max_attempts: int = 50):
+        """Optimistic concurrency: WATCH every key read, read them in one MGET, let `fn`
+        decide, then MULTI/EXEC; if another writer touched a watched key EXEC aborts
+        (WatchError) and the whole read-decide-write runs again on fresh values.
+
+        Single node only: WATCH and MGET across hash slots are not allowed on a cluster,
+        where this falls back to the base class's unisolated version (one writer only).
+        """
+        if self._cluster:
+            return super().transact(keys, event_ids, meta_names, fn)
+        for key in keys:
+            check_record_key(key)
+        for name in meta_names:
+            check_meta_name(name)
+        rk = [self._key(k) for k in keys] + [self._marker_key(i) for i in event_ids] + [self._meta_key(n) for n in meta_names]
+        n_k, n_e = len(keys), len(event_ids)
+        with self._guard("transact"):
+            for attempt in range(max_attempts):
+                with self._client.pipeline(transaction=True) as pipe:
+                    try:
+                        if rk:
+                            pipe.watch(*rk)
+                        vals = pipe.mget(rk) if rk else []
+                        snap = Snapshot(list(vals[:n_k]), [v is not None for v in vals[n_k : n_k + n_e]],
+                                        {n: (None if v is None else v.decode("utf-8")) for n, v in zip(meta_names, vals[n_k + n_e :])})
+                        c = fn(snap)
+                        check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms)
+                        pipe.multi()
+                        self._queue_records(pipe, c.writes, dict(c.meta or {}))
+                        self._queue_markers(pipe, c.dedupe_ids, c.dedupe_ttl_ms)
+                        pipe.execute()
+                        return c
+                    except WatchError:
+                        time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise TransactionConflict(f"gave up after {max_attempts} attempts: other writers kept changing the same keys on {self.url}")
 
     def get_meta(self, name: str) -> str | None:
         check_meta_name(name)
