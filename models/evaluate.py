@@ -1,8 +1,9 @@
 """`parity eval`: every model of a release on the held-out time slice, the way it serves.
 
 The two-stage path is the server's: user features as of the test start (point-in-time),
-the user tower, ANN retrieval of 200 candidates (seen and not-yet-published items removed),
-ranking with each ranker, top 10. Popularity and the two-tower alone are measured on the
+the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
+cold-start candidates (seen and not-yet-published items removed), ranking with each ranker,
+top 10. Popularity and the two-tower alone are measured on the
 same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
 """
 from __future__ import annotations
@@ -25,8 +26,11 @@ from features.repo import feature_sets
 from models.data import feature_matrix, label_rows
 from models.metrics import auc, logloss
 from models.popularity import engagement_mask, popularity
+from server.config import ServerConfig
 
 __all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
+
+_SERVER = ServerConfig(release=Path("."), data_dir=Path("."))  # candidate counts as the server uses them
 
 
 def topk_metrics(top: np.ndarray, truth: set[int], k: int = 10) -> tuple[float, float]:
@@ -96,11 +100,21 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     emb = rt.user_embeddings(U)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
     cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
+    # The server adds popular and fresh items to the ANN candidates (cold start): so does eval.
+    pop_ids, _ = popularity(events, info.kind, t2, half_life_ms=m["config"].get("popularity_half_life_ms"))
+    pop_ids = np.asarray([x for x in pop_ids.tolist() if x in eligible], dtype=np.int64)
+    fresh_rows = np.flatnonzero((items.publish_ts < t2) & (items.publish_ts >= t2 - _SERVER.fresh_window_ms))
+    fresh_ids = items.item_id[fresh_rows[np.lexsort((items.item_id[fresh_rows], -items.publish_ts[fresh_rows]))]]
+    fresh_ids = np.asarray([x for x in fresh_ids.tolist() if x in eligible], dtype=np.int64)
     cands = []
     for r, u in enumerate(users.tolist()):
         s = seen.get(u, set())
         keep = [j for j, x in enumerate(cand_ids[r].tolist()) if x not in s and x in eligible][:retrieve_k]
-        cands.append((cand_ids[r][keep], cand_scores[r][keep]))
+        ann = cand_ids[r][keep]
+        extra = [x for x in fresh_ids.tolist() if x not in s][: _SERVER.n_fresh] + [x for x in pop_ids.tolist() if x not in s][: _SERVER.n_popular]
+        have = set(ann.tolist())
+        extra = [x for x in dict.fromkeys(extra) if x not in have]
+        cands.append((np.concatenate([ann, np.asarray(extra, dtype=np.int64)]), None))
 
     # Stage 2: rank every candidate with point-in-time features as of t2.
     cu = np.concatenate([np.full(len(c[0]), u, dtype=np.int64) for u, c in zip(users.tolist(), cands)])
@@ -108,15 +122,13 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, t2)
     scores = {r: rt.score(X, r) for r in RANKERS}
 
-    pop_ids, _ = popularity(events, info.kind, t2, half_life_ms=m["config"].get("popularity_half_life_ms"))
-    pop_ids = np.asarray([x for x in pop_ids.tolist() if x in eligible], dtype=np.int64)
     acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
     off = 0
     for u, (ids, rs) in zip(users.tolist(), cands):
         n = len(ids)
         tset, s = truth[u], seen.get(u, set())
         acc["popularity"].append(topk_metrics(np.asarray([x for x in pop_ids[: k + len(s)].tolist() if x not in s]), tset, k))
-        acc["two_tower"].append(topk_metrics(ids, tset, k))
+        acc["two_tower"].append(topk_metrics(ids[: min(n, retrieve_k)], tset, k))
         for r in RANKERS:
             sc = scores[r][off : off + n]
             acc[r].append(topk_metrics(ids[np.lexsort((ids, -sc))], tset, k))
