@@ -191,8 +191,7 @@ def _verify(args: argparse.Namespace) -> int:
         try:
             rep = verify_parity(events, ws.sets, store, probes=args.probes, seed=args.seed)
         finally:
-            for fs in ws.sets:
-                store.delete_matching(fs.name)
+            store.clear_namespace()  # the scratch namespace: records, dedupe markers, metadata
     print(f"replayed {rep.events} events through the streaming path; {rep.probes} probe times ({time.perf_counter() - t:.1f} s)")
     for s in rep.sets:
         print(f"  {s.feature_set:<16} {s.version}  entities={s.entities:<7} checked={s.checked:<9} mismatches={s.mismatches}  max_abs_diff={s.max_abs_diff:.3g}")

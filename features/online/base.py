@@ -132,6 +132,12 @@ class OnlineStore(abc.ABC):
     def iter_keys(self, feature_set: str | None = None) -> Iterable[RecordKey]:
         """All live record keys (optionally of one feature set); for audits and tests."""
 
+    @abc.abstractmethod
+    def clear_namespace(self) -> int:
+        """Delete everything under this store's namespace (records, markers, metadata).
+
+        For scratch namespaces (`parity features verify`); returns how many keys went."""
+
     def transact(
         self,
         keys: Sequence[RecordKey],

@@ -183,6 +183,14 @@ class MemoryStore(OnlineStore):
             self._meta.update(dict(c.meta or {}))
             return c
 
+    def clear_namespace(self) -> int:
+        with self._lock:
+            n = len(self._records) + len(self._markers) + len(self._meta)
+            self._records.clear()
+            self._markers.clear()
+            self._meta.clear()
+            return n
+
     def seen(self, event_ids: Sequence[int]) -> list[bool]:
         with self._lock:
             now = self.clock()

@@ -369,6 +369,19 @@ class RedisStore(OnlineStore):
                 deleted += self._unlink(batch)
         return deleted
 
+    def clear_namespace(self) -> int:
+        deleted = 0
+        with self._guard("clear_namespace"):
+            batch: list[bytes] = []
+            for raw in self._scan(escape_glob(self.namespace) + ":*"):
+                batch.append(raw)
+                if len(batch) >= _UNLINK_BATCH:
+                    deleted += self._unlink(batch)
+                    batch = []
+            if batch:
+                deleted += self._unlink(batch)
+        return deleted
+
     def _unlink(self, raw_keys: Sequence[bytes]) -> int:
         pipe = self._client.pipeline(transaction=False)
         for raw in raw_keys:

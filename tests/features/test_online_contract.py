@@ -437,3 +437,14 @@ def test_cluster_mode_writes_markers_last(cluster_store: RedisStore, monkeypatch
     monkeypatch.undo()
     assert cluster_store.get_many([rk("1")]) == [b"x"]
     assert cluster_store.seen([5]) == [False]
+
+
+def test_clear_namespace_removes_records_markers_and_meta_of_this_namespace_only(online_store: OnlineStore) -> None:
+    ns = online_store.namespace + "x"
+    other = RedisStore(online_store.url, namespace=ns) if isinstance(online_store, RedisStore) else MemoryStore(ns)
+    online_store.commit([Write(rk("1"), b"a", HOUR_MS)], dedupe_ids=[7], dedupe_ttl_ms=HOUR_MS, meta={"wm": "1"})
+    other.commit([Write(rk("1"), b"b", HOUR_MS)], dedupe_ids=[7], dedupe_ttl_ms=HOUR_MS)
+    assert online_store.clear_namespace() == 3
+    assert online_store.get_many([rk("1")]) == [None] and online_store.seen([7]) == [False] and online_store.get_meta("wm") is None
+    assert other.get_many([rk("1")]) == [b"b"] and other.seen([7]) == [True]
+    other.close()
