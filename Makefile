@@ -9,7 +9,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean verify-movielens
+.PHONY: setup test demo bench loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -34,6 +34,18 @@ demo: setup
 bench: setup
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:cacheprovider
 	$(PY) -m bench.report bench/results/latest.json bench/RESULTS.md
+
+# Locust against a server you started (e.g. `parity serve ... --port 50051`); offered load is
+# about users x 5 requests/s. Latency figures come from `parity bench latency` (open loop).
+LOADTEST_HOST ?= 127.0.0.1:50051
+LOADTEST_EVENTS ?= $(DEMO_OUT)/data
+LOADTEST_USERS ?= 30
+LOADTEST_TIME ?= 60s
+loadtest: setup
+	mkdir -p bench/results
+	$(PY) -m locust -f bench/locustfile.py --headless --host $(LOADTEST_HOST) --users $(LOADTEST_USERS) \
+	  --spawn-rate $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --csv bench/results/locust --only-summary \
+	  --parity-events $(LOADTEST_EVENTS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .benchmarks

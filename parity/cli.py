@@ -44,7 +44,7 @@ def _nonneg(name: str) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from parity import cli_data, cli_features, cli_models, cli_serve
+    from parity import cli_bench, cli_data, cli_features, cli_models, cli_serve
 
     p = argparse.ArgumentParser(prog="parity", description="Parity: features, models and serving that never disagree with themselves.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_features.register(sub, _positive, _nonneg)
     cli_models.register(sub, _positive, _nonneg)
     cli_serve.register(sub, _positive, _nonneg)
+    cli_bench.register(sub, _positive, _nonneg)
     return p
 
 
