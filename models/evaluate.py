@@ -23,7 +23,7 @@ from features.datasets import load_info, read_items
 from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.repo import feature_sets
-from models.data import feature_matrix, label_rows
+from models.data import SPLIT_FRACTIONS, feature_matrix, label_rows, split_cuts
 from models.metrics import auc, logloss
 from models.popularity import engagement_mask, popularity
 from server.config import ServerConfig
@@ -69,65 +69,78 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
             raise ReleaseError(f"release {rel.release_id} was trained on {name} {v}; this data dir defines {have}")
     rt = ReleaseRuntime.load(rel)
     m = rel.manifest
-    t2 = int(m["training_data"]["split_ts"][1])
+    td_meta = m["training_data"]
+    mode = td_meta.get("split_mode", "time")
+    fractions = tuple(td_meta.get("split_fractions", SPLIT_FRACTIONS))
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     items = ItemCatalog.from_table(read_items(data_dir))
     used = [sets[n] for n in rt.inputs.sets]
     joiner = PitJoiner(used, events)
 
+    # The held-out slice, cut exactly as training cut it (globally or per user).
     rows = label_rows(info.kind, events, items, seed=int(m["seed"]))
-    test = (rows.ts >= t2) & (rows.label > 0)
+    _, cut = split_cuts(rows.user_id, rows.ts, mode, fractions)
+    if mode == "time" and "split_ts" in td_meta:
+        cut = np.full(len(rows.ts), int(td_meta["split_ts"][1]), dtype=np.int64)
+    trow = rows.ts >= cut
+    test = trow & (rows.label > 0)
     truth: dict[int, set[int]] = {}
     for u, i in zip(rows.user_id[test].tolist(), rows.item_id[test].tolist()):
         truth.setdefault(u, set()).add(i)
+    t_of = dict(zip(rows.user_id.tolist(), cut.tolist()))  # each user's test start
     users = np.asarray(sorted(truth), dtype=np.int64)
     if max_users is not None and len(users) > max_users:
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
     if len(users) == 0:
         raise ValueError("the held-out slice has no positives to evaluate")
-    before = events.ts < t2
-    eng = engagement_mask(events, info.kind) & before
+    t_user = np.asarray([t_of[u] for u in users.tolist()], dtype=np.int64)
+    ev_cut = np.asarray([t_of.get(u, -1) for u in events.user_id.tolist()], dtype=np.int64)
+    eng = engagement_mask(events, info.kind) & (events.ts < ev_cut)
     seen: dict[int, set[int]] = {}
     for u, i in zip(events.user_id[eng].tolist(), events.item_id[eng].tolist()):
         seen.setdefault(u, set()).add(i)
-    row_of = items.index(rt.vocab)
-    published = (row_of >= 0) & (items.publish_ts[np.maximum(row_of, 0)] < t2)
-    eligible = set(rt.vocab[published].tolist())
+    pub_of = dict(zip(items.item_id.tolist(), items.publish_ts.tolist()))
+    in_release = set(rt.vocab.tolist())
 
-    # Stage 1: user tower on features as of t2, then ANN.
-    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": np.full(len(users), t2)}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
+    def eligible(x: int, t: int) -> bool:  # in the release and published before the user's cut
+        return x in in_release and pub_of.get(x, t) < t
+
+    # Stage 1: user tower on features as of each user's cut, then ANN.
+    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": t_user}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
     U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
     emb = rt.user_embeddings(U)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
     cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
     # The server adds popular and fresh items to the ANN candidates (cold start): so does eval.
-    pop_ids, _ = popularity(events, info.kind, t2, half_life_ms=m["config"].get("popularity_half_life_ms"))
-    pop_ids = np.asarray([x for x in pop_ids.tolist() if x in eligible], dtype=np.int64)
-    fresh_rows = np.flatnonzero((items.publish_ts < t2) & (items.publish_ts >= t2 - _SERVER.fresh_window_ms))
-    fresh_ids = items.item_id[fresh_rows[np.lexsort((items.item_id[fresh_rows], -items.publish_ts[fresh_rows]))]]
-    fresh_ids = np.asarray([x for x in fresh_ids.tolist() if x in eligible], dtype=np.int64)
-    cands = []
-    for r, u in enumerate(users.tolist()):
+    half = m["config"].get("popularity_half_life_ms")
+    pop_at: dict[int, np.ndarray] = {}
+    for t in np.unique(t_user).tolist():
+        pop_at[t] = popularity(events, info.kind, t, half_life_ms=half)[0]
+    fresh_order = np.lexsort((items.item_id, -items.publish_ts))
+    cands, pops = [], []
+    for r, (u, t) in enumerate(zip(users.tolist(), t_user.tolist())):
         s = seen.get(u, set())
-        keep = [j for j, x in enumerate(cand_ids[r].tolist()) if x not in s and x in eligible][:retrieve_k]
-        ann = cand_ids[r][keep]
-        extra = [x for x in fresh_ids.tolist() if x not in s][: _SERVER.n_fresh] + [x for x in pop_ids.tolist() if x not in s][: _SERVER.n_popular]
+        ann = np.asarray([x for x in cand_ids[r].tolist() if x not in s and eligible(x, t)][:retrieve_k], dtype=np.int64)
+        fresh = [x for x in items.item_id[fresh_order].tolist() if t - _SERVER.fresh_window_ms <= pub_of[x] < t and x not in s and x in in_release]
+        pop = [x for x in pop_at[t].tolist() if x not in s and eligible(x, t)]
         have = set(ann.tolist())
-        extra = [x for x in dict.fromkeys(extra) if x not in have]
+        extra = [x for x in dict.fromkeys(fresh[: _SERVER.n_fresh] + pop[: _SERVER.n_popular]) if x not in have]
         cands.append((np.concatenate([ann, np.asarray(extra, dtype=np.int64)]), None))
+        pops.append(np.asarray(pop[:k], dtype=np.int64))
 
-    # Stage 2: rank every candidate with point-in-time features as of t2.
+    # Stage 2: rank every candidate with point-in-time features as of the user's cut.
     cu = np.concatenate([np.full(len(c[0]), u, dtype=np.int64) for u, c in zip(users.tolist(), cands)])
+    ct = np.concatenate([np.full(len(c[0]), t, dtype=np.int64) for t, c in zip(t_user.tolist(), cands)])
     ci = np.concatenate([c[0] for c in cands]).astype(np.int64)
-    X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, t2)
+    X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
     scores = {r: rt.score(X, r) for r in RANKERS}
 
     acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
     off = 0
-    for u, (ids, rs) in zip(users.tolist(), cands):
+    for u, (ids, _), pop in zip(users.tolist(), cands, pops):
         n = len(ids)
-        tset, s = truth[u], seen.get(u, set())
-        acc["popularity"].append(topk_metrics(np.asarray([x for x in pop_ids[: k + len(s)].tolist() if x not in s]), tset, k))
+        tset = truth[u]
+        acc["popularity"].append(topk_metrics(pop, tset, k))
         acc["two_tower"].append(topk_metrics(ids[: min(n, retrieve_k)], tset, k))
         for r in RANKERS:
             sc = scores[r][off : off + n]
@@ -147,7 +160,6 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         hit_ann.append(len(tset & set(ann100[r].tolist())) / len(tset))
         agree.append(len(set(top100[r].tolist()) & set(ann100[r].tolist())) / len(top100[r]))
     retrieval = {"recall@100_exact": float(np.mean(hit_exact)), "recall@100_ann": float(np.mean(hit_ann)), "ann_vs_exact@100": float(np.mean(agree))}
-    trow = rows.ts >= t2
     Xt = feature_matrix(rt.inputs, joiner, used, items, rows.user_id[trow], rows.item_id[trow], rows.ts[trow])
     yt = rows.label[trow]
     ranking = {}

@@ -26,7 +26,7 @@ from export.reference import column_references, histogram_reference
 from export.release import Release, new_release_id, write_release
 from export.towers import export_towers
 from features.events import MS_PER_DAY
-from models.data import TrainingData, build_training_data
+from models.data import SPLIT_FRACTIONS, TrainingData, build_training_data
 from models.metrics import auc, candidate_lists, logloss
 from models.popularity import popularity
 from models.ranker import RankerConfig, predict, train_student, train_teacher
@@ -163,7 +163,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb))},
             "training_data": {"fingerprint": fingerprint, "rows": {s.name: len(s) for s in (td.train, td.valid, td.test)},
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},
-                              "split_ts": list(td.split_ts)},
+                              "split_ts": list(td.split_ts), "split_mode": td.split_mode, "split_fractions": list(SPLIT_FRACTIONS)},
             "config": cfg.to_dict() | {"popularity_half_life_ms": cfg.popularity_half_life_ms},
             "seed": seed,
             "libraries": _libraries(),

@@ -96,3 +96,19 @@ def test_topk_metrics_match_hand_computed_values():
     ndcg, rec = topk_metrics(np.array([5, 1, 7]), {1, 9}, k=3)
     assert rec == 0.5
     assert ndcg == pytest.approx((1 / np.log2(3)) / (1 + 1 / np.log2(3)))
+
+
+def test_per_user_split_cuts_each_users_own_timeline():
+    from models.data import split_cuts, split_mode_for
+
+    u = np.array([1, 1, 1, 1, 2, 2, 3])
+    t = np.array([10, 20, 30, 40, 5, 6, 7])
+    c1, c2 = split_cuts(u, t, "per_user", (0.5, 0.75))
+    assert c1.tolist()[:4] == [30] * 4 and c2.tolist()[:4] == [40] * 4  # user 1: 2 train, 1 valid, 1 test
+    assert (t[4:6] < c1[4:6]).tolist() == [True, False]  # user 2: first row train, second held out
+    assert t[6] < c1[6]  # a user with one row keeps it for training
+    g1, g2 = split_cuts(u, t, "time", (0.5, 0.75))
+    assert len(set(g1.tolist())) == 1 and len(set(g2.tolist())) == 1
+    assert split_mode_for("movielens") == "per_user" and split_mode_for("simulated") == "time"
+    with pytest.raises(ValueError, match="split mode"):
+        split_cuts(u, t, "random")
