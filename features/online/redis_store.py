@@ -354,32 +354,26 @@ class RedisStore(OnlineStore):
                 and (entity_prefix is None or key.entity_id.startswith(entity_prefix))
             )
 
-        deleted = 0
         with self._guard("delete_matching"):
-            batch: list[bytes] = []
-            for raw in self._scan(pattern):
-                key = self._parse_key(raw)
-                if key is None or not wanted(key):
-                    continue
-                batch.append(raw)
-                if len(batch) >= _UNLINK_BATCH:
-                    deleted += self._unlink(batch)
-                    batch = []
-            if batch:
-                deleted += self._unlink(batch)
-        return deleted
+            return self._unlink_scanned(pattern, lambda raw: (k := self._parse_key(raw)) is not None and wanted(k))
 
     def clear_namespace(self) -> int:
-        deleted = 0
         with self._guard("clear_namespace"):
-            batch: list[bytes] = []
-            for raw in self._scan(escape_glob(self.namespace) + ":*"):
-                batch.append(raw)
-                if len(batch) >= _UNLINK_BATCH:
-                    deleted += self._unlink(batch)
-                    batch = []
-            if batch:
+            return self._unlink_scanned(escape_glob(self.namespace) + ":*", lambda raw: True)
+
+    def _unlink_scanned(self, pattern: str, keep) -> int:
+        """SCAN `pattern`, UNLINK the keys `keep` accepts in pipelined batches; returns the count."""
+        deleted = 0
+        batch: list[bytes] = []
+        for raw in self._scan(pattern):
+            if not keep(raw):
+                continue
+            batch.append(raw)
+            if len(batch) >= _UNLINK_BATCH:
                 deleted += self._unlink(batch)
+                batch = []
+        if batch:
+            deleted += self._unlink(batch)
         return deleted
 
     def _unlink(self, raw_keys: Sequence[bytes]) -> int:
