@@ -22,6 +22,7 @@ from features.definitions import FeatureSet
 from features.eventlog import EventLog
 from features.events import EventBatch
 from features.repo import feature_sets
+from bench.report import _cpu_model  # one definition of the machine description
 from features.simulator import simulate
 from tests.redis_server import RedisServer  # the tests' private-server helper (run from the repo root)
 
@@ -116,16 +117,6 @@ def rng() -> np.random.Generator:
 
 
 # -- what goes into the JSON besides the timings -----------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     machine_info["parity_cpu_model"] = _cpu_model()
     machine_info["parity_cores"] = os.cpu_count()

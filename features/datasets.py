@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,6 +29,8 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from features.atomic import write_atomic
 
 __all__ = [
     "DatasetInfo",
@@ -158,30 +159,11 @@ def read_users(data_dir: str | os.PathLike[str], include_pii: bool = False) -> p
 
 
 def _write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temp name in the same dir, fsync, rename: a reader sees all or nothing."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda f: pq.write_table(table, f, compression="zstd"))
 
 
 def _write_text_atomic(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def _json_default(o: Any) -> Any:

@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from features.atomic import write_atomic
 from features.events import EVENT_SCHEMA, MS_PER_DAY, EventBatch, EventType
 
 __all__ = ["EventLog", "DeletionReport", "day_of", "day_start_ts"]
@@ -81,17 +82,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_part_atomic(table: pa.Table, final: Path) -> None:
-    """Write ``table`` to a temp file beside ``final``, fsync, rename over ``final``."""
-    tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write ``table`` beside ``final`` and rename it into place (see features.atomic)."""
+    write_atomic(final, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024))
     _fsync_dir(final.parent)
 
 

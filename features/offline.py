@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from features.atomic import write_atomic
 from features.definitions import FeatureSet
 from features.eventlog import EventLog
 from features.events import EVENT_SCHEMA, EventBatch
@@ -66,9 +67,8 @@ class OfflineStore:
             sub = sub.take(np.lexsort((sub.event_id, sub.ts, codes)))
             d = self._dir(fs)
             d.mkdir(parents=True, exist_ok=True)
-            tmp = d / "events.parquet.tmp"
-            pq.write_table(sub.to_arrow(), tmp)
-            os.replace(tmp, d / "events.parquet")
+            table = sub.to_arrow()
+            write_atomic(d / "events.parquet", lambda f: pq.write_table(table, f))
             info = ViewInfo(
                 fs.name,
                 fs.version,
@@ -116,9 +116,8 @@ class OfflineStore:
             if n_keep == table.num_rows:
                 continue
             removed += table.num_rows - n_keep
-            tmp = p.with_suffix(".parquet.tmp")
-            pq.write_table(table.filter(keep), tmp)
-            os.replace(tmp, p)
+            kept = table.filter(keep)
+            write_atomic(p, lambda f: pq.write_table(kept, f))
         return removed
 
     def retire(self, fs: FeatureSet) -> bool:
