@@ -7,7 +7,6 @@ skipped, with the reason shown, when no redis-server binary is installed.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import time
 from dataclasses import dataclass

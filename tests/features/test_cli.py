@@ -98,3 +98,18 @@ def test_every_subcommand_has_useful_help():
                 ["features", "materialize"], ["features", "lineage"], ["features", "delete-user"], ["features", "retire"]):
         p = parity(*cmd, "--help", check=True)
         assert "usage: parity" in p.stdout and len(p.stdout.splitlines()) > 4
+
+
+def test_verify_exits_1_and_prints_the_json_line_when_values_disagree(small_sim, monkeypatch, capsys):
+    import features.verify as verify
+    from parity.cli import main
+
+    def broken(events, sets, store, **kw):
+        rep = verify.SetReport("user_activity", "v1", 3, checked=10, mismatches=2, max_abs_diff=0.5, examples=["x differs"])
+        return verify.VerifyReport(10, 2, 0.5, 1, len(events), [rep])
+
+    monkeypatch.setattr(verify, "verify_parity", broken)
+    assert main(["features", "verify", "--events", str(small_sim), "--probes", "1"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1]) == {"checked": 10, "mismatches": 2, "max_abs_diff": 0.5}
+    assert any("mismatch: x differs" in line for line in out)

@@ -60,7 +60,10 @@ def _assert_online_equals_batch(url: str, events) -> None:
 def test_kill_9_mid_stream_then_restart_loses_nothing_and_counts_nothing_twice(small_sim, redis_url):
     events = EventLog(small_sim / "events").read()
     client = redis.Redis.from_url(redis_url)
-    publish_events(client, "events", events)
+    pub = subprocess.run([sys.executable, "-m", "parity", "features", "publish", "--redis", redis_url, "--stream", "events",
+                          "--events", str(small_sim)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert pub.returncode == 0 and f"published {len(events)} events" in pub.stdout, pub.stderr
+    assert client.xlen("events") == len(events)
     first = _consumer(redis_url, small_sim, "consumer-1")
     deadline = time.monotonic() + 60
     while _entries_read(client) < len(events) // 5:

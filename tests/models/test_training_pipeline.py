@@ -112,3 +112,32 @@ def test_per_user_split_cuts_each_users_own_timeline():
     assert split_mode_for("movielens") == "per_user" and split_mode_for("simulated") == "time"
     with pytest.raises(ValueError, match="split mode"):
         split_cuts(u, t, "random")
+
+
+def test_releases_and_eval_from_the_command_line(tiny_release, small_sim):
+    import subprocess
+    import sys
+
+    def parity(*args):
+        p = subprocess.run([sys.executable, "-m", "parity", *args], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    root = str(tiny_release.path.parent)
+    assert tiny_release.release_id in parity("releases", "list", "--root", root)
+    shown = json.loads(parity("releases", "show", tiny_release.release_id, "--root", root))
+    assert shown["release_id"] == tiny_release.release_id and "reference" not in shown
+    last = json.loads(parity("eval", "--release", str(tiny_release.path), "--events", str(small_sim)).strip().splitlines()[-1])
+    assert set(last["two_stage"]) == {"popularity", "two_tower", "teacher_fp32", "student_fp32", "student_int8"}
+    assert set(last["targets"]) == {"int8_within_1pct_of_teacher", "two_stage_vs_popularity", "int8_size_vs_teacher"}
+
+
+def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(movielens_dir, tmp_path):
+    from features.movielens import import_movielens
+    from models.protocol_eval import published_protocol
+
+    import_movielens(movielens_dir, tmp_path / "ml")
+    res = published_protocol(tmp_path / "ml", profile="tiny")
+    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage"}
+    assert all(v["users"] > 900 and 0 <= v["ndcg@10"] <= 1 for v in res.values())
+    assert res["mf_als"]["ndcg@10"] > res["popularity"]["ndcg@10"]  # the baseline is a real one
