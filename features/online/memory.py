@@ -54,8 +54,16 @@ def check_meta_name(name: str) -> None:
         raise ValueError(f"meta name {name!r} must be a non-empty string without braces or spaces")
 
 
-def check_writes(writes: Sequence[Write], dedupe_ids: Sequence[int], dedupe_ttl_ms: int) -> None:
-    """Reject a whole commit before any of it is applied (validation is part of atomicity)."""
+def check_writes(writes: Sequence[Write], dedupe_ids: Sequence[int], dedupe_ttl_ms: int,
+                 meta: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Reject a whole commit before any of it is applied (validation is part of atomicity).
+
+    Returns the metadata as a plain dict."""
+    meta_items = dict(meta or {})
+    for name, value in meta_items.items():
+        check_meta_name(name)
+        if not isinstance(value, str):
+            raise TypeError(f"meta value for {name!r} must be str, got {type(value).__name__}")
     for w in writes:
         check_record_key(w.key)
         if not isinstance(w.value, bytes):
@@ -69,6 +77,7 @@ def check_writes(writes: Sequence[Write], dedupe_ids: Sequence[int], dedupe_ttl_
     for event_id in dedupe_ids:
         if not isinstance(event_id, int) or isinstance(event_id, bool):
             raise TypeError(f"dedupe ids must be ints, got {event_id!r}")
+    return meta_items
 
 
 def check_filter(
@@ -149,12 +158,7 @@ class MemoryStore(OnlineStore):
         meta: Mapping[str, str] | None = None,
     ) -> None:
         """Validate everything first, then apply all of it under the lock (all or nothing)."""
-        check_writes(writes, dedupe_ids, dedupe_ttl_ms)
-        meta_items = dict(meta or {})
-        for name, value in meta_items.items():
-            check_meta_name(name)
-            if not isinstance(value, str):
-                raise TypeError(f"meta value for {name!r} must be str, got {type(value).__name__}")
+        meta_items = check_writes(writes, dedupe_ids, dedupe_ttl_ms, meta)
         with self._lock:
             now = self.clock()
             for w in writes:
@@ -175,12 +179,12 @@ class MemoryStore(OnlineStore):
                 {n: self._meta.get(n) for n in meta_names},
             )
             c = fn(snap)
-            check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms)
+            meta_items = check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms, c.meta)
             for w in c.writes:
                 self._records[w.key] = _Entry(w.value, now + w.ttl_ms / 1000.0)
             for event_id in c.dedupe_ids:
                 self._markers[event_id] = now + c.dedupe_ttl_ms / 1000.0
-            self._meta.update(dict(c.meta or {}))
+            self._meta.update(meta_items)
             return c
 
     def clear_namespace(self) -> int:

@@ -220,12 +220,7 @@ class RedisStore(OnlineStore):
         concurrent reader may see records whose markers are not yet there). Counting features
         can therefore over-count by the events of one failed commit on a cluster.
         """
-        check_writes(writes, dedupe_ids, dedupe_ttl_ms)
-        meta_items = dict(meta or {})
-        for name, value in meta_items.items():
-            check_meta_name(name)
-            if not isinstance(value, str):
-                raise TypeError(f"meta value for {name!r} must be str, got {type(value).__name__}")
+        meta_items = check_writes(writes, dedupe_ids, dedupe_ttl_ms, meta)
         if not writes and not dedupe_ids and not meta_items:
             return
         with self._guard("commit"):
@@ -290,9 +285,9 @@ class RedisStore(OnlineStore):
                         snap = Snapshot(list(vals[:n_k]), [v is not None for v in vals[n_k : n_k + n_e]],
                                         {n: (None if v is None else v.decode("utf-8")) for n, v in zip(meta_names, vals[n_k + n_e :])})
                         c = fn(snap)
-                        check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms)
+                        meta_items = check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms, c.meta)
                         pipe.multi()
-                        self._queue_records(pipe, c.writes, dict(c.meta or {}))
+                        self._queue_records(pipe, c.writes, meta_items)
                         self._queue_markers(pipe, c.dedupe_ids, c.dedupe_ttl_ms)
                         pipe.execute()
                         return c

@@ -448,3 +448,14 @@ def test_clear_namespace_removes_records_markers_and_meta_of_this_namespace_only
     assert online_store.get_many([rk("1")]) == [None] and online_store.seen([7]) == [False] and online_store.get_meta("wm") is None
     assert other.get_many([rk("1")]) == [b"b"] and other.seen([7]) == [True]
     other.close()
+
+
+def test_a_transaction_with_bad_output_is_refused_whole(online_store: OnlineStore) -> None:
+    from features.online.base import Commit
+
+    def bad(snap):
+        return Commit([Write(rk("1"), b"a", HOUR_MS)], meta={"wm": 5})  # meta values must be str
+
+    with pytest.raises(TypeError, match="meta value"):
+        online_store.transact([rk("1")], [], [], bad)
+    assert online_store.get_many([rk("1")]) == [None]
