@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["LatencyReport", "UserMix", "run_latency", "parse_target", "check_loopback", "MAX_REQUESTS", "MAX_SECONDS"]
+__all__ = ["LatencyReport", "UserMix", "run_latency", "window_figures", "parse_target", "check_loopback", "MAX_REQUESTS", "MAX_SECONDS"]
 
 MAX_REQUESTS = 2_000_000
 MAX_SECONDS = 3600.0
@@ -153,6 +153,7 @@ class LatencyReport:
     mean_ms: float
     send_lag_max_ms: float  # worst delay between a request's due time and its actual send (load-generator health)
     latencies_ms: tuple[float, ...] = field(default=(), repr=False, compare=False)  # every OK latency, in send order
+    windows: tuple[dict, ...] = field(default=(), repr=False, compare=False)  # per window of due time: t_s, ok, errors, p50_ms, p99_ms
 
     @property
     def n_errors(self) -> int:
@@ -162,6 +163,7 @@ class LatencyReport:
         """The JSON line: qps, p50_ms, p99_ms, errors (a count) and the rest of the figures."""
         d = asdict(self)
         d.pop("latencies_ms")
+        d.pop("windows")
         d["errors_by_code"] = d.pop("errors")
         d["errors"] = self.n_errors
         d["qps"] = self.qps_target
@@ -188,12 +190,16 @@ def _pct(lat: np.ndarray, q: float) -> float:
 
 # -- the run -----------------------------------------------------------------------------------
 def run_latency(target: str, qps: float, seconds: float, *, user_ids: Sequence[str | int] | None = None, k: int = 10, timeout_s: float = 1.0,
-                concurrency_cap: int = 1000, warmup: int = 20, connect_timeout_s: float = 5.0, seed: int = 0) -> LatencyReport:
+                concurrency_cap: int = 1000, warmup: int = 20, connect_timeout_s: float = 5.0, seed: int = 0,
+                window_s: float | None = None) -> LatencyReport:
     """Offer `qps` Recommend requests per second for `seconds` to `target` (loopback only).
 
     `user_ids` are cycled through in order (default: a synthetic 70/10/20 mix over ids 0..999);
-    `warmup` requests are sent one by one first and not counted.
+    `warmup` requests are sent one by one first and not counted. With `window_s`, the report
+    also holds per-window figures by due time (a soak's p99 over time).
     """
+    if window_s is not None and not (math.isfinite(window_s) and window_s > 0):
+        raise ValueError(f"window_s must be a finite number > 0, got {window_s!r}")
     target_n = check_loopback(target)
     if not (isinstance(qps, (int, float)) and math.isfinite(qps) and qps > 0):
         raise ValueError(f"qps must be a finite number > 0, got {qps!r}")
@@ -213,11 +219,24 @@ def run_latency(target: str, qps: float, seconds: float, *, user_ids: Sequence[s
     ids = [str(u) for u in (user_ids if user_ids is not None else UserMix.synthetic().sample(max(n, 1), seed=seed))]
     if not ids:
         raise ValueError("user_ids must not be empty")
-    return asyncio.run(_run(target_n, float(qps), float(seconds), n, ids, int(k), float(timeout_s), int(concurrency_cap), int(warmup), float(connect_timeout_s)))
+    return asyncio.run(_run(target_n, float(qps), float(seconds), n, ids, int(k), float(timeout_s), int(concurrency_cap), int(warmup),
+                            float(connect_timeout_s), window_s))
+
+
+def window_figures(lat: np.ndarray, qps: float, window_s: float) -> tuple[dict, ...]:
+    """Per window of due time (request i is due at i/qps): ok, errors (NaN = not OK), p50, p99."""
+    per = max(1, int(round(qps * window_s)))
+    out = []
+    for a in range(0, len(lat), per):
+        w = lat[a : a + per]
+        ok = w[~np.isnan(w)]
+        out.append({"t_s": round(a / qps, 3), "ok": int(len(ok)), "errors": int(len(w) - len(ok)),
+                    "p50_ms": round(_pct(ok, 50), 3) if len(ok) else None, "p99_ms": round(_pct(ok, 99), 3) if len(ok) else None})
+    return tuple(out)
 
 
 async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], k: int, timeout_s: float, cap: int, warmup: int,
-               connect_timeout_s: float) -> LatencyReport:
+               connect_timeout_s: float, window_s: float | None = None) -> LatencyReport:
     import grpc
 
     from parity_api.v1 import recommender_pb2 as pb
@@ -286,4 +305,5 @@ async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], 
         p50_ms=_pct(ok_lat, 50), p90_ms=_pct(ok_lat, 90), p99_ms=_pct(ok_lat, 99), p999_ms=_pct(ok_lat, 99.9),
         max_ms=float(ok_lat.max()) if len(ok_lat) else float("nan"), mean_ms=float(ok_lat.mean()) if len(ok_lat) else float("nan"),
         send_lag_max_ms=lag_max * 1000.0, latencies_ms=tuple(float(x) for x in ok_lat),
+        windows=window_figures(lat, qps, window_s) if window_s else (),
     )

@@ -10,26 +10,34 @@ Release layout (paths relative to the release folder):
   retrieval/item_ids.npy, retrieval/item_embeddings.npy   the vocabulary and its embeddings
   retrieval/index/                                        the ScaNN index (export.index)
   popularity.json                                         item ids, most popular first
+
+Rankers are scored through `score`; besides the release's ONNX rankers a caller may plug in
+a scorer of its own by name (`plugins`): the benchmarks' torch-teacher baseline server uses
+this, so the server itself never imports torch.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Mapping
 
 import numpy as np
 import onnxruntime as ort
 
-from export.index import ItemIndex
+from export.index import ItemIndex, exact_search
 from export.onnx_export import ort_session
 from export.item_inputs import item_tower_inputs, load_vocab
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
 
-__all__ = ["ReleaseRuntime", "RANKERS"]
+__all__ = ["ReleaseRuntime", "RANKERS", "Scorer", "ScorerFactory"]
 
 RANKERS = ("teacher_fp32", "student_fp32", "student_int8")
+
+Scorer = Callable[[np.ndarray], np.ndarray]  # raw ranker inputs (N, F) float32 -> scores (N,)
+ScorerFactory = Callable[[Release], Scorer]
 
 
 @dataclass
@@ -45,14 +53,20 @@ class ReleaseRuntime:
     _rankers: dict[str, ort.InferenceSession]
     _user_tower: ort.InferenceSession
     _item_tower: ort.InferenceSession
+    _plugins: dict[str, Scorer] = field(default_factory=dict)
+    default_ranker: str | None = None
 
     @classmethod
-    def load(cls, release: Release, *, rankers: tuple[str, ...] = RANKERS, threads: int = 1) -> "ReleaseRuntime":
+    def load(cls, release: Release, *, rankers: tuple[str, ...] = RANKERS, threads: int = 1,
+             plugins: Mapping[str, ScorerFactory] | None = None) -> "ReleaseRuntime":
+        """`rankers`: the ONNX rankers to load (the first is the default of `score`); a name
+        that is a key of `plugins` is built by its factory instead."""
+        plugins = dict(plugins or {})
         m = release.manifest
         ri = m["ranker_inputs"]
         inputs = RankerInputs(ri["user_set"], ri["item_set"], tuple(tuple(p) for p in ri["pair_sets"]), ri["affinity"], tuple(ri["columns"]))
         sess = lambda rel: ort_session(release.file(rel), threads)  # noqa: E731
-        unknown = [r for r in rankers if r not in RANKERS]
+        unknown = [r for r in rankers if r not in RANKERS and r not in plugins]
         if unknown:
             raise ReleaseError(f"unknown rankers {unknown}; a release has {RANKERS}")
         emb = np.load(release.file("retrieval/item_embeddings.npy"), allow_pickle=False)
@@ -63,7 +77,8 @@ class ReleaseRuntime:
         return cls(
             release, inputs, list(m["retrieval"]["user_columns"]), vocab, emb,
             ItemIndex.load(release.path / "retrieval" / "index", emb), pop, int(m["retrieval"]["creator_buckets"]),
-            {r: sess(f"rankers/{r}.onnx") for r in rankers}, sess("retrieval/user_tower.onnx"), sess("retrieval/item_tower.onnx"),
+            {r: sess(f"rankers/{r}.onnx") for r in rankers if r not in plugins}, sess("retrieval/user_tower.onnx"),
+            sess("retrieval/item_tower.onnx"), {r: plugins[r](release) for r in rankers if r in plugins}, rankers[0] if rankers else None,
         )
 
     @property
@@ -89,12 +104,23 @@ class ReleaseRuntime:
         idx, scores = self.index.search(np.ascontiguousarray(user_emb, dtype=np.float32), k)
         return self.vocab[idx], scores
 
-    def score(self, X: np.ndarray, ranker: str = "student_int8") -> np.ndarray:
+    def retrieve_exact(self, user_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids (n, k), scores) by exact dot product over every item (numpy)."""
+        rows, scores = exact_search(self.item_embeddings, np.ascontiguousarray(user_emb, dtype=np.float32), k)
+        return self.vocab[rows], scores
+
+    def score(self, X: np.ndarray, ranker: str | None = None) -> np.ndarray:
+        """Scores of raw ranker inputs with `ranker` (None: the first ranker loaded)."""
+        name = ranker or self.default_ranker or "student_int8"
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        plugin = self._plugins.get(name)
+        if plugin is not None:
+            return np.asarray(plugin(X), dtype=np.float32).reshape(-1)
         try:
-            s = self._rankers[ranker]
+            s = self._rankers[name]
         except KeyError:
-            raise ReleaseError(f"ranker {ranker!r} not loaded; loaded: {sorted(self._rankers)}") from None
-        return s.run(["score"], {"features": np.ascontiguousarray(X, dtype=np.float32)})[0].reshape(-1)
+            raise ReleaseError(f"ranker {name!r} not loaded; loaded: {sorted(self._rankers) + sorted(self._plugins)}") from None
+        return s.run(["score"], {"features": X})[0].reshape(-1)
 
     def file_path(self, rel: str) -> Path:
         return self.release.file(rel)

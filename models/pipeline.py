@@ -29,7 +29,7 @@ from features.events import MS_PER_DAY
 from models.data import SPLIT_FRACTIONS, TrainingData, build_training_data
 from models.metrics import auc, candidate_lists, logloss
 from models.popularity import popularity
-from models.ranker import RankerConfig, predict, train_student, train_teacher
+from models.ranker import RankerConfig, predict, save_ranker, train_student, train_teacher
 from models.two_tower import TwoTowerConfig, popularity_recall, retrieval_recall, train_two_tower
 
 __all__ = ["PipelineConfig", "train_release", "PROFILES", "RecallTooLow"]
@@ -117,6 +117,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         (staged / "rankers").mkdir(parents=True)
         (staged / "retrieval").mkdir()
         export_ranker(teacher, staged / "rankers/teacher_fp32.onnx", td.valid.X)
+        save_ranker(teacher, staged / "rankers/teacher_torch.pt")  # the torch baseline of the serving benchmarks
         export_ranker(student, staged / "rankers/student_fp32.onnx", td.valid.X)
         quant = quantize_student(
             staged / "rankers/student_fp32.onnx", staged / "rankers/student_int8.onnx", td.train.X,
@@ -169,7 +170,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "libraries": _libraries(),
             "metrics": metrics,
             "models": {"teacher_fp32": "rankers/teacher_fp32.onnx", "student_fp32": "rankers/student_fp32.onnx", "student_int8": "rankers/student_int8.onnx",
-                       "user_tower": "retrieval/user_tower.onnx", "item_tower": "retrieval/item_tower.onnx"},
+                       "teacher_torch": "rankers/teacher_torch.pt", "user_tower": "retrieval/user_tower.onnx", "item_tower": "retrieval/item_tower.onnx"},
             "reference": {"features": column_references(td.train.X, td.columns), "prediction": histogram_reference(valid_pred, bins=20)},
             "timings_s": timings,
         }

@@ -54,6 +54,8 @@ __all__ = [
     "train_teacher",
     "train_student",
     "predict",
+    "save_ranker",
+    "load_ranker",
     "PROFILES",
 ]
 
@@ -196,6 +198,7 @@ class _Ranker(nn.Module):
 class TeacherRanker(_Ranker):
     def __init__(self, transform: FeatureTransform, cfg: RankerConfig) -> None:
         super().__init__()
+        self.config = cfg
         d = transform.out_features
         self.transform = transform
         self.cross = _CrossNetwork(d, cfg.cross_layers, cfg.cross_rank)
@@ -209,6 +212,7 @@ class TeacherRanker(_Ranker):
 class StudentRanker(_Ranker):
     def __init__(self, transform: FeatureTransform, cfg: RankerConfig) -> None:
         super().__init__()
+        self.config = cfg
         self.transform = transform
         self.mlp, d = _mlp(transform.out_features, cfg.student_hidden, 0.0)
         self.out = nn.Linear(d, 1)
@@ -376,3 +380,28 @@ def predict(model: _Ranker, X: np.ndarray, batch: int = 65536) -> np.ndarray:
     out = [model(torch.from_numpy(X[i:i + batch])).numpy() for i in range(0, len(X), batch)]
     model.train(was)
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+_KINDS = {"teacher": TeacherRanker, "student": StudentRanker}
+
+
+def save_ranker(model: _Ranker, path) -> None:
+    """The torch model as a plain checkpoint (config, transform statistics, weights): loadable
+    with `torch.load(weights_only=True)`, so reading it never runs pickled code. The release
+    keeps the teacher this way so benchmarks can serve the torch baseline from the release."""
+    kind = next(k for k, cls in _KINDS.items() if type(model) is cls)
+    cfg = dataclasses.asdict(model.config)
+    torch.save({"kind": kind, "config": cfg, "transform": model.transform.stats_dict(), "state_dict": model.state_dict()}, str(path))
+
+
+def load_ranker(path) -> _Ranker:
+    """The model `save_ranker` wrote, in eval mode."""
+    ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        cls = _KINDS[ck["kind"]]
+        cfg = RankerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck["config"].items()})
+        model = cls(FeatureTransform.from_stats_dict(ck["transform"]), cfg)
+        model.load_state_dict(ck["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a ranker checkpoint ({type(exc).__name__}: {exc})") from None
+    return model.eval()

@@ -28,7 +28,7 @@ from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 from server.admin import AdminServicer
 from server.bootstrap import build_service
 from server.clock import CLOCK_MODES
-from server.config import MATERIALIZE_MODES, ServerConfig
+from server.config import MATERIALIZE_MODES, RETRIEVAL_MODES, ServerConfig
 from server.errors import ServingError
 from server.service import RecommenderService
 from server.servicer import Handler, RecommenderServicer
@@ -238,6 +238,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="fill the store from the event log at start-up: auto (memory store, or a store never materialised), always, never")
     p.add_argument("--drain-notice", type=_seconds("--drain-notice"), default=0.0, help="on SIGTERM, seconds of NOT_SERVING before refusing RPCs (default 0)")
     p.add_argument("--drain-grace", type=_seconds("--drain-grace"), default=10.0, help="seconds to wait for RPCs in flight when stopping (default 10)")
+    p.add_argument("--ranker", default="student_int8",
+                   help="ranker of the release: student_int8 (default), student_fp32 or teacher_fp32 (ONNX Runtime)")
+    p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default="ann", help="candidate retrieval: ann (the release's ScaNN index, default) or exact (numpy)")
+    p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -246,6 +250,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         release=Path(args.release), data_dir=Path(args.events), host=args.host, port=args.port, store=args.store, namespace=args.namespace,
         metrics_port=args.metrics_port or None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
+        ranker=args.ranker, retrieval=args.retrieval,
+        **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )
 
 

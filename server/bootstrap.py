@@ -78,7 +78,7 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     sets = feature_sets(info.kind, info.n_topics)
     by_name = {fs.name: fs for fs in sets}
     # The release first: a broken or skewed one must stop start-up before any slow work.
-    runtime = load_runtime(cfg.release, by_name, ort_threads=cfg.ort_threads)
+    runtime = load_runtime(cfg.release, by_name, ort_threads=cfg.ort_threads, ranker=cfg.ranker)
     store = _open(cfg, cfg.store_timeout_s)
     write_store = store if isinstance(store, MemoryStore) else _open(cfg, 2.0)
     store_ok = True
@@ -100,10 +100,10 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     catalog = load_catalog(data_dir)
     item_set = by_name[runtime.inputs.item_set]
     try:
-        items = load_item_table(store if store_ok else None, item_set, catalog)
+        items = load_item_table(store if store_ok else None, item_set, catalog, frame_cache=cfg.item_frame_cache)
     except StoreUnavailable as exc:
         log.warning("item features unavailable at start-up: %s", exc)
-        items = load_item_table(None, item_set, catalog)
+        items = load_item_table(None, item_set, catalog, frame_cache=cfg.item_frame_cache)
     snap = build_snapshot(runtime, items, by_name, catalog_stamp(data_dir), prefetch_limit=cfg.pair_prefetch_limit)
     warm(snap, cfg, clock.now_ms())
     log.info("serving release %s: %d items (%d new), store %s", snap.release_id, snap.n_items, len(snap.new_ids), cfg.store.split("@")[-1])

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from server.clock import CLOCK_MODES
 
-__all__ = ["ServerConfig", "MATERIALIZE_MODES"]
+__all__ = ["ServerConfig", "MATERIALIZE_MODES", "RETRIEVAL_MODES"]
 
 MATERIALIZE_MODES = ("auto", "always", "never")
+RETRIEVAL_MODES = ("ann", "exact")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class ServerConfig:
     max_context: int = 64
     max_id_chars: int = 64
 
+    # Models. The defaults are the product; the benchmarks' baseline server swaps in the torch
+    # teacher (a plugin ranker), exact retrieval and no caches to measure what each buys.
+    ranker: str = "student_int8"  # a ranker of the release (teacher_fp32, student_fp32, student_int8) or a registered plugin
+    retrieval: str = "ann"  # ann: the release's ScaNN index; exact: numpy dot product over every item
+
     # Candidates and post-processing.
     retrieve_k: int = 200  # ANN candidates kept after filtering (the offline eval uses 200)
     n_popular: int = 50  # popularity candidates (cold start)
@@ -55,6 +61,7 @@ class ServerConfig:
     response_cache_ttl_s: float = 1.0
     feature_cache_ttl_s: float = 5.0
     stale_feature_users: int = 10_000  # last-good user records kept for store outages (~5-12 KB each)
+    item_frame_cache: bool = True  # False: item features computed per request for the candidates only
 
     # The online store on the request path.
     store_timeout_s: float = 0.1  # socket timeout of the request path's store client
@@ -98,6 +105,12 @@ class ServerConfig:
             raise ValueError("admin token must not be empty")
         if self.clock not in CLOCK_MODES:
             raise ValueError(f"clock must be one of {CLOCK_MODES}, got {self.clock!r}")
+        if self.retrieval not in RETRIEVAL_MODES:
+            raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
+        if not isinstance(self.ranker, str) or not self.ranker.strip():
+            raise ValueError(f"ranker must name a ranker, got {self.ranker!r}")
+        if not isinstance(self.item_frame_cache, bool):
+            raise ValueError(f"item_frame_cache must be a bool, got {self.item_frame_cache!r}")
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {MATERIALIZE_MODES}, got {self.materialize!r}")
         positive_ints = ("max_k", "max_rank_items", "max_exclude", "max_context", "max_id_chars", "retrieve_k",

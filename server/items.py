@@ -48,6 +48,7 @@ class ItemTable:
     states: np.ndarray  # (n + 1,) states of the item set; row n is the empty state (unknown items)
     found: np.ndarray  # (n,) a record existed in the store
     token: str  # the store's change token when read
+    frame_cache: bool = True  # False (baseline): compute only the requested rows, every time
     _frames: dict = field(default_factory=dict, compare=False, repr=False)  # as-of time -> whole-catalogue frame (one entry)
 
     @property
@@ -66,7 +67,7 @@ class ItemTable:
         (requests share it: the server quantises its as-of time) and requests index into it."""
         frame = self._frames.get(now_ms)
         if frame is None:
-            if len(self.states) > _WHOLE_TABLE_MAX:
+            if len(self.states) > _WHOLE_TABLE_MAX or not self.frame_cache:
                 return read_features(self.layout, self.states[rows], now_ms)
             frame = read_features(self.layout, self.states, now_ms)
             self._frames.clear()  # concurrent writers at worst recompute; values are identical
@@ -90,11 +91,11 @@ def change_token(store: OnlineStore, item_set: FeatureSet) -> str:
     return json.dumps([store.get_meta(watermark_key(item_set)), store.get_meta(f"stream:{INGEST_NAME}")])
 
 
-def load_item_table(store: OnlineStore | None, item_set: FeatureSet, catalog: ItemCatalog) -> ItemTable:
+def load_item_table(store: OnlineStore | None, item_set: FeatureSet, catalog: ItemCatalog, *, frame_cache: bool = True) -> ItemTable:
     """Read every catalogue item's state in bulk (store None: an empty table, all missing)."""
     lay = StateLayout(item_set)
     if store is None:
-        return ItemTable(catalog, lay, lay.empty(len(catalog) + 1), np.zeros(len(catalog), dtype=bool), "none")
+        return ItemTable(catalog, lay, lay.empty(len(catalog) + 1), np.zeros(len(catalog), dtype=bool), "none", frame_cache)
     token = change_token(store, item_set)
     parts, found = [], []
     for a in range(0, len(catalog), _CHUNK):
@@ -103,4 +104,4 @@ def load_item_table(store: OnlineStore | None, item_set: FeatureSet, catalog: It
         parts.append(st)
         found.append(f)
     parts.append(lay.empty(1))
-    return ItemTable(catalog, lay, np.concatenate(parts), np.concatenate(found) if found else np.zeros(0, dtype=bool), token)
+    return ItemTable(catalog, lay, np.concatenate(parts), np.concatenate(found) if found else np.zeros(0, dtype=bool), token, frame_cache)

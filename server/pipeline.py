@@ -20,7 +20,7 @@ import numpy as np
 
 from features.assemble import assemble, columns_from_frame
 from server.config import ServerConfig
-from server.state import RANKER, Snapshot
+from server.state import Snapshot
 from server.user_features import PairTable, UserFeatures, empty_pair_table
 
 __all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
@@ -89,7 +89,7 @@ def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int,
     parts: list[tuple[np.ndarray, int]] = []
     with timer.stage("ann"):
         want = min(len(rt.vocab), cfg.retrieve_k + len(blocked) + 50)
-        ids, _ = rt.retrieve(emb, want)
+        ids, _ = rt.retrieve_exact(emb, want) if cfg.retrieval == "exact" else rt.retrieve(emb, want)
         ids = ids[0]
         ok = _eligible(snap, ids, items.rows(ids), blocked, now_ms)
         parts.append((ids[ok][: cfg.retrieve_k], 0))
@@ -153,7 +153,7 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
     with timer.stage("assemble"):
         X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs)
     with timer.stage("rank"):
-        scores = snap.runtime.score(X, RANKER)  # ONE batched ONNX Runtime call
+        scores = snap.runtime.score(X)  # ONE batched call of the configured ranker
     return Ranked(cand.ids, scores.astype(np.float32), cand.source)
 
 

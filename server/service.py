@@ -412,7 +412,7 @@ class RecommenderService:
             t = time.perf_counter()
             old = self.state.current
             try:
-                runtime = await self._run(self.io, load_runtime, path, self.sets_by_name, ort_threads=self.cfg.ort_threads)
+                runtime = await self._run(self.io, load_runtime, path, self.sets_by_name, ort_threads=self.cfg.ort_threads, ranker=self.cfg.ranker)
                 snap = await self._run(self.cpu, build_snapshot, runtime, self.state.current.items, self.sets_by_name,
                                        self.state.current.catalog_stamp, prefetch_limit=self.cfg.pair_prefetch_limit)
                 await self._run(self.cpu, warm, snap, self.cfg, self.clock.now_ms())
@@ -433,7 +433,7 @@ class RecommenderService:
         stamp = await self._run(self.io, catalog_stamp, self.cfg.data_dir)
         if stamp != snap.catalog_stamp:
             catalog = await self._run(self.io, load_catalog, self.cfg.data_dir)
-            items = await self._run(self.io, load_item_table, self.store, item_set, catalog)
+            items = await self._run(self.io, load_item_table, self.store, item_set, catalog, frame_cache=self.cfg.item_frame_cache)
             new = await self._run(self.cpu, build_snapshot, snap.runtime, items, self.sets_by_name, stamp, prefetch_limit=self.cfg.pair_prefetch_limit)
             if self.state.current.runtime is not snap.runtime:
                 return False  # a release swap won the race; the next round rebuilds on it
@@ -443,7 +443,7 @@ class RecommenderService:
         token = await self._run(self.io, change_token, self.store, item_set)
         if not force and token == snap.items.token:
             return False
-        items = await self._run(self.io, load_item_table, self.store, item_set, snap.items.catalog)
+        items = await self._run(self.io, load_item_table, self.store, item_set, snap.items.catalog, frame_cache=self.cfg.item_frame_cache)
         cur = self.state.current
         if cur.items.catalog is not items.catalog:
             return False

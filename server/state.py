@@ -19,16 +19,27 @@ from typing import Mapping
 import numpy as np
 
 from export.release import Release, ReleaseError, load_release
-from export.runtime import ReleaseRuntime
+from export.runtime import RANKERS, ReleaseRuntime, ScorerFactory
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from server.errors import FailedPrecondition, InvalidArgument
 from server.items import ItemTable
 from server.user_features import UserFeaturePlan
 
-__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot"]
+__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot", "register_ranker", "RANKER"]
 
-RANKER = "student_int8"
+RANKER = "student_int8"  # the default ranker (ServerConfig.ranker)
+
+# Rankers that are not ONNX files of the release: name -> factory(release) -> scorer. Empty in
+# the product; bench/baseline_server.py registers the torch teacher here (torch stays out of server/).
+_PLUGINS: dict[str, ScorerFactory] = {}
+
+
+def register_ranker(name: str, factory: ScorerFactory) -> None:
+    """Make `name` servable as ServerConfig.ranker: factory(release) returns the scorer."""
+    if name in RANKERS:
+        raise ValueError(f"{name!r} is a release ranker; choose another name")
+    _PLUGINS[name] = factory
 
 
 @dataclass(frozen=True)
@@ -68,7 +79,7 @@ def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
             raise FailedPrecondition(f"release {release.release_id}: ranker input set {name!r} is not among its feature_sets")
 
 
-def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1) -> ReleaseRuntime:
+def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1, ranker: str = RANKER) -> ReleaseRuntime:
     """Load, verify and skew-check a release. Raises InvalidArgument / FailedPrecondition with the reason."""
     if not str(path).strip():
         raise InvalidArgument("path", "must name a release folder")
@@ -77,8 +88,10 @@ def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_thread
     except ReleaseError as exc:
         raise FailedPrecondition(f"release refused: {exc}") from None
     check_skew(release, sets)
+    if ranker not in RANKERS and ranker not in _PLUGINS:
+        raise FailedPrecondition(f"ranker {ranker!r} is neither a release ranker {list(RANKERS)} nor a registered plugin {sorted(_PLUGINS)}")
     try:
-        return ReleaseRuntime.load(release, rankers=(RANKER,), threads=ort_threads)
+        return ReleaseRuntime.load(release, rankers=(ranker,), threads=ort_threads, plugins=_PLUGINS)
     except (ReleaseError, KeyError, ValueError, OSError, RuntimeError) as exc:
         # onnxruntime and ScaNN raise their own errors on broken model files
         raise FailedPrecondition(f"release {release.release_id} refused: its models do not load ({type(exc).__name__}: {exc})") from None

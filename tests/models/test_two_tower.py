@@ -94,7 +94,7 @@ def test_a_user_with_no_features_at_all_gets_a_finite_unit_embedding(model):
     U = model.user_embeddings(X)
     assert np.isfinite(U).all()
     np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, atol=1e-5)
-    assert np.array_equal(U[0], U[1])
+    np.testing.assert_allclose(U[0], U[1], atol=1e-6)  # identical inputs (bitwise equality is not promised across batch rows)
 
 
 def test_a_brand_new_item_gets_its_content_embedding(tiny_td, model):

@@ -1,5 +1,4 @@
-"""Server test fixtures: ONE tiny release per session (trained on the shared small simulated
-data dir) and factories to configure servers on free ports of 127.0.0.1."""
+"""Server test fixtures (the tiny release, `release_dir`, is in tests/conftest.py): factories to configure servers on free ports of 127.0.0.1."""
 from __future__ import annotations
 
 import shutil
@@ -15,13 +14,6 @@ from server.client import ParityClient
 from server.config import ServerConfig
 
 ADMIN_TOKEN = "test-admin-token"
-
-
-@pytest.fixture(scope="session")
-def release_dir(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from models.pipeline import train_release  # torch lives here, in the test process only
-
-    return train_release(small_sim, tmp_path_factory.mktemp("releases"), profile="tiny", seed=0).path
 
 
 def _free_port() -> int:
