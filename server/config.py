@@ -11,10 +11,11 @@ from pathlib import Path
 
 from server.clock import CLOCK_MODES
 
-__all__ = ["ServerConfig", "MATERIALIZE_MODES", "RETRIEVAL_MODES"]
+__all__ = ["ServerConfig", "MATERIALIZE_MODES", "RETRIEVAL_MODES", "COMPUTE_MODES"]
 
 MATERIALIZE_MODES = ("auto", "always", "never")
 RETRIEVAL_MODES = ("ann", "exact")
+COMPUTE_MODES = ("inline", "thread")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class ServerConfig:
     drain_grace_s: float = 10.0  # then wait this long for RPCs in flight
     clock: str = "auto"
     materialize: str = "auto"  # auto: when the store is memory or has no watermark for a served set
-    cpu_threads: int = 2  # executor for ranking and retrieval (ONNX Runtime and ScaNN release the GIL)
+    request_compute: str = "inline"  # a request's decode/retrieve/rank: on the event loop (inline) or the cpu pool (thread)
+    cpu_threads: int = 2  # executor for release loads and item-table rebuilds (and request work when request_compute=thread)
     io_threads: int = 8  # executor for store round trips
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
     max_concurrent_rpcs: int | None = 512  # beyond: RESOURCE_EXHAUSTED (load shedding)
@@ -105,6 +107,8 @@ class ServerConfig:
             raise ValueError("admin token must not be empty")
         if self.clock not in CLOCK_MODES:
             raise ValueError(f"clock must be one of {CLOCK_MODES}, got {self.clock!r}")
+        if self.request_compute not in COMPUTE_MODES:
+            raise ValueError(f"request_compute must be one of {COMPUTE_MODES}, got {self.request_compute!r}")
         if self.retrieval not in RETRIEVAL_MODES:
             raise ValueError(f"retrieval must be one of {RETRIEVAL_MODES}, got {self.retrieval!r}")
         if not isinstance(self.ranker, str) or not self.ranker.strip():

@@ -174,6 +174,22 @@ class RecommenderService:
     async def _run(self, pool: ThreadPoolExecutor, fn: Callable, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
+    async def _compute(self, fn: Callable, *args, started: float, budget_s: float):
+        """A request's CPU work (decode, retrieve, rank): on the event loop itself by default.
+        Measured (bench/RESULTS.md): handing each request to a worker thread and back costs
+        GIL hand-offs that wait on the interpreter's switch interval under load; at 300 req/s
+        p99 fell from 54 ms to 11 ms inline. 'thread' keeps the worker pool.
+        Inline work cannot be abandoned half-way, so a result that comes after the request's
+        deadline is discarded here (DEADLINE_EXCEEDED), never sent or cached."""
+        if self.cfg.request_compute == "inline":
+            out = fn(*args)
+        else:
+            out = await self._run(self.cpu, fn, *args)
+        late = time.perf_counter() - started - budget_s
+        if late > 0:
+            raise DeadlineExceeded(f"the work finished {late * 1000:.0f} ms past the request's deadline; result discarded")
+        return out
+
     def _as_of(self) -> int:
         """The request's as-of time: the clock rounded down to the tick (0: exact)."""
         now = self.clock.now_ms()
@@ -289,14 +305,14 @@ class RecommenderService:
         raw, source, reason = await self._user_records(snap, q.user_id, budget - (time.perf_counter() - t0))
         timer.add("features", (time.perf_counter() - t) * 1000)
         if snap.plan.deferred:  # a pair set with too many values to prefetch: a second round trip
-            uf, cand = await self._run(self.cpu, self._retrieve_job, snap, q, raw, source, reason, now, timer)
+            uf, cand = await self._compute(self._retrieve_job, snap, q, raw, source, reason, now, timer, started=t0, budget_s=budget)
             t = time.perf_counter()
             extra, r2 = await self._deferred_pairs(snap, uf, cand.rows, now, budget - (time.perf_counter() - t0))
             timer.add("pair_features", (time.perf_counter() - t) * 1000)
             reason = reason or r2
-            ranked, top = await self._run(self.cpu, pipeline.recommend, snap, uf, q.exclude, q.k, now, self.cfg, timer, cand, extra)
+            ranked, top = await self._compute(pipeline.recommend, snap, uf, q.exclude, q.k, now, self.cfg, timer, cand, extra, started=t0, budget_s=budget)
         else:
-            uf, ranked, top = await self._run(self.cpu, self._recommend_job, snap, q, raw, source, reason, now, timer)
+            uf, ranked, top = await self._compute(self._recommend_job, snap, q, raw, source, reason, now, timer, started=t0, budget_s=budget)
         items = [(int(ranked.ids[i]), float(ranked.scores[i]), SOURCES[int(ranked.source[i])]) for i in top.tolist()]
         degraded = reason is not None or uf.degraded
         if degraded:
@@ -322,11 +338,12 @@ class RecommenderService:
         now = self._as_of()
         timer = Timer()
         raw, source, reason = await self._user_records(snap, q.user_id, budget)
-        uf, scores = await self._run(self.cpu, self._rank_job, snap, q, raw, source, reason, now, timer, {} if snap.plan.deferred else None)
+        uf, scores = await self._compute(self._rank_job, snap, q, raw, source, reason, now, timer, {} if snap.plan.deferred else None,
+                                         started=t0, budget_s=budget)
         if scores is None:
             extra, r2 = await self._deferred_pairs(snap, uf, snap.items.rows(q.item_ids), now, budget - (time.perf_counter() - t0))
             reason = reason or r2
-            scores = await self._run(self.cpu, pipeline.score_items, snap, uf, q.item_ids, now, timer, extra)
+            scores = await self._compute(pipeline.score_items, snap, uf, q.item_ids, now, timer, extra, started=t0, budget_s=budget)
         degraded = reason is not None or uf.degraded
         if degraded:
             self.metrics.degraded.labels(reason or "bad_record").inc()

@@ -122,9 +122,16 @@ def test_the_client_retries_unavailable_until_its_deadline(release_dir, small_si
 
 
 def test_work_past_the_client_deadline_is_abandoned_with_deadline_exceeded(memory_server, client, monkeypatch):
+    """Request work runs inline on the event loop (the default), so it cannot be interrupted:
+    the late result must be discarded, not sent, cached or counted as OK."""
+    real = memory_server.service._recommend_job
+    used = []
+
     def slow(*args, **kwargs):
         time.sleep(0.8)
-        raise AssertionError("the result of abandoned work must never be used")
+        out = real(*args, **kwargs)
+        used.append(out)
+        return out
 
     before = _metric(memory_server, "parity_requests_total", rpc="Recommend", code="DEADLINE_EXCEEDED") + \
         _metric(memory_server, "parity_requests_total", rpc="Recommend", code="CANCELLED")
@@ -133,10 +140,35 @@ def test_work_past_the_client_deadline_is_abandoned_with_deadline_exceeded(memor
     with pytest.raises(ParityRpcError) as e:
         client.recommend(321, k=5, exclude=["8"], timeout_s=0.2)
     assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - t < 0.6
-    time.sleep(0.1)
-    after = _metric(memory_server, "parity_requests_total", rpc="Recommend", code="DEADLINE_EXCEEDED") + \
-        _metric(memory_server, "parity_requests_total", rpc="Recommend", code="CANCELLED")
+    deadline = time.monotonic() + 3.0
+    while True:  # the server finishes the (uninterruptible) inline work 0.8 s in, then discards it
+        after = _metric(memory_server, "parity_requests_total", rpc="Recommend", code="DEADLINE_EXCEEDED") + \
+            _metric(memory_server, "parity_requests_total", rpc="Recommend", code="CANCELLED")
+        if after > before or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert after == before + 1
+    assert used  # the work did finish, and its result was thrown away
+    monkeypatch.setattr(memory_server.service, "_recommend_job", real)
+    assert client.recommend(321, k=5, exclude=["8"]).item_ids  # and the server goes on
+
+
+def test_work_in_the_thread_pool_past_the_deadline_is_abandoned(release_dir, small_sim, server_config, monkeypatch):
+    from server.app import BackgroundServer
+    from server.client import ParityClient
+
+    def slow(*args, **kwargs):
+        time.sleep(0.8)
+        raise AssertionError("the result of abandoned work must never be used")
+
+    with BackgroundServer(server_config(release_dir, small_sim, request_compute="thread")) as srv:
+        with ParityClient(f"127.0.0.1:{srv.port}", timeout_s=5.0) as c:
+            assert len(c.recommend(5, k=3).item_ids) == 3  # the pool path serves
+            monkeypatch.setattr(srv.service, "_recommend_job", slow)
+            t = time.perf_counter()
+            with pytest.raises(ParityRpcError) as e:
+                c.recommend(321, k=5, timeout_s=0.2)
+            assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - t < 0.6
 
 
 def test_a_budget_too_small_for_anything_is_refused_before_any_work(memory_server):
