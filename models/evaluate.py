@@ -1,7 +1,7 @@
 """`parity eval`: every model of a release on the held-out time slice, the way it serves.
 
-The two-stage path is the server's: user features as of the test start (point-in-time),
-the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
+The two-stage path is the server's: user features and engagement history as of the test
+start (point-in-time), the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
 cold-start candidates (seen and not-yet-published items removed), ranking with each ranker,
 top 10. Popularity and the two-tower alone are measured on the
 same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
@@ -21,6 +21,7 @@ from features.assemble import columns_from_join
 from features.catalog import ItemCatalog
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
+from features.history import history_at
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, feature_matrix, label_rows, split_cuts
@@ -108,7 +109,8 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     # Stage 1: user tower on features as of each user's cut, then ANN.
     ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": t_user}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
     U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
-    emb = rt.user_embeddings(U)
+    H = history_at(events, info.kind, users, t_user, rt.history_len) if rt.history_len else None  # the seen record's last items
+    emb = rt.user_embeddings(U, H)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
     cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
     # The server adds popular and fresh items to the ANN candidates (cold start): so does eval.

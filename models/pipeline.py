@@ -97,7 +97,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
 
     kind = load_info(data_dir).kind
     cfg = PipelineConfig.for_profile(profile, kind)
-    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows)
+    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
     fingerprint = td.fingerprint()
@@ -123,13 +123,13 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             check_X=td.valid.X, check_lists=candidate_lists(td.valid.user_id), teacher_path=staged / "rankers/teacher_fp32.onnx", seed=seed,
             max_size_ratio=0.25 if profile != "tiny" else 1.0,  # tiny teachers are too small to dwarf a student
         ).to_dict()
-        export_towers(tt, staged / "retrieval", td.train.X[:, [td.columns.index(c) for c in tt.user_columns]])
+        export_towers(tt, staged / "retrieval", td.train.X[:, [td.columns.index(c) for c in tt.user_columns]], td.train.H)
         np.save(staged / "retrieval/item_embeddings.npy", item_emb, allow_pickle=False)
         t = step("export", t)
 
         idx_cfg = IndexConfig.for_size(len(item_emb))
         index = build_index(item_emb, idx_cfg)
-        U_test = tt.user_embeddings(tt.user_inputs(td.test.X, td.columns))
+        U_test = tt.user_embeddings(tt.user_inputs(td.test.X, td.columns), td.test.H)
         ann_recall = recall_at_k(index, item_emb, U_test[: 2000], k=100)
         if ann_recall < MIN_ANN_RECALL:
             raise RecallTooLow(f"ANN recall@100 vs exact is {ann_recall:.3f} < {MIN_ANN_RECALL} with {idx_cfg.to_dict()}")
@@ -160,6 +160,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "ranker_inputs": {"user_set": td.inputs.user_set, "item_set": td.inputs.item_set, "pair_sets": [list(p) for p in td.inputs.pair_sets],
                               "affinity": td.inputs.affinity, "columns": list(td.columns)},
             "retrieval": {"dim": tt.dim, "user_columns": list(tt.user_columns), "creator_buckets": cfg.two_tower.creator_buckets,
+                          "history_len": cfg.two_tower.history_len,
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb))},
             "training_data": {"fingerprint": fingerprint, "rows": {s.name: len(s) for s in (td.train, td.valid, td.test)},
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},

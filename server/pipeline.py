@@ -2,8 +2,8 @@
 
 Nothing here awaits or touches the network: `retrieve` and `rank` run in a worker thread
 (ONNX Runtime and ScaNN release the GIL) on a `Snapshot` and the user's decoded features.
-The stages follow the offline evaluation (models.evaluate) exactly: user features → user
-tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
+The stages follow the offline evaluation (models.evaluate) exactly: user features and the
+seen record's last items (the engagement history) → user tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
 every candidate's ranker inputs through `features.assemble.assemble` → the int8 student in
 one batched call → best first. Serving adds, for cold start and freshness, popular items,
 recently published items and new items (not in the release) found by their content
@@ -19,12 +19,13 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from features.assemble import assemble, columns_from_frame
+from features.history import history_row
 from server.config import ServerConfig
 from server.state import RANKER, Snapshot
 from server.user_features import PairTable, UserFeatures, empty_pair_table
 
 __all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
-           "recommend", "score_items", "missing_pair_values"]
+           "recommend", "score_items", "missing_pair_values", "user_history"]
 
 SOURCES = ("ann", "content", "fresh", "popular", "request")  # index = Candidates.source code; first wins on duplicates
 
@@ -69,6 +70,12 @@ def user_matrix(snap: Snapshot, uf: UserFeatures) -> np.ndarray:
     return np.asarray([row], dtype=np.float32)
 
 
+def user_history(uf: UserFeatures, n: int) -> np.ndarray:
+    """The user tower's history row [1, n] (item ids, PAD = -1): the last n items of the seen
+    record, which keeps `features.history`'s list, so it equals training's `history_at`."""
+    return history_row(uf.seen, n)[None, :]
+
+
 def _eligible(snap: Snapshot, ids: np.ndarray, rows: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
     """In the catalogue, published before now, not seen or excluded (the offline eval's rule)."""
     cat = snap.items.catalog
@@ -85,7 +92,7 @@ def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int,
     items = snap.items
     blocked = np.union1d(exclude, uf.seen) if len(uf.seen) else exclude
     with timer.stage("embed"):
-        emb = rt.user_embeddings(user_matrix(snap, uf))
+        emb = rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
     parts: list[tuple[np.ndarray, int]] = []
     with timer.stage("ann"):
         want = min(len(rt.vocab), cfg.retrieve_k + len(blocked) + 50)
