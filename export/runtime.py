@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from export.index import ItemIndex
 from export.onnx_export import ort_session
-from export.item_inputs import history_index, item_tower_inputs, load_vocab
+from export.item_inputs import history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
@@ -82,6 +82,14 @@ class ReleaseRuntime:
             h = np.full((len(U), 0), -1, dtype=np.int64) if history is None else history
             feeds["history"] = history_index(self.vocab, h, self.history_len)
         return self._user_tower.run(["embedding"], feeds)[0]
+
+    def item_scores(self, user_emb: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """float64 dot products of one user embedding with the release's item embeddings of
+        `item_ids` (exact; NaN for ids outside the release vocabulary)."""
+        idx = vocab_index(self.vocab, item_ids) - 1
+        e = np.asarray(user_emb, dtype=np.float32).reshape(-1)
+        s = (self.item_embeddings[np.maximum(idx, 0)] @ e).astype(np.float64)
+        return np.where(idx >= 0, s, np.nan)
 
     def user_inputs(self, X: np.ndarray) -> np.ndarray:
         """The user tower's columns out of a ranker input matrix."""
