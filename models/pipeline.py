@@ -8,6 +8,7 @@ int8-vs-fp32 ranking agreement (Kendall tau >= 0.95) in the quantiser, ANN recal
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -85,9 +86,10 @@ def _libraries() -> dict[str, str]:
 
 
 def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
-                  keep: dict | None = None) -> Release:
+                  keep: dict | None = None, ranker_rows: str | None = None) -> Release:
     """Train, check and write a release. `keep`, if given, receives the torch models, the
-    training data and step timings (benchmarks compare torch with the exported files)."""
+    training data and step timings (benchmarks compare torch with the exported files).
+    `ranker_rows` overrides the dataset's default ("labelled" or "candidates")."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -103,6 +105,10 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
 
     kind = load_info(data_dir).kind
     cfg = PipelineConfig.for_profile(profile, kind)
+    if ranker_rows is not None:
+        if ranker_rows not in ("labelled", "candidates"):
+            raise ValueError(f"ranker_rows must be 'labelled' or 'candidates', got {ranker_rows!r}")
+        cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows)
     td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
