@@ -1,5 +1,5 @@
-"""`parity train`: events → training data → two-tower + index → teacher → distilled int8
-student → checked ONNX files → an immutable release. Reproducible: the same events,
+"""`parity train`: events → training data → two-tower + index → (MovieLens: candidate lists,
+models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable release. Reproducible: the same events,
 profile and seed give the same data fingerprint and the same metrics.
 
 Each step fails loudly: onnx.checker and torch-vs-ORT agreement (1e-4) in the exporters,

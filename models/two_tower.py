@@ -1,11 +1,16 @@
 """Two-tower retrieval: a user tower over user features and an item tower over id + content.
 
-User tower. Its input is the user feature set's columns of the ranker input matrix, raw, NaN
-for missing (`TwoTowerModel.user_columns`). The transforms live inside the module, so they
-are inside the exported ONNX graph: missing flags (isnan), missing -> 0, signed log1p,
-normalisation with the training rows' mean/std (buffers), clip to +-5, then an MLP and L2
-normalisation. There is no user id: a new user (or one with no features at all, an all-NaN
-row) gets an embedding from whatever features exist.
+User tower. Its inputs are the user feature set's columns of the ranker input matrix, raw, NaN
+for missing (`TwoTowerModel.user_columns`), and the user's engagement history: the last
+`history_len` distinct items engaged with strictly before the row's time, most recent last
+(`features.history`, the same list the server's seen record holds), as vocabulary indices
+(0 = empty slot or unknown item). The transforms live inside the module, so they are inside
+the exported ONNX graph: missing flags (isnan), missing -> 0, signed log1p, normalisation
+with the training rows' mean/std (buffers), clip to +-5; the history's item embeddings (a
+table of their own) are mean-pooled over the known items and joined by log1p(count); then an
+MLP and L2 normalisation. There is no user id: a new user (no history, or no features at all,
+an all-NaN row) gets an embedding from whatever exists; `history_dropout` hides the whole
+history of a share of training rows so that path is trained too.
 
 Item tower. Inputs as built by `export.item_inputs.item_tower_inputs` (the same numpy path
 the server uses): item_index (1 + position in the training vocabulary, 0 = unknown/new),
@@ -15,8 +20,8 @@ During training the id is dropped (index 0) with probability `id_dropout`, so th
 alone gives a useful embedding for a brand-new item. Items of the vocabulary that had no
 training positive keep an all-zero id row, so their embedding is exactly the content one.
 
-Training. Positives are the train split's label-1 rows: (user features at the row's time,
-item). In-batch sampled softmax at temperature T with the logQ correction (Yi et al., 2019):
+Training. Positives are the train split's label-1 rows: (user features and history at the
+row's time, item). In-batch sampled softmax at temperature T with the logQ correction (Yi et al., 2019):
 each logit has log(frequency of its item among the positives) subtracted, so popular items
 are not over-penalised for appearing as negatives more often; other rows of the batch that
 hold the same item are masked out as negatives. After each epoch the valid split's recall@k

@@ -60,7 +60,8 @@ def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
     assert set(uf.seen.tolist()) == seen
     cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, service.cfg, Timer())
     # the training-time history of this user as of now is what the server's seen record gives the tower
-    H = history_at(events.deduplicated(), "simulated", np.array([user]), now, snap.runtime.history_len)
+    # (the record holds the whole log: as of its end, or of now if the clock has passed it)
+    H = history_at(events.deduplicated(), "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), snap.runtime.history_len)
     assert pipeline.user_history(uf, snap.runtime.history_len).tolist() == H.tolist()
     emb = snap.runtime.user_embeddings(pipeline.user_matrix(snap, uf), H)
     ids, _ = snap.runtime.retrieve(emb, len(snap.runtime.vocab))
@@ -200,7 +201,7 @@ def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(ca
         timer = Timer()
         cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, svc.cfg, timer)
         ranked = pipeline.rank(snap, uf, cand, now, timer)
-        H = history_at(events, "simulated", np.array([user]), now, rt.history_len)
+        H = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.history_len)
         emb = rt.user_embeddings(snap.runtime.user_inputs(feature_matrix(base, joiner, sets, catalog, np.array([user]), cand.ids[:1], now)), H)
         rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids)
         Xb = feature_matrix(base, joiner, sets, catalog, np.full(len(cand.ids), user), cand.ids, now)
