@@ -31,6 +31,7 @@ __all__ = [
     "VocabError",
     "creator_bucket",
     "vocab_index",
+    "history_index",
     "item_tower_inputs",
     "save_vocab",
     "load_vocab",
@@ -87,6 +88,21 @@ def vocab_index(vocab: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
     sv = v[order]
     pos = np.clip(np.searchsorted(sv, ids), 0, len(sv) - 1)
     return np.where(sv[pos] == ids, order[pos] + 1, 0).astype(np.int64)
+
+
+def history_index(vocab: np.ndarray, history: np.ndarray, n: int) -> np.ndarray:
+    """The user tower's ``history`` input (rows, n) int64 from history item ids (rows, L), most
+    recent last, PAD (-1) for empty slots (features.history): the last n columns (left-padded
+    when L < n), each id mapped by `vocab_index`; empty slots and ids outside the training
+    vocabulary give 0, which the tower ignores."""
+    h = np.asarray(history, dtype=np.int64)
+    if h.ndim != 2:
+        raise ValueError(f"history must be (rows, L) item ids, got shape {h.shape}")
+    if h.shape[1] >= n:
+        h = h[:, h.shape[1] - n:]
+    else:
+        h = np.concatenate([np.full((len(h), n - h.shape[1]), -1, dtype=np.int64), h], axis=1)
+    return np.where(h >= 0, vocab_index(vocab, h), 0).astype(np.int64)
 
 
 def item_tower_inputs(

@@ -5,7 +5,7 @@ measures is what the server runs. ONNX Runtime and ScaNN only; no torch.
 
 Release layout (paths relative to the release folder):
   rankers/{teacher_fp32,student_fp32,student_int8}.onnx   input "features" [N, F] -> "score" [N]
-  retrieval/user_tower.onnx                               "user_features" [N, U] -> "embedding"
+  retrieval/user_tower.onnx                               "user_features" [N, U], "history" [N, L] -> "embedding"
   retrieval/item_tower.onnx                               item_index, topic, creator_bucket, duration_s -> "embedding"
   retrieval/item_ids.npy, retrieval/item_embeddings.npy   the vocabulary and its embeddings
   retrieval/index/                                        the ScaNN index (export.index)
@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from export.index import ItemIndex, exact_search
 from export.onnx_export import ort_session
-from export.item_inputs import item_tower_inputs, load_vocab
+from export.item_inputs import history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
@@ -50,6 +50,7 @@ class ReleaseRuntime:
     index: ItemIndex
     popular: np.ndarray
     creator_buckets: int
+    history_len: int  # L: the user tower's history width (manifest retrieval.history_len)
     _rankers: dict[str, ort.InferenceSession]
     _user_tower: ort.InferenceSession
     _item_tower: ort.InferenceSession
@@ -77,6 +78,7 @@ class ReleaseRuntime:
         return cls(
             release, inputs, list(m["retrieval"]["user_columns"]), vocab, emb,
             ItemIndex.load(release.path / "retrieval" / "index", emb), pop, int(m["retrieval"]["creator_buckets"]),
+            int(m["retrieval"].get("history_len", 0)),
             {r: sess(f"rankers/{r}.onnx") for r in rankers if r not in plugins}, sess("retrieval/user_tower.onnx"),
             sess("retrieval/item_tower.onnx"), {r: plugins[r](release) for r in rankers if r in plugins}, rankers[0] if rankers else None,
         )
@@ -85,9 +87,24 @@ class ReleaseRuntime:
     def release_id(self) -> str:
         return self.release.release_id
 
-    def user_embeddings(self, user_features: np.ndarray) -> np.ndarray:
+    def user_embeddings(self, user_features: np.ndarray, history: np.ndarray | None = None) -> np.ndarray:
+        """(N, dim) from raw user features [N, U] (NaN = missing) and the users' engagement
+        history as item ids [N, L'] (features.history layout: most recent last, PAD = -1;
+        the server's seen record through `features.history.history_row`); None = empty."""
         U = np.ascontiguousarray(user_features, dtype=np.float32)
-        return self._user_tower.run(["embedding"], {"user_features": U})[0]
+        feeds = {"user_features": U}
+        if self.history_len:
+            h = np.full((len(U), 0), -1, dtype=np.int64) if history is None else history
+            feeds["history"] = history_index(self.vocab, h, self.history_len)
+        return self._user_tower.run(["embedding"], feeds)[0]
+
+    def item_scores(self, user_emb: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """float64 dot products of one user embedding with the release's item embeddings of
+        `item_ids` (exact; NaN for ids outside the release vocabulary)."""
+        idx = vocab_index(self.vocab, item_ids) - 1
+        e = np.asarray(user_emb, dtype=np.float32).reshape(-1)
+        s = (self.item_embeddings[np.maximum(idx, 0)] @ e).astype(np.float64)
+        return np.where(idx >= 0, s, np.nan)
 
     def user_inputs(self, X: np.ndarray) -> np.ndarray:
         """The user tower's columns out of a ranker input matrix."""

@@ -1,7 +1,10 @@
 """ONNX export of the two-tower model's towers, checked against torch before it is kept.
 
-- user tower: input ``user_features`` [N, U] float32 (raw, NaN = missing; the columns are
-  `TwoTowerModel.user_columns`, also stored in the model's metadata as ``parity.user_columns``);
+- user tower: inputs ``user_features`` [N, U] float32 (raw, NaN = missing; the columns are
+  `TwoTowerModel.user_columns`, also stored in the model's metadata as ``parity.user_columns``)
+  and ``history`` [N, L] int64 (vocabulary indices of the user's last engaged items, most
+  recent last, 0 = empty; built by `export.item_inputs.history_index`; L is
+  ``parity.history_len``; the graph mean-pools, so any L works, but L is what it was trained on);
 - item tower: inputs ``item_index``, ``topic``, ``creator_bucket`` [N] int64 and
   ``duration_s`` [N] float32, built by `export.item_inputs.item_tower_inputs`;
 - both: output ``embedding`` [N, dim] float32, L2-normalised. Opset 17, dynamic batch axis.
@@ -33,6 +36,7 @@ __all__ = [
     "OPSET",
     "ATOL",
     "USER_INPUT",
+    "HISTORY_INPUT",
     "OUTPUT",
     "TowerExportError",
     "TowerMismatchError",
@@ -50,6 +54,7 @@ __all__ = [
 OPSET = 17
 ATOL = 1e-4
 USER_INPUT = "user_features"
+HISTORY_INPUT = "history"
 OUTPUT = "embedding"
 USER_TOWER_FILE = "user_tower.onnx"
 ITEM_TOWER_FILE = "item_tower.onnx"
@@ -63,18 +68,32 @@ class TowerMismatchError(TowerExportError):
     """ONNX Runtime and torch disagree on the exported tower's outputs."""
 
 
-def user_check_rows(model: TwoTowerModel, rows: np.ndarray | None = None) -> np.ndarray:
-    """Rows to compare torch and ORT on: real rows (given, else the model's training sample)
-    plus an all-NaN row, a half-missing row, zeros, and large and negative values."""
-    U = len(model.user_columns)
-    base = model.sample_user_features if rows is None else rows
+def user_check_rows(model: TwoTowerModel, rows: np.ndarray | None = None, history: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(user features, history input) to compare torch and ORT on: real rows (given, else the
+    model's training sample, with their histories) plus an all-NaN row, a half-missing row,
+    zeros, large and negative values, with empty, one-item, full and out-of-range histories."""
+    U, L = len(model.user_columns), model.config.history_len
+    if rows is None:
+        base, hist = model.sample_user_features, model.sample_history
+    else:
+        base, hist = rows, history
     base = np.zeros((0, U), dtype=np.float32) if base is None else np.asarray(base, dtype=np.float32)
     if base.ndim != 2 or base.shape[1] != U:
         raise ValueError(f"user check rows must be (N, {U}), got {base.shape}")
+    hx = model.history_inputs(None if hist is None else np.asarray(hist)[: len(base)], len(base))
+    if len(hx) != len(base):
+        raise ValueError(f"{len(base)} user check rows but {len(hx)} histories")
     half = base[:1].copy() if len(base) else np.ones((1, U), dtype=np.float32)
     half[:, ::2] = np.nan
     extra = np.stack([np.full(U, np.nan), np.zeros(U), np.full(U, 1e6), np.full(U, -3.0)]).astype(np.float32)
-    return np.ascontiguousarray(np.concatenate([base, half, extra]), dtype=np.float32)
+    n_vocab = len(model.vocab)
+    odd = np.zeros((5, L), dtype=np.int64)  # empty (x2), one item, full, out of range
+    if L:
+        odd[2, -1] = 1
+        odd[3, :] = (np.arange(L) % max(n_vocab, 1)) + 1
+        odd[4, :] = np.array([n_vocab + 7, -4] * L)[:L]
+    X = np.ascontiguousarray(np.concatenate([base, half, extra]), dtype=np.float32)
+    return X, np.ascontiguousarray(np.concatenate([hx, odd]), dtype=np.int64)
 
 
 def item_check_inputs(model: TwoTowerModel) -> dict[str, np.ndarray]:
@@ -114,12 +133,13 @@ def _compare(name: str, expected: np.ndarray, got: np.ndarray, atol: float) -> f
 
 
 @torch.no_grad()
-def check_user_tower(model: TwoTowerModel, path: str | Path, rows: np.ndarray | None = None, atol: float = ATOL) -> float:
+def check_user_tower(model: TwoTowerModel, path: str | Path, rows: np.ndarray | None = None, atol: float = ATOL,
+                     history: np.ndarray | None = None) -> float:
     """Max |torch - ORT| of the user tower on `user_check_rows`; raises TowerMismatchError."""
-    X = user_check_rows(model, rows)
+    X, Hx = user_check_rows(model, rows, history)
     model.user_tower.eval()
-    expected = model.user_tower(torch.from_numpy(X)).numpy()
-    (got,) = _session(Path(path)).run([OUTPUT], {USER_INPUT: X})
+    expected = model.user_tower(torch.from_numpy(X), torch.from_numpy(Hx)).numpy()
+    (got,) = _session(Path(path)).run([OUTPUT], {USER_INPUT: X, HISTORY_INPUT: Hx})
     return _compare("user tower", expected, got, atol)
 
 
@@ -161,7 +181,8 @@ def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], input_names
 def _metadata(model: TwoTowerModel, tower: str) -> dict[str, str]:
     return {"parity.tower": tower, "parity.dim": str(model.dim), "parity.vocab_size": str(len(model.vocab)),
             "parity.user_columns": json.dumps(model.user_columns),
-            "parity.creator_buckets": str(model.config.creator_buckets), "parity.seed": str(model.seed)}
+            "parity.creator_buckets": str(model.config.creator_buckets), "parity.seed": str(model.seed),
+            "parity.history_len": str(model.config.history_len)}
 
 
 def _tmp(path: Path) -> Path:
@@ -169,14 +190,18 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def export_user_tower(model: TwoTowerModel, path: str | Path, rows: np.ndarray | None = None) -> Path:
-    """Export, check (checker + torch vs ORT on real and all-NaN rows) and move into ``path``."""
+def export_user_tower(model: TwoTowerModel, path: str | Path, rows: np.ndarray | None = None, history: np.ndarray | None = None) -> Path:
+    """Export, check (checker + torch vs ORT on real and all-NaN rows, empty and full
+    histories) and move into ``path``. ``history``: item ids of ``rows``' histories."""
     path = Path(path)
     tmp = _tmp(path)
     try:
-        x = torch.from_numpy(user_check_rows(model, rows)[:4])
-        _export(model.user_tower, (x,), [USER_INPUT], tmp, _metadata(model, "user"), model.dim)
-        check_user_tower(model, tmp, rows)
+        X, Hx = user_check_rows(model, rows, history)
+        if Hx.shape[1] == 0:  # a model without history still takes the input (ignored)
+            Hx = np.zeros((len(X), 1), dtype=np.int64)
+        _export(model.user_tower, (torch.from_numpy(X[:4]), torch.from_numpy(Hx[:4])), [USER_INPUT, HISTORY_INPUT], tmp,
+                _metadata(model, "user"), model.dim)
+        check_user_tower(model, tmp, rows, history=history)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -198,13 +223,14 @@ def export_item_tower(model: TwoTowerModel, path: str | Path) -> Path:
     return path
 
 
-def export_towers(model: TwoTowerModel, directory: str | Path, user_rows: np.ndarray | None = None) -> dict[str, Path]:
+def export_towers(model: TwoTowerModel, directory: str | Path, user_rows: np.ndarray | None = None,
+                  user_history: np.ndarray | None = None) -> dict[str, Path]:
     """Both towers (checked) and the item vocabulary into ``directory``: user_tower.onnx,
     item_tower.onnx, item_ids.npy. Returns the paths by file name."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     return {
-        USER_TOWER_FILE: export_user_tower(model, d / USER_TOWER_FILE, user_rows),
+        USER_TOWER_FILE: export_user_tower(model, d / USER_TOWER_FILE, user_rows, user_history),
         ITEM_TOWER_FILE: export_item_tower(model, d / ITEM_TOWER_FILE),
         VOCAB_FILE: save_vocab(d, model.vocab),
     }

@@ -18,7 +18,10 @@ from features.definitions import FeatureSet
 from features.profile import item_age_hours
 from features.state import FeatureFrame
 
-__all__ = ["RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns"]
+__all__ = ["RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
+           "RETRIEVAL_COLUMNS", "retrieval_columns"]
+
+RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap")
 
 Columns = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, missing)
 
@@ -36,6 +39,37 @@ class RankerInputs:
     @property
     def sets(self) -> tuple[str, ...]:
         return (self.user_set, self.item_set, *(p for p, _ in self.pair_sets))
+
+    @property
+    def uses_retrieval(self) -> bool:
+        """Whether the ranker reads the candidate's retrieval columns (see `retrieval_columns`)."""
+        return any(c in self.columns for c in RETRIEVAL_COLUMNS)
+
+    def with_retrieval(self) -> "RankerInputs":
+        return RankerInputs(self.user_set, self.item_set, self.pair_sets, self.affinity,
+                            self.columns + tuple(c for c in RETRIEVAL_COLUMNS if c not in self.columns))
+
+
+def retrieval_columns(scores: np.ndarray, item_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The retrieval columns of ONE user's candidate list, from the two-tower scores (user
+    embedding . item embedding; NaN where an item has no embedding):
+
+    - ``retrieval.rank``: 0-based position in the list ordered by score, best first (ties by
+      item id; items without a score after all others);
+    - ``retrieval.gap``: score minus the list's best score (<= 0; missing without a score).
+
+    Both are relative to the list, so they mean the same whichever tower scored it: training
+    lists scored by an earlier tower, the server's and the evaluation's by the release's."""
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+    miss = ~np.isfinite(s)
+    key = np.where(miss, np.inf, -s)
+    order = np.lexsort((ids, key))
+    rank = np.empty(len(s), dtype=np.float64)
+    rank[order] = np.arange(len(s), dtype=np.float64)
+    best = s[~miss].max() if (~miss).any() else 0.0
+    return {"retrieval.rank": (rank, np.zeros(len(s), dtype=bool)),
+            "retrieval.gap": (np.where(miss, 0.0, s - best), miss)}
 
 
 def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:

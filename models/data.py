@@ -6,7 +6,8 @@ positive, a lower rating negative, and for each rating `negatives_per_rating` it
 user had not rated by then are sampled as negatives at the same time.
 
 Every row's features come from the point-in-time join at the row's own time, so no row
-sees its label event or anything after it. Pure numpy: no torch needed to build or check it.
+sees its label event or anything after it; the same holds for its engagement history
+(`features.history.history_at`: the user's last items strictly before the row). Pure numpy: no torch needed to build or check it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from features.assemble import RankerInputs, assemble, columns_from_join, ranker_
 from features.datasets import DatasetInfo, load_info, read_items
 from features.definitions import FeatureSet
 from features.eventlog import EventLog
+from features.history import HISTORY_LEN, history_at
 from features.events import EventBatch, EventType
 from features.pit import PitJoiner
 from features.repo import feature_sets
@@ -46,6 +48,7 @@ class Split:
     ts: np.ndarray  # (n,) int64 ms
     label: np.ndarray  # (n,) float32
     X: np.ndarray  # (n, F) float32 raw ranker inputs, NaN = missing
+    H: np.ndarray  # (n, L) int64 engagement history as of ts (features.history.history_at), PAD = -1
 
     def __len__(self) -> int:
         return len(self.label)
@@ -76,7 +79,7 @@ class TrainingData:
         """Content hash of every row, label and input: same events + config → same hash."""
         h = hashlib.sha256()
         for s in (self.train, self.valid, self.test):
-            for a in (s.user_id, s.item_id, s.ts, s.label, np.nan_to_num(s.X, nan=-1.2345e30)):
+            for a in (s.user_id, s.item_id, s.ts, s.label, np.nan_to_num(s.X, nan=-1.2345e30), s.H):
                 h.update(np.ascontiguousarray(a).tobytes())
         h.update(repr(self.columns).encode())
         return h.hexdigest()[:16]
@@ -182,8 +185,10 @@ def split_cuts(user_id: np.ndarray, ts: np.ndarray, mode: str, fractions=SPLIT_F
     return tuple(out)
 
 
-def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | None = None, split=SPLIT_FRACTIONS) -> TrainingData:
-    """Rows, labels and point-in-time features for a data dir, split by time (see split_mode_for)."""
+def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | None = None, split=SPLIT_FRACTIONS,
+                        history_len: int = HISTORY_LEN) -> TrainingData:
+    """Rows, labels and point-in-time features for a data dir, split by time (see split_mode_for).
+    Each row also carries the user's engagement history as of its time (`history_len` items)."""
     info = load_info(data_dir)
     sets = feature_sets(info.kind, info.n_topics)
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
@@ -196,10 +201,11 @@ def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | 
     inputs = ranker_inputs(sets)
     needed = [fs for fs in sets if fs.name in inputs.sets]
     X = feature_matrix(inputs, PitJoiner(needed, events), needed, items, rows.user_id, rows.item_id, rows.ts)
+    H = history_at(events, info.kind, rows.user_id, rows.ts, history_len)
     mode = split_mode_for(info.kind)
     c1, c2 = split_cuts(rows.user_id, rows.ts, mode, split)
     parts = []
     for name, m in (("train", rows.ts < c1), ("valid", (rows.ts >= c1) & (rows.ts < c2)), ("test", rows.ts >= c2)):
-        parts.append(Split(name, rows.user_id[m], rows.item_id[m], rows.ts[m], rows.label[m], X[m]))
+        parts.append(Split(name, rows.user_id[m], rows.item_id[m], rows.ts[m], rows.label[m], X[m], H[m]))
     t1, t2 = (int(np.quantile(rows.ts, q)) for q in split)
     return TrainingData(info, tuple(needed), inputs, items, *parts, (t1, t2), events, mode)

@@ -1,7 +1,7 @@
 """`parity eval`: every model of a release on the held-out time slice, the way it serves.
 
-The two-stage path is the server's: user features as of the test start (point-in-time),
-the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
+The two-stage path is the server's: user features and engagement history as of the test
+start (point-in-time), the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
 cold-start candidates (seen and not-yet-published items removed), ranking with each ranker,
 top 10. Popularity and the two-tower alone are measured on the
 same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
@@ -17,10 +17,11 @@ import pyarrow as pa
 
 from export.release import ReleaseError, load_release
 from export.runtime import RANKERS, ReleaseRuntime
-from features.assemble import columns_from_join
+from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
 from features.catalog import ItemCatalog
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
+from features.history import history_at
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, feature_matrix, label_rows, split_cuts
@@ -108,7 +109,8 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     # Stage 1: user tower on features as of each user's cut, then ANN.
     ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": t_user}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
     U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
-    emb = rt.user_embeddings(U)
+    H = history_at(events, info.kind, users, t_user, rt.history_len) if rt.history_len else None  # the seen record's last items
+    emb = rt.user_embeddings(U, H)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
     cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
     # The server adds popular and fresh items to the ANN candidates (cold start): so does eval.
@@ -132,7 +134,21 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     cu = np.concatenate([np.full(len(c[0]), u, dtype=np.int64) for u, c in zip(users.tolist(), cands)])
     ct = np.concatenate([np.full(len(c[0]), t, dtype=np.int64) for t, c in zip(t_user.tolist(), cands)])
     ci = np.concatenate([c[0] for c in cands]).astype(np.int64)
-    X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
+    if rt.inputs.uses_retrieval:  # the list-relative retrieval columns, per user's list, as the server computes them
+        base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
+                            tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
+        Xb = feature_matrix(base, joiner, used, items, cu, ci, ct)
+        rcols = {c: [] for c in RETRIEVAL_COLUMNS}
+        for r, (ids, _) in enumerate(cands):
+            rc = retrieval_columns(rt.item_scores(emb[r], ids), ids)
+            for c in RETRIEVAL_COLUMNS:
+                rcols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
+        X = np.empty((len(ci), len(rt.inputs.columns)), dtype=np.float32)
+        pos = {c: j for j, c in enumerate(base.columns)}
+        for j, c in enumerate(rt.inputs.columns):
+            X[:, j] = np.concatenate(rcols[c]) if c in rcols else Xb[:, pos[c]]
+    else:
+        X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
     scores = {r: rt.score(X, r) for r in RANKERS}
 
     acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
@@ -160,11 +176,16 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         hit_ann.append(len(tset & set(ann100[r].tolist())) / len(tset))
         agree.append(len(set(top100[r].tolist()) & set(ann100[r].tolist())) / len(top100[r]))
     retrieval = {"recall@100_exact": float(np.mean(hit_exact)), "recall@100_ann": float(np.mean(hit_ann)), "ann_vs_exact@100": float(np.mean(agree))}
-    Xt = feature_matrix(rt.inputs, joiner, used, items, rows.user_id[trow], rows.item_id[trow], rows.ts[trow])
-    yt = rows.label[trow]
     ranking = {}
-    for r in RANKERS:
-        p = rt.score(Xt, r)
-        ranking[r] = {"auc": auc(yt, p), "logloss": logloss(yt, p)}
+    if rt.inputs.uses_retrieval:  # a ranker of candidate lists is measured on them: label = engaged in the held-out slice
+        yt = np.fromiter((1.0 if i in truth[u] else 0.0 for u, i in zip(cu.tolist(), ci.tolist())), dtype=np.float64, count=len(ci))
+        for r in RANKERS:
+            ranking[r] = {"auc": auc(yt, scores[r]), "logloss": logloss(yt, scores[r])}
+    else:
+        Xt = feature_matrix(rt.inputs, joiner, used, items, rows.user_id[trow], rows.item_id[trow], rows.ts[trow])
+        yt = rows.label[trow]
+        for r in RANKERS:
+            p = rt.score(Xt, r)
+            ranking[r] = {"auc": auc(yt, p), "logloss": logloss(yt, p)}
     sizes = {r: int(rel.manifest["files"][f"rankers/{r}.onnx"]["bytes"]) for r in RANKERS}
     return EvalResult(rel.release_id, info.kind, len(users), two_stage, retrieval, ranking, sizes, time.perf_counter() - t_start)

@@ -1,5 +1,5 @@
-"""`parity train`: events → training data → two-tower + index → teacher → distilled int8
-student → checked ONNX files → an immutable release. Reproducible: the same events,
+"""`parity train`: events → training data → two-tower + index → (MovieLens: candidate lists,
+models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable release. Reproducible: the same events,
 profile and seed give the same data fingerprint and the same metrics.
 
 Each step fails loudly: onnx.checker and torch-vs-ORT agreement (1e-4) in the exporters,
@@ -8,6 +8,7 @@ int8-vs-fp32 ranking agreement (Kendall tau >= 0.95) in the quantiser, ANN recal
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -26,6 +27,7 @@ from export.reference import column_references, histogram_reference
 from export.release import Release, new_release_id, write_release
 from export.towers import export_towers
 from features.events import MS_PER_DAY
+from models.candidates import candidate_training_data
 from models.data import SPLIT_FRACTIONS, TrainingData, build_training_data
 from models.metrics import auc, candidate_lists, logloss
 from models.popularity import popularity
@@ -50,6 +52,8 @@ class PipelineConfig:
     two_tower: TwoTowerConfig
     ranker: RankerConfig
     popularity_half_life_ms: int | None
+    ranker_rows: str = "labelled"  # "labelled": the labelled rows; "candidates": retrieval candidate lists (models.candidates)
+    ranker_candidates: int = 200  # k of the candidate lists
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
@@ -57,11 +61,14 @@ class PipelineConfig:
             raise ValueError(f"--profile must be one of {', '.join(PROFILES)}, got {profile!r}")
         max_rows = {"tiny": 20_000, "small": 200_000, "default": None}[profile]
         half = 3 * MS_PER_DAY if kind == "simulated" else None
-        return cls(profile, max_rows, TwoTowerConfig.for_profile(profile), RankerConfig.for_profile(profile), half)
+        # MovieLens logs no impressions: its rankers learn on the tower's candidate lists instead
+        rows = "candidates" if kind == "movielens" else "labelled"
+        return cls(profile, max_rows, TwoTowerConfig.for_profile(profile), RankerConfig.for_profile(profile), half, rows)
 
     def to_dict(self) -> dict:
         return {"profile": self.profile, "max_rows": self.max_rows, "two_tower": self.two_tower.to_dict(),
-                "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms}
+                "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms,
+                "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates}
 
 
 def _plain(d):
@@ -79,9 +86,10 @@ def _libraries() -> dict[str, str]:
 
 
 def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
-                  keep: dict | None = None) -> Release:
+                  keep: dict | None = None, ranker_rows: str | None = None) -> Release:
     """Train, check and write a release. `keep`, if given, receives the torch models, the
-    training data and step timings (benchmarks compare torch with the exported files)."""
+    training data and step timings (benchmarks compare torch with the exported files).
+    `ranker_rows` overrides the dataset's default ("labelled" or "candidates")."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -97,7 +105,11 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
 
     kind = load_info(data_dir).kind
     cfg = PipelineConfig.for_profile(profile, kind)
-    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows)
+    if ranker_rows is not None:
+        if ranker_rows not in ("labelled", "candidates"):
+            raise ValueError(f"ranker_rows must be 'labelled' or 'candidates', got {ranker_rows!r}")
+        cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows)
+    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
     fingerprint = td.fingerprint()
@@ -107,30 +119,37 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
     item_emb = tt.item_embeddings()
     t = step("two_tower", t)
 
-    teacher = train_teacher(td, cfg.ranker, seed)
+    rd = td  # the rankers' training data
+    if cfg.ranker_rows == "candidates":
+        rd, _ = candidate_training_data(td, tt, cfg.ranker_candidates, seed)
+        if min(len(rd.train), len(rd.valid)) == 0 or rd.train.label.sum() == 0:
+            raise ValueError(f"{data_dir}: too few candidate lists to train the rankers (train {len(rd.train)}, valid {len(rd.valid)} rows)")
+        t = step("candidate_lists", t)
+    teacher = train_teacher(rd, cfg.ranker, seed)
     t = step("teacher", t)
-    student = train_student(td, teacher, cfg.ranker, seed)
+    student = train_student(rd, teacher, cfg.ranker, seed)
     t = step("student", t)
 
     with tempfile.TemporaryDirectory(prefix="parity-release-") as tmp:
         staged = Path(tmp) / "release"
         (staged / "rankers").mkdir(parents=True)
         (staged / "retrieval").mkdir()
-        export_ranker(teacher, staged / "rankers/teacher_fp32.onnx", td.valid.X)
+        export_ranker(teacher, staged / "rankers/teacher_fp32.onnx", rd.valid.X)
         save_ranker(teacher, staged / "rankers/teacher_torch.pt")  # the torch baseline of the serving benchmarks
-        export_ranker(student, staged / "rankers/student_fp32.onnx", td.valid.X)
+        export_ranker(student, staged / "rankers/student_fp32.onnx", rd.valid.X)
         quant = quantize_student(
-            staged / "rankers/student_fp32.onnx", staged / "rankers/student_int8.onnx", td.train.X,
-            check_X=td.valid.X, check_lists=candidate_lists(td.valid.user_id), teacher_path=staged / "rankers/teacher_fp32.onnx", seed=seed,
+            staged / "rankers/student_fp32.onnx", staged / "rankers/student_int8.onnx", rd.train.X,
+            check_X=rd.valid.X, check_lists=candidate_lists(rd.valid.user_id), teacher_path=staged / "rankers/teacher_fp32.onnx", seed=seed,
             max_size_ratio=0.25 if profile != "tiny" else 1.0,  # tiny teachers are too small to dwarf a student
         ).to_dict()
-        export_towers(tt, staged / "retrieval", td.train.X[:, [td.columns.index(c) for c in tt.user_columns]])
+        check = np.sort(np.random.default_rng(seed).choice(len(td.train), size=min(4096, len(td.train)), replace=False))
+        export_towers(tt, staged / "retrieval", td.train.X[check][:, [td.columns.index(c) for c in tt.user_columns]], td.train.H[check])
         np.save(staged / "retrieval/item_embeddings.npy", item_emb, allow_pickle=False)
         t = step("export", t)
 
         idx_cfg = IndexConfig.for_size(len(item_emb))
         index = build_index(item_emb, idx_cfg)
-        U_test = tt.user_embeddings(tt.user_inputs(td.test.X, td.columns))
+        U_test = tt.user_embeddings(tt.user_inputs(td.test.X, td.columns), td.test.H)
         ann_recall = recall_at_k(index, item_emb, U_test[: 2000], k=100)
         if ann_recall < MIN_ANN_RECALL:
             raise RecallTooLow(f"ANN recall@100 vs exact is {ann_recall:.3f} < {MIN_ANN_RECALL} with {idx_cfg.to_dict()}")
@@ -147,36 +166,39 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "ranking_test": {},
             "quantization": quant,
         }
-        p_teacher, p_student = predict(teacher, td.test.X), predict(student, td.test.X)
+        p_teacher, p_student = predict(teacher, rd.test.X), predict(student, rd.test.X)
         int8 = ort_session(staged / "rankers/student_int8.onnx")
-        p_int8 = int8.run(["score"], {"features": td.test.X})[0].reshape(-1)
+        p_int8 = int8.run(["score"], {"features": rd.test.X})[0].reshape(-1)
         for name, p in (("teacher", p_teacher), ("student_fp32", p_student), ("student_int8", p_int8)):
-            metrics["ranking_test"][name] = {"auc": auc(td.test.label, p), "logloss": logloss(td.test.label, p)}
-        valid_pred = predict(student, td.valid.X)
+            metrics["ranking_test"][name] = {"auc": auc(rd.test.label, p), "logloss": logloss(rd.test.label, p)}
+        metrics["ranking_test_rows"] = cfg.ranker_rows
+        valid_pred = predict(student, rd.valid.X)
         manifest = {
             "release_id": new_release_id(fingerprint),
             "created_at_ms": int(time.time() * 1000),
             "dataset": {"kind": kind, "n_topics": td.info.n_topics, "events": int(len(td.events)), "end_ts": end},
             "feature_sets": {fs.name: {"version": fs.version, "entity": fs.entity.name, "definition": fs.definition()} for fs in td.sets},
-            "ranker_inputs": {"user_set": td.inputs.user_set, "item_set": td.inputs.item_set, "pair_sets": [list(p) for p in td.inputs.pair_sets],
-                              "affinity": td.inputs.affinity, "columns": list(td.columns)},
+            "ranker_inputs": {"user_set": rd.inputs.user_set, "item_set": rd.inputs.item_set, "pair_sets": [list(p) for p in rd.inputs.pair_sets],
+                              "affinity": rd.inputs.affinity, "columns": list(rd.columns)},
             "retrieval": {"dim": tt.dim, "user_columns": list(tt.user_columns), "creator_buckets": cfg.two_tower.creator_buckets,
+                          "history_len": cfg.two_tower.history_len,
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb))},
             "training_data": {"fingerprint": fingerprint, "rows": {s.name: len(s) for s in (td.train, td.valid, td.test)},
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},
-                              "split_ts": list(td.split_ts), "split_mode": td.split_mode, "split_fractions": list(SPLIT_FRACTIONS)},
+                              "split_ts": list(td.split_ts), "split_mode": td.split_mode, "split_fractions": list(SPLIT_FRACTIONS),
+                              "ranker_rows": {s.name: len(s) for s in (rd.train, rd.valid, rd.test)} if rd is not td else None},
             "config": cfg.to_dict() | {"popularity_half_life_ms": cfg.popularity_half_life_ms},
             "seed": seed,
             "libraries": _libraries(),
             "metrics": metrics,
             "models": {"teacher_fp32": "rankers/teacher_fp32.onnx", "student_fp32": "rankers/student_fp32.onnx", "student_int8": "rankers/student_int8.onnx",
                        "teacher_torch": "rankers/teacher_torch.pt", "user_tower": "retrieval/user_tower.onnx", "item_tower": "retrieval/item_tower.onnx"},
-            "reference": {"features": column_references(td.train.X, td.columns), "prediction": histogram_reference(valid_pred, bins=20)},
+            "reference": {"features": column_references(rd.train.X, rd.columns), "prediction": histogram_reference(valid_pred, bins=20)},
             "timings_s": timings,
         }
         release = write_release(out_root, staged, manifest)
     timings["total"] = round(time.perf_counter() - t0, 3)
     log.info("release %s in %.1f s", release.release_id, timings["total"])
     if keep is not None:
-        keep.update(teacher=teacher, student=student, two_tower=tt, data=td, timings=timings)
+        keep.update(teacher=teacher, student=student, two_tower=tt, data=td, ranker_data=rd, timings=timings)
     return release

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from features.events import EventBatch, EventType
+from features.events import EventBatch
+from features.history import engagement_mask
 
 __all__ = ["popularity", "engagement_mask"]
-
-
-def engagement_mask(events: EventBatch, kind: str) -> np.ndarray:
-    if kind == "movielens":
-        return (events.type == EventType.RATING) & (events.value >= 4)
-    return (events.type == EventType.PLAY) | (events.type == EventType.LIKE)
 
 
 def popularity(events: EventBatch, kind: str, until_ts: int, *, half_life_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:

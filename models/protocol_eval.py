@@ -18,6 +18,7 @@ from features.datasets import load_info, read_items, read_users, write_catalogue
 from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.assemble import columns_from_join
+from features.history import history_at
 from models.data import build_training_data, feature_matrix
 from models.protocol import full_ranking_metrics, protocol_baselines, protocol_split
 from models.ranker import RankerConfig, predict, train_teacher
@@ -40,7 +41,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         sub = dataclasses.replace(info, n_events=len(split.train_events), params={**info.params, "protocol": "random 80/20 of ratings >= 4"})
         EventLog(d / "events").append(split.train_events)
         write_catalogue(d, read_items(data_dir), users, dataclasses.replace(sub, pii_fields={"users": []}))
-        td = build_training_data(d, seed=seed)
+        td = build_training_data(d, seed=seed, history_len=TwoTowerConfig.for_profile(profile).history_len)
         tt = train_two_tower(td, TwoTowerConfig.for_profile(profile), seed)
         teacher = train_teacher(td, RankerConfig.for_profile(profile), seed)
         t_end = int(split.train_events.ts.max()) + 1
@@ -49,7 +50,8 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         ucols = columns_from_join(joiner.join(pa.table({"user_id": uids, "ts": np.full(len(uids), t_end)}), only=[td.inputs.user_set]),
                                  [fs for fs in td.sets if fs.name == td.inputs.user_set])
         U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in tt.user_columns], axis=1).astype(np.float32)
-        ue = tt.user_embeddings(U)
+        H = history_at(td.events, td.info.kind, uids, t_end, tt.config.history_len)
+        ue = tt.user_embeddings(U, H)
         ie = tt.item_embeddings(split.item_ids, td.items)
         tower = ue @ ie.T
         out["parity_two_tower"] = full_ranking_metrics(split, lambda ub: tower[ub])

@@ -1,11 +1,16 @@
 """Two-tower retrieval: a user tower over user features and an item tower over id + content.
 
-User tower. Its input is the user feature set's columns of the ranker input matrix, raw, NaN
-for missing (`TwoTowerModel.user_columns`). The transforms live inside the module, so they
-are inside the exported ONNX graph: missing flags (isnan), missing -> 0, signed log1p,
-normalisation with the training rows' mean/std (buffers), clip to +-5, then an MLP and L2
-normalisation. There is no user id: a new user (or one with no features at all, an all-NaN
-row) gets an embedding from whatever features exist.
+User tower. Its inputs are the user feature set's columns of the ranker input matrix, raw, NaN
+for missing (`TwoTowerModel.user_columns`), and the user's engagement history: the last
+`history_len` distinct items engaged with strictly before the row's time, most recent last
+(`features.history`, the same list the server's seen record holds), as vocabulary indices
+(0 = empty slot or unknown item). The transforms live inside the module, so they are inside
+the exported ONNX graph: missing flags (isnan), missing -> 0, signed log1p, normalisation
+with the training rows' mean/std (buffers), clip to +-5; the history's item embeddings (a
+table of their own) are mean-pooled over the known items and joined by log1p(count); then an
+MLP and L2 normalisation. There is no user id: a new user (no history, or no features at all,
+an all-NaN row) gets an embedding from whatever exists; `history_dropout` hides the whole
+history of a share of training rows so that path is trained too.
 
 Item tower. Inputs as built by `export.item_inputs.item_tower_inputs` (the same numpy path
 the server uses): item_index (1 + position in the training vocabulary, 0 = unknown/new),
@@ -15,8 +20,8 @@ During training the id is dropped (index 0) with probability `id_dropout`, so th
 alone gives a useful embedding for a brand-new item. Items of the vocabulary that had no
 training positive keep an all-zero id row, so their embedding is exactly the content one.
 
-Training. Positives are the train split's label-1 rows: (user features at the row's time,
-item). In-batch sampled softmax at temperature T with the logQ correction (Yi et al., 2019):
+Training. Positives are the train split's label-1 rows: (user features and history at the
+row's time, item). In-batch sampled softmax at temperature T with the logQ correction (Yi et al., 2019):
 each logit has log(frequency of its item among the positives) subtracted, so popular items
 are not over-penalised for appearing as negatives more often; other rows of the batch that
 hold the same item are masked out as negatives. After each epoch the valid split's recall@k
@@ -40,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.item_inputs import DEFAULT_CREATOR_BUCKETS, item_tower_inputs
+from export.item_inputs import DEFAULT_CREATOR_BUCKETS, history_index, item_tower_inputs
+from features.history import HISTORY_LEN
 from models.data import ItemCatalog, Split, TrainingData
 
 __all__ = [
@@ -76,6 +82,9 @@ class TwoTowerConfig:
     patience: int = 3  # epochs without a better valid recall@k before stopping; 0 = no early stopping
     early_stopping_k: int = 100  # capped at a quarter of the catalogue
     threads: int = 1  # measured: these small matmuls run faster on 1 thread than 2 (and results are identical)
+    history_len: int = HISTORY_LEN  # last engaged items the user tower reads (0: no history input)
+    history_dim: int = 32  # their embedding size (a table of its own, mean-pooled)
+    history_dropout: float = 0.1  # share of training rows whose whole history is hidden (new users)
 
     def __post_init__(self) -> None:
         for name in ("dim", "epochs", "batch_size", "id_dim", "content_dim", "creator_buckets", "threads", "early_stopping_k"):
@@ -90,6 +99,14 @@ class TwoTowerConfig:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.creator_buckets < 2:
             raise ValueError(f"creator_buckets must be >= 2 (bucket 0 is 'unknown'), got {self.creator_buckets}")
+        for name in ("history_len", "history_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"TwoTowerConfig.{name} must be an int >= 0, got {v!r}")
+        if (self.history_len == 0) != (self.history_dim == 0):
+            raise ValueError("history_len and history_dim must both be 0 (no history) or both > 0")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError(f"history_dropout must be in [0, 1), got {self.history_dropout}")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if not self.temperature > 0:
@@ -106,7 +123,8 @@ class TwoTowerConfig:
         """"tiny": ~0.2 s on a tiny data dir (tests); "small"; "default": ~3-4 s on the default
         simulated data or MovieLens 100K (early stopping ends it after 6-11 epochs)."""
         if profile == "tiny":
-            return cls(dim=16, epochs=12, batch_size=128, lr=5e-3, user_hidden=(32,), item_hidden=(32,), id_dim=16, content_dim=8)
+            return cls(dim=16, epochs=12, batch_size=128, lr=5e-3, user_hidden=(32,), item_hidden=(32,), id_dim=16, content_dim=8,
+                       history_len=20, history_dim=16)
         if profile == "small":
             return cls(dim=32, epochs=10, batch_size=256, lr=3e-3, user_hidden=(64,), item_hidden=(64,), id_dim=32, content_dim=16)
         if profile == "default":
@@ -142,21 +160,42 @@ def _signed_log1p_np(x: np.ndarray) -> np.ndarray:
 
 
 class UserTower(nn.Module):
-    """[N, U] float32 raw user features (NaN = missing) -> [N, dim] unit-norm embeddings."""
+    """[N, U] float32 raw user features (NaN = missing) and [N, L] int64 history (vocabulary
+    indices of the user's last engaged items, 0 = empty or unknown) -> [N, dim] unit-norm."""
 
-    def __init__(self, mean: np.ndarray, std: np.ndarray, hidden: tuple[int, ...], dim: int) -> None:
+    def __init__(self, mean: np.ndarray, std: np.ndarray, hidden: tuple[int, ...], dim: int,
+                 n_vocab: int = 0, history_dim: int = 0, history_len: int = 1) -> None:
         super().__init__()
         self.n_features = int(len(mean))
+        self.n_vocab, self.history_dim, self.history_len = int(n_vocab), int(history_dim), int(history_len)
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
-        self.mlp = _mlp(2 * self.n_features, hidden, dim)
+        if self.history_dim:
+            self.history_embedding = nn.Embedding(self.n_vocab + 1, self.history_dim, padding_idx=0)
+            with torch.no_grad():
+                self.history_embedding.weight.normal_(0.0, 0.1)
+                self.history_embedding.weight[0].zero_()
+        self.mlp = _mlp(2 * self.n_features + (self.history_dim + 1 if self.history_dim else 0), hidden, dim)
 
-    def forward(self, user_features: torch.Tensor) -> torch.Tensor:
+    def pooled_history(self, history: torch.Tensor) -> torch.Tensor:
+        """[N, history_dim + 1]: the mean embedding of the known history items, and how many
+        there are (log1p, scaled by the configured length). An empty history gives zeros."""
+        idx = torch.where((history > 0) & (history <= self.n_vocab), history, torch.zeros_like(history))
+        known = (idx > 0).to(torch.float32)
+        n = known.sum(dim=1, keepdim=True)
+        pooled = (self.history_embedding(idx) * known.unsqueeze(2)).sum(dim=1) / torch.clamp(n, min=1.0)
+        return torch.cat([pooled, torch.log1p(n) / float(np.log1p(max(self.history_len, 1)))], dim=1)
+
+    def forward(self, user_features: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         missing = torch.isnan(user_features)
         x = torch.where(missing, torch.zeros_like(user_features), user_features)
         x = torch.clamp((_signed_log1p(x) - self.mean) / self.std, -5.0, 5.0)
-        h = torch.cat([x, missing.to(torch.float32)], dim=1)
-        return F.normalize(self.mlp(h), p=2.0, dim=1, eps=1e-12)
+        parts = [x, missing.to(torch.float32)]
+        if self.history_dim:
+            if history is None:
+                history = torch.zeros((user_features.shape[0], 1), dtype=torch.int64)
+            parts.append(self.pooled_history(history))
+        return F.normalize(self.mlp(torch.cat(parts, dim=1)), p=2.0, dim=1, eps=1e-12)
 
 
 class ItemTower(nn.Module):
@@ -209,6 +248,7 @@ class TwoTowerModel:
     train_seconds: float = 0.0
     n_positives: int = 0
     sample_user_features: np.ndarray | None = None  # up to 256 raw training rows [N, U], for export checks
+    sample_history: np.ndarray | None = None  # their history item ids [N, L] (PAD = -1)
 
     @property
     def dim(self) -> int:
@@ -222,14 +262,25 @@ class TwoTowerModel:
             raise KeyError(f"user tower inputs {missing[:3]}... are not among the matrix columns")
         return np.ascontiguousarray(np.asarray(X, dtype=np.float32)[:, [pos[c] for c in self.user_columns]])
 
+    def history_inputs(self, history: np.ndarray | None, n: int) -> np.ndarray:
+        """The user tower's history input [n, L] int64 (vocabulary indices, 0 = empty) from item
+        ids [n, >=0] (features.history layout: most recent last, PAD = -1); None = no history."""
+        L = self.config.history_len
+        if history is None:
+            return np.zeros((n, L), dtype=np.int64)
+        return history_index(self.vocab, history, L)
+
     @torch.no_grad()
-    def user_embeddings(self, user_features: np.ndarray, batch: int = 8192) -> np.ndarray:
-        """(N, dim) float32 from raw user features [N, U] (NaN = missing)."""
+    def user_embeddings(self, user_features: np.ndarray, history: np.ndarray | None = None, batch: int = 8192) -> np.ndarray:
+        """(N, dim) float32 from raw user features [N, U] (NaN = missing) and the users' history
+        as item ids [N, L'] (most recent last, PAD = -1; None = every history empty)."""
         U = np.asarray(user_features, dtype=np.float32)
         if U.ndim != 2 or U.shape[1] != len(self.user_columns):
             raise ValueError(f"user features must be (N, {len(self.user_columns)}), got {U.shape}")
+        Hx = self.history_inputs(history, len(U))
         self.user_tower.eval()
-        out = [self.user_tower(torch.from_numpy(np.ascontiguousarray(U[a : a + batch]))).numpy() for a in range(0, len(U), batch)]
+        out = [self.user_tower(torch.from_numpy(np.ascontiguousarray(U[a : a + batch])), torch.from_numpy(Hx[a : a + batch])).numpy()
+               for a in range(0, len(U), batch)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
     def item_inputs(self, item_ids: np.ndarray, catalog: ItemCatalog | None = None, *, content_only: bool = False) -> dict[str, np.ndarray]:
@@ -289,6 +340,8 @@ def train_two_tower(td: TrainingData, cfg: TwoTowerConfig | None = None, seed: i
     U = U_all[pos]
 
     vocab = td.items.item_id.astype(np.int64)
+    L = cfg.history_len
+    Hx = history_index(vocab, train.H[pos], L)
     vin = item_tower_inputs(td.items, vocab, vocab=vocab, n_creator_buckets=cfg.creator_buckets)  # row r = vocab item r
     row = td.items.index(train.item_id[pos])
     if (row < 0).any():
@@ -303,17 +356,18 @@ def train_two_tower(td: TrainingData, cfg: TwoTowerConfig | None = None, seed: i
         np_rng = np.random.default_rng(seed)
         gen = torch.Generator().manual_seed(seed + 1)
         d_mean, d_std = _duration_stats(td.items.duration_s)
-        user_tower = UserTower(mean, std, cfg.user_hidden, cfg.dim)
+        user_tower = UserTower(mean, std, cfg.user_hidden, cfg.dim, len(vocab), cfg.history_dim, L)
         item_tower = ItemTower(len(vocab), td.info.n_topics, cfg.creator_buckets, d_mean, d_std,
                                cfg.id_dim, cfg.content_dim, cfg.item_hidden, cfg.dim)
         params = list(user_tower.parameters()) + list(item_tower.parameters())
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         U_t = torch.from_numpy(U)
+        H_t = torch.from_numpy(Hx)
         row_t = torch.from_numpy(row.astype(np.int64))
         logq_t = torch.from_numpy(logq)
         item_t = _item_batch(vin)
-        valid = _valid_set(td, cidx) if cfg.patience > 0 else None
+        valid = _valid_set(td, cidx, vocab, L) if cfg.patience > 0 else None
         stop_k = max(1, min(cfg.early_stopping_k, len(vocab) // 4))  # k ~ the catalogue size says nothing
         history: list[float] = []
         valid_history: list[float] = []
@@ -332,7 +386,11 @@ def train_two_tower(td: TrainingData, cfg: TwoTowerConfig | None = None, seed: i
                 if cfg.id_dropout > 0:
                     drop = torch.rand(len(b), generator=gen) < cfg.id_dropout
                     idx = torch.where(drop, torch.zeros_like(idx), idx)
-                u = user_tower(U_t[b])
+                h = H_t[b]
+                if cfg.history_dropout > 0 and L:
+                    hide = torch.rand(len(b), generator=gen) < cfg.history_dropout
+                    h = torch.where(hide.unsqueeze(1), torch.zeros_like(h), h)
+                u = user_tower(U_t[b], h)
                 v = item_tower(idx, item_t[1][r], item_t[2][r], item_t[3][r])
                 logits = u @ v.T / cfg.temperature
                 if cfg.logq_correction:
@@ -362,30 +420,31 @@ def train_two_tower(td: TrainingData, cfg: TwoTowerConfig | None = None, seed: i
         user_tower.eval(), item_tower.eval()
     finally:
         torch.set_num_threads(prev_threads)
-    sample = U_all[np.sort(np.random.default_rng(seed).choice(len(U_all), size=min(256, len(U_all)), replace=False))]
+    pick = np.sort(np.random.default_rng(seed).choice(len(U_all), size=min(256, len(U_all)), replace=False))
     return TwoTowerModel(cfg, user_tower, item_tower, ucols, vocab, td.items, seed, history, valid_history,
-                         best_epoch, time.perf_counter() - t0, int(len(pos)), sample)
+                         best_epoch, time.perf_counter() - t0, int(len(pos)), U_all[pick], train.H[pick][:, -L:] if L else None)
 
 
 def _state(*modules: nn.Module) -> tuple[dict[str, torch.Tensor], ...]:
     return tuple({k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules)
 
 
-def _valid_set(td: TrainingData, cidx: list[int]) -> tuple[torch.Tensor, np.ndarray] | None:
-    """Valid positives (user features, catalogue row of the item), or None when there are none."""
+def _valid_set(td: TrainingData, cidx: list[int], vocab: np.ndarray, L: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray] | None:
+    """Valid positives (user features, history, catalogue row of the item), or None when there are none."""
     m = td.valid.label > 0.5
     if not m.any():
         return None
-    return torch.from_numpy(np.ascontiguousarray(td.valid.X[m][:, cidx], dtype=np.float32)), td.items.index(td.valid.item_id[m])
+    return (torch.from_numpy(np.ascontiguousarray(td.valid.X[m][:, cidx], dtype=np.float32)),
+            torch.from_numpy(history_index(vocab, td.valid.H[m], L)), td.items.index(td.valid.item_id[m]))
 
 
 @torch.no_grad()
 def _tower_recall(user_tower: UserTower, item_tower: ItemTower, item_t: tuple[torch.Tensor, ...],
-                  valid: tuple[torch.Tensor, np.ndarray], k: int) -> float:
+                  valid: tuple[torch.Tensor, torch.Tensor, np.ndarray], k: int) -> float:
     user_tower.eval(), item_tower.eval()
-    u = user_tower(valid[0]).numpy()
+    u = user_tower(valid[0], valid[1]).numpy()
     v = item_tower(*item_t).numpy()
-    return recall_from_embeddings(u, v, valid[1], k)
+    return recall_from_embeddings(u, v, valid[2], k)
 
 
 # ---- evaluation -----------------------------------------------------------------------------
@@ -429,7 +488,7 @@ def retrieval_recall(model: TwoTowerModel, td: TrainingData, split: Split | str 
     cat = td.items if catalog is None else catalog
     pos = s.label > 0.5
     U = model.user_inputs(s.X[pos], td.columns)
-    return recall_from_embeddings(model.user_embeddings(U), model.item_embeddings(cat.item_id, cat), cat.index(s.item_id[pos]), k)
+    return recall_from_embeddings(model.user_embeddings(U, s.H[pos]), model.item_embeddings(cat.item_id, cat), cat.index(s.item_id[pos]), k)
 
 
 def popularity_recall(td: TrainingData, split: Split | str = "test", k: int = 100) -> float:

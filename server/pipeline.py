@@ -2,10 +2,11 @@
 
 Nothing here awaits or touches the network: `retrieve` and `rank` run in a worker thread
 (ONNX Runtime and ScaNN release the GIL) on a `Snapshot` and the user's decoded features.
-The stages follow the offline evaluation (models.evaluate) exactly: user features → user
-tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
-every candidate's ranker inputs through `features.assemble.assemble` → the int8 student in
-one batched call → best first. Serving adds, for cold start and freshness, popular items,
+The stages follow the offline evaluation (models.evaluate) exactly: user features and the
+seen record's last items (the engagement history) → user tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
+every candidate's ranker inputs through `features.assemble.assemble` (for rankers trained on
+candidate lists, with the list's retrieval rank and score gap) → the int8 student in one
+batched call → best first. Serving adds, for cold start and freshness, popular items,
 recently published items and new items (not in the release) found by their content
 embedding, then a per-creator cap.
 """
@@ -18,13 +19,14 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from features.assemble import assemble, columns_from_frame
+from features.assemble import assemble, columns_from_frame, retrieval_columns
+from features.history import history_row
 from server.config import ServerConfig
 from server.state import Snapshot
 from server.user_features import PairTable, UserFeatures, empty_pair_table
 
 __all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
-           "recommend", "score_items", "missing_pair_values"]
+           "recommend", "score_items", "missing_pair_values", "user_history", "candidate_scores"]
 
 SOURCES = ("ann", "content", "fresh", "popular", "request")  # index = Candidates.source code; first wins on duplicates
 
@@ -52,6 +54,7 @@ class Candidates:
     ids: np.ndarray  # int64
     source: np.ndarray  # int8 index into SOURCES
     rows: np.ndarray  # item-table rows
+    user_emb: np.ndarray | None = None  # (1, dim) the user tower's embedding, when retrieval computed it
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ def user_matrix(snap: Snapshot, uf: UserFeatures) -> np.ndarray:
     row = [float("nan") if bool(np.asarray(cols[c][1]).reshape(-1)[0]) else float(np.asarray(cols[c][0]).reshape(-1)[0])
            for c in snap.runtime.user_columns]
     return np.asarray([row], dtype=np.float32)
+
+
+def user_history(uf: UserFeatures, n: int) -> np.ndarray:
+    """The user tower's history row [1, n] (item ids, PAD = -1): the last n items of the seen
+    record, which keeps `features.history`'s list, so it equals training's `history_at`."""
+    return history_row(uf.seen, n)[None, :]
 
 
 def _eligible(snap: Snapshot, ids: np.ndarray, rows: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
@@ -85,7 +94,7 @@ def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int,
     items = snap.items
     blocked = np.union1d(exclude, uf.seen) if len(uf.seen) else exclude
     with timer.stage("embed"):
-        emb = rt.user_embeddings(user_matrix(snap, uf))
+        emb = rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
     parts: list[tuple[np.ndarray, int]] = []
     with timer.stage("ann"):
         want = min(len(rt.vocab), cfg.retrieve_k + len(blocked) + 50)
@@ -116,7 +125,7 @@ def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int,
     _, first = np.unique(ids, return_index=True)  # dedupe: the first source listed wins
     keep = np.sort(first)
     ids, src = ids[keep], src[keep]
-    return Candidates(ids, src, items.rows(ids))
+    return Candidates(ids, src, items.rows(ids), emb)
 
 
 def missing_pair_values(snap: Snapshot, uf: UserFeatures, cand_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -132,12 +141,29 @@ def missing_pair_values(snap: Snapshot, uf: UserFeatures, cand_rows: np.ndarray)
     return out
 
 
-def feature_matrix(snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int, extra_pairs: Mapping[str, PairTable] | None = None) -> np.ndarray:
-    """Raw ranker inputs (n, F) for the user and item rows, through the shared `assemble`."""
+def candidate_scores(snap: Snapshot, user_emb: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Two-tower scores of the candidates: release items by their item embedding, new items by
+    their content embedding, NaN for items with neither."""
+    s = snap.runtime.item_scores(user_emb, ids)
+    miss = np.isnan(s)
+    if miss.any() and len(snap.new_ids):
+        pos = np.clip(np.searchsorted(snap.new_ids, ids), 0, len(snap.new_ids) - 1)
+        new = miss & (snap.new_ids[pos] == ids)
+        if new.any():
+            s[new] = snap.new_emb[pos[new]].astype(np.float32) @ np.asarray(user_emb, dtype=np.float32).reshape(-1)
+    return s
+
+
+def feature_matrix(snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int, extra_pairs: Mapping[str, PairTable] | None = None,
+                   retrieval: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
+    """Raw ranker inputs (n, F) for the user and item rows, through the shared `assemble`.
+    `retrieval`: the candidate list's retrieval columns, when the ranker reads them."""
     rt = snap.runtime
     spec = rt.inputs
     topic, creator, duration, publish = snap.items.content(rows)
     cols = dict(uf.columns)
+    if retrieval:
+        cols.update(retrieval)
     frame = snap.items.features(rows, now_ms)
     cols.update(columns_from_frame(spec.item_set, frame, snap.items.layout.feature_set))
     by_col = {"topic": topic, "creator_id": creator}
@@ -151,7 +177,12 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
     if len(cand.ids) == 0:
         return Ranked(cand.ids, np.empty(0, dtype=np.float32), cand.source)
     with timer.stage("assemble"):
-        X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs)
+        retrieval = None
+        if snap.runtime.inputs.uses_retrieval:  # list-relative rank and score gap, as in training and eval
+            emb = cand.user_emb if cand.user_emb is not None else snap.runtime.user_embeddings(
+                user_matrix(snap, uf), user_history(uf, snap.runtime.history_len))
+            retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids)
+        X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs, retrieval)
     with timer.stage("rank"):
         scores = snap.runtime.score(X)  # ONE batched call of the configured ranker
     return Ranked(cand.ids, scores.astype(np.float32), cand.source)

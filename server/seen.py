@@ -6,7 +6,9 @@ not item lists, so the server keeps one small record per user beside them:
 `{ns}:user_seen:v1:user:{user_id}` holding the most recent `cap` item ids as little-endian
 int64. It is filled from the event log at start-up (`bootstrap_seen`, once per log end) and
 appended to by live events (`append_seen`). Adding an id twice is harmless, so both are
-idempotent and safe under at-least-once delivery.
+idempotent and safe under at-least-once delivery. What counts as seen and how the record is
+kept are `features.history`'s, so the record's last items are the user tower's history input,
+the same list training built for the user as of the same time.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from features.events import EventBatch, EventType
+from features.events import EventBatch
+from features.history import engagement_mask, last_distinct
 from features.online.base import OnlineStore, RecordKey, Write
 
 __all__ = ["SEEN_SET", "SEEN_VERSION", "seen_key", "decode_seen", "encode_seen", "engagement_mask", "append_seen", "bootstrap_seen"]
@@ -40,19 +43,9 @@ def decode_seen(raw: bytes | None) -> np.ndarray:
 
 
 def encode_seen(items: np.ndarray, cap: int) -> bytes:
-    """The last `cap` distinct ids, most recent last (a re-seen item moves to the end)."""
-    items = np.asarray(items, dtype=np.int64)
-    _, last = np.unique(items[::-1], return_index=True)  # first occurrence from the end = most recent
-    keep = np.sort(len(items) - 1 - last)
-    return np.ascontiguousarray(items[keep][-cap:], dtype="<i8").tobytes()
-
-
-def engagement_mask(events: EventBatch, kind: str) -> np.ndarray:
-    """What counts as seen: the same rule as models.popularity.engagement_mask (the offline
-    evaluation's seen filter). Restated here because the server must not import models/."""
-    if kind == "movielens":
-        return (events.type == EventType.RATING) & (events.value >= 4)
-    return (events.type == EventType.PLAY) | (events.type == EventType.LIKE)
+    """The last `cap` distinct ids, most recent last (a re-seen item moves to the end):
+    `features.history.last_distinct`, the rule training histories follow too."""
+    return np.ascontiguousarray(last_distinct(items, cap), dtype="<i8").tobytes()
 
 
 def _grouped(events: EventBatch, kind: str) -> Mapping[int, np.ndarray]:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from export.towers import (
+    HISTORY_INPUT,
     OUTPUT,
     USER_INPUT,
     TowerMismatchError,
@@ -94,7 +95,31 @@ def test_a_user_with_no_features_at_all_gets_a_finite_unit_embedding(model):
     U = model.user_embeddings(X)
     assert np.isfinite(U).all()
     np.testing.assert_allclose(np.linalg.norm(U, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(U[0], U[1], atol=1e-6)  # identical inputs (bitwise equality is not promised across batch rows)
+    np.testing.assert_allclose(U[0], U[1], atol=1e-6)  # same inputs (batched maths may differ in the last bit)
+
+
+def test_history_is_read_point_in_time_and_changes_the_embedding(tiny_td, model):
+    tr = tiny_td.train
+    assert tr.H.shape == (len(tr), 50) and (tr.H >= 0).any()
+    X = model.user_inputs(tr.X[-200:], tiny_td.columns)
+    with_h = model.user_embeddings(X, tr.H[-200:])
+    without = model.user_embeddings(X)  # a new user: empty history
+    assert np.isfinite(without).all()
+    np.testing.assert_allclose(np.linalg.norm(without, axis=1), 1.0, atol=1e-5)
+    has = (tr.H[-200:] >= 0).any(axis=1)
+    assert has.any() and np.abs(with_h[has] - without[has]).max() > 1e-3
+    np.testing.assert_allclose(with_h[~has], without[~has], atol=1e-6)
+    # unknown ids and padding are ignored: an all-unknown history is an empty one
+    junk = np.full((len(X), 5), 10**12, dtype=np.int64)
+    np.testing.assert_allclose(model.user_embeddings(X, junk), without, atol=1e-6)
+
+
+def test_a_user_with_history_and_no_features_gets_a_sane_embedding(tiny_td, model):
+    X = np.full((1, len(model.user_columns)), np.nan, dtype=np.float32)
+    h = tiny_td.train.H[(tiny_td.train.H >= 0).sum(axis=1).argmax()][None, :]
+    assert (h >= 0).sum() >= 3
+    E = model.user_embeddings(X, h)
+    assert np.isfinite(E).all() and abs(float(np.linalg.norm(E)) - 1.0) < 1e-5
 
 
 def test_a_brand_new_item_gets_its_content_embedding(tiny_td, model):
@@ -164,17 +189,22 @@ def _ort(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def test_user_tower_onnx_matches_torch_on_real_and_all_nan_rows(tiny_td, model, tmp_path):
+def test_user_tower_onnx_matches_torch_on_real_and_all_nan_rows_with_and_without_history(tiny_td, model, tmp_path):
     path = export_user_tower(model, tmp_path / "user_tower.onnx")
     proto = onnx.load(str(path))
-    assert [i.name for i in proto.graph.input] == [USER_INPUT] and [o.name for o in proto.graph.output] == [OUTPUT]
+    assert [i.name for i in proto.graph.input] == [USER_INPUT, HISTORY_INPUT] and [o.name for o in proto.graph.output] == [OUTPUT]
     assert proto.opset_import[0].version == 17
     X = model.user_inputs(tiny_td.test.X[:50], tiny_td.columns)
     X = np.concatenate([X, np.full((2, X.shape[1]), np.nan, dtype=np.float32)])
-    (got,) = _ort(path).run([OUTPUT], {USER_INPUT: X})
-    np.testing.assert_allclose(got, model.user_embeddings(X), atol=1e-4)
-    (one,) = _ort(path).run([OUTPUT], {USER_INPUT: X[:1]})  # dynamic batch axis
+    H = np.concatenate([tiny_td.test.H[:50], np.full((2, tiny_td.test.H.shape[1]), -1, dtype=np.int64)])
+    assert (H[:50] >= 0).any()
+    for hist in (H, None):
+        (got,) = _ort(path).run([OUTPUT], {USER_INPUT: X, HISTORY_INPUT: model.history_inputs(hist, len(X))})
+        np.testing.assert_allclose(got, model.user_embeddings(X, hist), atol=1e-4)
+    (one,) = _ort(path).run([OUTPUT], {USER_INPUT: X[:1], HISTORY_INPUT: model.history_inputs(H[:1], 1)})  # dynamic batch axis
     assert one.shape == (1, TINY.dim)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert int(meta["parity.history_len"]) == TINY.history_len
 
 
 def test_item_tower_onnx_matches_torch_on_catalogue_and_unknown_items(tiny_td, model, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from features.catalog import ItemCatalog
 from features.datasets import ITEMS_FILE, read_items
 from features.eventlog import EventLog
+from features.history import history_at
 from features.pit import PitJoiner
 from server import pipeline
 from server.app import BackgroundServer
@@ -58,7 +59,11 @@ def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
     seen = set(events.item_id[engaged & (events.user_id == user)].tolist())
     assert set(uf.seen.tolist()) == seen
     cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, service.cfg, Timer())
-    emb = snap.runtime.user_embeddings(pipeline.user_matrix(snap, uf))
+    # the training-time history of this user as of now is what the server's seen record gives the tower
+    # (the record holds the whole log: as of its end, or of now if the clock has passed it)
+    H = history_at(events.deduplicated(), "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), snap.runtime.history_len)
+    assert pipeline.user_history(uf, snap.runtime.history_len).tolist() == H.tolist()
+    emb = snap.runtime.user_embeddings(pipeline.user_matrix(snap, uf), H)
     ids, _ = snap.runtime.retrieve(emb, len(snap.runtime.vocab))
     expect = [x for x in ids[0].tolist() if x not in seen][: service.cfg.retrieve_k]
     assert cand.ids[cand.source == 0].tolist() == expect
@@ -160,3 +165,50 @@ def test_pair_features_read_after_retrieval_give_the_same_answers_as_prefetched_
             await two.close()
 
     asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def candidates_service(small_sim, server_config, tmp_path_factory):
+    """A release whose rankers learned on candidate lists (the MovieLens way), served."""
+    from models.pipeline import train_release
+
+    rel = train_release(small_sim, tmp_path_factory.mktemp("cand-releases"), profile="tiny", seed=0, ranker_rows="candidates")
+    svc = build_service(server_config(rel.path, small_sim))
+    yield svc
+    svc.cpu.shutdown()
+    svc.io.shutdown()
+
+
+def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(candidates_service, small_sim):
+    """The retrieval columns (rank and score gap in the list) come out of the server exactly
+    as parity eval computes them: offline features + retrieval_columns of the exact scores."""
+    from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, retrieval_columns
+    from models.data import feature_matrix
+
+    svc = candidates_service
+    snap = svc.state.current
+    rt = snap.runtime
+    assert rt.inputs.uses_retrieval and rt.release.manifest["config"]["ranker_rows"] == "candidates"
+    now = svc.clock.now_ms()
+    events = EventLog(small_sim / "events").read().deduplicated()
+    sets = [svc.sets_by_name[n] for n in rt.inputs.sets]
+    joiner = PitJoiner(sets, events)
+    catalog = ItemCatalog.from_table(read_items(small_sim))
+    base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
+                        tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
+    for user in np.bincount(events.user_id).argsort()[-2:].tolist():
+        uf = snap.plan.decode(user, svc.store.get_many(snap.plan.keys(user)), now)
+        timer = Timer()
+        cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, svc.cfg, timer)
+        ranked = pipeline.rank(snap, uf, cand, now, timer)
+        H = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.history_len)
+        emb = rt.user_embeddings(snap.runtime.user_inputs(feature_matrix(base, joiner, sets, catalog, np.array([user]), cand.ids[:1], now)), H)
+        rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids)
+        Xb = feature_matrix(base, joiner, sets, catalog, np.full(len(cand.ids), user), cand.ids, now)
+        pos = {c: j for j, c in enumerate(base.columns)}
+        X = np.stack([np.where(rc[c][1], np.nan, rc[c][0]) if c in rc else Xb[:, pos[c]] for c in rt.inputs.columns], axis=1)
+        np.testing.assert_allclose(ranked.scores, rt.score(X.astype(np.float32), "student_int8"), rtol=1e-5, atol=1e-6)
+        assert sorted(rc["retrieval.rank"][0].tolist()) == list(range(len(cand.ids)))
+        # Rank (given items, no retrieval) computes the user embedding itself
+        s = pipeline.score_items(snap, uf, cand.ids[:5], now, Timer())
+        assert s.shape == (5,) and np.isfinite(s).all()
