@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.parity-installed
+BENCH_STAMP := $(VENV)/.parity-bench-installed
 PROTOS := $(wildcard proto/parity_api/v1/*.proto)
 GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
@@ -31,9 +32,19 @@ test: setup
 demo: setup
 	$(PY) -m parity.demo --out $(DEMO_OUT)
 
-bench: setup
+# The bench extra (faiss-cpu, matplotlib) only for benchmarks: `make test` does not need it.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[train,test,bench]" --config-settings editable_mode=compat
+	touch $(BENCH_STAMP)
+
+# Micro-benchmarks (pytest-benchmark), then the serving study (bench/serving.py: product server
+# vs baseline, fixed rate, capacity, 10-minute soak; ~35 min). SERVING_ARGS=--quick for a smoke run.
+SERVING_ARGS ?=
+bench: setup $(BENCH_STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:cacheprovider
 	$(PY) -m bench.report bench/results/latest.json bench/RESULTS.md
+	$(PY) -m bench.serving --out bench/results/serving.json $(SERVING_ARGS)
+	$(PY) -m bench.serving_report bench/results/serving.json bench/RESULTS.md
 
 # Locust against a server you started (e.g. `parity serve ... --port 50051`); offered load is
 # about users x 5 requests/s. Latency figures come from `parity bench latency` (open loop).

@@ -184,14 +184,14 @@ def render(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def splice(existing: str, block: str) -> str:
-    """Replace the generated block in `existing`, or append it if there is none."""
-    a = existing.find(START)
+def splice(existing: str, block: str, start: str = START, end: str = END) -> str:
+    """Replace the generated block (start..end markers) in `existing`, or append it if there is none."""
+    a = existing.find(start)
     if a >= 0:
-        z = existing.find(END, a)
+        z = existing.find(end, a)
         if z < 0:
-            raise ValueError(f"RESULTS.md has {START} but no {END}: fix the file by hand")
-        z += len(END)
+            raise ValueError(f"RESULTS.md has {start} but no {end}: fix the file by hand")
+        z += len(end)
         if existing[z : z + 1] == "\n":
             z += 1
         return existing[:a] + block + existing[z:]
@@ -211,8 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     if not data.get("benchmarks"):
         print(f"{src}: no benchmarks in the JSON (was the run --benchmark-only with every benchmark skipped?)", file=sys.stderr)
         return 1
+    update_results(dst, render(data))
+    print(f"wrote {dst} ({len(data['benchmarks'])} benchmarks from {src})")
+    return 0
+
+
+def update_results(dst: Path, block: str, start: str = START, end: str = END) -> None:
+    """Splice `block` into the file `dst` atomically, keeping everything else and the file mode."""
     existing = dst.read_text(encoding="utf-8") if dst.exists() else ""
-    text = splice(existing, render(data))
+    text = splice(existing, block, start, end)
     if dst.exists():
         mode = dst.stat().st_mode & 0o777
     else:  # what open() would give a new file
@@ -228,8 +235,6 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    print(f"wrote {dst} ({len(data['benchmarks'])} benchmarks from {src})")
-    return 0
 
 
 if __name__ == "__main__":

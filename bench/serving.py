@@ -307,7 +307,7 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
                             q = round(cfg.soak_fraction * capacity, 1)
                             _say(f"{store} / {variant}: soak at {q} req/s for {cfg.soak_seconds:g} s")
                             with RssSampler(srv, cfg.rss_every_s) as rss:
-                                soak = _measure(srv, user_ids, cfg, q, cfg.soak_seconds, window_s=cfg.soak_window_s, keep_latencies=True)
+                                soak = _measure(srv, user_ids, cfg, q, cfg.soak_seconds, window_s=cfg.soak_window_s)
                             soak["rss_mb"] = rss.samples
                             scen["soak"] = soak
                     result["scenarios"].append(scen)

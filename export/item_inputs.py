@@ -31,6 +31,7 @@ __all__ = [
     "VocabError",
     "creator_bucket",
     "vocab_index",
+    "VocabIndex",
     "history_index",
     "item_tower_inputs",
     "save_vocab",
@@ -78,19 +79,30 @@ def _check_vocab(vocab: np.ndarray) -> np.ndarray:
     return v
 
 
-def vocab_index(vocab: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+class VocabIndex:
+    """`vocab_index` for one vocabulary, checked and sorted once. The server maps every
+    request's history through it; re-checking the vocabulary per call (np.unique over every
+    item) was 8 % of a request's CPU."""
+
+    def __init__(self, vocab: np.ndarray) -> None:
+        self.vocab = _check_vocab(vocab)
+        self._order = np.argsort(self.vocab, kind="stable")
+        self._sorted = self.vocab[self._order]
+
+    def __call__(self, item_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(self._sorted) == 0:
+            return np.zeros(ids.shape, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self._sorted, ids), 0, len(self._sorted) - 1)
+        return np.where(self._sorted[pos] == ids, self._order[pos] + 1, 0).astype(np.int64)
+
+
+def vocab_index(vocab: "np.ndarray | VocabIndex", item_ids: np.ndarray) -> np.ndarray:
     """int64 ``item_index`` per item id: 1 + position in ``vocab``, 0 for ids not in it."""
-    v = _check_vocab(vocab)
-    ids = np.asarray(item_ids, dtype=np.int64)
-    if len(v) == 0:
-        return np.zeros(ids.shape, dtype=np.int64)
-    order = np.argsort(v, kind="stable")
-    sv = v[order]
-    pos = np.clip(np.searchsorted(sv, ids), 0, len(sv) - 1)
-    return np.where(sv[pos] == ids, order[pos] + 1, 0).astype(np.int64)
+    return (vocab if isinstance(vocab, VocabIndex) else VocabIndex(vocab))(item_ids)
 
 
-def history_index(vocab: np.ndarray, history: np.ndarray, n: int) -> np.ndarray:
+def history_index(vocab: "np.ndarray | VocabIndex", history: np.ndarray, n: int) -> np.ndarray:
     """The user tower's ``history`` input (rows, n) int64 from history item ids (rows, L), most
     recent last, PAD (-1) for empty slots (features.history): the last n columns (left-padded
     when L < n), each id mapped by `vocab_index`; empty slots and ids outside the training

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 from export.index import ItemIndex, exact_search
 from export.onnx_export import ort_session
-from export.item_inputs import history_index, item_tower_inputs, load_vocab, vocab_index
+from export.item_inputs import VocabIndex, history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
@@ -56,6 +56,11 @@ class ReleaseRuntime:
     _item_tower: ort.InferenceSession
     _plugins: dict[str, Scorer] = field(default_factory=dict)
     default_ranker: str | None = None
+    vocab_lookup: VocabIndex | None = None  # built once from `vocab` (__post_init__)
+
+    def __post_init__(self) -> None:
+        if self.vocab_lookup is None:
+            self.vocab_lookup = VocabIndex(self.vocab)
 
     @classmethod
     def load(cls, release: Release, *, rankers: tuple[str, ...] = RANKERS, threads: int = 1,
@@ -95,13 +100,13 @@ class ReleaseRuntime:
         feeds = {"user_features": U}
         if self.history_len:
             h = np.full((len(U), 0), -1, dtype=np.int64) if history is None else history
-            feeds["history"] = history_index(self.vocab, h, self.history_len)
+            feeds["history"] = history_index(self.vocab_lookup, h, self.history_len)
         return self._user_tower.run(["embedding"], feeds)[0]
 
     def item_scores(self, user_emb: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
         """float64 dot products of one user embedding with the release's item embeddings of
         `item_ids` (exact; NaN for ids outside the release vocabulary)."""
-        idx = vocab_index(self.vocab, item_ids) - 1
+        idx = vocab_index(self.vocab_lookup, item_ids) - 1
         e = np.asarray(user_emb, dtype=np.float32).reshape(-1)
         s = (self.item_embeddings[np.maximum(idx, 0)] @ e).astype(np.float64)
         return np.where(idx >= 0, s, np.nan)
