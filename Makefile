@@ -32,7 +32,7 @@ test: setup
 demo: setup
 	$(PY) -m parity.demo --out $(DEMO_OUT)
 
-# The bench extra (faiss-cpu, matplotlib) only for benchmarks: `make test` does not need it.
+# The bench extra (faiss-cpu) only for benchmarks: `make test` does not need it.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train,test,bench]" --config-settings editable_mode=compat
 	touch $(BENCH_STAMP)
@@ -46,17 +46,16 @@ bench: setup $(BENCH_STAMP)
 	$(PY) -m bench.serving --out bench/results/serving.json $(SERVING_ARGS)
 	$(PY) -m bench.serving_report bench/results/serving.json bench/RESULTS.md
 
-# Locust against a server you started (e.g. `parity serve ... --port 50051`); offered load is
-# about users x 5 requests/s. Latency figures come from `parity bench latency` (open loop).
-LOADTEST_HOST ?= 127.0.0.1:50051
-LOADTEST_EVENTS ?= $(DEMO_OUT)/data
+# Locust, headless, fixed time and user count: starts a server on the demo workspace (made if
+# missing) unless LOADTEST_HOST names a running one; writes Locust's CSV and a summary
+# (bench/results/locust_*). Offered load is about users x 5 requests/s.
+LOADTEST_HOST ?=
+LOADTEST_EVENTS ?=
 LOADTEST_USERS ?= 30
 LOADTEST_TIME ?= 60s
 loadtest: setup
-	mkdir -p bench/results
-	$(PY) -m locust -f bench/locustfile.py --headless --host $(LOADTEST_HOST) --users $(LOADTEST_USERS) \
-	  --spawn-rate $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --csv bench/results/locust --only-summary \
-	  --parity-events $(LOADTEST_EVENTS)
+	$(PY) -m bench.loadtest --users $(LOADTEST_USERS) --run-time $(LOADTEST_TIME) --workspace $(DEMO_OUT) \
+	  $(if $(LOADTEST_HOST),--host $(LOADTEST_HOST)) $(if $(LOADTEST_EVENTS),--events $(LOADTEST_EVENTS))
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .benchmarks

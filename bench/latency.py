@@ -19,6 +19,7 @@ Percentiles are over successful responses; errors are counted by status code bes
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import math
 import time
@@ -237,12 +238,24 @@ def window_figures(lat: np.ndarray, qps: float, window_s: float) -> tuple[dict, 
 
 async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], k: int, timeout_s: float, cap: int, warmup: int,
                connect_timeout_s: float, window_s: float | None = None) -> LatencyReport:
-    import grpc
-
     from parity_api.v1 import recommender_pb2 as pb
-    from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 
     reqs = [pb.RecommendRequest(user_id=ids[i % len(ids)], k=k) for i in range(n)]
+    # The generator must not pause itself: a full collection over the prepared requests would
+    # delay sends, and every delayed send counts as latency (measured from the intended time).
+    gc.collect()
+    gc.freeze()
+    try:
+        return await _offer(target, qps, seconds, n, reqs, timeout_s, cap, warmup, connect_timeout_s, window_s)
+    finally:
+        gc.unfreeze()
+
+
+async def _offer(target: str, qps: float, seconds: float, n: int, reqs: list, timeout_s: float, cap: int, warmup: int,
+                 connect_timeout_s: float, window_s: float | None) -> LatencyReport:
+    import grpc
+
+    from parity_api.v1 import recommender_pb2_grpc as pb_grpc
     lat = np.full(n, np.nan)
     codes: dict[str, int] = {}
     sent = 0

@@ -5,7 +5,8 @@
 What it does, for each store (memory, and Redis on a private redis-server) and each variant
 (`parity`: the product server; `baseline`: the same server with the torch fp32 teacher, exact
 numpy retrieval and no caches, see bench/baseline_server.py):
-  1. start the server as a child process on a free loopback port and wait for SERVING;
+  1. start the server as a child process on a free loopback port, wait for SERVING, then
+     warm it up (15 s at half the fixed rate, reported but not judged);
   2. offer a fixed rate (default 200 Recommend/s for 30 s) with the open-loop harness
      (bench/latency.py: latency from each request's intended send time);
   3. find the highest rate at which p99 <= 50 ms with zero errors (and the server keeps up):
@@ -51,6 +52,7 @@ class ServingBenchConfig:
     ladder_max: float = 3000.0
     bisect_steps: int = 3
     cooldown_s: float = 3.0  # idle time before each measured run: an overloaded step's backlog drains first
+    warmup_seconds: float = 15.0  # unmeasured load at fixed_qps / 2 after start-up (first ticks, lazy paths, allocator)
     keep_up: float = 0.97  # a pass also needs achieved >= keep_up x offered
     soak_fraction: float = 0.7
     soak_seconds: float = 600.0
@@ -68,7 +70,7 @@ class ServingBenchConfig:
     @classmethod
     def quick(cls) -> "ServingBenchConfig":
         """Every step, briefly: a smoke run of the whole procedure (figures not for RESULTS.md)."""
-        return cls(fixed_seconds=5, step_seconds=3, ladder_start=100, ladder_factor=2.0, ladder_max=800, bisect_steps=1, cooldown_s=1.0, soak_seconds=20,
+        return cls(fixed_seconds=5, step_seconds=3, ladder_start=100, ladder_factor=2.0, ladder_max=800, bisect_steps=1, cooldown_s=1.0, warmup_seconds=3, soak_seconds=20,
                    soak_window_s=5, rss_every_s=1, profile="tiny", sim={"users": 2000, "items": 600, "days": 7, "seed": 1})
 
 
@@ -299,6 +301,8 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
                     with ServerProcess(_variant_argv(variant, release, data, store_url), work / f"server-{store}-{variant}.log") as srv:
                         scen["startup_s"] = round(srv.started_s, 1)
                         scen["rss_mb_idle"] = round(srv.rss_mb(), 1)
+                        if cfg.warmup_seconds:
+                            scen["warmup"] = _measure(srv, user_ids, cfg, cfg.fixed_qps / 2, cfg.warmup_seconds)
                         scen["fixed"] = _measure(srv, user_ids, cfg, cfg.fixed_qps, cfg.fixed_seconds, keep_latencies=True)
                         capacity, steps = capacity_search(lambda q: _measure(srv, user_ids, cfg, q, cfg.step_seconds), cfg)
                         scen["capacity_qps"] = capacity

@@ -27,7 +27,7 @@ from features.lookup import FeatureLookup, LookupRequest
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
 from features.streaming import StreamingIngestor
-from server import pipeline
+from server import heap, pipeline
 from server.caches import Breaker, FeatureCache, Generations, ResponseCache, StaleRecords
 from server.clock import Clock
 from server.config import ServerConfig
@@ -151,6 +151,7 @@ class RecommenderService:
         self._load_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="parity-item-refresh")
+        log.info("heap settled before serving: %s", heap.settle())
 
     async def close(self) -> None:
         if self._refresh_task is not None:
@@ -437,6 +438,7 @@ class RecommenderService:
                 self.metrics.release_loads.labels("refused").inc()
                 raise
             self.state.swap(snap)
+            heap.settle(collect=False)  # the new release is long-lived too (no full collection: requests are in flight)
             self.metrics.set_release(snap.release_id)
             self.metrics.release_loads.labels("loaded").inc()
             ms = (time.perf_counter() - t) * 1000

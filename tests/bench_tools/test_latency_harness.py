@@ -25,11 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def server(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    from models.pipeline import train_release  # torch lives here, in the test process only
-
-    rel = train_release(small_sim, tmp_path_factory.mktemp("releases"), profile="tiny", seed=0)
-    cfg = ServerConfig(release=rel.path, data_dir=small_sim, host="127.0.0.1", port=0, metrics_port=None, cpu_threads=2, io_threads=4,
+def server(small_sim: Path, release_dir: Path) -> Iterator[BackgroundServer]:
+    cfg = ServerConfig(release=release_dir, data_dir=small_sim, host="127.0.0.1", port=0, metrics_port=None, cpu_threads=2, io_threads=4,
                        drain_grace_s=2.0)
     with BackgroundServer(cfg) as s:
         yield s
@@ -221,3 +218,18 @@ def test_locust_headless_run_writes_csv(target: str, small_sim: Path, tmp_path: 
     assert {"Recommend", "Aggregated"} <= set(by_name)
     agg = by_name["Aggregated"]
     assert int(agg[header.index("Request Count")]) > 10 and int(agg[header.index("Failure Count")]) == 0
+
+
+def test_make_loadtest_runs_locust_and_writes_csv_and_a_summary(target: str, small_sim: Path, tmp_path: Path) -> None:
+    from bench.loadtest import main as loadtest
+
+    out = tmp_path / "lt"
+    rc = loadtest(["--host", target, "--events", str(small_sim), "--users", "4", "--run-time", "3s", "--out", str(out)])
+    assert rc == 0
+    assert (tmp_path / "lt_stats.csv").is_file() and (tmp_path / "lt_stats_history.csv").is_file()
+    summary = json.loads((tmp_path / "lt_summary.json").read_text())
+    rpcs = summary["rpcs"]
+    assert rpcs["Aggregated"]["requests"] > 10 and rpcs["Aggregated"]["failures"] == 0
+    assert rpcs["Recommend"]["requests"] > rpcs.get("Rank", {"requests": 0})["requests"]  # the task mix: Recommend most
+    assert summary["settings"]["users"] == 4 and summary["settings"]["host"] == target
+    assert "| Recommend |" in (tmp_path / "lt_summary.md").read_text()

@@ -73,3 +73,47 @@ def test_the_baseline_server_process_serves_and_reports_its_rss(release_dir: Pat
         maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
         assert "libtorch" in maps  # it ranks with the torch teacher (the product server never loads torch)
     assert srv.proc is None  # stopped
+
+
+def _scenario(store: str, variant: str, p99: float, cap: float) -> dict:
+    fixed = {"p50_ms": 3.0, "p90_ms": 4.0, "p99_ms": p99, "p999_ms": p99 + 1, "max_ms": p99 + 2, "errors": 0, "qps_achieved": 200.0,
+             "latencies_ms": [1.0, 2.0, 3.0, p99]}
+    steps = [{"qps": 100.0, "p50_ms": 2.0, "p99_ms": 5.0, "errors": 0, "qps_achieved": 100.0, "passed": True},
+             {"qps": 150.0, "p50_ms": 9.0, "p99_ms": 90.0, "errors": 0, "qps_achieved": 150.0, "passed": False}]
+    out = {"store": store, "variant": variant, "fixed": fixed, "capacity_qps": cap, "capacity_steps": steps}
+    if store == "memory":
+        out["soak"] = {"qps": 0.7 * cap, "sent": 1000, "errors": 0, "p50_ms": 3.0, "p99_ms": p99,
+                       "windows": [{"t_s": 0.0, "p99_ms": 6.0}, {"t_s": 30.0, "p99_ms": 7.0}], "rss_mb": [[0.0, 250.0], [5.0, 251.0]]}
+    return out
+
+
+def _result() -> dict:
+    from dataclasses import asdict
+
+    return {"config": asdict(ServingBenchConfig()), "machine": {"cpu": "x", "cores": 2, "system": "Linux", "python": "3.11"},
+              "setup": {"sim": {"users": 1}, "release_id": "r1", "profile": "default", "items": 10, "index": {"brute_force": True}},
+              "scenarios": [_scenario("memory", "parity", 8.0, 400.0), _scenario("memory", "baseline", 40.0, 200.0),
+                            _scenario("redis", "parity", 12.0, 300.0), _scenario("redis", "baseline", 80.0, 100.0)]}
+
+
+def test_the_serving_report_states_targets_and_ratios_from_one_run() -> None:
+    from bench.report import splice
+    from bench.serving_report import END, START, render
+
+    text = render(_result(), {"Latency distribution, memory store": "results/latency_memory.png"})
+    assert text.startswith(START) and text.rstrip().endswith(END)
+    assert "(memory store): **met**" in text and "(redis store): **not met**" in text  # 8 ms vs 12 ms against 10 ms
+    assert "**5.00×**" in text  # baseline p99 / parity p99 on memory (40 / 8)
+    assert "**2.00×**" in text and "**3.00×**" in text  # capacity ratios (400 / 200, 300 / 100)
+    assert "250.0 → 251.0" in text and "6.0 / 7.0 / 7.0" in text  # RSS and soak windows
+    assert "![Latency distribution, memory store](results/latency_memory.png)" in text
+    doc = splice("# R\n\nnotes\n", text, START, END)
+    assert splice(doc, text, START, END) == doc and doc.startswith("# R\n\nnotes\n")  # idempotent, notes kept
+
+
+def test_the_serving_report_draws_one_plot_per_scenario(tmp_path: Path) -> None:
+    from bench.serving_report import plot
+
+    made = plot(_result(), tmp_path / "results", tmp_path)
+    assert set(made.values()) == {"results/latency_memory.png", "results/soak_memory.png", "results/latency_redis.png"}
+    assert all((tmp_path / p).stat().st_size > 1000 for p in made.values())
