@@ -178,12 +178,16 @@ class RedisStore(OnlineStore):
     # -- contract ------------------------------------------------------------------------
 
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
-        """One pipelined batch of GETs (one round trip per node); never MGET (CROSSSLOT)."""
+        """One round trip: MGET on a single node (one command and one reply instead of 501 of
+        each: 1 user + 500 items read in 2.3 ms instead of 4.4 ms, bench/RESULTS.md), a pipeline
+        of GETs on a cluster (one round trip per node; MGET there fails with CROSSSLOT)."""
         for key in keys:
             check_record_key(key)
         if not keys:
             return []
         with self._guard("get_many"):
+            if not self._cluster:
+                return list(self._client.mget([self._key(k) for k in keys]))
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.get(self._key(key))
