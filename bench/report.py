@@ -75,6 +75,8 @@ def fmt_extra(v: Any) -> str:
 
 
 def _singular(unit: str) -> str:
+    if unit.endswith("ies"):
+        return unit[:-3] + "y"
     return unit[:-1] if unit.endswith("s") else unit
 
 

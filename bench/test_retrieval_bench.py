@@ -4,8 +4,10 @@ faiss HNSW (a second ANN library), one query at a time as the server asks, at eq
 The catalogue is 100k items x 32 dims of unit vectors drawn around 500 cluster centres
 (embedding spaces are clustered; uniform random vectors would make every ANN look bad), the
 queries 1,000 users drawn the same way. Recall@100 is measured against exact search on those
-queries; faiss's efSearch is raised until its recall reaches ScaNN's, so the speed comparison
-is at (at least) equal recall. Sizes: PARITY_BENCH_ANN_ITEMS (default 100000).
+queries. ScaNN runs the configuration a release of this size gets (`IndexConfig.for_size`);
+faiss's efSearch is raised until its recall reaches min(ScaNN's, 0.99), so the speed
+comparison is at (at least) equal recall without asking HNSW for a perfect 1.0, which costs
+it a very wide search. Sizes: PARITY_BENCH_ANN_ITEMS (default 100000).
 """
 from __future__ import annotations
 
@@ -61,14 +63,14 @@ def hnsw(space, scann):
     index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 80
     index.add(items)
-    target = _state["scann_recall"]
-    for ef in (100, 128, 160, 200, 256, 320, 400, 512, 640, 800):
+    target = min(_state["scann_recall"], 0.99)
+    for ef in (100, 128, 160, 200, 256, 320, 400, 512, 640, 800, 1024):
         index.hnsw.efSearch = ef
         _, found = index.search(queries, K)
         rec = _recall(found, truth)
         if rec >= target:
             break
-    _state.update(hnsw_recall=rec, hnsw_ef=ef)
+    _state.update(hnsw_recall=rec, hnsw_ef=ef, hnsw_target=target)
     return index
 
 
@@ -95,4 +97,4 @@ def test_retrieve_scann(benchmark, space, scann):
 @pytest.mark.benchmark(group="retrieval")
 def test_retrieve_faiss_hnsw(benchmark, space, hnsw):
     _one_query(benchmark, lambda q: hnsw.search(q, K), space, baseline="test_retrieve_exact_numpy",
-               recall_at_100=round(_state["hnsw_recall"], 4), config={"M": 32, "efConstruction": 80, "efSearch": _state["hnsw_ef"]})
+               recall_at_100=round(_state["hnsw_recall"], 4), recall_target=round(_state["hnsw_target"], 4), config={"M": 32, "efConstruction": 80, "efSearch": _state["hnsw_ef"]})
