@@ -138,7 +138,7 @@ def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(m
 
     import_movielens(movielens_dir, tmp_path / "ml")
     res = published_protocol(tmp_path / "ml", profile="tiny")
-    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage"}
+    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage", "parity_two_stage_teacher"}
     assert all(v["users"] > 900 and 0 <= v["ndcg@10"] <= 1 for v in res.values())
     assert res["mf_als"]["ndcg@10"] > res["popularity"]["ndcg@10"]  # the baseline is a real one
 
@@ -153,7 +153,8 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
     rel = train_release(tmp_path / "ml", tmp_path / "releases", profile="tiny", seed=0)
     m = rel.manifest
     assert m["config"]["ranker_rows"] == "candidates" and m["retrieval"]["history_len"] == 20
-    assert list(m["ranker_inputs"]["columns"][-2:]) == list(RETRIEVAL_COLUMNS)
+    assert list(m["ranker_inputs"]["columns"][-3:]) == list(RETRIEVAL_COLUMNS)
+    assert m["retrieval"]["item_item"]["items"] > 1000 and ReleaseRuntime.load(rel).item_item is not None
     assert all(m["training_data"]["ranker_rows"][s] > 0 for s in ("train", "valid", "test"))
     assert m["metrics"]["quantization"]["mean_tau"] >= 0.95
     res = evaluate_release(rel.path, tmp_path / "ml", max_users=150)
