@@ -143,14 +143,33 @@ def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(m
     assert res["mf_als"]["ndcg@10"] > res["popularity"]["ndcg@10"]  # the baseline is a real one
 
 
-def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielens_dir, tmp_path):
+def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielens_dir, tmp_path, monkeypatch):
     """MovieLens logs no impressions: its rankers train on the two-tower's candidate lists, with
-    the list-relative retrieval columns as inputs; the same seed gives the same release."""
+    the list-relative retrieval columns as inputs; the same seed gives the same release. The
+    item-item models behind retrieval.item_item see only rows before each list's query time."""
+    import models.candidates as candidates
+    import models.pipeline as pipeline
     from features.assemble import RETRIEVAL_COLUMNS
     from features.movielens import import_movielens
 
+    fitted = []
+
+    def recording(split, vocab, l2=200.0, _fit=candidates.item_item_for):
+        fitted.append(split)
+        return _fit(split, vocab, l2)
+
+    monkeypatch.setattr(candidates, "item_item_for", recording)
+    monkeypatch.setattr(pipeline, "item_item_for", recording)
     import_movielens(movielens_dir, tmp_path / "ml")
-    rel = train_release(tmp_path / "ml", tmp_path / "releases", profile="tiny", seed=0)
+    keep: dict = {}
+    rel = train_release(tmp_path / "ml", tmp_path / "releases", profile="tiny", seed=0, keep=keep)
+    monkeypatch.undo()
+    rd = keep["ranker_data"]
+    assert len(fitted) == 2  # the release's (train split), the training lists' (early rows)
+    for split, lists in ((fitted[1], rd.train), (fitted[0], rd.valid), (fitted[0], rd.test)):
+        query_at = dict(zip(lists.user_id.tolist(), lists.ts.tolist()))
+        assert all(t < query_at.get(u, np.iinfo(np.int64).max) for u, t in zip(split.user_id.tolist(), split.ts.tolist()))
+    assert len(fitted[1]) < len(fitted[0])
     m = rel.manifest
     assert m["config"]["ranker_rows"] == "candidates" and m["retrieval"]["history_len"] == 20
     assert list(m["ranker_inputs"]["columns"][-3:]) == list(RETRIEVAL_COLUMNS)
@@ -161,3 +180,4 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
     assert res.users == 150 and all(0 <= v["ndcg@10"] <= 1 for v in res.two_stage.values())
     again = train_release(tmp_path / "ml", tmp_path / "again", profile="tiny", seed=0)
     assert again.manifest["training_data"] == m["training_data"] and again.manifest["metrics"]["ranking_test"] == m["metrics"]["ranking_test"]
+    assert again.manifest["files"]["retrieval/item_item.npy"] == m["files"]["retrieval/item_item.npy"]
