@@ -20,11 +20,11 @@ def save_item_item(model: ItemItem, directory: str | Path) -> None:
     np.save(d / IDS_FILE, np.ascontiguousarray(model.vocab, dtype=np.int64), allow_pickle=False)
 
 
-def load_item_item(directory: str | Path, l2: float) -> ItemItem:
+def load_item_item(directory: str | Path, l2: float, history_len: int) -> ItemItem:
     """Read and check the files (ItemItem checks the shapes and the id order)."""
     d = Path(directory)
     ids = np.load(d / IDS_FILE, allow_pickle=False)
     w = np.load(d / WEIGHTS_FILE, allow_pickle=False)
     if ids.dtype != np.int64 or w.dtype != np.float32:
         raise ValueError(f"{d}: item-item files must be int64 ids and float32 weights, got {ids.dtype} and {w.dtype}")
-    return ItemItem(ids, w, float(l2))
+    return ItemItem(ids, w, float(l2), int(history_len))

@@ -84,7 +84,7 @@ class ReleaseRuntime:
         item_item = None
         if ii_meta:
             release.file("retrieval/" + ITEM_ITEM_IDS), release.file("retrieval/" + ITEM_ITEM_WEIGHTS)  # present and listed
-            item_item = load_item_item(release.path / "retrieval", float(ii_meta["l2"]))
+            item_item = load_item_item(release.path / "retrieval", float(ii_meta["l2"]), int(ii_meta["history_len"]))
         if inputs.uses_item_item and item_item is None:
             raise ReleaseError(f"release {release.release_id}: the rankers read retrieval.item_item but the release has no item-item model")
         return cls(

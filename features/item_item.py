@@ -8,14 +8,18 @@ model that predicts an item from the user's other items. It complements the two-
 (a history mean-pooled through an MLP) on MovieLens, where co-rating is the strongest signal.
 
 Scoring is the same numpy function for training lists (models.candidates), `parity eval`
-and the server (server.pipeline): the history is `features.history`'s list (the seen
-record's last items), the candidate ids are the list's. Pure numpy, no torch.
+and the server (server.pipeline): the history is `features.history`'s list of the user's
+last `history_len` engaged items (the seen record's; 50, as the user tower reads: 200 scored
+better alone under the published protocol but re-ranked worse, on validation), the candidate
+ids are the list's. Pure numpy, no torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from features.history import HISTORY_LEN
 
 __all__ = ["ItemItem", "fit_item_item", "DEFAULT_L2"]
 
@@ -27,6 +31,7 @@ class ItemItem:
     vocab: np.ndarray  # (n,) int64 item ids, sorted ascending; row/column r of B is vocab[r]
     weights: np.ndarray  # (n, n) float32 B: weights[i, j] = how much engaging with i predicts j
     l2: float = DEFAULT_L2  # the lambda it was fitted with
+    history_len: int = HISTORY_LEN  # how many of the user's last engaged items it reads (features.history)
 
     def __post_init__(self) -> None:
         v = np.asarray(self.vocab)
@@ -56,7 +61,8 @@ class ItemItem:
         return np.where(miss, 0.0, v), miss
 
 
-def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, l2: float = DEFAULT_L2) -> ItemItem:
+def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, l2: float = DEFAULT_L2,
+                  history_len: int = HISTORY_LEN) -> ItemItem:
     """EASE weights from engagement pairs (user, item); pairs with items outside `vocab` are ignored."""
     vocab = np.unique(np.asarray(vocab, dtype=np.int64))
     if not l2 > 0:
@@ -73,4 +79,4 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
     P = np.linalg.inv(G)
     B = -P / np.diag(P)[None, :]
     np.fill_diagonal(B, 0.0)
-    return ItemItem(vocab, B.astype(np.float32), float(l2))
+    return ItemItem(vocab, B.astype(np.float32), float(l2), int(history_len))

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from features.assemble import columns_from_join, retrieval_columns
-from features.history import engagement_mask, history_at
+from features.assemble import RETRIEVAL_COLUMNS, columns_from_join, retrieval_columns
+from features.history import HISTORY_LEN, engagement_mask, history_at
 from features.item_item import DEFAULT_L2, ItemItem, fit_item_item
 from features.pit import PitJoiner
 from models.data import SPLIT_FRACTIONS, Split, TrainingData, feature_matrix, split_cuts
@@ -52,10 +52,10 @@ def _all_rows(td: TrainingData) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate([getattr(s, f) for s in parts]) for f in ("user_id", "item_id", "ts", "label"))
 
 
-def item_item_for(split: Split, vocab: np.ndarray, l2: float = DEFAULT_L2) -> ItemItem:
+def item_item_for(split: Split, vocab: np.ndarray, l2: float = DEFAULT_L2, history_len: int = HISTORY_LEN) -> ItemItem:
     """The item-item model of a split's positives (the rows a tower was trained on)."""
     pos = split.label > 0.5
-    return fit_item_item(vocab, split.user_id[pos], split.item_id[pos], l2)
+    return fit_item_item(vocab, split.user_id[pos], split.item_id[pos], l2, history_len)
 
 
 def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner, start: dict[int, int], end: dict[int, int],
@@ -71,7 +71,7 @@ def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner
         truth.setdefault(u, set()).add(i)
     users = np.asarray(sorted(truth), dtype=np.int64)
     tu = np.asarray([start[u] for u in users.tolist()], dtype=np.int64)
-    F = len(td.columns) + (3 if item_item is not None else 2)
+    F = len(td.inputs.with_retrieval(item_item is not None).columns)
     if len(users) == 0:
         z = np.zeros(0, dtype=np.int64)
         return CandidateLists(Split(name, z, z, z, np.zeros(0, np.float32), np.zeros((0, F), np.float32), np.zeros((0, 0), np.int64)), z, np.zeros(1, np.int64))
@@ -80,8 +80,7 @@ def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner
     U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in model.user_columns], axis=1).astype(np.float32)
     kind = td.info.kind
     H = history_at(td.events, kind, users, tu, model.config.history_len) if model.config.history_len else None
-    if item_item is not None and H is None:
-        raise ValueError("the item-item column reads the tower's history: history_len must be > 0")
+    Hii = history_at(td.events, kind, users, tu, item_item.history_len) if item_item is not None else None
     S = model.user_embeddings(U, H) @ model.item_embeddings().T
     ev = td.events
     cut = dict(zip(users.tolist(), tu.tolist()))
@@ -93,7 +92,8 @@ def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner
     vocab = model.vocab
     rows = td.items.index(vocab)
     pub = np.where(rows >= 0, td.items.publish_ts[np.maximum(rows, 0)], np.iinfo(np.int64).max)
-    ids, cols_rank, cols_gap, gap_miss, cols_ii, offsets = [], [], [], [], [], [0]
+    names = [c for c in td.inputs.with_retrieval(item_item is not None).columns if c in RETRIEVAL_COLUMNS]
+    ids, cols, offsets = [], {c: [] for c in names}, [0]
     for r, u in enumerate(users.tolist()):
         s = S[r].astype(np.float64)
         ok = pub < tu[r]
@@ -101,19 +101,15 @@ def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner
             ok &= ~np.isin(vocab, seen[u])
         cand = np.flatnonzero(ok)
         top = cand[np.lexsort((vocab[cand], -s[cand]))[:k]]
-        rc = retrieval_columns(s[top], vocab[top], H[r] if H is not None else None, item_item)
+        rc = retrieval_columns(s[top], vocab[top], Hii[r] if Hii is not None else None, item_item)
         ids.append(vocab[top])
-        cols_rank.append(rc["retrieval.rank"][0]), cols_gap.append(rc["retrieval.gap"][0]), gap_miss.append(rc["retrieval.gap"][1])
-        if item_item is not None:
-            v, miss = rc["retrieval.item_item"]
-            cols_ii.append(np.where(miss, np.nan, v))
+        for c in names:
+            cols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
         offsets.append(offsets[-1] + len(top))
     n = np.diff(offsets)
     cu, ct, ci = np.repeat(users, n), np.repeat(tu, n), np.concatenate(ids)
     X = feature_matrix(td.inputs, joiner, list(td.sets), td.items, cu, ci, ct)
-    gap = np.where(np.concatenate(gap_miss), np.nan, np.concatenate(cols_gap))
-    extra = [np.concatenate(cols_rank)[:, None], gap[:, None]] + ([np.concatenate(cols_ii)[:, None]] if item_item is not None else [])
-    X = np.concatenate([X, *extra], axis=1).astype(np.float32)
+    X = np.concatenate([X, *(np.concatenate(cols[c])[:, None] for c in names)], axis=1).astype(np.float32)
     y = np.fromiter((1.0 if i in truth[u] else 0.0 for u, i in zip(cu.tolist(), ci.tolist())), dtype=np.float32, count=len(ci))
     return CandidateLists(Split(name, cu, ci, ct, y, X, np.zeros((len(cu), 0), np.int64)), users, np.asarray(offsets, dtype=np.int64))
 
@@ -139,7 +135,7 @@ def candidate_training_data(td: TrainingData, tower: TwoTowerModel, k: int = 200
     early_tower = train_two_tower(early, tower.config, seed + 1)
 
     joiner = PitJoiner(list(td.sets), td.events)
-    early_ii = item_item_for(early.train, item_item.vocab, item_item.l2) if item_item is not None else None
+    early_ii = item_item_for(early.train, item_item.vocab, item_item.l2, item_item.history_len) if item_item is not None else None
     train = candidate_lists_at(td, early_tower, joiner, s0, s1, k, "train", early_ii).split
     o = np.argsort(train.ts, kind="stable")  # time order, as labelled rows (a row cap keeps the most recent)
     train = Split("train", train.user_id[o], train.item_id[o], train.ts[o], train.label[o], train.X[o], train.H[o])

@@ -27,6 +27,7 @@ from export.reference import column_references, histogram_reference
 from export.release import Release, new_release_id, write_release
 from export.towers import export_towers
 from export.item_item import save_item_item
+from features.history import HISTORY_LEN
 from features.item_item import DEFAULT_L2
 from features.events import MS_PER_DAY
 from models.candidates import candidate_training_data, item_item_for
@@ -57,6 +58,7 @@ class PipelineConfig:
     ranker_rows: str = "labelled"  # "labelled": the labelled rows; "candidates": retrieval candidate lists (models.candidates)
     ranker_candidates: int = 200  # k of the candidate lists
     item_item_l2: float | None = None  # candidate-list rankers: the item-item column's EASE lambda (None: no such column)
+    item_item_history: int = HISTORY_LEN  # the user's last engaged items it reads (the server's seen record keeps seen_cap)
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
@@ -72,7 +74,8 @@ class PipelineConfig:
     def to_dict(self) -> dict:
         return {"profile": self.profile, "max_rows": self.max_rows, "two_tower": self.two_tower.to_dict(),
                 "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms,
-                "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates, "item_item_l2": self.item_item_l2}
+                "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates, "item_item_l2": self.item_item_l2,
+                "item_item_history": self.item_item_history}
 
 
 def _plain(d):
@@ -127,8 +130,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
     rd = td  # the rankers' training data
     item_item = None  # the item-item model of the ranker's retrieval.item_item column (candidate lists only)
     if cfg.ranker_rows == "candidates":
-        if cfg.item_item_l2 is not None and cfg.two_tower.history_len:
-            item_item = item_item_for(td.train, tt.vocab, cfg.item_item_l2)
+        if cfg.item_item_l2 is not None:
+            item_item = item_item_for(td.train, tt.vocab, cfg.item_item_l2, cfg.item_item_history)
         rd, _ = candidate_training_data(td, tt, cfg.ranker_candidates, seed, item_item=item_item)
         if min(len(rd.train), len(rd.valid)) == 0 or rd.train.label.sum() == 0:
             raise ValueError(f"{data_dir}: too few candidate lists to train the rankers (train {len(rd.train)}, valid {len(rd.valid)} rows)")
@@ -192,7 +195,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
                               "affinity": rd.inputs.affinity, "columns": list(rd.columns)},
             "retrieval": {"dim": tt.dim, "user_columns": list(tt.user_columns), "creator_buckets": cfg.two_tower.creator_buckets,
                           "history_len": cfg.two_tower.history_len,
-                          "item_item": {"l2": item_item.l2, "items": int(len(item_item.vocab))} if item_item is not None else None,
+                          "item_item": {"l2": item_item.l2, "history_len": item_item.history_len, "items": int(len(item_item.vocab))}
+                          if item_item is not None else None,
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb))},
             "training_data": {"fingerprint": fingerprint, "rows": {s.name: len(s) for s in (td.train, td.valid, td.test)},
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},

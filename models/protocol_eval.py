@@ -12,7 +12,9 @@ the end of the training 80%:
   student, with the list-relative retrieval columns computed per list as the server does
   (`features.assemble.retrieval_columns`, incl. the item-item score for the user's history);
   the rest of the catalogue below them, in tower order;
-- ``parity_two_stage_teacher``: the same lists re-ranked by the fp32 teacher.
+- ``parity_two_stage_teacher``: the same lists re-ranked by the fp32 teacher;
+- ``parity_item_item``: the release's item-item model alone (`features.item_item`) over the
+  full catalogue, for the history as of the end of the training 80%.
 """
 from __future__ import annotations
 
@@ -39,9 +41,11 @@ __all__ = ["published_protocol"]
 
 
 def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int | None = None,
-                       profile: str | None = None, candidates: int = 200) -> dict[str, dict[str, float]]:
+                       profile: str | None = None, candidates: int = 200, holdout: str = "test") -> dict[str, dict[str, float]]:
     """Popularity, ALS and Parity under the published protocol. The profile and seed default
-    to the release's (`release_dir`), else "default" and 0."""
+    to the release's (`release_dir`), else "default" and 0. `holdout="valid"` measures on a
+    validation split instead, for choices that must not look at the test 20%: the training 80%
+    split again the same way (12.5% of it held out, seed + 1) and the test 20% never read."""
     info = load_info(data_dir)
     if info.kind != "movielens":
         raise ValueError(f"the published protocol is defined for MovieLens; {data_dir} holds {info.kind} data")
@@ -54,7 +58,11 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
     from models.pipeline import train_release  # torch: imported only when the protocol runs
 
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    if holdout not in ("test", "valid"):
+        raise ValueError(f"holdout must be 'test' or 'valid', got {holdout!r}")
     split = protocol_split(events, seed)
+    if holdout == "valid":
+        split = protocol_split(split.train_events, seed + 1, test_frac=0.125)
     out = protocol_baselines(split, seed)
     with tempfile.TemporaryDirectory(prefix="parity-protocol-") as tmp:
         d = Path(tmp) / "train80"
@@ -75,10 +83,14 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
         H = history_at(train_events, info.kind, uids, t_end, rt.history_len) if rt.history_len else None
         ue = rt.user_embeddings(U, H)
+        Hii = history_at(train_events, info.kind, uids, t_end, rt.item_item.history_len) if rt.item_item is not None else None
         row = {x: r for r, x in enumerate(rt.vocab.tolist())}
         rows = np.asarray([row.get(x, -1) for x in split.item_ids.tolist()], dtype=np.int64)
         tower = np.where(rows >= 0, (ue @ rt.item_embeddings[np.maximum(rows, 0)].T).astype(np.float64), -np.inf)  # not in the release: last
         out["parity_two_tower"] = full_ranking_metrics(split, lambda ub: tower[ub])
+        if Hii is not None:  # the release's item-item model alone (fitted on the release's train split)
+            ii = np.stack([np.where(m, -np.inf, v) for v, m in (rt.item_item.scores(h, split.item_ids) for h in Hii)])
+            out["parity_item_item"] = full_ranking_metrics(split, lambda ub: ii[ub])
         seen = [set() for _ in range(len(uids))]
         for u, i in zip(split.train_u.tolist(), split.train_i.tolist()):
             seen[u].add(i)
@@ -102,7 +114,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
                 X = np.empty((len(ids), len(rt.inputs.columns)), dtype=np.float32)
                 pos = {c: j for j, c in enumerate(base.columns)}
                 rc = [retrieval_columns(rt.item_scores(ue[u], split.item_ids[tops[r]]), split.item_ids[tops[r]],
-                                        H[u] if H is not None else None, rt.item_item) for r, u in enumerate(ub.tolist())]
+                                        Hii[u] if Hii is not None else None, rt.item_item) for r, u in enumerate(ub.tolist())]
                 for j, c in enumerate(rt.inputs.columns):
                     X[:, j] = np.concatenate([np.where(x[c][1], np.nan, x[c][0]) for x in rc]) if c in RETRIEVAL_COLUMNS else Xb[:, pos[c]]
                 p = rt.score(X, ranker).astype(np.float64)

@@ -180,9 +180,10 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
     with timer.stage("assemble"):
         retrieval = None
         if snap.runtime.inputs.uses_retrieval:  # list-relative rank and score gap (+ item-item), as in training and eval
-            hist = user_history(uf, snap.runtime.history_len)
-            emb = cand.user_emb if cand.user_emb is not None else snap.runtime.user_embeddings(user_matrix(snap, uf), hist)
-            retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids, hist[0], snap.runtime.item_item)
+            rt = snap.runtime
+            emb = cand.user_emb if cand.user_emb is not None else rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
+            hist = user_history(uf, rt.item_item.history_len)[0] if rt.item_item is not None else None
+            retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids, hist, rt.item_item)
         X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs, retrieval)
     with timer.stage("rank"):
         scores = snap.runtime.score(X)  # ONE batched call of the configured ranker

@@ -56,7 +56,8 @@ def test_retrieval_columns_add_the_item_item_score_only_when_given_a_model():
 def test_files_round_trip_and_bad_shapes_are_refused(tmp_path):
     m = _fit(5.0)
     save_item_item(m, tmp_path)
-    back = load_item_item(tmp_path, 5.0)
+    back = load_item_item(tmp_path, 5.0, 30)
+    assert back.l2 == 5.0 and back.history_len == 30 and _fit().history_len == 50  # default: the tower's HISTORY_LEN
     np.testing.assert_array_equal(back.vocab, m.vocab)
     np.testing.assert_array_equal(back.weights, m.weights)
     with pytest.raises(ValueError, match="must be"):

@@ -138,9 +138,23 @@ def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(m
 
     import_movielens(movielens_dir, tmp_path / "ml")
     res = published_protocol(tmp_path / "ml", profile="tiny")
-    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage", "parity_two_stage_teacher"}
+    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage", "parity_two_stage_teacher", "parity_item_item"}
     assert all(v["users"] > 900 and 0 <= v["ndcg@10"] <= 1 for v in res.values())
     assert res["mf_als"]["ndcg@10"] > res["popularity"]["ndcg@10"]  # the baseline is a real one
+    with pytest.raises(ValueError, match="holdout"):
+        published_protocol(tmp_path / "ml", profile="tiny", holdout="train")
+    from features.eventlog import EventLog
+    from models.protocol import protocol_split
+
+    # holdout="valid": the training 80% split again; its held-out pairs are training pairs of the test split
+    valid = published_protocol(tmp_path / "ml", profile="tiny", holdout="valid")
+    assert set(valid) == set(res) and valid["mf_als"]["ndcg@10"] > valid["popularity"]["ndcg@10"]
+    events = EventLog(tmp_path / "ml" / "events").read().deduplicated()
+    outer = protocol_split(events, 0)
+    inner = protocol_split(outer.train_events, 1, test_frac=0.125)
+    pairs = lambda s, u, i: set(zip(s.user_ids[u].tolist(), s.item_ids[i].tolist()))  # noqa: E731
+    assert pairs(inner, inner.test_u, inner.test_i) <= pairs(outer, outer.train_u, outer.train_i)
+    assert valid["mf_als"]["users"] == len(np.unique(inner.test_u))
 
 
 def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielens_dir, tmp_path, monkeypatch):
@@ -154,9 +168,11 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
 
     fitted = []
 
-    def recording(split, vocab, l2=200.0, _fit=candidates.item_item_for):
+    fit = candidates.item_item_for
+
+    def recording(split, *args):
         fitted.append(split)
-        return _fit(split, vocab, l2)
+        return fit(split, *args)
 
     monkeypatch.setattr(candidates, "item_item_for", recording)
     monkeypatch.setattr(pipeline, "item_item_for", recording)

@@ -204,7 +204,8 @@ def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(ca
         ranked = pipeline.rank(snap, uf, cand, now, timer)
         H = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.history_len)
         emb = rt.user_embeddings(snap.runtime.user_inputs(feature_matrix(base, joiner, sets, catalog, np.array([user]), cand.ids[:1], now)), H)
-        rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids, H[0], rt.item_item)
+        Hii = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.item_item.history_len)
+        rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids, Hii[0], rt.item_item)
         assert rt.inputs.uses_item_item and not rc["retrieval.item_item"][1].all()  # a heavy user's history scores candidates
         Xb = feature_matrix(base, joiner, sets, catalog, np.full(len(cand.ids), user), cand.ids, now)
         pos = {c: j for j, c in enumerate(base.columns)}
