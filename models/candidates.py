@@ -16,9 +16,10 @@ tower's own order (NDCG@10 0.083 vs 0.106). Here a ranker learns on what it will
 
 Leakage: the training lists are cut at an earlier per-user time (`TRAIN_QUERY_AT` of each
 user's rows) and retrieved by a tower trained only on rows before it (its item-item model is
-fitted on those rows' positives too); their labels come from the rest of the train period. The validation lists (for early stopping) are cut at the valid
-start and retrieved by the release's tower, which was trained on the train period only;
-the test lists likewise at the test start. Pure numpy apart from the tower's torch forward.
+fitted on those rows' positives too); their labels come from the rest of the train period.
+The validation lists (for early stopping) are cut at the valid start and retrieved by the
+release's tower and item-item model, which saw the train period only; the test lists
+likewise at the test start. Pure numpy apart from the tower's torch forward.
 """
 from __future__ import annotations
 
