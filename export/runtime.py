@@ -9,6 +9,8 @@ Release layout (paths relative to the release folder):
   retrieval/item_tower.onnx                               item_index, topic, creator_bucket, duration_s -> "embedding"
   retrieval/item_ids.npy, retrieval/item_embeddings.npy   the vocabulary and its embeddings
   retrieval/index/                                        the ScaNN index (export.index)
+  retrieval/item_item{,_ids}.npy                          the item-item model, when the rankers read
+                                                          retrieval.item_item (export.item_item)
   popularity.json                                         item ids, most popular first
 
 Rankers are scored through `score`; besides the release's ONNX rankers a caller may plug in
@@ -26,11 +28,13 @@ import numpy as np
 import onnxruntime as ort
 
 from export.index import ItemIndex, exact_search
+from export.item_item import IDS_FILE as ITEM_ITEM_IDS, WEIGHTS_FILE as ITEM_ITEM_WEIGHTS, load_item_item
 from export.onnx_export import ort_session
 from export.item_inputs import VocabIndex, history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
+from features.item_item import ItemItem
 
 __all__ = ["ReleaseRuntime", "RANKERS", "Scorer", "ScorerFactory"]
 
@@ -56,6 +60,7 @@ class ReleaseRuntime:
     _item_tower: ort.InferenceSession
     _plugins: dict[str, Scorer] = field(default_factory=dict)
     default_ranker: str | None = None
+    item_item: ItemItem | None = None  # the ranker's retrieval.item_item model (features.item_item), when it reads one
     vocab_lookup: VocabIndex | None = None  # built once from `vocab` (__post_init__)
 
     def __post_init__(self) -> None:
@@ -80,12 +85,20 @@ class ReleaseRuntime:
         if len(vocab) != len(emb):
             raise ReleaseError(f"release {release.release_id}: {len(vocab)} item ids but {len(emb)} embeddings")
         pop = np.asarray(json.loads(release.file("popularity.json").read_text())["item_ids"], dtype=np.int64)
+        ii_meta = m["retrieval"].get("item_item")
+        item_item = None
+        if ii_meta:
+            release.file("retrieval/" + ITEM_ITEM_IDS), release.file("retrieval/" + ITEM_ITEM_WEIGHTS)  # present and listed
+            item_item = load_item_item(release.path / "retrieval", float(ii_meta["l2"]), int(ii_meta["history_len"]))
+        if inputs.uses_item_item and item_item is None:
+            raise ReleaseError(f"release {release.release_id}: the rankers read retrieval.item_item but the release has no item-item model")
         return cls(
             release, inputs, list(m["retrieval"]["user_columns"]), vocab, emb,
             ItemIndex.load(release.path / "retrieval" / "index", emb), pop, int(m["retrieval"]["creator_buckets"]),
             int(m["retrieval"].get("history_len", 0)),
             {r: sess(f"rankers/{r}.onnx") for r in rankers if r not in plugins}, sess("retrieval/user_tower.onnx"),
             sess("retrieval/item_tower.onnx"), {r: plugins[r](release) for r in rankers if r in plugins}, rankers[0] if rankers else None,
+            item_item,
         )
 
     @property

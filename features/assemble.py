@@ -15,13 +15,14 @@ import numpy as np
 import pyarrow as pa
 
 from features.definitions import FeatureSet
+from features.item_item import ItemItem
 from features.profile import item_age_hours
 from features.state import FeatureFrame
 
 __all__ = ["RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
            "RETRIEVAL_COLUMNS", "retrieval_columns"]
 
-RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap")
+RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap", "retrieval.item_item")
 
 Columns = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, missing)
 
@@ -45,21 +46,31 @@ class RankerInputs:
         """Whether the ranker reads the candidate's retrieval columns (see `retrieval_columns`)."""
         return any(c in self.columns for c in RETRIEVAL_COLUMNS)
 
-    def with_retrieval(self) -> "RankerInputs":
+    def with_retrieval(self, item_item: bool = False) -> "RankerInputs":
+        """These inputs plus the retrieval rank and gap (and `retrieval.item_item` if asked)."""
+        add = RETRIEVAL_COLUMNS if item_item else RETRIEVAL_COLUMNS[:2]
         return RankerInputs(self.user_set, self.item_set, self.pair_sets, self.affinity,
-                            self.columns + tuple(c for c in RETRIEVAL_COLUMNS if c not in self.columns))
+                            self.columns + tuple(c for c in add if c not in self.columns))
+
+    @property
+    def uses_item_item(self) -> bool:
+        return "retrieval.item_item" in self.columns
 
 
-def retrieval_columns(scores: np.ndarray, item_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def retrieval_columns(scores: np.ndarray, item_ids: np.ndarray, history: np.ndarray | None = None,
+                      item_item: ItemItem | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The retrieval columns of ONE user's candidate list, from the two-tower scores (user
     embedding . item embedding; NaN where an item has no embedding):
 
     - ``retrieval.rank``: 0-based position in the list ordered by score, best first (ties by
       item id; items without a score after all others);
-    - ``retrieval.gap``: score minus the list's best score (<= 0; missing without a score).
+    - ``retrieval.gap``: score minus the list's best score (<= 0; missing without a score);
+    - ``retrieval.item_item`` (only when `item_item` is given): the item-item model's score of
+      each candidate for the user's engagement `history` (item ids, PAD = -1; the tower's
+      history, `features.history`), see `features.item_item`.
 
-    Both are relative to the list, so they mean the same whichever tower scored it: training
-    lists scored by an earlier tower, the server's and the evaluation's by the release's."""
+    Rank and gap are relative to the list, so they mean the same whichever tower scored it:
+    training lists scored by an earlier tower, the server's and the evaluation's by the release's."""
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     ids = np.asarray(item_ids, dtype=np.int64).reshape(-1)
     miss = ~np.isfinite(s)
@@ -68,8 +79,11 @@ def retrieval_columns(scores: np.ndarray, item_ids: np.ndarray) -> dict[str, tup
     rank = np.empty(len(s), dtype=np.float64)
     rank[order] = np.arange(len(s), dtype=np.float64)
     best = s[~miss].max() if (~miss).any() else 0.0
-    return {"retrieval.rank": (rank, np.zeros(len(s), dtype=bool)),
-            "retrieval.gap": (np.where(miss, 0.0, s - best), miss)}
+    out = {"retrieval.rank": (rank, np.zeros(len(s), dtype=bool)),
+           "retrieval.gap": (np.where(miss, 0.0, s - best), miss)}
+    if item_item is not None:
+        out["retrieval.item_item"] = item_item.scores(np.empty(0, np.int64) if history is None else history, ids)
+    return out
 
 
 def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:

@@ -138,10 +138,11 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
                             tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
         Xb = feature_matrix(base, joiner, used, items, cu, ci, ct)
-        rcols = {c: [] for c in RETRIEVAL_COLUMNS}
+        rcols = {c: [] for c in RETRIEVAL_COLUMNS if c in rt.inputs.columns}
+        Hii = history_at(events, info.kind, users, t_user, rt.item_item.history_len) if rt.item_item is not None else None
         for r, (ids, _) in enumerate(cands):
-            rc = retrieval_columns(rt.item_scores(emb[r], ids), ids)
-            for c in RETRIEVAL_COLUMNS:
+            rc = retrieval_columns(rt.item_scores(emb[r], ids), ids, Hii[r] if Hii is not None else None, rt.item_item)
+            for c in rcols:
                 rcols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
         X = np.empty((len(ci), len(rt.inputs.columns)), dtype=np.float32)
         pos = {c: j for j, c in enumerate(base.columns)}

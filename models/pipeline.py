@@ -1,5 +1,5 @@
-"""`parity train`: events → training data → two-tower + index → (MovieLens: candidate lists,
-models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable release. Reproducible: the same events,
+"""`parity train`: events → training data → two-tower + index → (MovieLens: the item-item model,
+features.item_item, and candidate lists, models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable release. Reproducible: the same events,
 profile and seed give the same data fingerprint and the same metrics.
 
 Each step fails loudly: onnx.checker and torch-vs-ORT agreement (1e-4) in the exporters,
@@ -26,8 +26,11 @@ from export.quantize import quantize_student
 from export.reference import column_references, histogram_reference
 from export.release import Release, new_release_id, write_release
 from export.towers import export_towers
+from export.item_item import save_item_item
+from features.history import HISTORY_LEN
+from features.item_item import DEFAULT_L2
 from features.events import MS_PER_DAY
-from models.candidates import candidate_training_data
+from models.candidates import candidate_training_data, item_item_for
 from models.data import SPLIT_FRACTIONS, TrainingData, build_training_data
 from models.metrics import auc, candidate_lists, logloss
 from models.popularity import popularity
@@ -54,6 +57,8 @@ class PipelineConfig:
     popularity_half_life_ms: int | None
     ranker_rows: str = "labelled"  # "labelled": the labelled rows; "candidates": retrieval candidate lists (models.candidates)
     ranker_candidates: int = 200  # k of the candidate lists
+    item_item_l2: float | None = None  # candidate-list rankers: the item-item column's EASE lambda (None: no such column)
+    item_item_history: int = HISTORY_LEN  # the user's last engaged items it reads (the server's seen record keeps seen_cap)
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
@@ -63,12 +68,14 @@ class PipelineConfig:
         half = 3 * MS_PER_DAY if kind == "simulated" else None
         # MovieLens logs no impressions: its rankers learn on the tower's candidate lists instead
         rows = "candidates" if kind == "movielens" else "labelled"
-        return cls(profile, max_rows, TwoTowerConfig.for_profile(profile), RankerConfig.for_profile(profile), half, rows)
+        return cls(profile, max_rows, TwoTowerConfig.for_profile(profile), RankerConfig.for_profile(profile), half, rows,
+                   item_item_l2=DEFAULT_L2 if rows == "candidates" else None)
 
     def to_dict(self) -> dict:
         return {"profile": self.profile, "max_rows": self.max_rows, "two_tower": self.two_tower.to_dict(),
                 "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms,
-                "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates}
+                "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates, "item_item_l2": self.item_item_l2,
+                "item_item_history": self.item_item_history}
 
 
 def _plain(d):
@@ -108,7 +115,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
     if ranker_rows is not None:
         if ranker_rows not in ("labelled", "candidates"):
             raise ValueError(f"ranker_rows must be 'labelled' or 'candidates', got {ranker_rows!r}")
-        cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows)
+        cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows,
+                                  item_item_l2=(cfg.item_item_l2 or DEFAULT_L2) if ranker_rows == "candidates" else None)
     td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
@@ -120,8 +128,11 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
     t = step("two_tower", t)
 
     rd = td  # the rankers' training data
+    item_item = None  # the item-item model of the ranker's retrieval.item_item column (candidate lists only)
     if cfg.ranker_rows == "candidates":
-        rd, _ = candidate_training_data(td, tt, cfg.ranker_candidates, seed)
+        if cfg.item_item_l2 is not None:
+            item_item = item_item_for(td.train, tt.vocab, cfg.item_item_l2, cfg.item_item_history)
+        rd, _ = candidate_training_data(td, tt, cfg.ranker_candidates, seed, item_item=item_item)
         if min(len(rd.train), len(rd.valid)) == 0 or rd.train.label.sum() == 0:
             raise ValueError(f"{data_dir}: too few candidate lists to train the rankers (train {len(rd.train)}, valid {len(rd.valid)} rows)")
         t = step("candidate_lists", t)
@@ -145,6 +156,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         check = np.sort(np.random.default_rng(seed).choice(len(td.train), size=min(4096, len(td.train)), replace=False))
         export_towers(tt, staged / "retrieval", td.train.X[check][:, [td.columns.index(c) for c in tt.user_columns]], td.train.H[check])
         np.save(staged / "retrieval/item_embeddings.npy", item_emb, allow_pickle=False)
+        if item_item is not None:
+            save_item_item(item_item, staged / "retrieval")
         t = step("export", t)
 
         idx_cfg = IndexConfig.for_size(len(item_emb))
@@ -182,6 +195,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
                               "affinity": rd.inputs.affinity, "columns": list(rd.columns)},
             "retrieval": {"dim": tt.dim, "user_columns": list(tt.user_columns), "creator_buckets": cfg.two_tower.creator_buckets,
                           "history_len": cfg.two_tower.history_len,
+                          "item_item": {"l2": item_item.l2, "history_len": item_item.history_len, "items": int(len(item_item.vocab))}
+                          if item_item is not None else None,
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb))},
             "training_data": {"fingerprint": fingerprint, "rows": {s.name: len(s) for s in (td.train, td.valid, td.test)},
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},

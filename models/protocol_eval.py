@@ -1,9 +1,20 @@
 """Parity's own models under MovieLens's published protocol (see models.protocol).
 
-The training 80% becomes a data dir of its own (only those rating events), the pipeline's
-two-tower and teacher are trained on it with the same code as a release, and every user
-then ranks ALL unseen items: two-tower scores for the full catalogue, and the two-stage
-path (200 two-tower candidates re-ranked by the teacher, the rest below them).
+The training 80% becomes a data dir of its own (only those rating events), and `parity
+train` (models.pipeline.train_release) builds a whole release from it with the same code,
+profile and seed as the release being evaluated: two-tower, candidate-list rankers (teacher,
+student, int8 student). Every user then ranks ALL unseen items, through the release's ONNX
+files (export.runtime, as `parity eval` and the server do), with features and history as of
+the end of the training 80%:
+
+- ``parity_two_tower``: the user tower . item embeddings over the full catalogue;
+- ``parity_two_stage``: the two-tower's top `candidates` unseen items re-ranked by the int8
+  student, with the list-relative retrieval columns computed per list as the server does
+  (`features.assemble.retrieval_columns`, incl. the item-item score for the user's history);
+  the rest of the catalogue below them, in tower order;
+- ``parity_two_stage_teacher``: the same lists re-ranked by the fp32 teacher;
+- ``parity_item_item``: the release's item-item model alone (`features.item_item`) over the
+  full catalogue, for the history as of the end of the training 80%.
 """
 from __future__ import annotations
 
@@ -14,61 +25,106 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from export.release import load_release
+from export.runtime import ReleaseRuntime
+from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
 from features.datasets import load_info, read_items, read_users, write_catalogue
 from features.eventlog import EventLog
-from features.pit import PitJoiner
-from features.assemble import columns_from_join
 from features.history import history_at
-from models.data import build_training_data, feature_matrix
+from features.pit import PitJoiner
+from features.repo import feature_sets
+from features.catalog import ItemCatalog
+from models.data import feature_matrix
 from models.protocol import full_ranking_metrics, protocol_baselines, protocol_split
-from models.ranker import RankerConfig, predict, train_teacher
-from models.two_tower import TwoTowerConfig, train_two_tower
 
 __all__ = ["published_protocol"]
 
 
-def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int = 0, profile: str = "small",
-                       candidates: int = 200) -> dict[str, dict[str, float]]:
+def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int | None = None,
+                       profile: str | None = None, candidates: int = 200, holdout: str = "test") -> dict[str, dict[str, float]]:
+    """Popularity, ALS and Parity under the published protocol. The profile and seed default
+    to the release's (`release_dir`), else "default" and 0. `holdout="valid"` measures on a
+    validation split instead, for choices that must not look at the test 20%: the training 80%
+    split again the same way (12.5% of it held out, seed + 1) and the test 20% never read."""
     info = load_info(data_dir)
     if info.kind != "movielens":
         raise ValueError(f"the published protocol is defined for MovieLens; {data_dir} holds {info.kind} data")
+    if release_dir is not None:
+        m = load_release(release_dir).manifest
+        profile = m["config"]["profile"] if profile is None else profile
+        seed = int(m["seed"]) if seed is None else seed
+    profile = "default" if profile is None else profile
+    seed = 0 if seed is None else seed
+    from models.pipeline import train_release  # torch: imported only when the protocol runs
+
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    if holdout not in ("test", "valid"):
+        raise ValueError(f"holdout must be 'test' or 'valid', got {holdout!r}")
     split = protocol_split(events, seed)
+    if holdout == "valid":
+        split = protocol_split(split.train_events, seed + 1, test_frac=0.125)
     out = protocol_baselines(split, seed)
     with tempfile.TemporaryDirectory(prefix="parity-protocol-") as tmp:
         d = Path(tmp) / "train80"
-        users = read_users(data_dir)
         sub = dataclasses.replace(info, n_events=len(split.train_events), params={**info.params, "protocol": "random 80/20 of ratings >= 4"})
         EventLog(d / "events").append(split.train_events)
-        write_catalogue(d, read_items(data_dir), users, dataclasses.replace(sub, pii_fields={"users": []}))
-        td = build_training_data(d, seed=seed, history_len=TwoTowerConfig.for_profile(profile).history_len)
-        tt = train_two_tower(td, TwoTowerConfig.for_profile(profile), seed)
-        teacher = train_teacher(td, RankerConfig.for_profile(profile), seed)
+        write_catalogue(d, read_items(data_dir), read_users(data_dir), dataclasses.replace(sub, pii_fields={"users": []}))
+        rel = train_release(d, Path(tmp) / "releases", profile=profile, seed=seed)
+        rt = ReleaseRuntime.load(rel)
+        sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
+        used = [sets[n] for n in rt.inputs.sets]
+        train_events = EventLog(d / "events").read(must_exist=True).deduplicated()
+        items = ItemCatalog.from_table(read_items(d))
+        joiner = PitJoiner(used, train_events)
         t_end = int(split.train_events.ts.max()) + 1
-        joiner = PitJoiner(list(td.sets), td.events)
         uids = split.user_ids
-        ucols = columns_from_join(joiner.join(pa.table({"user_id": uids, "ts": np.full(len(uids), t_end)}), only=[td.inputs.user_set]),
-                                 [fs for fs in td.sets if fs.name == td.inputs.user_set])
-        U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in tt.user_columns], axis=1).astype(np.float32)
-        H = history_at(td.events, td.info.kind, uids, t_end, tt.config.history_len)
-        ue = tt.user_embeddings(U, H)
-        ie = tt.item_embeddings(split.item_ids, td.items)
-        tower = ue @ ie.T
+        ucols = columns_from_join(joiner.join(pa.table({"user_id": uids, "ts": np.full(len(uids), t_end)}), only=[rt.inputs.user_set]),
+                                  [sets[rt.inputs.user_set]])
+        U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
+        H = history_at(train_events, info.kind, uids, t_end, rt.history_len) if rt.history_len else None
+        ue = rt.user_embeddings(U, H)
+        Hii = history_at(train_events, info.kind, uids, t_end, rt.item_item.history_len) if rt.item_item is not None else None
+        row = {x: r for r, x in enumerate(rt.vocab.tolist())}
+        rows = np.asarray([row.get(x, -1) for x in split.item_ids.tolist()], dtype=np.int64)
+        tower = np.where(rows >= 0, (ue @ rt.item_embeddings[np.maximum(rows, 0)].T).astype(np.float64), -np.inf)  # not in the release: last
         out["parity_two_tower"] = full_ranking_metrics(split, lambda ub: tower[ub])
+        if Hii is not None:  # the release's item-item model alone (fitted on the release's train split)
+            ii = np.stack([np.where(m, -np.inf, v) for v, m in (rt.item_item.scores(h, split.item_ids) for h in Hii)])
+            out["parity_item_item"] = full_ranking_metrics(split, lambda ub: ii[ub])
         seen = [set() for _ in range(len(uids))]
         for u, i in zip(split.train_u.tolist(), split.train_i.tolist()):
             seen[u].add(i)
+        base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
+                            tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
 
-        def two_stage(ub: np.ndarray) -> np.ndarray:
-            s = tower[ub].copy()
-            for r, u in enumerate(ub.tolist()):
-                s[r, list(seen[u])] = -np.inf
-            top = np.argsort(-s, axis=1)[:, :candidates]
-            X = feature_matrix(td.inputs, joiner, list(td.sets), td.items, np.repeat(uids[ub], candidates), split.item_ids[top.reshape(-1)], t_end)
-            p = predict(teacher, X).reshape(len(ub), candidates)
-            full = np.full(s.shape, -1e9)
-            np.put_along_axis(full, top, 1.0 + p, axis=1)  # candidates above everything else
-            return full
+        def lists(s: np.ndarray) -> np.ndarray:
+            """Column indices of one user's candidate list: the tower's top `candidates` unseen items."""
+            top = np.argsort(-s, kind="stable")[:candidates]
+            return top[np.isfinite(s[top])]
 
-        out["parity_two_stage"] = full_ranking_metrics(split, two_stage)
+        def two_stage(ranker: str):
+            def score(ub: np.ndarray) -> np.ndarray:
+                s = tower[ub].copy()
+                for r, u in enumerate(ub.tolist()):
+                    s[r, list(seen[u])] = -np.inf
+                tops = [lists(s[r]) for r in range(len(ub))]
+                n = np.asarray([len(t) for t in tops])
+                ids = split.item_ids[np.concatenate(tops)]
+                Xb = feature_matrix(base, joiner, used, items, np.repeat(uids[ub], n), ids, t_end)
+                X = np.empty((len(ids), len(rt.inputs.columns)), dtype=np.float32)
+                pos = {c: j for j, c in enumerate(base.columns)}
+                rc = [retrieval_columns(rt.item_scores(ue[u], split.item_ids[tops[r]]), split.item_ids[tops[r]],
+                                        Hii[u] if Hii is not None else None, rt.item_item) for r, u in enumerate(ub.tolist())]
+                for j, c in enumerate(rt.inputs.columns):
+                    X[:, j] = np.concatenate([np.where(x[c][1], np.nan, x[c][0]) for x in rc]) if c in RETRIEVAL_COLUMNS else Xb[:, pos[c]]
+                p = rt.score(X, ranker).astype(np.float64)
+                full = np.where(np.isfinite(s), s - 10.0, -np.inf)  # the rest in tower order (scores are in [-1, 1]), below the lists
+                off = np.r_[0, np.cumsum(n)]
+                for r, t in enumerate(tops):
+                    full[r, t] = 1.0 + p[off[r] : off[r + 1]]
+                return full
+            return score
+
+        out["parity_two_stage"] = full_ranking_metrics(split, two_stage("student_int8"))
+        out["parity_two_stage_teacher"] = full_ranking_metrics(split, two_stage("teacher_fp32"))
     return out

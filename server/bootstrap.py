@@ -78,7 +78,7 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     sets = feature_sets(info.kind, info.n_topics)
     by_name = {fs.name: fs for fs in sets}
     # The release first: a broken or skewed one must stop start-up before any slow work.
-    runtime = load_runtime(cfg.release, by_name, ort_threads=cfg.ort_threads, ranker=cfg.ranker)
+    runtime = load_runtime(cfg.release, by_name, ort_threads=cfg.ort_threads, ranker=cfg.ranker, seen_cap=cfg.seen_cap)
     store = _open(cfg, cfg.store_timeout_s)
     write_store = store if isinstance(store, MemoryStore) else _open(cfg, 2.0)
     store_ok = True

@@ -5,7 +5,8 @@ Nothing here awaits or touches the network: `retrieve` and `rank` run in a worke
 The stages follow the offline evaluation (models.evaluate) exactly: user features and the
 seen record's last items (the engagement history) → user tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
 every candidate's ranker inputs through `features.assemble.assemble` (for rankers trained on
-candidate lists, with the list's retrieval rank and score gap) → the int8 student in one
+candidate lists, with the list's retrieval rank and score gap, and the item-item score of the
+candidate for the same history) → the int8 student in one
 batched call → best first. Serving adds, for cold start and freshness, popular items,
 recently published items and new items (not in the release) found by their content
 embedding, then a per-creator cap.
@@ -178,10 +179,11 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
         return Ranked(cand.ids, np.empty(0, dtype=np.float32), cand.source)
     with timer.stage("assemble"):
         retrieval = None
-        if snap.runtime.inputs.uses_retrieval:  # list-relative rank and score gap, as in training and eval
-            emb = cand.user_emb if cand.user_emb is not None else snap.runtime.user_embeddings(
-                user_matrix(snap, uf), user_history(uf, snap.runtime.history_len))
-            retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids)
+        if snap.runtime.inputs.uses_retrieval:  # list-relative rank and score gap (+ item-item), as in training and eval
+            rt = snap.runtime
+            emb = cand.user_emb if cand.user_emb is not None else rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
+            hist = user_history(uf, rt.item_item.history_len)[0] if rt.item_item is not None else None
+            retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids, hist, rt.item_item)
         X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs, retrieval)
     with timer.stage("rank"):
         scores = snap.runtime.score(X)  # ONE batched call of the configured ranker

@@ -430,7 +430,8 @@ class RecommenderService:
             t = time.perf_counter()
             old = self.state.current
             try:
-                runtime = await self._run(self.io, load_runtime, path, self.sets_by_name, ort_threads=self.cfg.ort_threads, ranker=self.cfg.ranker)
+                runtime = await self._run(self.io, load_runtime, path, self.sets_by_name, ort_threads=self.cfg.ort_threads, ranker=self.cfg.ranker,
+                                               seen_cap=self.cfg.seen_cap)
                 snap = await self._run(self.cpu, build_snapshot, runtime, self.state.current.items, self.sets_by_name,
                                        self.state.current.catalog_stamp, prefetch_limit=self.cfg.pair_prefetch_limit)
                 await self._run(self.cpu, warm, snap, self.cfg, self.clock.now_ms())

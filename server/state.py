@@ -79,7 +79,8 @@ def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
             raise FailedPrecondition(f"release {release.release_id}: ranker input set {name!r} is not among its feature_sets")
 
 
-def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1, ranker: str = RANKER) -> ReleaseRuntime:
+def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1, ranker: str = RANKER,
+                 seen_cap: int | None = None) -> ReleaseRuntime:
     """Load, verify and skew-check a release. Raises InvalidArgument / FailedPrecondition with the reason."""
     if not str(path).strip():
         raise InvalidArgument("path", "must name a release folder")
@@ -91,12 +92,18 @@ def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_thread
     if ranker not in RANKERS and ranker not in _PLUGINS:
         raise FailedPrecondition(f"ranker {ranker!r} is neither a release ranker {list(RANKERS)} nor a registered plugin {sorted(_PLUGINS)}")
     try:
-        return ReleaseRuntime.load(release, rankers=(ranker,), threads=ort_threads, plugins=_PLUGINS)
+        runtime = ReleaseRuntime.load(release, rankers=(ranker,), threads=ort_threads, plugins=_PLUGINS)
     except (ReleaseError, KeyError, ValueError, OSError, RuntimeError) as exc:
         # onnxruntime and ScaNN raise their own errors on broken model files
         raise FailedPrecondition(f"release {release.release_id} refused: its models do not load ({type(exc).__name__}: {exc})") from None
     except Exception as exc:  # noqa: BLE001 - any native loader failure means "not servable"
         raise FailedPrecondition(f"release {release.release_id} refused: its models do not load ({type(exc).__name__}: {exc})") from None
+    needed = max(runtime.history_len, runtime.item_item.history_len if runtime.item_item is not None else 0)
+    if seen_cap is not None and needed > seen_cap:
+        # the seen record is the history the models read: a shorter one would feed them less than training did
+        raise FailedPrecondition(f"release {release.release_id} reads each user's last {needed} engaged items, "
+                                 f"but this server keeps {seen_cap} (seen_cap)")
+    return runtime
 
 
 def build_snapshot(runtime: ReleaseRuntime, items: ItemTable, sets: Mapping[str, FeatureSet], catalog_stamp: tuple[int, int],

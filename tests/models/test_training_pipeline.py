@@ -138,25 +138,62 @@ def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(m
 
     import_movielens(movielens_dir, tmp_path / "ml")
     res = published_protocol(tmp_path / "ml", profile="tiny")
-    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage"}
+    assert set(res) == {"popularity", "mf_als", "parity_two_tower", "parity_two_stage", "parity_two_stage_teacher", "parity_item_item"}
     assert all(v["users"] > 900 and 0 <= v["ndcg@10"] <= 1 for v in res.values())
     assert res["mf_als"]["ndcg@10"] > res["popularity"]["ndcg@10"]  # the baseline is a real one
+    with pytest.raises(ValueError, match="holdout"):
+        published_protocol(tmp_path / "ml", profile="tiny", holdout="train")
+    from features.eventlog import EventLog
+    from models.protocol import protocol_split
+
+    # holdout="valid": the training 80% split again; its held-out pairs are training pairs of the test split
+    valid = published_protocol(tmp_path / "ml", profile="tiny", holdout="valid")
+    assert set(valid) == set(res) and valid["mf_als"]["ndcg@10"] > valid["popularity"]["ndcg@10"]
+    events = EventLog(tmp_path / "ml" / "events").read().deduplicated()
+    outer = protocol_split(events, 0)
+    inner = protocol_split(outer.train_events, 1, test_frac=0.125)
+    pairs = lambda s, u, i: set(zip(s.user_ids[u].tolist(), s.item_ids[i].tolist()))  # noqa: E731
+    assert pairs(inner, inner.test_u, inner.test_i) <= pairs(outer, outer.train_u, outer.train_i)
+    assert valid["mf_als"]["users"] == len(np.unique(inner.test_u))
 
 
-def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielens_dir, tmp_path):
+def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielens_dir, tmp_path, monkeypatch):
     """MovieLens logs no impressions: its rankers train on the two-tower's candidate lists, with
-    the list-relative retrieval columns as inputs; the same seed gives the same release."""
+    the list-relative retrieval columns as inputs; the same seed gives the same release. The
+    item-item models behind retrieval.item_item see only rows before each list's query time."""
+    import models.candidates as candidates
+    import models.pipeline as pipeline
     from features.assemble import RETRIEVAL_COLUMNS
     from features.movielens import import_movielens
 
+    fitted = []
+
+    fit = candidates.item_item_for
+
+    def recording(split, *args):
+        fitted.append(split)
+        return fit(split, *args)
+
+    monkeypatch.setattr(candidates, "item_item_for", recording)
+    monkeypatch.setattr(pipeline, "item_item_for", recording)
     import_movielens(movielens_dir, tmp_path / "ml")
-    rel = train_release(tmp_path / "ml", tmp_path / "releases", profile="tiny", seed=0)
+    keep: dict = {}
+    rel = train_release(tmp_path / "ml", tmp_path / "releases", profile="tiny", seed=0, keep=keep)
+    monkeypatch.undo()
+    rd = keep["ranker_data"]
+    assert len(fitted) == 2  # the release's (train split), the training lists' (early rows)
+    for split, lists in ((fitted[1], rd.train), (fitted[0], rd.valid), (fitted[0], rd.test)):
+        query_at = dict(zip(lists.user_id.tolist(), lists.ts.tolist()))
+        assert all(t < query_at.get(u, np.iinfo(np.int64).max) for u, t in zip(split.user_id.tolist(), split.ts.tolist()))
+    assert len(fitted[1]) < len(fitted[0])
     m = rel.manifest
     assert m["config"]["ranker_rows"] == "candidates" and m["retrieval"]["history_len"] == 20
-    assert list(m["ranker_inputs"]["columns"][-2:]) == list(RETRIEVAL_COLUMNS)
+    assert list(m["ranker_inputs"]["columns"][-3:]) == list(RETRIEVAL_COLUMNS)
+    assert m["retrieval"]["item_item"]["items"] > 1000 and ReleaseRuntime.load(rel).item_item is not None
     assert all(m["training_data"]["ranker_rows"][s] > 0 for s in ("train", "valid", "test"))
     assert m["metrics"]["quantization"]["mean_tau"] >= 0.95
     res = evaluate_release(rel.path, tmp_path / "ml", max_users=150)
     assert res.users == 150 and all(0 <= v["ndcg@10"] <= 1 for v in res.two_stage.values())
     again = train_release(tmp_path / "ml", tmp_path / "again", profile="tiny", seed=0)
     assert again.manifest["training_data"] == m["training_data"] and again.manifest["metrics"]["ranking_test"] == m["metrics"]["ranking_test"]
+    assert again.manifest["files"]["retrieval/item_item.npy"] == m["files"]["retrieval/item_item.npy"]

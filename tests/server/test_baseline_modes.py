@@ -103,3 +103,12 @@ def test_a_torch_checkpoint_that_is_not_a_ranker_is_refused(tmp_path):
     torch.save({"kind": "teacher", "config": {}}, tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not a ranker checkpoint"):
         load_ranker(tmp_path / "x.pt")
+
+
+def test_a_release_reading_more_history_than_the_server_keeps_is_refused(release_dir, services):
+    sets = services["product"].sets_by_name
+    need = load_runtime(release_dir, sets).history_len
+    assert need > 1
+    assert load_runtime(release_dir, sets, seen_cap=need).history_len == need
+    with pytest.raises(FailedPrecondition, match=f"last {need} engaged items.*keeps {need - 1}"):
+        load_runtime(release_dir, sets, seen_cap=need - 1)

@@ -180,8 +180,9 @@ def candidates_service(small_sim, server_config, tmp_path_factory):
 
 
 def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(candidates_service, small_sim):
-    """The retrieval columns (rank and score gap in the list) come out of the server exactly
-    as parity eval computes them: offline features + retrieval_columns of the exact scores."""
+    """The retrieval columns (rank and score gap in the list, item-item score for the history)
+    come out of the server exactly as parity eval computes them: offline features +
+    retrieval_columns of the exact scores and of the history as of now."""
     from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, retrieval_columns
     from models.data import feature_matrix
 
@@ -203,7 +204,9 @@ def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(ca
         ranked = pipeline.rank(snap, uf, cand, now, timer)
         H = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.history_len)
         emb = rt.user_embeddings(snap.runtime.user_inputs(feature_matrix(base, joiner, sets, catalog, np.array([user]), cand.ids[:1], now)), H)
-        rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids)
+        Hii = history_at(events, "simulated", np.array([user]), max(now, int(events.ts.max()) + 1), rt.item_item.history_len)
+        rc = retrieval_columns(rt.item_scores(emb[0], cand.ids), cand.ids, Hii[0], rt.item_item)
+        assert rt.inputs.uses_item_item and not rc["retrieval.item_item"][1].all()  # a heavy user's history scores candidates
         Xb = feature_matrix(base, joiner, sets, catalog, np.full(len(cand.ids), user), cand.ids, now)
         pos = {c: j for j, c in enumerate(base.columns)}
         X = np.stack([np.where(rc[c][1], np.nan, rc[c][0]) if c in rc else Xb[:, pos[c]] for c in rt.inputs.columns], axis=1)
