@@ -31,7 +31,7 @@ from features.history import HISTORY_LEN
 from features.item_item import DEFAULT_L2
 from features.events import MS_PER_DAY
 from models.candidates import candidate_training_data, item_item_for
-from models.data import SPLIT_FRACTIONS, TrainingData, build_training_data
+from models.data import SPLIT_FRACTIONS, build_training_data
 from models.metrics import auc, candidate_lists, logloss
 from models.popularity import popularity
 from models.ranker import RankerConfig, predict, save_ranker, train_student, train_teacher

@@ -10,37 +10,15 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from features.online.base import StoreUnavailable
+from parity.argtypes import nonneg, positive
 
 __all__ = ["main", "build_parser"]
 
 
-def _positive(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be > 0, got {v}")
-        return v
-
-    return parse
-
-
-def _nonneg(name: str) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-
-    return parse
+_positive, _nonneg = positive, nonneg  # the register() functions receive these
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,24 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from typing import Callable
+
+from parity.argtypes import number
 
 __all__ = ["register"]
-
-
-def _pos_float(name: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (math.isfinite(v) and v > 0):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text}")
-        return v
-
-    return parse
 
 
 def _share(text: str) -> tuple[float, float, float]:
@@ -52,12 +39,12 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
         "The last line printed is JSON.",
     )
     lat.add_argument("--target", required=True, help="HOST:PORT of the server; 127.0.0.0/8, localhost or ::1 only")
-    lat.add_argument("--qps", type=_pos_float("--qps"), required=True, help="offered rate, requests per second")
-    lat.add_argument("--seconds", type=_pos_float("--seconds"), required=True, help="how long to offer it")
+    lat.add_argument("--qps", type=number("--qps", strictly_positive=True), required=True, help="offered rate, requests per second")
+    lat.add_argument("--seconds", type=number("--seconds", strictly_positive=True), required=True, help="how long to offer it")
     lat.add_argument("--events", default=None, help="data dir the server serves: user ids are drawn from it (default: synthetic ids 0..999)")
     lat.add_argument("--k", type=positive("--k"), default=10, help="items per request (default 10)")
     lat.add_argument("--mix", type=_share, default=(70.0, 10.0, 20.0), help="known/new/heavy user shares (default 70/10/20)")
-    lat.add_argument("--timeout", type=_pos_float("--timeout"), default=1.0, help="deadline of each request in seconds (default 1)")
+    lat.add_argument("--timeout", type=number("--timeout", strictly_positive=True), default=1.0, help="deadline of each request in seconds (default 1)")
     lat.add_argument("--concurrency-cap", type=positive("--concurrency-cap"), default=1000,
                      help="most requests in flight; a due request beyond it is not sent and counts as an error (default 1000)")
     lat.add_argument("--warmup", type=nonneg("--warmup"), default=20, help="requests sent one by one first, not counted (default 20)")

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from parity_api.v1 import recommender_pb2 as pb
 from parity_api.v1 import recommender_pb2_grpc as pb_grpc
+from parity.argtypes import integer, number
 from server.admin import AdminServicer
 from server.bootstrap import build_service
 from server.clock import CLOCK_MODES
@@ -195,40 +196,14 @@ class BackgroundServer:
 
 
 # -- command line ------------------------------------------------------------------------------
-def _int(name: str, minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {v}")
-        return v
-
-    return parse
-
-
-def _seconds(name: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number of seconds, got {text!r}") from None
-        if not (v >= 0 and v < float("inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {text}")
-        return v
-
-    return parse
-
-
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release", required=True, help="release folder to serve (see `parity releases list`)")
     p.add_argument("--events", required=True, help="data dir (or its events/ folder): feature definitions, item catalogue, event log")
-    p.add_argument("--port", type=_int("--port", 0), default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--port", type=integer("--port", 0), default=50051, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     p.add_argument("--store", default="memory", help="online store: memory or redis://HOST:PORT/DB (default memory, filled from --events)")
     p.add_argument("--namespace", default="parity", help="key namespace in the store (default parity)")
-    p.add_argument("--metrics-port", type=_int("--metrics-port", 0), default=9100, help="Prometheus /metrics port (default 9100; 0: off)")
+    p.add_argument("--metrics-port", type=integer("--metrics-port", 0), default=9100, help="Prometheus /metrics port (default 9100; 0: off)")
     p.add_argument("--admin-token", default=None, help="bearer token for the Admin service (default: env PARITY_ADMIN_TOKEN; unset: Admin refused)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key the server speaks TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
@@ -236,8 +211,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="event time to read features as of: wall, data (start at the log's end), auto (data when the log ended > 1 day ago)")
     p.add_argument("--materialize", choices=MATERIALIZE_MODES, default="auto",
                    help="fill the store from the event log at start-up: auto (memory store, or a store never materialised), always, never")
-    p.add_argument("--drain-notice", type=_seconds("--drain-notice"), default=0.0, help="on SIGTERM, seconds of NOT_SERVING before refusing RPCs (default 0)")
-    p.add_argument("--drain-grace", type=_seconds("--drain-grace"), default=10.0, help="seconds to wait for RPCs in flight when stopping (default 10)")
+    p.add_argument("--drain-notice", type=number("--drain-notice", what="a number of seconds"), default=0.0, help="on SIGTERM, seconds of NOT_SERVING before refusing RPCs (default 0)")
+    p.add_argument("--drain-grace", type=number("--drain-grace", what="a number of seconds"), default=10.0, help="seconds to wait for RPCs in flight when stopping (default 10)")
     p.add_argument("--ranker", default="student_int8",
                    help="ranker of the release: student_int8 (default), student_fp32 or teacher_fp32 (ONNX Runtime)")
     p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default="ann", help="candidate retrieval: ann (the release's ScaNN index, default) or exact (numpy)")
