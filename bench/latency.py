@@ -241,14 +241,13 @@ async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], 
     from parity_api.v1 import recommender_pb2 as pb
 
     reqs = [pb.RecommendRequest(user_id=ids[i % len(ids)], k=k) for i in range(n)]
-    # The generator must not pause itself: a full collection over the prepared requests would
-    # delay sends, and every delayed send counts as latency (measured from the intended time).
+    # Precaution (not measured on its own): keep the collector from walking the prepared
+    # requests mid-run, where a pause would delay sends and count as latency. No unfreeze:
+    # it would also unfreeze a server running in this process (server/heap.py); frozen
+    # objects are still freed by reference counting.
     gc.collect()
     gc.freeze()
-    try:
-        return await _offer(target, qps, seconds, n, reqs, timeout_s, cap, warmup, connect_timeout_s, window_s)
-    finally:
-        gc.unfreeze()
+    return await _offer(target, qps, seconds, n, reqs, timeout_s, cap, warmup, connect_timeout_s, window_s)
 
 
 async def _offer(target: str, qps: float, seconds: float, n: int, reqs: list, timeout_s: float, cap: int, warmup: int,

@@ -331,8 +331,7 @@ def _store(store: str, work: Path) -> Iterator[str]:
         return
     if store != "redis":
         raise ValueError(f"unknown store {store!r}")
-    sys.path.insert(0, str(REPO))
-    from tests.redis_server import RedisServer
+    from tests.redis_server import RedisServer  # the tests' private-server helper (run from the repo root, as bench/conftest.py)
 
     with RedisServer() as r:
         yield r.url

@@ -121,7 +121,7 @@ def item_tower_inputs(
     catalog: "ItemCatalog",
     item_ids: np.ndarray,
     *,
-    vocab: np.ndarray,
+    vocab: "np.ndarray | VocabIndex",
     n_creator_buckets: int = DEFAULT_CREATOR_BUCKETS,
     content_only: bool = False,
 ) -> dict[str, np.ndarray]:

@@ -19,6 +19,7 @@ this, so the server itself never imports torch.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,11 +62,11 @@ class ReleaseRuntime:
     _plugins: dict[str, Scorer] = field(default_factory=dict)
     default_ranker: str | None = None
     item_item: ItemItem | None = None  # the ranker's retrieval.item_item model (features.item_item), when it reads one
-    vocab_lookup: VocabIndex | None = None  # built once from `vocab` (__post_init__)
 
-    def __post_init__(self) -> None:
-        if self.vocab_lookup is None:
-            self.vocab_lookup = VocabIndex(self.vocab)
+    @functools.cached_property
+    def vocab_lookup(self) -> VocabIndex:
+        """`vocab` checked and sorted once (requests map histories through it)."""
+        return VocabIndex(self.vocab)
 
     @classmethod
     def load(cls, release: Release, *, rankers: tuple[str, ...] = RANKERS, threads: int = 1,
@@ -131,7 +132,7 @@ class ReleaseRuntime:
 
     def content_embeddings(self, catalog: ItemCatalog, item_ids: np.ndarray) -> np.ndarray:
         """Embeddings of items not in the release (new items) from their content alone."""
-        feeds = item_tower_inputs(catalog, item_ids, vocab=self.vocab, n_creator_buckets=self.creator_buckets)
+        feeds = item_tower_inputs(catalog, item_ids, vocab=self.vocab_lookup, n_creator_buckets=self.creator_buckets)
         return self._item_tower.run(["embedding"], feeds)[0]
 
     def retrieve(self, user_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
