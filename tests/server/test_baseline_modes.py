@@ -112,3 +112,23 @@ def test_a_release_reading_more_history_than_the_server_keeps_is_refused(release
     assert load_runtime(release_dir, sets, seen_cap=need).history_len == need
     with pytest.raises(FailedPrecondition, match=f"last {need} engaged items.*keeps {need - 1}"):
         load_runtime(release_dir, sets, seen_cap=need - 1)
+
+
+def test_the_serve_flags_for_comparisons_reach_the_config(release_dir, small_sim, capsys):
+    import argparse
+
+    from server.app import add_serve_arguments, config_from_args
+
+    p = argparse.ArgumentParser(prog="parity serve")
+    add_serve_arguments(p)
+    base = ["--release", str(release_dir), "--events", str(small_sim)]
+    default = config_from_args(p.parse_args(base))
+    assert (default.ranker, default.retrieval, default.item_frame_cache, default.response_cache_ttl_s > 0) == ("student_int8", "ann", True, True)
+    cfg = config_from_args(p.parse_args(base + ["--ranker", "teacher_fp32", "--retrieval", "exact", "--no-caches"]))
+    assert (cfg.ranker, cfg.retrieval, cfg.item_frame_cache, cfg.response_cache_ttl_s, cfg.feature_cache_ttl_s) == ("teacher_fp32", "exact", False, 0.0, 0.0)
+    with pytest.raises(SystemExit):
+        p.parse_args(base + ["--retrieval", "hnsw"])
+    assert "--retrieval" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        p.parse_args(base + ["--drain-grace", "-1"])
+    assert "--drain-grace must be a finite number >= 0" in capsys.readouterr().err
