@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import secrets
 import subprocess
 import sys
 import time
@@ -74,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default=None, help="HOST:PORT of a running server (default: start one on the demo workspace)")
     p.add_argument("--events", default=None, help="the data dir the server serves (user ids are drawn from it)")
+    p.add_argument("--token", default=os.environ.get("PARITY_LOADTEST_TOKEN"),
+                   help="IngestEvents bearer token of a running --host (its ingest or admin token; env PARITY_LOADTEST_TOKEN)")
     p.add_argument("--workspace", default="demo-out", help="demo workspace used without --host (default demo-out)")
     p.add_argument("--users", type=int, default=30, help="Locust users (default 30; about 5 requests/s each)")
     p.add_argument("--run-time", default="60s", help="how long (Locust syntax, default 60s)")
@@ -86,21 +90,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = None
     release = None
     try:
+        token = a.token
         if a.host:
             host, events = a.host, a.events
         else:
             from bench.serving import ServerProcess
 
             events, release = _demo_release(Path(a.workspace))
-            server = ServerProcess([sys.executable, "-m", "parity", "serve", "--release", str(release), "--events", str(events)],
-                                   out.parent / "loadtest-server.log").start()
+            token = token or secrets.token_hex(16)
+            server = ServerProcess([sys.executable, "-m", "parity", "serve", "--release", str(release), "--events", str(events),
+                                    "--ingest-token", token], out.parent / "loadtest-server.log").start()
             host = server.target
         cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "--host", host,
                "--users", str(a.users), "--spawn-rate", str(a.users), "--run-time", a.run_time, "--csv", str(out), "--only-summary"]
         if events:
             cmd += ["--parity-events", str(events)]
+        env = {**os.environ, "PARITY_LOADTEST_TOKEN": token} if token else None  # not on the command line: ps would show it
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        r = subprocess.run(cmd, cwd=REPO)
+        r = subprocess.run(cmd, cwd=REPO, env=env)
         if r.returncode not in (0, 1):  # 1: Locust saw failures; the summary says which
             print(f"[loadtest] locust exited with {r.returncode}", file=sys.stderr)
             return r.returncode

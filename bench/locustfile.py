@@ -132,6 +132,8 @@ def _add_arguments(parser) -> None:
     parser.add_argument("--parity-user-rps", type=float, default=float(os.environ.get("PARITY_LOADTEST_USER_RPS", "5")),
                         help="most tasks per second per simulated user (default 5)")
     parser.add_argument("--parity-timeout", type=float, default=1.0, help="deadline of each call in seconds (default 1)")
+    parser.add_argument("--parity-token", default=os.environ.get("PARITY_LOADTEST_TOKEN", ""),
+                        help="bearer token for IngestEvents (the server's ingest or admin token; env PARITY_LOADTEST_TOKEN)")
 
 
 def _option(env: Any, name: str, default: Any) -> Any:
@@ -156,6 +158,8 @@ class ParityGrpcUser(User):
         except ValueError as exc:
             raise LocustError(str(exc)) from None
         self.timeout_s = float(_option(environment, "parity_timeout", 1.0))
+        token = _option(environment, "parity_token", "") or os.environ.get("PARITY_LOADTEST_TOKEN", "")
+        self.ingest_md = [("authorization", f"Bearer {token}")] if token else []
         self.work = _workload(_option(environment, "parity_events", "") or os.environ.get("PARITY_LOADTEST_EVENTS") or None)
         self._channel = grpc.intercept_channel(grpc.insecure_channel(self.target), LocustInterceptor(environment))
         self.stub = pb_grpc.RecommenderStub(self._channel)
@@ -163,9 +167,9 @@ class ParityGrpcUser(User):
     def on_stop(self) -> None:
         self._channel.close()
 
-    def _call(self, fn, *args) -> None:
+    def _call(self, fn, *args, **kwargs) -> None:
         try:
-            fn(*args, timeout=self.timeout_s)
+            fn(*args, timeout=self.timeout_s, **kwargs)
         except grpc.RpcError:
             pass  # already reported to Locust by the interceptor
 
@@ -179,4 +183,4 @@ class ParityGrpcUser(User):
 
     @task(1)
     def ingest(self) -> None:
-        self._call(self.stub.IngestEvents, iter(self.work.live_events(self.work.user_id())))
+        self._call(self.stub.IngestEvents, iter(self.work.live_events(self.work.user_id())), metadata=self.ingest_md)

@@ -3,8 +3,15 @@
 The state written for an entity is its state as of `until` (all events with ts < until),
 computed by the batch engine. The watermark `until` is stored per feature-set version, so
 an incremental run recomputes only entities with events in [watermark, until), and a
-second run with the same `until` writes the same bytes (idempotent). The streaming
-ingestor skips events older than this watermark: they are already folded in.
+second run with the same `until` writes the same bytes (idempotent).
+
+Hand-off to streaming: the ids of the log's events in [until - mark_window, until) are marked
+as applied (the streaming ingestor's dedupe markers), and the horizon until - mark_window is
+stored beside the watermark. A redelivered log event inside the window is then a duplicate,
+a live event the log never held is applied, and an event older than the horizon is refused
+as late by the ingestor: none is double-counted, none is counted as accepted and dropped.
+The window defaults to the ingestor's allowed lateness (one hour). Materialise every set of
+a dataset together (as the CLI and the server do): markers stand for all of them.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import numpy as np
 from features.batch import BatchEngine
 from features.definitions import FeatureSet
 from features.eventlog import EventLog
-from features.events import EventBatch
+from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.online.base import OnlineStore, Write
 from features.state import StateLayout
@@ -26,6 +33,9 @@ from features.state import StateLayout
 __all__ = ["materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
 
 _CHUNK = 2_000  # records per store commit: a few MB, well inside socket timeouts
+_MARK_CHUNK = 20_000  # dedupe markers per store commit
+DEFAULT_MARK_WINDOW_MS = MS_PER_HOUR  # = the streaming ingestor's default allowed lateness
+DEFAULT_MARK_TTL_MS = 7 * MS_PER_DAY  # = the streaming ingestor's default dedupe TTL
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,12 @@ def materialize(
     *,
     until_ts: int | None = None,
     full: bool = False,
+    mark_window_ms: int = DEFAULT_MARK_WINDOW_MS,
+    mark_ttl_ms: int = DEFAULT_MARK_TTL_MS,
 ) -> list[MaterializeReport]:
     """Retired feature-set versions are skipped (reported with mode "retired")."""
+    if not 0 <= mark_window_ms < mark_ttl_ms:
+        raise ValueError(f"mark_window_ms must be in [0, mark_ttl_ms), got {mark_window_ms} (ttl {mark_ttl_ms})")
     if until_ts is None:
         mx = log.max_ts()
         until_ts = (mx + 1) if mx is not None else 0
@@ -86,6 +100,7 @@ def materialize(
             continue
         if history is None:
             history = log.read(end_ts=until_ts, must_exist=True)
+            _mark_recent(store, history, until_ts - mark_window_ms, mark_ttl_ms)  # before any state: see the module docstring
         if mode == "full":
             codes = _codes_with_events(fs, history)
             from_ts = -1
@@ -99,7 +114,8 @@ def materialize(
         lay = StateLayout(fs)
         engine = BatchEngine(lay, events)
         written = 0
-        meta = {watermark_key(fs): json.dumps({"until_ts": int(until_ts), "at_ms": int(time.time() * 1000), "mode": mode})}
+        meta = {watermark_key(fs): json.dumps({"until_ts": int(until_ts), "marked_from": int(until_ts - mark_window_ms),
+                                               "at_ms": int(time.time() * 1000), "mode": mode})}
         for a in range(0, max(len(codes), 1), _CHUNK):
             chunk = codes[a : a + _CHUNK]
             states = engine.states_asof(chunk, np.full(len(chunk), until_ts, dtype=np.int64))
@@ -111,3 +127,11 @@ def materialize(
             written += len(writes)
         reports.append(MaterializeReport(fs.name, fs.version, mode, from_ts, int(until_ts), written, len(events)))
     return reports
+
+
+def _mark_recent(store: OnlineStore, history: EventBatch, since_ts: int, ttl_ms: int) -> int:
+    """Mark the ids of events at or after `since_ts` as applied; returns how many."""
+    ids = np.unique(history.event_id[history.ts >= since_ts]).tolist()
+    for a in range(0, len(ids), _MARK_CHUNK):
+        store.commit((), dedupe_ids=ids[a : a + _MARK_CHUNK], dedupe_ttl_ms=ttl_ms)
+    return len(ids)

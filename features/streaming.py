@@ -5,9 +5,18 @@ so every commit writes the new states, the applied event ids (dedupe markers) an
 watermark in ONE atomic store transaction: a redelivered event is either fully applied
 already (and skipped as a duplicate) or not at all.
 
+Every event ends in exactly one outcome, reported to the caller: applied (`accepted`), a
+duplicate of one applied before, or late (to the dead-letter sink with its reason). Nothing
+is counted as accepted without being applied.
+
 Lateness: the watermark is the newest event time ingested. An event older than the
 watermark minus the allowed lateness would land in tiles that reads may already have
-passed; it goes to the dead-letter sink with a counter, never silently dropped.
+passed; it is late. So is an event older than the materialised horizon: a materialisation
+up to `until` folds in the log's events before `until` and marks the ids of those in its last
+`mark_window` as applied (features/materialize.py), so a redelivered log event inside the
+window is a duplicate, a new event inside it is applied, and anything older cannot be told
+apart from what the batch path already counted and is refused as late (append it to the
+event log and re-materialise to count it).
 
 Several ingestors (server replicas, consumers) may write one store at once: each batch is
 one optimistic store transaction (read states, markers and the watermark; decide; write
@@ -112,6 +121,14 @@ class StreamingIngestor:
         v = self.store.get_meta(f"materialized:{fs.name}:{fs.version}")
         return int(json.loads(v)["until_ts"]) if v else -1
 
+    @staticmethod
+    def _horizon(raw: str | None) -> int:
+        """Events before this are folded into the materialised state and not marked (-1: none)."""
+        if not raw:
+            return -1
+        d = json.loads(raw)
+        return int(d.get("marked_from", d["until_ts"]))
+
     def ingest(self, events: EventBatch) -> IngestResult:
         with self._lock:
             return self._ingest(events)
@@ -142,25 +159,29 @@ class StreamingIngestor:
             raw = snap.meta[self._meta_key()]
             d = json.loads(raw) if raw else {}
             wm0 = int(d.get("watermark", -1))
+            horizon = max([self._horizon(snap.meta[n]) for n in mat_names] + [-1])
             seen = np.asarray(snap.seen, dtype=bool)
-            fresh = batch.take(np.flatnonzero(~seen))
             fresh_idx = np.flatnonzero(~seen)
+            fresh = batch.take(fresh_idx)
             # The watermark advances event by event in arrival order, within a batch too.
             before = np.maximum.accumulate(np.concatenate([[wm0], fresh.ts]))[:-1]
-            late_mask = (before >= 0) & (fresh.ts < before - self.allowed_lateness_ms)
-            late = int(late_mask.sum())
-            if late:  # at-least-once to the dead letters: a retried transaction may repeat them
-                self.dead_letters.put(fresh.take(np.flatnonzero(late_mask)), f"late: more than {self.allowed_lateness_ms} ms behind the watermark")
-            ok_idx = fresh_idx[~late_mask]
+            behind = (before >= 0) & (fresh.ts < before - self.allowed_lateness_ms)
+            old = ~behind & (fresh.ts < horizon)
+            late = int(behind.sum() + old.sum())
+            # At-least-once to the dead letters: a retried transaction may repeat them.
+            if behind.any():
+                self.dead_letters.put(fresh.take(np.flatnonzero(behind)), f"late: more than {self.allowed_lateness_ms} ms behind the watermark")
+            if old.any():
+                self.dead_letters.put(fresh.take(np.flatnonzero(old)),
+                                      f"late: before the materialised horizon {horizon} (events before it come from the event log; "
+                                      "append it to the log and re-materialise to count it)")
+            ok_idx = fresh_idx[~(behind | old)]
             applied = np.zeros(len(batch), dtype=bool)
             applied[ok_idx] = True
             writes: list[Write] = []
-            for (lay, m, codes, uniq, k0), mname in zip(plan, mat_names):
+            for lay, m, codes, uniq, k0 in plan:
                 fs = lay.feature_set
-                mv = snap.meta[mname]
-                mat_before = int(json.loads(mv)["until_ts"]) if mv else -1
-                # Events already folded in by a materialisation up to `until` are not re-applied.
-                sel = np.flatnonzero(m & applied & (batch.ts >= mat_before))
+                sel = np.flatnonzero(m & applied)
                 if len(sel) == 0:
                     continue
                 sub = batch.take(sel)

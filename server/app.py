@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,12 +28,14 @@ from parity_api.v1 import recommender_pb2 as pb
 from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 from parity.argtypes import integer, number
 from server.admin import AdminServicer
+from server.admission import Admission, LaneLimits
 from server.bootstrap import build_service
 from server.clock import CLOCK_MODES
 from server.config import MATERIALIZE_MODES, RETRIEVAL_MODES, ServerConfig
 from server.errors import ServingError
 from server.service import RecommenderService
 from server.servicer import Handler, RecommenderServicer
+from server.wire import add_servicer
 
 __all__ = ["ParityServer", "BackgroundServer", "serve", "main", "add_serve_arguments", "config_from_args", "SERVICE_NAMES"]
 
@@ -49,45 +52,86 @@ class ParityServer:
         self.service = service
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.ops_port: int | None = None
         self.metrics_port: int | None = None
+        self.admission: Admission | None = None
         self._server: grpc.aio.Server | None = None
+        self._ops: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
-    async def start(self) -> int:
+    def _admission(self) -> Admission:
+        c = self.cfg
+        m = self.service.metrics
+        lanes = {
+            "serve": LaneLimits(c.serve_max_running, c.serve_max_queue, c.serve_max_wait_s, grant_yields=c.serve_grant_yields),
+            "features": LaneLimits(c.features_max_running, c.features_max_queue, c.features_max_wait_s),
+            "admin": LaneLimits(c.admin_max_running, c.admin_max_queue, c.admin_max_wait_s, initial_service_s=0.0),
+        }
+        adm = Admission(lanes, on_outcome=m.on_admission, on_wait=m.on_queue_wait)
+        m.watch_lanes(adm.lanes)
+        return adm
+
+    def _grpc_server(self, *, shed: bool) -> grpc.aio.Server:
         cfg = self.cfg
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20)],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
-        )
-        handler = Handler(self.service.metrics)
-        pb_grpc.add_RecommenderServicer_to_server(RecommenderServicer(self.service, handler), server)
-        pb_grpc.add_AdminServicer_to_server(AdminServicer(self.service, handler, cfg.admin_token), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{cfg.host}:{cfg.port}"
+        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20),
+                   ("grpc.max_concurrent_streams", cfg.max_streams_per_connection)]
+        if shed:  # C-core sheds calls Python has not picked up yet (server/admission.py)
+            options += [("grpc.server.max_pending_requests", cfg.core_pending_soft),
+                        ("grpc.server.max_pending_requests_hard_limit", cfg.core_pending_hard)]
+        return grpc.aio.server(options=options)
+
+    def _listen(self, server: grpc.aio.Server, port: int, what: str) -> int:
+        cfg = self.cfg
+        address = f"{cfg.host}:{port}"
         try:
             if cfg.tls_cert is not None:
                 creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-                self.port = server.add_secure_port(address, creds)
+                bound = server.add_secure_port(address, creds)
             else:
-                self.port = server.add_insecure_port(address)
+                bound = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpc reports a port in use this way
-            raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
-        if not self.port:
-            raise OSError(f"cannot listen on {address}")
+            raise OSError(f"cannot listen on {address} ({what}; in use?): {exc}") from None
+        if not bound:
+            raise OSError(f"cannot listen on {address} ({what})")
+        return bound
+
+    async def start(self) -> int:
+        cfg = self.cfg
+        self.admission = self._admission()
+        handler = Handler(self.service.metrics, self.admission, max_deadline_s=cfg.max_deadline_s, default_deadline_s=cfg.default_deadline_s)
+        self.recommender = RecommenderServicer(self.service, handler)
+        admin = AdminServicer(self.service, handler, cfg.admin_token)
+        server = self._grpc_server(shed=True)
+        add_servicer(server, pb, "Recommender", self.recommender)
+        add_servicer(server, pb, "Admin", admin)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        self.port = self._listen(server, cfg.port, "--port")
+        ops = None
+        if cfg.ops_port is not None:
+            # Health and Admin on a port of their own: a flood of requests on the main port fills
+            # the main server's pending queue, never this one's.
+            ops = self._grpc_server(shed=False)
+            add_servicer(ops, pb, "Admin", admin)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, ops)
+            self.ops_port = self._listen(ops, cfg.ops_port, "--ops-port")
         if cfg.metrics_port:
             try:
-                self.metrics_port = self.service.metrics.serve(cfg.metrics_port, cfg.metrics_host)
+                self.metrics_port = self.service.metrics.serve(cfg.metrics_port, cfg.metrics_bind)
             except OSError as exc:
-                raise OSError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port} (--metrics-port): {exc}") from None
+                raise OSError(f"cannot serve metrics on {cfg.metrics_bind}:{cfg.metrics_port} (--metrics-port): {exc}") from None
+        self.service.metrics.ingest_streams.set_function(lambda: sum(self.recommender.streams.open.values()))
         await self.service.start()
         await server.start()
-        self._server = server
+        if ops is not None:
+            await ops.start()
+        self._server, self._ops = server, ops
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s:%d (%s)%s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
-                 f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+        log.info("listening on %s:%d (%s)%s%s", cfg.host, self.port, "TLS" if cfg.tls_cert else "plaintext",
+                 f", health and Admin also on :{self.ops_port}" if ops is not None else "",
+                 f", metrics on {cfg.metrics_bind}:{self.metrics_port}" if self.metrics_port else "")
         return self.port
 
     def request_stop(self) -> None:
@@ -96,18 +140,31 @@ class ParityServer:
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self) -> None:
+        """Drain: NOT_SERVING (still answering for `drain_notice_s`), then refuse new requests
+        with UNAVAILABLE (retryable) while what was admitted finishes, up to `drain_grace_s`."""
         if self._server is None:
             self._stopped.set()
             return
-        log.info("draining: health NOT_SERVING, %.1f s notice, then up to %.1f s for requests in flight", self.cfg.drain_notice_s, self.cfg.drain_grace_s)
-        self.service.serving = False
+        cfg = self.cfg
+        log.info("draining: health NOT_SERVING, %.1f s notice, then up to %.1f s for requests admitted", cfg.drain_notice_s, cfg.drain_grace_s)
         await self.health.enter_graceful_shutdown()
-        if self.cfg.drain_notice_s:
-            await asyncio.sleep(self.cfg.drain_notice_s)
-        await self._server.stop(self.cfg.drain_grace_s)
+        if cfg.drain_notice_s:
+            await asyncio.sleep(cfg.drain_notice_s)
+        t = time.monotonic()
+        self.service.serving = False
+        self.service.draining = True
+        assert self.admission is not None
+        self.admission.drain()
+        idle = await self.admission.wait_idle(cfg.drain_grace_s)
+        if not idle:
+            log.warning("drain: requests still running after %.1f s; stopping anyway", cfg.drain_grace_s)
+        left = max(0.0, cfg.drain_grace_s - (time.monotonic() - t))
+        await self._server.stop(left)  # ingest streams still open get this long to finish
+        if self._ops is not None:
+            await self._ops.stop(0)
         await self.service.close()
         self.service.metrics.close()
-        self._server = None
+        self._server = self._ops = None
         self._stopped.set()
         log.info("stopped")
 
@@ -200,11 +257,17 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--release", required=True, help="release folder to serve (see `parity releases list`)")
     p.add_argument("--events", required=True, help="data dir (or its events/ folder): feature definitions, item catalogue, event log")
     p.add_argument("--port", type=integer("--port", 0), default=50051, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--store", default="memory", help="online store: memory or redis://HOST:PORT/DB (default memory, filled from --events)")
     p.add_argument("--namespace", default="parity", help="key namespace in the store (default parity)")
     p.add_argument("--metrics-port", type=integer("--metrics-port", 0), default=9100, help="Prometheus /metrics port (default 9100; 0: off)")
+    p.add_argument("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    p.add_argument("--ops-port", type=integer("--ops-port", 0), default=None,
+                   help="also serve health and Admin on this port, never shed by request floods (default: off; 0 picks one)")
     p.add_argument("--admin-token", default=None, help="bearer token for the Admin service (default: env PARITY_ADMIN_TOKEN; unset: Admin refused)")
+    p.add_argument("--ingest-token", default=None,
+                   help="bearer token for IngestEvents (default: env PARITY_INGEST_TOKEN, else the admin token; neither: ingest refused)")
+    p.add_argument("--releases-root", default=None, help="LoadRelease loads only folders under this one (default: the folder holding --release)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key the server speaks TLS only")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--clock", choices=CLOCK_MODES, default="auto",
@@ -221,9 +284,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     token = args.admin_token if args.admin_token is not None else os.environ.get("PARITY_ADMIN_TOKEN") or None
+    ingest = args.ingest_token if args.ingest_token is not None else os.environ.get("PARITY_INGEST_TOKEN") or None
     return ServerConfig(
         release=Path(args.release), data_dir=Path(args.events), host=args.host, port=args.port, store=args.store, namespace=args.namespace,
-        metrics_port=args.metrics_port or None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
+        metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, ops_port=args.ops_port, ingest_token=ingest,
+        releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
         ranker=args.ranker, retrieval=args.retrieval,
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),

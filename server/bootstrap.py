@@ -62,7 +62,7 @@ def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log
         until = (mx + 1) if mx is not None else 0
         need = cfg.materialize == "always" or is_memory or any(stored_watermark(patient, fs) is None for fs in sets)
         if need:
-            for r in materialize(elog, patient, sets, until_ts=until):
+            for r in materialize(elog, patient, sets, until_ts=until, mark_window_ms=cfg.allowed_lateness_ms):
                 log.info("materialised %s %s: %s, %d entities", r.feature_set, r.version, r.mode, r.entities_written)
         bootstrap_seen(patient, lambda: elog.read(end_ts=until), kind, until, cfg.seen_cap)
         return until

@@ -1,5 +1,11 @@
 """A typed Python client for backends: one reused channel, deadlines on every call, retries
-with jittered exponential backoff on UNAVAILABLE (never on a definite answer).
+with jittered exponential backoff on the answers that mean "not done, try again": UNAVAILABLE
+(a store outage, a draining server), RESOURCE_EXHAUSTED (shed by admission control; the
+server's `grpc-retry-pushback-ms` is honoured) and CANCELLED when this client did not cancel
+(gRPC's C core sheds calls that way). Never on a definite answer. Retries are throttled as
+gRPC's retry policy does (a token bucket: 10 tokens, -1 per retryable failure, +0.1 per
+success, retries only above half; only shedding answers spend tokens), so a fleet of clients
+cannot multiply an overload.
 
     with ParityClient("127.0.0.1:50051", timeout_s=0.2) as c:
         rec = c.recommend("42", k=10)
@@ -13,6 +19,7 @@ server's message (which names the bad field for INVALID_ARGUMENT).
 from __future__ import annotations
 
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
@@ -27,6 +34,42 @@ __all__ = ["ParityClient", "ParityRpcError", "ScoredItem", "Recommendation", "Ra
            "IngestSummary", "Status", "LoadedRelease"]
 
 T = TypeVar("T")
+
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+_SHED = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
+
+
+def _pushback_s(exc: grpc.RpcError) -> float | None:
+    """The server's `grpc-retry-pushback-ms` in seconds (negative: do not retry), if it sent one."""
+    try:
+        md = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001 - not every RpcError carries metadata
+        return None
+    for key, value in md:
+        if key == "grpc-retry-pushback-ms":
+            try:
+                return int(value) / 1000.0
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+class RetryThrottle:
+    """gRPC's retry throttling (gRFC A6): retries only while tokens > max/2."""
+
+    def __init__(self, max_tokens: float = 10.0, token_ratio: float = 0.1) -> None:
+        self.max_tokens, self.ratio, self.tokens = max_tokens, token_ratio, max_tokens
+        self._lock = threading.Lock()
+
+    def success(self) -> None:
+        with self._lock:
+            self.tokens = min(self.max_tokens, self.tokens + self.ratio)
+
+    def failure(self) -> bool:
+        """Count a retryable failure; True if a retry is allowed now."""
+        with self._lock:
+            self.tokens = max(0.0, self.tokens - 1)
+            return self.tokens > self.max_tokens / 2
 
 
 class ParityRpcError(Exception):
@@ -43,6 +86,7 @@ class ScoredItem:
     item_id: str
     score: float
     source: str
+    unknown: bool = False  # Rank: not in the catalogue (score NaN)
 
 
 @dataclass(frozen=True)
@@ -123,9 +167,10 @@ class LoadedRelease:
 
 class ParityClient:
     def __init__(self, target: str, *, timeout_s: float = 1.0, retries: int = 3, backoff_s: float = 0.05, admin_token: str | None = None,
-                 tls: bool = False, root_certificates: bytes | None = None, server_name: str | None = None,
+                 ingest_token: str | None = None, tls: bool = False, root_certificates: bytes | None = None, server_name: str | None = None,
                  options: Sequence[tuple[str, object]] = ()) -> None:
-        """`tls` (or `root_certificates`) makes a TLS channel; `server_name` overrides the name checked in the certificate."""
+        """`tls` (or `root_certificates`) makes a TLS channel; `server_name` overrides the name checked in the certificate.
+        `ingest_token` authorises IngestEvents (default: the admin token, which a server without an ingest token accepts)."""
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if retries < 0:
@@ -142,13 +187,16 @@ class ParityClient:
         self.retries = retries
         self.backoff_s = backoff_s
         self._admin = [("authorization", f"Bearer {admin_token}")] if admin_token else []
+        tok = ingest_token or admin_token
+        self._ingest_md = [("authorization", f"Bearer {tok}")] if tok else []
+        self._throttle = RetryThrottle()
         self._rec = pb_grpc.RecommenderStub(self._channel)
         self._adm = pb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     # -- plumbing ------------------------------------------------------------------------
     def _call(self, method: str, fn: Callable[[float], T], timeout_s: float | None) -> T:
-        """Call with the overall deadline; retry UNAVAILABLE with backoff while time is left."""
+        """Call with the overall deadline; retry what is retryable with backoff while time is left."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         attempt = 0
         while True:
@@ -157,19 +205,31 @@ class ParityClient:
             try:
                 if left <= 0:
                     raise ParityRpcError(method, grpc.StatusCode.DEADLINE_EXCEEDED, "no time left for another attempt", attempt - 1)
-                return fn(left)
+                out = fn(left)
+                self._throttle.success()
+                return out
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code != grpc.StatusCode.UNAVAILABLE or attempt > self.retries:
+                if code not in _RETRYABLE:
+                    raise ParityRpcError(method, code, exc.details() or "", attempt) from None
+                # Only shedding answers spend retry tokens: retrying a server that is down or draining
+                # costs it nothing, retrying an overloaded one adds to its load.
+                allowed = self._throttle.failure() if code in _SHED else True
+                if attempt > self.retries or not allowed:
                     raise ParityRpcError(method, code, exc.details() or "", attempt) from None
                 pause = self.backoff_s * (2 ** (attempt - 1)) * (0.5 + random.random())
+                pushback = _pushback_s(exc)
+                if pushback is not None:
+                    if pushback < 0:  # the server says: do not retry
+                        raise ParityRpcError(method, code, exc.details() or "", attempt) from None
+                    pause = max(pause, pushback)
                 if time.monotonic() + pause >= deadline:
                     raise ParityRpcError(method, code, exc.details() or "", attempt) from None
                 time.sleep(pause)
 
     @staticmethod
     def _items(msgs) -> list[ScoredItem]:
-        return [ScoredItem(m.item_id, float(m.score), m.source) for m in msgs]
+        return [ScoredItem(m.item_id, float(m.score), m.source, m.unknown) for m in msgs]
 
     # -- Recommender -------------------------------------------------------------------------
     def recommend(self, user_id: int | str, k: int = 10, *, exclude: Iterable[int | str] = (), context: Mapping[str, float] | None = None,
@@ -196,7 +256,7 @@ class ParityClient:
         msgs = [e.to_proto() if isinstance(e, LiveEvent) else e for e in events]
 
         def once(t: float):
-            resp, call = self._rec.IngestEvents.with_call(iter(msgs), timeout=t)
+            resp, call = self._rec.IngestEvents.with_call(iter(msgs), timeout=t, metadata=self._ingest_md)
             md = dict(call.trailing_metadata() or ())
             return resp, md.get("parity-first-invalid")
 

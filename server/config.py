@@ -22,13 +22,16 @@ COMPUTE_MODES = ("inline", "thread")
 class ServerConfig:
     release: Path  # the release folder served at start-up
     data_dir: Path  # the data dir: dataset.json (feature sets), items.parquet (catalogue), events/
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless asked: --host 0.0.0.0 exposes the server
     port: int = 50051  # 0: pick a free port (tests)
     store: str = "memory"  # memory | redis://HOST:PORT/DB
     namespace: str = "parity"
     metrics_port: int | None = 9100  # None or 0: no metrics endpoint
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str | None = None  # None: the same address as `host`
+    ops_port: int | None = None  # a second port with health and Admin only, never shed by request floods (0: pick one)
     admin_token: str | None = None  # None: every Admin RPC is refused
+    ingest_token: str | None = None  # IngestEvents bearer token; None: the admin token; neither: ingest refused
+    releases_root: Path | None = None  # LoadRelease only loads folders under it; None: the parent of `release`
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -79,8 +82,30 @@ class ServerConfig:
     cpu_threads: int = 2  # executor for release loads and item-table rebuilds (and request work when request_compute=thread)
     io_threads: int = 8  # executor for store round trips
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
-    max_concurrent_rpcs: int | None = 512  # beyond: RESOURCE_EXHAUSTED (load shedding)
-    default_deadline_s: float = 2.0  # budget of a request that carries no deadline
+    # Admission (server/admission.py). Recommend and Rank share the "serve" lane, GetFeatures
+    # has its own, IngestEvents streams and Admin theirs; health checks are never limited.
+    serve_max_running: int = 4  # requests in service at once (inline work runs one at a time; more overlaps store waits)
+    serve_max_queue: int = 64
+    serve_max_wait_s: float = 0.02  # the longest a request waits for a slot before it is refused
+    serve_grant_yields: int = 0  # loop turns between requests when some are waiting (lets gRPC hand over new calls)
+    features_max_running: int = 4
+    features_max_queue: int = 32
+    features_max_wait_s: float = 0.05
+    admin_max_running: int = 2
+    admin_max_queue: int = 8
+    admin_max_wait_s: float = 30.0
+    # gRPC's C core holds calls Python has not picked up yet; past the soft limit it drops
+    # them at random, past the hard limit always (the client sees CANCELLED). Cheap shedding
+    # that keeps goodput up far past capacity; see server/admission.py.
+    core_pending_soft: int = 4  # up to this many calls waiting: never dropped (bursts, a release swap)
+    core_pending_hard: int = 8  # at most ~8 requests' work ahead of an accepted call: p99 under 50 ms at 10x (bench/RESULTS.md)
+    max_deadline_s: float = 1.0  # every request's deadline is capped to this (Recommend, Rank, GetFeatures)
+    default_deadline_s: float = 1.0  # budget of a request that carries no deadline (capped too)
+    max_streams_per_connection: int = 100  # HTTP/2 concurrent streams on one connection
+    max_ingest_streams: int = 32  # IngestEvents streams open at once, all clients
+    max_ingest_streams_per_peer: int = 4  # ... from one client address
+    ingest_idle_timeout_s: float = 10.0  # a stream that sends nothing this long is ended
+    max_events_per_stream: int = 1_000_000
     max_event_future_ms: int = 5 * 60_000  # live events further ahead of the server clock are invalid
     allowed_lateness_ms: int = 3_600_000
     ingest_chunk: int = 1000  # events per streaming-ingest commit
@@ -94,6 +119,8 @@ class ServerConfig:
             object.__setattr__(self, "tls_cert", Path(self.tls_cert))
         if self.tls_key is not None:
             object.__setattr__(self, "tls_key", Path(self.tls_key))
+        if self.releases_root is not None:
+            object.__setattr__(self, "releases_root", Path(self.releases_root))
         self.validate()
 
     def validate(self) -> None:
@@ -105,6 +132,10 @@ class ServerConfig:
             raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin token must not be empty")
+        if self.ingest_token is not None and not self.ingest_token.strip():
+            raise ValueError("ingest token must not be empty")
+        if self.ops_port is not None and not 0 <= self.ops_port <= 65535:
+            raise ValueError(f"ops_port must be in [0, 65535], got {self.ops_port}")
         if self.clock not in CLOCK_MODES:
             raise ValueError(f"clock must be one of {CLOCK_MODES}, got {self.clock!r}")
         if self.request_compute not in COMPUTE_MODES:
@@ -118,24 +149,45 @@ class ServerConfig:
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {MATERIALIZE_MODES}, got {self.materialize!r}")
         positive_ints = ("max_k", "max_rank_items", "max_exclude", "max_context", "max_id_chars", "retrieve_k",
-                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap")
+                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap", "serve_max_running", "features_max_running",
+                         "admin_max_running", "max_streams_per_connection", "max_ingest_streams", "max_ingest_streams_per_peer",
+                         "max_events_per_stream")
         for name in positive_ints:
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("as_of_tick_ms", "n_popular", "n_fresh", "n_content", "per_creator_cap", "pair_prefetch_limit", "fresh_window_ms",
-                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms"):
+                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_grant_yields", "features_max_queue",
+                     "admin_max_queue", "core_pending_soft", "core_pending_hard"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-        for name in ("response_cache_ttl_s", "feature_cache_ttl_s", "breaker_open_s", "drain_notice_s", "drain_grace_s"):
+        if self.core_pending_hard < self.core_pending_soft:
+            raise ValueError(f"core_pending_hard ({self.core_pending_hard}) must be >= core_pending_soft ({self.core_pending_soft})")
+        for name in ("response_cache_ttl_s", "feature_cache_ttl_s", "breaker_open_s", "drain_notice_s", "drain_grace_s", "serve_max_wait_s",
+                     "features_max_wait_s", "admin_max_wait_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "default_deadline_s"):
+        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "default_deadline_s", "max_deadline_s", "ingest_idle_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+    @property
+    def metrics_bind(self) -> str:
+        return self.metrics_host if self.metrics_host is not None else self.host
+
+    @property
+    def releases_dir(self) -> Path:
+        """The one folder LoadRelease may load from."""
+        return self.releases_root if self.releases_root is not None else self.release.parent
+
+    @property
+    def ingest_bearer(self) -> str | None:
+        """The bearer token IngestEvents requires: its own when set (producers then never hold the
+        admin token), else the admin token; None: ingest is refused."""
+        return self.ingest_token or self.admin_token
 
     def with_(self, **changes) -> "ServerConfig":
         return replace(self, **changes)
@@ -145,7 +197,7 @@ class ServerConfig:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "admin_token":
+            if f.name in ("admin_token", "ingest_token"):
                 v = "set" if v else "unset"
             out[f.name] = str(v) if isinstance(v, Path) else v
         return out

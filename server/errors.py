@@ -5,7 +5,7 @@ grpc, so it is testable without a server; `servicer.py` turns them into status c
 """
 from __future__ import annotations
 
-__all__ = ["ServingError", "InvalidArgument", "NotFound", "FailedPrecondition", "Unavailable", "DeadlineExceeded"]
+__all__ = ["ServingError", "InvalidArgument", "NotFound", "FailedPrecondition", "PermissionDenied", "Unavailable", "DeadlineExceeded"]
 
 
 class ServingError(Exception):
@@ -32,6 +32,12 @@ class FailedPrecondition(ServingError):
     """The request is well formed but the server's state refuses it (a skewed release, ...)."""
 
     code = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(ServingError):
+    """The caller is who it says, but may not do this (load a release from outside the releases root)."""
+
+    code = "PERMISSION_DENIED"
 
 
 class Unavailable(ServingError):

@@ -14,6 +14,16 @@ Exposed on `--metrics-port` by prometheus_client's HTTP server. Names:
   parity_release_info{release_id}                 1 for the release being served
   parity_inflight_requests                        RPCs being handled
   parity_item_table_refreshes_total{result}       item feature table refreshes
+  parity_admission_total{lane,outcome}            admission decisions: admitted, queue_full, wait_too_long, deadline,
+                                                  expired (refused when its turn came), draining, streams_total, ...
+  parity_queue_wait_seconds{lane}                 time an admitted request waited for a slot (histogram)
+  parity_lane_running{lane}, parity_lane_queued{lane}   requests in service / waiting, per lane
+  parity_ingest_streams_open                      IngestEvents streams open
+  parity_store_state{state}                       1 for the online store's state: ok, empty (restarted without data), refilling
+  parity_store_refills_total{result}              re-fills of a store found empty
+
+Calls gRPC's C core drops before Python sees them (server/admission.py) are not counted here:
+the client sees CANCELLED; `parity_admission_total` counts everything Python decided.
 """
 from __future__ import annotations
 
@@ -42,6 +52,13 @@ class Metrics:
         self.release = Gauge("parity_release_info", "the release being served", ["release_id"], registry=r)
         self.inflight = Gauge("parity_inflight_requests", "RPCs being handled", registry=r)
         self.item_refresh = Counter("parity_item_table_refreshes", "item feature table refreshes", ["result"], registry=r)
+        self.admission = Counter("parity_admission", "admission decisions per lane", ["lane", "outcome"], registry=r)
+        self.queue_wait = Histogram("parity_queue_wait_seconds", "time admitted requests waited for a slot", ["lane"], buckets=_LATENCY, registry=r)
+        self.lane_running = Gauge("parity_lane_running", "requests in service per admission lane", ["lane"], registry=r)
+        self.lane_queued = Gauge("parity_lane_queued", "requests waiting per admission lane", ["lane"], registry=r)
+        self.ingest_streams = Gauge("parity_ingest_streams_open", "IngestEvents streams open", registry=r)
+        self.store_state = Gauge("parity_store_state", "online store state (1 = current)", ["state"], registry=r)
+        self.store_refills = Counter("parity_store_refills", "re-fills of an online store found empty", ["result"], registry=r)
         self._release_id: str | None = None
         self._http = None
 
@@ -59,7 +76,23 @@ class Metrics:
         for name, ms in stages:
             self.stage.labels(name).observe(ms / 1000.0)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+    def on_admission(self, lane: str, outcome: str) -> None:
+        self.admission.labels(lane, outcome).inc()
+
+    def on_queue_wait(self, lane: str, seconds: float) -> None:
+        self.queue_wait.labels(lane).observe(seconds)
+
+    def watch_lanes(self, lanes) -> None:
+        """Lane gauges read the lanes when scraped (nothing to update on the request path)."""
+        for name, lane in lanes.items():
+            self.lane_running.labels(name).set_function(lambda lane=lane: lane.running)
+            self.lane_queued.labels(name).set_function(lambda lane=lane: lane.queued)
+
+    def set_store_state(self, state: str) -> None:
+        for s in ("ok", "empty", "refilling"):
+            self.store_state.labels(s).set(1 if s == state else 0)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server

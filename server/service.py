@@ -31,14 +31,15 @@ from server import heap, pipeline
 from server.caches import Breaker, FeatureCache, Generations, ResponseCache, StaleRecords
 from server.clock import Clock
 from server.config import ServerConfig
-from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServingError, Unavailable
 from server.items import INGEST_NAME, catalog_stamp, change_token, load_catalog, load_item_table
 from server.metrics import Metrics
 from server.pipeline import SOURCES, Timer
 from server.seen import append_seen
-from server.state import ServingState, Snapshot, build_snapshot, load_runtime
+from server.state import ServingState, Snapshot, build_snapshot, load_runtime, release_path_under
 from server.user_features import PairTable, UserFeatures
 from server.validation import FeaturesQuery, RankQuery, RecommendQuery, parse_events
+from server.wire import BadBytes
 
 __all__ = ["RecommenderService", "RecommendOutcome", "RankOutcome", "IngestOutcome", "FeatureSetOutcome", "CountingDeadLetters", "warm"]
 
@@ -59,7 +60,7 @@ class RecommendOutcome:
 
 @dataclass(frozen=True)
 class RankOutcome:
-    items: list[tuple[int, float, str]]
+    items: list[tuple[int, float, str, bool]]  # (item, score, source, unknown: not in the catalogue, score NaN)
     release_id: str
     degraded: bool
     request_id: str
@@ -133,6 +134,9 @@ class RecommenderService:
         self.inline_store = isinstance(store, MemoryStore)  # in-process and fast: no thread hop
         self.cpu = ThreadPoolExecutor(cfg.cpu_threads, thread_name_prefix="parity-cpu")
         self.io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="parity-io")
+        # Ingest commits get a thread of their own, one at a time: a large ingest then never holds
+        # the threads the request path's store reads need (it made 11 % of answers degraded).
+        self.ingest_pool = ThreadPoolExecutor(1, thread_name_prefix="parity-ingest")
         self.response_cache = ResponseCache(cfg.response_cache_ttl_s, metrics.cache_result("response"))
         self.feature_cache = FeatureCache(cfg.feature_cache_ttl_s, metrics.cache_result("features"))
         self.stale = StaleRecords(cfg.stale_feature_users)
@@ -141,7 +145,9 @@ class RecommenderService:
         self.started = time.time()
         self.requests_served = 0
         self.serving = True
+        self.draining = False
         self._load_lock: asyncio.Lock | None = None
+        self._ingest_lock = asyncio.Lock()
         self._dirty: asyncio.Event | None = None
         self._refresh_task: asyncio.Task | None = None
         metrics.set_release(state.current.release_id)
@@ -165,6 +171,7 @@ class RecommenderService:
         await self.feature_cache.close()
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
+        self.ingest_pool.shutdown(wait=True)  # a commit in progress finishes: it is atomic, but let it land
         for s in {id(self.store): self.store, id(self.write_store): self.write_store}.values():
             try:
                 s.close()
@@ -198,7 +205,7 @@ class RecommenderService:
         return now - now % tick if tick > 1 else now
 
     def _budget(self, budget_s: float | None) -> float:
-        b = self.cfg.default_deadline_s if budget_s is None else budget_s
+        b = min(self.cfg.default_deadline_s, self.cfg.max_deadline_s) if budget_s is None else budget_s
         if b < _MIN_BUDGET_S:
             raise DeadlineExceeded(f"the request's deadline leaves {b * 1000:.1f} ms; nothing useful fits")
         return b
@@ -351,10 +358,13 @@ class RecommenderService:
         self._observe_features(uf, now)
         self.metrics.observe_stages(timer.stages)
         self.requests_served += 1
-        items = [(int(i), float(s), "request") for i, s in zip(q.item_ids.tolist(), scores.tolist())]
+        cat = snap.items.catalog
+        unknown = (cat.index(q.item_ids) < 0) if len(cat) else np.ones(len(q.item_ids), dtype=bool)
+        items = [(int(i), float("nan") if u else float(s), "request", bool(u))
+                 for i, s, u in zip(q.item_ids.tolist(), scores.tolist(), unknown.tolist())]
         return RankOutcome(items, snap.release_id, degraded, q.request_id)
 
-    async def get_features(self, q: FeaturesQuery) -> list[FeatureSetOutcome]:
+    async def get_features(self, q: FeaturesQuery, budget_s: float | None = None) -> list[FeatureSetOutcome]:
         names = list(q.feature_sets) or self.sets_by_entity[q.entity_type]
         sets = [self.sets_by_name[n] for n in names]
         try:
@@ -363,11 +373,13 @@ class RecommenderService:
             raise InvalidArgument("entity_id", str(exc)) from None
         now = self.clock.now_ms()
         reqs = [LookupRequest(fs.name, np.asarray([code], dtype=np.int64)) for fs in sets]
+        wait = max(0.001, self._budget(budget_s) - 0.005)
         try:
-            res = await asyncio.wait_for(self._run(self.io, self.lookup.read_many, reqs, now), timeout=max(self.cfg.store_budget_s, 1.0))
+            res = await asyncio.wait_for(self._run(self.io, self.lookup.read_many, reqs, now), timeout=wait)
         except (StoreUnavailable, TimeoutError) as exc:
             self.metrics.store_errors.labels("read_many", type(exc).__name__).inc()
-            raise Unavailable(f"the online store did not answer: {exc or 'timeout'}") from None
+            log.warning("GetFeatures: online store failed: %s", exc or "timeout")  # the address stays in the log
+            raise Unavailable(f"the online store did not answer within {wait * 1000:.0f} ms; retry later") from None
         out = []
         for fs, r in zip(sets, res):
             fr = r.frame
@@ -376,41 +388,63 @@ class RecommenderService:
         return out
 
     async def ingest(self, chunks: AsyncIterator[Sequence]) -> IngestOutcome:
-        """Live events through the feature store's streaming ingestor, chunk by chunk."""
+        """Live events through the feature store's streaming ingestor, chunk by chunk.
+
+        Each chunk is one atomic commit on the ingest thread (one at a time, whatever the number
+        of streams), and the loop yields between chunks, so a large ingest never starves requests.
+        Every event is accounted for: accepted (applied), duplicate, late or invalid."""
         received = accepted = duplicates = late = invalid = 0
         first_error = None
         async for chunk in chunks:
-            now = self.clock.now_ms()
-            parsed = parse_events(chunk, now, self.cfg)
             received += len(chunk)
+            good = [ev for ev in chunk if not isinstance(ev, BadBytes)]
+            if len(good) < len(chunk):
+                invalid += len(chunk) - len(good)
+                first_error = first_error or next(ev for ev in chunk if isinstance(ev, BadBytes)).describe()
+            now = self.clock.now_ms()
+            parsed = parse_events(good, now, self.cfg)
             invalid += parsed.invalid
             first_error = first_error or parsed.first_error
             if len(parsed) == 0:
                 continue
-            cat = self.state.current.items.catalog
-            rows = cat.index(parsed.item_id) if len(cat) else np.full(len(parsed), -1)
-            ok = rows >= 0
-            r = np.where(ok, rows, 0)
-            batch = EventBatch(
-                event_id=parsed.event_id, ts=parsed.ts, user_id=parsed.user_id, item_id=parsed.item_id,
-                creator_id=np.where(ok, cat.creator_id[r], -1) if len(cat) else np.full(len(parsed), -1),
-                topic=np.where(ok, cat.topic[r], -1) if len(cat) else np.full(len(parsed), -1),
-                session_id=np.full(len(parsed), -1, dtype=np.int64), type=parsed.type, value=parsed.value,
-            )
-            try:
-                res = await self._run(self.io, self.ingestor.ingest, batch)
-                await self._run(self.io, append_seen, self.write_store, batch, self.info.kind, self.cfg.seen_cap)
-            except StoreUnavailable as exc:
-                self.metrics.store_errors.labels("ingest", "unavailable").inc()
-                raise Unavailable(f"live events not stored (retry: delivery is deduplicated by event_id): {exc}") from None
+            batch = self._live_batch(parsed)
+            async with self._ingest_lock:
+                try:
+                    res = await self._run(self.ingest_pool, self._commit_live, batch)
+                except StoreUnavailable as exc:
+                    self.metrics.store_errors.labels("ingest", "unavailable").inc()
+                    log.warning("IngestEvents: online store unavailable: %s", exc)  # the store's address stays in the log
+                    raise Unavailable(f"live events not stored: the online store is unavailable ({received - len(chunk)} events of this stream "
+                                      "were stored before); resend (delivery is deduplicated by event_id)") from None
             accepted += res.accepted
             duplicates += res.duplicates
             late += res.late
             await self._invalidate(np.unique(batch.user_id))
+            await asyncio.sleep(0)  # let requests run between chunks
         for outcome, n in (("accepted", accepted), ("duplicate", duplicates), ("late", late), ("invalid", invalid)):
             if n:
                 self.metrics.ingest.labels(outcome).inc(n)
         return IngestOutcome(received, accepted, duplicates, late, invalid, first_error)
+
+    def _live_batch(self, parsed) -> EventBatch:
+        """Live events with the catalogue's item attributes (topic, creator) denormalised onto them."""
+        cat = self.state.current.items.catalog
+        n = len(parsed)
+        if len(cat):
+            rows = cat.index(parsed.item_id)
+            ok = rows >= 0
+            r = np.where(ok, rows, 0)
+            creator, topic = np.where(ok, cat.creator_id[r], -1), np.where(ok, cat.topic[r], -1)
+        else:
+            creator, topic = np.full(n, -1), np.full(n, -1)
+        return EventBatch(event_id=parsed.event_id, ts=parsed.ts, user_id=parsed.user_id, item_id=parsed.item_id, creator_id=creator,
+                          topic=topic, session_id=np.full(n, -1, dtype=np.int64), type=parsed.type, value=parsed.value)
+
+    def _commit_live(self, batch: EventBatch):
+        """On the ingest thread: apply (atomically, exactly once in effect), then the seen record."""
+        res = self.ingestor.ingest(batch)
+        append_seen(self.write_store, batch, self.info.kind, self.cfg.seen_cap)
+        return res
 
     async def _invalidate(self, users: np.ndarray) -> None:
         plan_id = self.state.current.plan.plan_id
@@ -430,14 +464,19 @@ class RecommenderService:
             t = time.perf_counter()
             old = self.state.current
             try:
+                path = release_path_under(path, self.cfg.releases_dir)
                 runtime = await self._run(self.io, load_runtime, path, self.sets_by_name, ort_threads=self.cfg.ort_threads, ranker=self.cfg.ranker,
                                                seen_cap=self.cfg.seen_cap)
                 snap = await self._run(self.cpu, build_snapshot, runtime, self.state.current.items, self.sets_by_name,
                                        self.state.current.catalog_stamp, prefetch_limit=self.cfg.pair_prefetch_limit)
                 await self._run(self.cpu, warm, snap, self.cfg, self.clock.now_ms())
-            except Exception:
+            except ServingError:
                 self.metrics.release_loads.labels("refused").inc()
                 raise
+            except Exception as exc:  # noqa: BLE001 - whatever a malformed release breaks, it is refused, never INTERNAL
+                self.metrics.release_loads.labels("refused").inc()
+                log.warning("release %s refused", path, exc_info=True)
+                raise FailedPrecondition(f"release refused: {type(exc).__name__}: {str(exc)[:200]}") from None
             self.state.swap(snap)
             heap.settle(collect=False)  # the new release is long-lived too (no full collection: requests are in flight)
             self.metrics.set_release(snap.release_id)

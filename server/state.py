@@ -22,11 +22,13 @@ from export.release import Release, ReleaseError, load_release
 from export.runtime import RANKERS, ReleaseRuntime, ScorerFactory
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
-from server.errors import FailedPrecondition, InvalidArgument
+from server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from server.items import ItemTable
 from server.user_features import UserFeaturePlan
 
-__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot", "register_ranker", "RANKER"]
+__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot", "register_ranker", "RANKER", "release_path_under"]
+
+_MAX_PATH_CHARS = 1024
 
 RANKER = "student_int8"  # the default ranker (ServerConfig.ranker)
 
@@ -77,6 +79,25 @@ def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
     for name in [ri.get("user_set"), ri.get("item_set"), *(p[0] for p in ri.get("pair_sets", []))]:
         if name not in release.feature_set_versions:
             raise FailedPrecondition(f"release {release.release_id}: ranker input set {name!r} is not among its feature_sets")
+
+
+def release_path_under(path: str, root: Path) -> Path:
+    """The release folder a LoadRelease names: absolute, or relative to the releases root (a
+    release id), and in either case inside the root once links and '..' are resolved."""
+    if not isinstance(path, str) or not path.strip():
+        raise InvalidArgument("path", "must name a release folder")
+    if len(path) > _MAX_PATH_CHARS:
+        raise InvalidArgument("path", f"is {len(path)} characters long; the limit is {_MAX_PATH_CHARS}")
+    if "\x00" in path or not path.isprintable():
+        raise InvalidArgument("path", "must be printable text without NUL bytes")
+    base = Path(root).resolve()
+    p = Path(path)
+    target = (p if p.is_absolute() else base / p).resolve()
+    if target != base and base not in target.parents:
+        shown = path if len(path) <= 80 else path[:77] + "..."
+        raise PermissionDenied(f"path: {shown!r} is outside the releases root {base}; LoadRelease only loads releases under it "
+                               "(start the server with --releases-root to choose it)")
+    return target
 
 
 def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1, ranker: str = RANKER,

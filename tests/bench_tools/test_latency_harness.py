@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def server(small_sim: Path, release_dir: Path) -> Iterator[BackgroundServer]:
     cfg = ServerConfig(release=release_dir, data_dir=small_sim, host="127.0.0.1", port=0, metrics_port=None, cpu_threads=2, io_threads=4,
-                       drain_grace_s=2.0)
+                       drain_grace_s=2.0, ingest_token="locust-token")
     with BackgroundServer(cfg) as s:
         yield s
 
@@ -170,11 +170,11 @@ _LOCUST_CHECK = textwrap.dedent(
         stub.Recommend(pb.RecommendRequest(user_id="not-a-number", k=5), timeout=5)
     except grpc.RpcError as e:
         bad_code = e.code().name
-    summary = stub.IngestEvents(iter(lf.Workload(data, seed=1).live_events("1", 3)), timeout=5)
+    summary = stub.IngestEvents(iter(lf.Workload(data, seed=1).live_events("1", 3)), timeout=5, metadata=[("authorization", "Bearer locust-token")])
     ch.close()
 
     env = Environment(user_classes=[lf.ParityGrpcUser], host=target)
-    env.parsed_options = types.SimpleNamespace(parity_events=data, parity_user_rps=5.0, parity_timeout=5.0)
+    env.parsed_options = types.SimpleNamespace(parity_events=data, parity_user_rps=5.0, parity_timeout=5.0, parity_token="locust-token")
     seen = []
     env.events.request.add_listener(lambda **kw: seen.append((kw["name"], kw["exception"] is None, kw["response_length"])))
     user = lf.ParityGrpcUser(env)
@@ -209,7 +209,8 @@ def test_locust_user_reports_every_call(target: str, small_sim: Path) -> None:
 
 def test_locust_headless_run_writes_csv(target: str, small_sim: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "--host", target, "--users", "4",
-           "--spawn-rate", "4", "--run-time", "2s", "--csv", str(tmp_path / "lt"), "--only-summary", "--parity-events", str(small_sim)]
+           "--spawn-rate", "4", "--run-time", "2s", "--csv", str(tmp_path / "lt"), "--only-summary", "--parity-events", str(small_sim),
+           "--parity-token", "locust-token"]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = (tmp_path / "lt_stats.csv").read_text().splitlines()
@@ -224,7 +225,7 @@ def test_make_loadtest_runs_locust_and_writes_csv_and_a_summary(target: str, sma
     from bench.loadtest import main as loadtest
 
     out = tmp_path / "lt"
-    rc = loadtest(["--host", target, "--events", str(small_sim), "--users", "4", "--run-time", "3s", "--out", str(out)])
+    rc = loadtest(["--host", target, "--events", str(small_sim), "--users", "4", "--run-time", "3s", "--out", str(out), "--token", "locust-token"])
     assert rc == 0
     assert (tmp_path / "lt_stats.csv").is_file() and (tmp_path / "lt_stats_history.csv").is_file()
     summary = json.loads((tmp_path / "lt_summary.json").read_text())

@@ -58,8 +58,12 @@ def test_streaming_on_top_of_a_materialisation_matches_batch(small_sim, online_s
     until = _cut(log)
     materialize(log, online_store, SETS, until_ts=until)
     ing = StreamingIngestor(online_store, SETS)
-    ing.ingest(ev)  # the whole log redelivered: events before the watermark are skipped
-    assert ing.stats().accepted == len(ev)
+    r = ing.ingest(ev)  # the whole log redelivered: what the materialisation holds is never applied twice
+    in_window = int(((ev.ts >= until - 3_600_000) & (ev.ts < until)).sum())
+    assert r.accepted == int((ev.ts >= until).sum())  # applied: only what came after the watermark
+    assert r.duplicates == in_window  # marked by the materialisation
+    assert r.late == len(ev) - r.accepted - in_window  # older than its horizon: refused and reported, never silently skipped
+    assert ing.dead_letters.count == r.late
     t = int(ev.ts.max()) + 1
     lookup = FeatureLookup(online_store, SETS)
     from features.batch import BatchEngine

@@ -39,6 +39,27 @@ def test_admin_is_disabled_without_a_configured_token(release_dir, small_sim, se
         assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "disabled" in e.value.details
 
 
+@pytest.fixture(scope="module")
+def releases_root(tmp_path_factory) -> Path:
+    """LoadRelease loads only under the server's releases root: this module's copies go here."""
+    return tmp_path_factory.mktemp("admin-releases")
+
+
+@pytest.fixture(scope="module")
+def memory_server(release_dir, small_sim, server_config, releases_root, free_port):
+    with BackgroundServer(server_config(release_dir, small_sim, metrics_port=free_port(), releases_root=releases_root)) as s:
+        yield s
+
+
+@pytest.fixture
+def tmp_path(releases_root, request) -> Path:  # noqa: F811 - this module's tests place releases under the root
+    import uuid
+
+    p = releases_root / f"{request.node.name[:30]}-{uuid.uuid4().hex[:6]}"
+    p.mkdir()
+    return p
+
+
 def _refused(client, path, code, words):
     with pytest.raises(ParityRpcError) as e:
         client.load_release(str(path))
@@ -72,6 +93,7 @@ def test_broken_and_incompatible_releases_are_refused_and_serving_goes_on(client
 
 def test_hot_swap_under_concurrent_requests_fails_no_request(memory_server, client, release_dir, tmp_path, writable_copy):
     other = writable_copy(release_dir, tmp_path / "again")  # same release, another folder: a real reload
+    back = writable_copy(release_dir, tmp_path / "back")
     stop = threading.Event()
     failures, served, releases = [], [0], set()
 
@@ -93,7 +115,7 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(memory_server, clie
     for t in threads:
         t.start()
     try:
-        for path in (other, release_dir, other, release_dir):
+        for path in (other, back, other, back):
             loaded = client.load_release(str(path))
             assert loaded.release_id == release_dir.name and loaded.load_ms > 0
     finally:
@@ -102,4 +124,25 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(memory_server, clie
             t.join(10)
     assert not failures, failures[:5]
     assert served[0] > 20
-    assert memory_server.service.state.current.runtime.release.path == Path(release_dir)
+    assert memory_server.service.state.current.runtime.release.path == Path(back)
+
+
+def test_load_release_only_loads_under_the_releases_root(client, release_dir, tmp_path_factory, writable_copy):
+    outside = writable_copy(release_dir, tmp_path_factory.mktemp("elsewhere") / "r")
+    _refused(client, outside, grpc.StatusCode.PERMISSION_DENIED, "outside the releases root")
+    _refused(client, "../../../../etc", grpc.StatusCode.PERMISSION_DENIED, "outside the releases root")
+    _refused(client, "/" + "a" * 4096, grpc.StatusCode.INVALID_ARGUMENT, "limit is 1024")
+    _refused(client, "x\x00y", grpc.StatusCode.INVALID_ARGUMENT, "NUL")
+    assert len(client.recommend(4, k=5).items) == 5
+
+
+@pytest.mark.parametrize("field,value", [("files", "x"), ("feature_sets", []), ("ranker_inputs", 7), ("release_id", {"a": 1})])
+def test_a_manifest_with_wrong_typed_fields_is_failed_precondition_not_internal(client, release_dir, tmp_path, writable_copy, field, value):
+    bad = writable_copy(release_dir, tmp_path / "bad")
+    m = json.loads((bad / "manifest.json").read_text())
+    m[field] = value
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ParityRpcError) as e:
+        client.load_release(str(bad))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION, e.value
+    assert client.status().release_id == release_dir.name

@@ -82,7 +82,7 @@ def test_the_server_still_answers_after_the_matrix(stub):
     assert len(r.items) == 3
 
 
-def test_malformed_events_are_counted_invalid_and_the_first_reason_names_its_field(stub):
+def test_malformed_events_are_counted_invalid_and_the_first_reason_names_its_field(stub, admin_token):
     events = [
         pb.Event(event_id="x1", ts_ms=1, user_id="1", item_id="1", type="play", value=1),
         pb.Event(event_id="1", ts_ms=1, user_id="1", item_id="1", type="teleport", value=1),
@@ -90,7 +90,7 @@ def test_malformed_events_are_counted_invalid_and_the_first_reason_names_its_fie
         pb.Event(event_id="3", ts_ms=1, user_id="1", item_id="1", type="play", value=math.nan),
         pb.Event(event_id="4", ts_ms=1, user_id="", item_id="1", type="play", value=1),
     ]
-    summary, call = stub.IngestEvents.with_call(iter(events), timeout=5)
+    summary, call = stub.IngestEvents.with_call(iter(events), timeout=5, metadata=[("authorization", f"Bearer {admin_token}")])
     assert (summary.received, summary.accepted, summary.invalid) == (5, 0, 5)
     why = dict(call.trailing_metadata())["parity-first-invalid"]
     assert "event_id" in why

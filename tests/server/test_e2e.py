@@ -73,7 +73,9 @@ def test_rank_scores_the_given_items_in_request_order(client):
     r = client.rank(3, ["5", "1", "999999", "5"])
     assert [i.item_id for i in r.items] == ["5", "1", "999999", "5"]
     assert r.items[0].score == pytest.approx(r.items[3].score)
-    assert all(np.isfinite([i.score for i in r.items]))
+    # An item the catalogue does not hold gets no made-up score: flagged, NaN.
+    assert [i.unknown for i in r.items] == [False, False, True, False]
+    assert np.isnan(r.items[2].score) and all(np.isfinite([r.items[i].score for i in (0, 1, 3)]))
 
 
 def test_get_features_returns_values_with_timestamps_and_staleness(client, small_sim):

@@ -44,7 +44,7 @@ def _wait_serving(port: int, proc: subprocess.Popen, timeout_s: float = 60) -> N
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(release_dir, small_sim, free_port):
     port = free_port()
-    proc = _start(release_dir, small_sim, port, "--drain-notice", "1.0", "--drain-grace", "10")
+    proc = _start(release_dir, small_sim, port, "--drain-notice", "1.0", "--drain-grace", "10", "--ingest-token", "T")
     try:
         _wait_serving(port, proc)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -59,7 +59,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(release_dir, small_sim
                 yield pb.Event(event_id="77000000002", ts_ms=1, user_id="1", item_id="1", type="impression", value=1)
 
             stub = pb_grpc.RecommenderStub(ch)
-            fut = stub.IngestEvents.future(events(), timeout=30)
+            fut = stub.IngestEvents.future(events(), timeout=30, metadata=[("authorization", "Bearer T")])
             time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING

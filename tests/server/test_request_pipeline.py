@@ -159,7 +159,7 @@ def test_pair_features_read_after_retrieval_give_the_same_answers_as_prefetched_
                 np.testing.assert_allclose([s for _, s, _ in a.items], [s for _, s, _ in b.items], rtol=1e-6)
                 assert "pair_features" in dict(b.latency) and not b.degraded
                 r = validate_rank(pb.RankRequest(user_id=str(user), item_ids=["1", "2", "30"]), one.cfg)
-                np.testing.assert_allclose([s for _, s, _ in (await one.rank(r)).items], [s for _, s, _ in (await two.rank(r)).items], rtol=1e-6)
+                np.testing.assert_allclose([s for _, s, _, _ in (await one.rank(r)).items], [s for _, s, _, _ in (await two.rank(r)).items], rtol=1e-6)
         finally:
             await one.close()
             await two.close()
