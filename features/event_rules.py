@@ -90,7 +90,7 @@ _TYPE_NAMES = sorted(t.name.lower() for t in EventType)
 _TYPE_BY_TEXT = {**{t.name.lower(): int(t) for t in EventType}, **{str(int(t)): int(t) for t in EventType}}
 _COUNTED = (int(EventType.IMPRESSION), int(EventType.LIKE), int(EventType.SKIP))
 # What repr(float) writes, and nothing float() accepts besides (no spaces, "_", hex, Unicode digits).
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 _NON_FINITE = frozenset({"nan", "inf", "infinity"})  # parsed, then refused as not finite
 
 
@@ -295,7 +295,8 @@ class EventRules:
             raise _Bad(field, f"must be one of {_TYPE_NAMES} (or their codes 0..{len(_TYPE_NAMES) - 1})", MALFORMED) from None
         t = _TYPE_BY_TEXT.get(text.lower())
         if t is None:
-            kind = OUT_OF_RANGE if text.lstrip("-").isdigit() else MALFORMED
+            digits = text.lstrip("-")
+            kind = OUT_OF_RANGE if digits.isascii() and digits.isdigit() else MALFORMED
             raise _Bad(field, f"must be one of {_TYPE_NAMES} (or their codes 0..{len(_TYPE_NAMES) - 1}), got {_show(text)}", kind)
         if t == int(EventType.RATING) and self.rating_range is None:
             raise _Bad(field, f"rating events are not part of {self.dataset} (it has no ratings)", OUT_OF_RANGE)
@@ -312,6 +313,8 @@ class EventRules:
         return _optional_id(field, v, hi, "unknown")
 
     def _stream_row(self, raw: Mapping[Any, Any] | None, now_ms: int | None) -> tuple:
+        if not isinstance(raw, Mapping):
+            raise _Bad("event_id", f"the message must be a mapping of fields, got {type(raw).__name__}", MALFORMED)
         if not raw:
             raise _Bad("event_id", "the message has no fields (deleted from the stream while pending?)", MALFORMED)
         f: dict[str, Any] = {}

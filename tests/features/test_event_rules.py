@@ -163,6 +163,7 @@ def test_hostile_stream_messages_are_refused_never_raised_and_echo_little() -> N
         stream(value="1_0"), stream(value=" 1"), stream(value="0x10"), stream(ts="9" * 30), stream(ts="1e12"),
         {"event_id": "1", "ts": 5, "user_id": "1", "item_id": "1", "type": "play"},  # a non-text value
         {b"event_id": b"1", b"ts": b"1", b"user_id": b"1", b"item_id": b"1", b"type": b"play", b"value": b"1", b"value ": b"x"},
+        {**GOOD, "value": "١٢"}, {**GOOD, "type": "١"}, [("event_id", "1")],  # Unicode digits in str fields; not a mapping
     ]
     p = RULES.parse_stream(messages, NOW)
     accepted = set(p.index.tolist())
