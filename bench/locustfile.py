@@ -111,9 +111,15 @@ class Workload:
     def live_events(self, user_id: str, n: int = 5) -> list[pb.Event]:
         now = self.now_ms()
         types = ("impression", "play", "play", "like", "skip")
-        return [pb.Event(event_id=str(self.rng.randrange(10**15, 2**62)), ts_ms=now - self.rng.randrange(0, 5000), user_id=user_id,
-                         item_id=str(self.rng.choice(self.items)), type=self.rng.choice(types), value=float(self.rng.randrange(1, 300)))
-                for _ in range(n)]
+        events = []
+        for _ in range(n):
+            t = self.rng.choice(types)
+            # What the server's event rules admit: counted events weigh 1; a play lasts under a
+            # minute, within twice the shortest simulated item (30 s).
+            value = float(self.rng.randrange(1, 60)) if t == "play" else 1.0
+            events.append(pb.Event(event_id=str(self.rng.randrange(10**15, 2**62)), ts_ms=now - self.rng.randrange(0, 5000),
+                                   user_id=user_id, item_id=str(self.rng.choice(self.items)), type=t, value=value))
+        return events
 
 
 _WORKLOAD: dict[str, Workload] = {}

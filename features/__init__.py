@@ -2,5 +2,6 @@
 
 Public modules: events (the event-log schema), definitions (feature declarations),
 engine (state building and reading), eventlog, offline, online, pit (point-in-time join),
-streaming (ingest), materialize, verify.
+streaming (ingest), event_rules and contribution (what live events must pass at the edge),
+materialize, verify.
 """

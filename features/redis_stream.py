@@ -5,26 +5,58 @@ acknowledged, and we acknowledge only after the ingestor's atomic commit. On res
 consumer first re-reads its own pending messages, then claims messages left pending by
 dead consumers (XAUTOCLAIM), then reads new ones. Redelivered events are dropped by the
 ingestor's event-id dedupe, so kill -9 at any point loses nothing and counts nothing twice.
-Malformed messages and events past the allowed lateness go to a dead-letter stream.
+
+Poison-proof: no message can stop the stream. Each one ends either applied (or counted as a
+duplicate or late by the ingestor) or in the dead-letter stream with its reason:
+- fields are read by features.event_rules, the same rules as gRPC IngestEvents: malformed
+  (unparseable, missing, not ASCII), out of range (type=300, ids >= 2^63, topic >=
+  n_topics, a ts far in the future) or implausible (a play of 1e7 s) messages are refused
+  there, never raised on; a message deleted from the stream while pending is dead-lettered
+  as deleted;
+- with a ContributionLimiter, events over a user's cap are dead-lettered as rate limited;
+- if the ingestor still raises on a batch for a data reason (ValueError and kin), the batch
+  is bisected until the offending events are isolated and dead-lettered as poison. (A
+  fault outside the data that makes every event fail would dead-letter them all, loudly
+  logged; they keep their fields and can be re-published. Crash-looping instead would
+  let two consecutive poison messages stop the stream.)
+The dead letters and the XACK of the whole batch go in ONE MULTI/EXEC after the ingestor's
+commit, so a poison message is acknowledged in the same step as the good ones (a crash
+before it redelivers the batch: the good events are then duplicates and the dead letters may
+repeat, at-least-once like everything else here). What is copied into a dead letter is
+capped (fields, bytes per field), so a huge message cannot make a huge dead letter.
+A store outage (StoreUnavailable, TransactionConflict, the stream's Redis unreachable)
+acknowledges nothing: the consumer backs off and re-reads its pending messages.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import redis
 
+from features.contribution import ContributionLimiter
+from features.event_rules import IMPLAUSIBLE, MALFORMED, OUT_OF_RANGE, RATE_LIMITED, EventRules, Rejection
 from features.events import EVENT_SCHEMA, EventBatch
-from features.streaming import StreamingIngestor
+from features.online.base import StoreUnavailable, TransactionConflict
+from features.streaming import IngestResult, StreamingIngestor
 
 __all__ = ["RedisStreamConsumer", "RedisDeadLetters", "publish_events", "ConsumerStats", "event_fields", "parse_messages"]
 
 log = logging.getLogger(__name__)
 _FIELDS = EVENT_SCHEMA.names
+
+# Errors that mean "try again later": nothing is acknowledged.
+_OUTAGES = (StoreUnavailable, TransactionConflict, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Errors the ingestor raises on bad data (an event the rules let through but it cannot fold).
+_DATA_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError, ArithmeticError)
+
+_DEAD_MAX_FIELDS = 32  # fields of a message copied into its dead letter
+_DEAD_MAX_BYTES = 1024  # bytes per copied field name or value
+_DEAD_RESERVED = frozenset({b"reason", b"source_id"})
 
 
 def event_fields(events: EventBatch) -> list[dict[str, str]]:
@@ -43,22 +75,33 @@ def publish_events(client: redis.Redis, stream: str, events: EventBatch, chunk: 
     return len(fields)
 
 
-def parse_messages(messages: Sequence[tuple[Any, dict]]) -> tuple[EventBatch, list[tuple[Any, dict, str]]]:
-    """(valid events, [(message id, fields, reason)] for malformed messages)."""
-    rows, bad = [], []
-    for mid, raw in messages:
-        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
-        try:
-            missing = [n for n in _FIELDS if n not in f]
-            if missing:
-                raise ValueError(f"missing fields {missing}")
-            row = {n: (float(f[n]) if n == "value" else int(f[n])) for n in _FIELDS}
-            if not np.isfinite(row["value"]) or row["ts"] < 0:
-                raise ValueError("value must be finite and ts >= 0")
-            rows.append(row)
-        except ValueError as exc:
-            bad.append((mid, f, str(exc)))
-    return (EventBatch.from_rows(rows) if rows else EventBatch.empty()), bad
+_DEFAULT_RULES = EventRules()
+
+
+def parse_messages(
+    messages: Sequence[tuple[Any, Mapping | None]], rules: EventRules | None = None, now_ms: int | None = None
+) -> tuple[EventBatch, list[tuple[Any, Mapping | None, str]]]:
+    """(valid events, [(message id, fields, reason)] for the refused messages); never raises on data."""
+    parsed = (rules if rules is not None else _DEFAULT_RULES).parse_stream([f for _, f in messages], now_ms)
+    return parsed.events, [(messages[r.index][0], messages[r.index][1], dead_reason(r)) for r in parsed.rejected]
+
+
+def dead_reason(r: Rejection) -> str:
+    """A rejection as the dead-letter reason: its kind in words first ("out of range: type: ...")."""
+    prefix = r.kind.replace("_", " ") + ": "
+    return r.reason if r.reason.startswith(prefix) else prefix + r.reason
+
+
+def _as_bytes(x: Any) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    return str(x).encode("utf-8", "backslashreplace")
+
+
+def _capped(b: bytes) -> bytes:
+    if len(b) <= _DEAD_MAX_BYTES:
+        return b
+    return b[:_DEAD_MAX_BYTES] + b"...[%d bytes in all]" % len(b)
 
 
 class RedisDeadLetters:
@@ -73,21 +116,58 @@ class RedisDeadLetters:
             pipe.xadd(self.stream, {**f, "reason": reason})
         pipe.execute()
 
-    def put_raw(self, fields: dict, reason: str) -> None:
-        self.client.xadd(self.stream, {**{str(k): str(v) for k, v in fields.items()}, "reason": reason})
+    @staticmethod
+    def raw_entry(fields: Mapping | None, reason: str, source_id: Any = None) -> dict[bytes, bytes]:
+        """A refused message's dead letter: at most 32 of its fields, each capped at 1 KiB,
+        then `source_id` (its id in the stream) and `reason`."""
+        entry: dict[bytes, bytes] = {}
+        for k, v in list((fields or {}).items())[:_DEAD_MAX_FIELDS]:
+            key = _capped(_as_bytes(k))
+            if key not in _DEAD_RESERVED:
+                entry[key] = _capped(_as_bytes(v))
+        if source_id is not None:
+            entry[b"source_id"] = _as_bytes(source_id)
+        entry[b"reason"] = _capped(reason.encode("utf-8", "backslashreplace"))
+        return entry
+
+    def put_raw(self, fields: Mapping | None, reason: str, source_id: Any = None) -> None:
+        self.client.xadd(self.stream, self.raw_entry(fields, reason, source_id))
 
 
 @dataclass
 class ConsumerStats:
+    """What a consumer did; every message is counted once in `messages` and once in an outcome
+    (accepted, duplicates, late, or one of the dead-letter reasons)."""
+
     batches: int = 0
     messages: int = 0
     accepted: int = 0
     duplicates: int = 0
     late: int = 0
-    malformed: int = 0
+    malformed: int = 0  # unparseable, missing fields, not ASCII
+    out_of_range: int = 0  # parsed but outside the field's domain (type=300, id >= 2^63, ...)
+    implausible: int = 0  # a value no honest client sends (a play longer than the item allows, ...)
+    rate_limited: int = 0  # over a user's contribution cap
+    poison: int = 0  # the ingestor raised on them (isolated by bisection)
+    deleted: int = 0  # deleted from the stream while pending
+    outages: int = 0  # times the store or the stream was unavailable (the batch was retried)
+
+    @property
+    def dead_lettered(self) -> int:
+        return self.malformed + self.out_of_range + self.implausible + self.rate_limited + self.poison + self.deleted
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
 
 
 class RedisStreamConsumer:
+    """Consumes one stream in a consumer group into a StreamingIngestor (see the module docstring).
+
+    `rules` validate each message (default: dataset-agnostic EventRules(); the CLI builds
+    them from the data dir); `limiter` caps each user's contribution (default: none; the CLI
+    turns it on); `clock` is the wall clock in seconds for the rules' future bound.
+    """
+
     def __init__(
         self,
         client: redis.Redis,
@@ -100,14 +180,26 @@ class RedisStreamConsumer:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         dead_letter_stream: str | None = None,
+        rules: EventRules | None = None,
+        limiter: ContributionLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+        retry_s: tuple[float, float] = (0.2, 5.0),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("the stream client must use decode_responses=False: message fields may be any bytes")
+        if not (0 < retry_s[0] <= retry_s[1]):
+            raise ValueError(f"retry_s must be (first, max) back-off seconds with 0 < first <= max, got {retry_s!r}")
         self.client, self.stream, self.group, self.consumer = client, stream, group, consumer
         self.ingestor = ingestor
         self.batch_size, self.block_ms, self.claim_idle_ms = batch_size, block_ms, claim_idle_ms
         self.dead = RedisDeadLetters(client, dead_letter_stream or f"{stream}:dead")
         ingestor.dead_letters = self.dead
+        self.rules = rules if rules is not None else EventRules()
+        self.limiter = limiter
+        self.clock = clock
+        self.retry_s = retry_s
         self.stats = ConsumerStats()
         self._stop = threading.Event()
 
@@ -121,21 +213,79 @@ class RedisStreamConsumer:
     def stop(self) -> None:
         self._stop.set()
 
+    # -- one batch ----------------------------------------------------------------------------
+
     def _handle(self, messages: list) -> None:
+        """Validate, limit, ingest, then dead-letter and acknowledge in one step.
+
+        Raises only on outages (and on a fault that is not in the data); then nothing is
+        acknowledged and the messages stay pending for a retry."""
         if not messages:
             return
-        events, bad = parse_messages(messages)
-        for mid, fields, reason in bad:
-            self.dead.put_raw(fields, f"malformed: {reason}")
-        res = self.ingestor.ingest(events)
-        self.client.xack(self.stream, self.group, *[mid for mid, _ in messages])  # only after the commit
+        live = [(mid, f) for mid, f in messages if f]
+        gone = [mid for mid, f in messages if not f]
+        parsed = self.rules.parse_stream([f for _, f in live], int(self.clock() * 1000))
+        dead: list[tuple[Any, Mapping | None, str]] = [(live[r.index][0], live[r.index][1], dead_reason(r)) for r in parsed.rejected]
+        counts = {MALFORMED: 0, OUT_OF_RANGE: 0, IMPLAUSIBLE: 0, RATE_LIMITED: 0}
+        for r in parsed.rejected:
+            counts[r.kind] += 1
+        events, where = parsed.events, parsed.index  # where: position in `live` of each event
+        if self.limiter is not None and len(events):
+            adm = self.limiter.filter(events)
+            for r in adm.refused:
+                j = int(where[r.index])
+                dead.append((live[j][0], live[j][1], dead_reason(r)))
+                counts[r.kind] += 1
+            events, where = adm.admitted, where[adm.index]
+        results, poison = self._apply(events)
+        for k, why in poison:
+            j = int(where[k])
+            dead.append((live[j][0], live[j][1], why))
+        for mid in gone:
+            dead.append((mid, None, "deleted: the message was deleted from the stream before it was processed"))
+        pipe = self.client.pipeline(transaction=True)  # the dead letters and the ack, together
+        for mid, fields, reason in dead:
+            pipe.xadd(self.dead.stream, RedisDeadLetters.raw_entry(fields, reason, mid))
+        pipe.xack(self.stream, self.group, *[mid for mid, _ in messages])
+        pipe.execute()
         s = self.stats
         s.batches += 1
         s.messages += len(messages)
-        s.accepted += res.accepted
-        s.duplicates += res.duplicates
-        s.late += res.late
-        s.malformed += len(bad)
+        s.accepted += sum(r.accepted for r in results)
+        s.duplicates += sum(r.duplicates for r in results)
+        s.late += sum(r.late for r in results)
+        s.malformed += counts[MALFORMED]
+        s.out_of_range += counts[OUT_OF_RANGE]
+        s.implausible += counts[IMPLAUSIBLE]
+        s.rate_limited += counts[RATE_LIMITED]
+        s.poison += len(poison)
+        s.deleted += len(gone)
+        if dead:
+            log.warning("stream %s: %d of %d messages dead-lettered to %s (first: %s)", self.stream, len(dead),
+                        len(messages), self.dead.stream, dead[0][2])
+
+    def _apply(self, events: EventBatch, offset: int = 0) -> tuple[list[IngestResult], list[tuple[int, str]]]:
+        """Ingest; if the ingestor raises on the data, bisect to isolate the events it refuses.
+
+        Returns the results of the parts that went in and [(position, reason)] of the poison.
+        Each part is one atomic ingest, so a part that raised applied nothing."""
+        n = len(events)
+        if n == 0:
+            return [], []
+        try:
+            return [self.ingestor.ingest(events)], []
+        except _OUTAGES:
+            raise
+        except _DATA_ERRORS as exc:
+            if n == 1:
+                log.error("stream %s: the ingestor refused event %s: %s: %s", self.stream, int(events.event_id[0]), type(exc).__name__, exc)
+                return [], [(offset, f"poison: the ingestor refused it: {type(exc).__name__}: {str(exc)[:120]}")]
+        half = n // 2
+        r1, p1 = self._apply(events.take(np.arange(half)), offset)
+        r2, p2 = self._apply(events.take(np.arange(half, n)), offset + half)
+        return r1 + r2, p1 + p2
+
+    # -- reading ------------------------------------------------------------------------------
 
     def _pending_own(self) -> None:
         while not self._stop.is_set():
@@ -148,28 +298,51 @@ class RedisStreamConsumer:
     def _claim_dead(self) -> None:
         start = "0-0"
         while not self._stop.is_set():
-            nxt, msgs, *_ = self.client.xautoclaim(
+            nxt, msgs, *rest = self.client.xautoclaim(
                 self.stream, self.group, self.consumer, min_idle_time=self.claim_idle_ms, start_id=start, count=self.batch_size
             )
-            self._handle([m for m in msgs if m[1] is not None])
+            # Redis 6.2 returns messages deleted while pending with None fields (still
+            # pending); Redis >= 7 lists their ids apart (already out of the pending list).
+            # Either way they are dead-lettered as deleted (acking a non-pending id is a no-op).
+            gone = [(mid, None) for mid in (rest[0] if rest and rest[0] else [])]
+            self._handle(list(msgs) + gone)
             start = nxt.decode() if isinstance(nxt, bytes) else nxt
             if start == "0-0":
                 return
 
     def run(self, *, max_messages: int | None = None, idle_exit_s: float | None = None) -> ConsumerStats:
-        """Consume until stopped, `max_messages` handled, or idle for `idle_exit_s`."""
+        """Consume until stopped, `max_messages` handled, or idle for `idle_exit_s`.
+
+        An outage (the store or the stream unavailable) is retried with back-off until it
+        ends or the consumer is stopped; the messages it interrupted stay pending and are
+        re-read first."""
         self.ensure_group()
-        self._pending_own()
-        self._claim_dead()
+        recover = True
+        delay = self.retry_s[0]
         idle_since = time.monotonic()
         while not self._stop.is_set():
-            if max_messages is not None and self.stats.messages >= max_messages:
-                break
-            resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch_size, block=self.block_ms)
-            msgs = resp[0][1] if resp else []
-            if msgs:
-                self._handle(msgs)
-                idle_since = time.monotonic()
-            elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
-                break
+            try:
+                if recover:
+                    self._pending_own()
+                    self._claim_dead()
+                    recover = False
+                    idle_since = time.monotonic()
+                if max_messages is not None and self.stats.messages >= max_messages:
+                    break
+                resp = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=self.batch_size, block=self.block_ms)
+                msgs = resp[0][1] if resp else []
+                if msgs:
+                    self._handle(msgs)
+                    idle_since = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
+                    break
+                delay = self.retry_s[0]
+            except _OUTAGES as exc:
+                self.stats.outages += 1
+                recover = True
+                log.warning("stream %s: unavailable (%s: %s); nothing acknowledged, retrying in %.1f s",
+                            self.stream, type(exc).__name__, exc, delay)
+                if self._stop.wait(delay):
+                    break
+                delay = min(delay * 2, self.retry_s[1])
         return self.stats

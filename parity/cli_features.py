@@ -62,6 +62,15 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--claim-idle-ms", type=nonneg("--claim-idle-ms"), default=30_000, help="take over messages a dead consumer left pending this long (default 30000)")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after this many seconds without messages")
     p.add_argument("--max-messages", type=positive("--max-messages"), default=None, help="exit after handling this many messages")
+    p.add_argument("--max-future-ms", type=nonneg("--max-future-ms"), default=300_000,
+                   help="refuse events whose ts is further ahead of this machine's clock (default 300000: 5 min)")
+    p.add_argument("--max-per-item", type=positive("--max-per-item"), default=20,
+                   help="contribution cap: events per (user, item, type) per window (default 20)")
+    p.add_argument("--max-per-user", type=positive("--max-per-user"), default=2000,
+                   help="contribution cap: events per user per window (default 2000)")
+    p.add_argument("--rate-window-ms", type=positive("--rate-window-ms"), default=3_600_000,
+                   help="contribution-cap window in event time (default 3600000: 1 h)")
+    p.add_argument("--no-rate-limit", action="store_true", help="turn the contribution caps off (e.g. for a trusted replay)")
     p.set_defaults(func=_stream)
 
     p = f.add_parser("publish", help="append a data dir's events to a Redis Stream (for replays and demos)")
@@ -204,15 +213,22 @@ def _verify(args: argparse.Namespace) -> int:
 def _stream(args: argparse.Namespace) -> int:
     import redis
 
+    from features.catalog import ItemCatalog
+    from features.contribution import ContributionLimiter, ContributionLimits
+    from features.datasets import read_items
+    from features.event_rules import EventRules
     from features.redis_stream import RedisStreamConsumer
     from features.streaming import StreamingIngestor
 
     ws = open_workspace(args.events)
+    rules = EventRules.from_dataset(ws.info, ItemCatalog.from_table(read_items(ws.data_dir)), max_future_ms=args.max_future_ms)
     client = redis.Redis.from_url(args.redis)
     store = _store(args.store or args.redis, args.namespace)
     ing = StreamingIngestor(store, ws.sets, name=f"stream-{args.stream}", allowed_lateness_ms=args.lateness_ms)
+    limiter = None if args.no_rate_limit else ContributionLimiter(
+        store, ContributionLimits(max_per_item=args.max_per_item, max_per_user=args.max_per_user, window_ms=args.rate_window_ms))
     cons = RedisStreamConsumer(client, args.stream, ing, group=args.group, consumer=args.consumer, batch_size=args.batch,
-        dead_letter_stream=args.dead_letter_stream, claim_idle_ms=args.claim_idle_ms,
+        dead_letter_stream=args.dead_letter_stream, claim_idle_ms=args.claim_idle_ms, rules=rules, limiter=limiter,
     )
     import signal
 
@@ -222,7 +238,7 @@ def _stream(args: argparse.Namespace) -> int:
     finally:
         store.close()
     wm = ing.stats().watermark
-    print(json.dumps({"messages": st.messages, "accepted": st.accepted, "duplicates": st.duplicates, "late": st.late, "malformed": st.malformed, "watermark": wm}))
+    print(json.dumps({**st.to_json(), "dead_lettered": st.dead_lettered, "watermark": wm}))
     return 0
 
 

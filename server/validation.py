@@ -7,6 +7,7 @@ feature store's entity codes (< 2^31).
 """
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from features.events import EventType
+from features.event_rules import EventRules, Rejection
+from features.events import EventBatch
 from server.config import ServerConfig
 from server.errors import InvalidArgument
 
@@ -25,7 +27,6 @@ MAX_ENTITY_ID = (1 << 31) - 1  # user, item, topic and creator ids (pair entity 
 MAX_EVENT_ID = (1 << 63) - 1
 _MAX_REQUEST_ID = 128
 _MAX_CONTEXT_KEY = 64
-_EVENT_TYPES = {t.name.lower(): int(t) for t in EventType}
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class ParsedEvents:
     value: np.ndarray
     invalid: int
     first_error: str | None
+    batch: EventBatch | None = None  # the same events as an EventBatch (topic/creator from the rules' catalogue)
+    rejected: tuple[Rejection, ...] = ()  # every refused event: (index, field, reason, kind)
 
     def __len__(self) -> int:
         return len(self.event_id)
@@ -150,34 +153,31 @@ def validate_get_features(req, entity_types: Iterable[str], sets_of: Mapping[str
     return FeaturesQuery(req.entity_type, req.entity_id, tuple(dict.fromkeys(req.feature_sets)))
 
 
-def _event_row(ev, now_ms: int, cfg: ServerConfig) -> tuple[int, int, int, int, int, float]:
-    eid = parse_id("event_id", ev.event_id, max_value=MAX_EVENT_ID, max_chars=20)
-    if ev.ts_ms < 0:
-        raise InvalidArgument("ts_ms", f"must be >= 0 (ms since the Unix epoch), got {ev.ts_ms}")
-    if ev.ts_ms > now_ms + cfg.max_event_future_ms:
-        raise InvalidArgument("ts_ms", f"{ev.ts_ms} is more than {cfg.max_event_future_ms} ms ahead of the server clock ({now_ms})")
-    user = parse_id("user_id", ev.user_id, max_chars=cfg.max_id_chars)
-    item = parse_id("item_id", ev.item_id, max_chars=cfg.max_id_chars)
-    t = _EVENT_TYPES.get(ev.type)
-    if t is None:
-        raise InvalidArgument("type", f"must be one of {sorted(_EVENT_TYPES)}, got {ev.type[:32]!r}")
-    v = float(ev.value)
-    if not math.isfinite(v):
-        raise InvalidArgument("value", f"must be finite, got {v}")
-    return eid, int(ev.ts_ms), user, item, t, v
+def _default_rules(cfg: ServerConfig) -> EventRules:
+    """Dataset-agnostic rules with the server's limits (callers that know the dataset pass their own)."""
+    return _rules_for(cfg.max_event_future_ms, cfg.max_id_chars)
 
 
-def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig) -> ParsedEvents:
-    """Valid events as columns; invalid ones are counted (one bad event never sinks a batch)."""
-    rows, invalid, first = [], 0, None
-    for i, ev in enumerate(events):
-        try:
-            rows.append(_event_row(ev, now_ms, cfg))
-        except InvalidArgument as exc:
-            invalid += 1
-            if first is None:
-                first = f"event {i} (event_id {ev.event_id[:24]!r}): {exc}"
-    cols = list(zip(*rows)) if rows else [(), (), (), (), (), ()]
-    return ParsedEvents(np.asarray(cols[0], dtype=np.int64), np.asarray(cols[1], dtype=np.int64), np.asarray(cols[2], dtype=np.int64),
-                        np.asarray(cols[3], dtype=np.int64), np.asarray(cols[4], dtype=np.int8), np.asarray(cols[5], dtype=np.float64),
-                        invalid, first)
+@functools.lru_cache(maxsize=8)
+def _rules_for(max_future_ms: int, max_id_chars: int) -> EventRules:
+    return EventRules(max_future_ms=max_future_ms, max_id_chars=max_id_chars)
+
+
+def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig, rules: EventRules | None = None) -> ParsedEvents:
+    """Valid events as columns; invalid ones are counted (one bad event never sinks a batch).
+
+    The checks are features.event_rules, the same rules the Redis Stream consumer applies.
+    Pass the rules built for the served dataset (`EventRules.from_dataset(info, catalog,
+    max_future_ms=cfg.max_event_future_ms, max_id_chars=cfg.max_id_chars)`): they add the
+    per-type plausibility that needs the catalogue's durations and the dataset's rating scale,
+    and fill `batch` with each item's topic and creator. Without them, dataset-agnostic
+    rules with cfg's limits apply."""
+    parsed = (rules if rules is not None else _default_rules(cfg)).parse_proto(events, now_ms)
+    first = None
+    if parsed.rejected:
+        r = parsed.rejected[0]
+        eid = events[r.index].event_id
+        shown = eid[:24] if isinstance(eid, str) else type(eid).__name__
+        first = f"event {r.index} (event_id {shown!r}): {r.reason}"
+    b = parsed.events
+    return ParsedEvents(b.event_id, b.ts, b.user_id, b.item_id, b.type, b.value, len(parsed.rejected), first, b, parsed.rejected)

@@ -116,6 +116,21 @@ class OnlineStore(abc.ABC):
     def set_meta(self, name: str, value: str) -> None: ...
 
     @abc.abstractmethod
+    def incr_many(self, names: Sequence[str], amounts: Sequence[int], ttl_ms: int) -> list[int]:
+        """Add amounts[i] to counter names[i], atomically per counter; the new values in order.
+
+        One round trip (per node on a cluster; single-key commands only). A counter that
+        does not exist or has expired starts at 0 and expires ttl_ms after the call that
+        created it; later increments keep that expiry (fixed windows: put the window in the
+        name). A name listed twice is incremented twice, the second value including the
+        first. Names obey the metadata-name rules and live in their own part of the
+        namespace (`{ns}:__count__:{name}` on Redis), which clear_namespace empties too.
+        Amounts are ints >= 0. Everything is validated before anything is incremented.
+        Used for small shared tallies, e.g. per-user rate limits at the ingest edge
+        (features.contribution).
+        """
+
+    @abc.abstractmethod
     def delete(self, keys: Sequence[RecordKey]) -> int:
         """Delete records; returns how many existed."""
 

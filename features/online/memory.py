@@ -19,7 +19,7 @@ __all__ = ["MemoryStore"]
 
 # Feature-set names the backends use for their own bookkeeping keys. Rejecting them for
 # records keeps `{ns}:__meta__:a:b:c` (meta "a:b:c") from ever being read back as a record.
-RESERVED_FEATURE_SETS = frozenset({"__meta__", "__dedupe__"})
+RESERVED_FEATURE_SETS = frozenset({"__meta__", "__dedupe__", "__count__"})
 
 
 def check_feature_set(feature_set: str) -> None:
@@ -80,6 +80,23 @@ def check_writes(writes: Sequence[Write], dedupe_ids: Sequence[int], dedupe_ttl_
     return meta_items
 
 
+def check_counters(names: Sequence[str], amounts: Sequence[int], ttl_ms: int) -> None:
+    """incr_many's arguments, checked whole before any counter moves (shared by both backends)."""
+    if len(names) != len(amounts):
+        raise ValueError(f"incr_many needs one amount per name, got {len(names)} names and {len(amounts)} amounts")
+    if not isinstance(ttl_ms, int) or isinstance(ttl_ms, bool):
+        raise TypeError(f"ttl_ms must be an int, got {ttl_ms!r}")
+    if ttl_ms <= 0:
+        raise ValueError(f"ttl_ms must be positive (a counter without expiry would grow the store forever), got {ttl_ms}")
+    for name in names:
+        check_meta_name(name)
+    for amount in amounts:
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise TypeError(f"counter amounts must be ints, got {amount!r}")
+        if amount < 0:
+            raise ValueError(f"counter amounts must be >= 0, got {amount}")
+
+
 def check_filter(
     feature_set: str, version: str | None, entity_type: str | None, entity_prefix: str | None
 ) -> None:
@@ -115,6 +132,7 @@ class MemoryStore(OnlineStore):
         self._records: dict[RecordKey, _Entry] = {}
         self._markers: dict[int, float] = {}  # event id -> expires_at
         self._meta: dict[str, str] = {}
+        self._counters: dict[str, list] = {}  # name -> [value, expires_at]
 
     # -- helpers (call with the lock held) -------------------------------------------------
 
@@ -189,11 +207,27 @@ class MemoryStore(OnlineStore):
 
     def clear_namespace(self) -> int:
         with self._lock:
-            n = len(self._records) + len(self._markers) + len(self._meta)
+            now = self.clock()
+            live_counters = sum(1 for _, expires_at in self._counters.values() if expires_at > now)
+            n = len(self._records) + len(self._markers) + len(self._meta) + live_counters
             self._records.clear()
             self._markers.clear()
             self._meta.clear()
+            self._counters.clear()
             return n
+
+    def incr_many(self, names: Sequence[str], amounts: Sequence[int], ttl_ms: int) -> list[int]:
+        check_counters(names, amounts, ttl_ms)
+        with self._lock:
+            now = self.clock()
+            out = []
+            for name, amount in zip(names, amounts):
+                c = self._counters.get(name)
+                if c is None or c[1] <= now:
+                    c = self._counters[name] = [0, now + ttl_ms / 1000.0]
+                c[0] += amount
+                out.append(c[0])
+            return out
 
     def seen(self, event_ids: Sequence[int]) -> list[bool]:
         with self._lock:

@@ -1,6 +1,6 @@
 """Redis backend of the online store (single node or Redis Cluster).
 
-Every key is touched by single-key commands only (GET, SET, EXISTS, UNLINK), batched with
+Every key is touched by single-key commands only (GET, SET, EXISTS, UNLINK, INCRBY), batched with
 pipelines, so nothing ever needs two keys in one hash slot: the same code runs against a
 single server and against a RedisCluster client. MGET / multi-key UNLINK are avoided on
 purpose because they fail with CROSSSLOT on a cluster.
@@ -34,6 +34,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
 from features.online.base import OnlineStore, RecordKey, Snapshot, StoreUnavailable, TransactionConflict, Write, format_key
 from features.online.memory import (
     RESERVED_FEATURE_SETS,
+    check_counters,
     check_feature_set,
     check_filter,
     check_meta_name,
@@ -89,8 +90,8 @@ class RedisStore(OnlineStore):
     """Online store on Redis.
 
     Records are plain string keys `{ns}:{feature_set}:{version}:{entity_type}:{entity_id}`
-    holding opaque bytes with a PX expiry; dedupe markers are `{ns}:__dedupe__:{event_id}`
-    and metadata is `{ns}:__meta__:{name}`.
+    holding opaque bytes with a PX expiry; dedupe markers are `{ns}:__dedupe__:{event_id}`,
+    metadata is `{ns}:__meta__:{name}` and counters (incr_many) are `{ns}:__count__:{name}`.
 
     Pass `client=` to reuse a configured `redis.Redis` or `redis.cluster.RedisCluster`
     (it must use decode_responses=False, since values are bytes); the caller then owns it
@@ -152,6 +153,9 @@ class RedisStore(OnlineStore):
 
     def _meta_key(self, name: str) -> str:
         return f"{self.namespace}:__meta__:{name}"
+
+    def _counter_key(self, name: str) -> str:
+        return f"{self.namespace}:__count__:{name}"
 
     def _parse_key(self, raw: bytes | str) -> RecordKey | None:
         """A scanned key back to a RecordKey, or None for anything that is not a record."""
@@ -298,6 +302,30 @@ class RedisStore(OnlineStore):
                     except WatchError:
                         time.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise TransactionConflict(f"gave up after {max_attempts} attempts: other writers kept changing the same keys on {self.url}")
+
+    def incr_many(self, names: Sequence[str], amounts: Sequence[int], ttl_ms: int) -> list[int]:
+        """Per counter `SET key 0 PX ttl NX` (creates it with its expiry, or does nothing)
+        then `INCRBY key amount` (keeps the expiry): single-key commands in one pipeline.
+
+        Single node: the pipeline is one MULTI/EXEC, so all counters move or none does.
+        Cluster: a plain pipeline (one round trip per node); each pair is idempotent in its
+        first half, so a connection lost midway leaves some counters incremented and others
+        not, never a counter without expiry. (If a counter expires in the instant between
+        its SET NX and its INCRBY, the INCRBY recreates it without expiry; its window is in
+        its name, so it is never read again: a few leaked bytes, not a wrong count.)
+        A dropped connection makes the client resend once, which may count a batch twice;
+        callers size their caps for it (features.contribution).
+        """
+        check_counters(names, amounts, ttl_ms)
+        if not names:
+            return []
+        with self._guard("incr_many"):
+            pipe = self._client.pipeline(transaction=not self._cluster)
+            for name, amount in zip(names, amounts):
+                key = self._counter_key(name)
+                pipe.set(key, b"0", px=ttl_ms, nx=True)
+                pipe.incrby(key, amount)
+            return [int(v) for v in pipe.execute()[1::2]]
 
     def get_meta(self, name: str) -> str | None:
         check_meta_name(name)

@@ -148,6 +148,72 @@ def test_meta_round_trip(online_store: OnlineStore) -> None:
     assert list(online_store.iter_keys()) == []  # meta is not a record
 
 
+# -- counters (incr_many) ----------------------------------------------------------------------
+
+
+def test_incr_many_adds_and_returns_the_new_values_in_order(online_store: OnlineStore) -> None:
+    assert online_store.incr_many(["a", "b"], [1, 5], HOUR_MS) == [1, 5]
+    assert online_store.incr_many(["b", "c", "a"], [2, 0, 3], HOUR_MS) == [7, 0, 4]
+    assert online_store.incr_many([], [], HOUR_MS) == []
+
+
+def test_incr_many_counts_a_name_listed_twice_twice(online_store: OnlineStore) -> None:
+    assert online_store.incr_many(["x", "x", "y"], [2, 3, 1], HOUR_MS) == [2, 5, 1]
+
+
+def test_a_counter_expires_ttl_after_it_was_created_and_increments_do_not_extend_it(online_store: OnlineStore) -> None:
+    online_store.incr_many(["w"], [1], 200)
+    if hasattr(getattr(online_store, "clock", None), "advance"):
+        online_store.clock.advance(0.15)
+    else:
+        time.sleep(0.15)
+    assert online_store.incr_many(["w"], [1], 200) == [2]  # the same window: its expiry is not pushed back
+    let_expire(online_store, 60)
+    deadline = time.monotonic() + 2.0
+    while online_store.incr_many(["w"], [0], 200) != [0]:
+        assert time.monotonic() < deadline, "the counter never expired"
+        time.sleep(0.01)
+    assert online_store.incr_many(["w"], [4], 200) == [4]  # a new counter, a new expiry
+
+
+def test_counters_are_not_records_or_meta_and_clear_namespace_removes_them(online_store: OnlineStore) -> None:
+    online_store.incr_many(["rate:1:u:5", "a:b:c:d"], [1, 1], HOUR_MS)
+    assert list(online_store.iter_keys()) == []
+    assert online_store.get_meta("rate:1:u:5") is None
+    online_store.set_meta("rate:1:u:5", "meta")
+    assert online_store.incr_many(["rate:1:u:5"], [1], HOUR_MS) == [2]
+    assert online_store.clear_namespace() == 3
+    assert online_store.incr_many(["rate:1:u:5"], [1], HOUR_MS) == [1]
+
+
+@pytest.mark.parametrize(
+    "names,amounts,ttl_ms,error",
+    [
+        (["a"], [1, 2], HOUR_MS, ValueError),
+        (["a"], [-1], HOUR_MS, ValueError),
+        (["a"], [1.5], HOUR_MS, TypeError),
+        (["a"], [True], HOUR_MS, TypeError),
+        (["a"], [1], 0, ValueError),
+        (["a"], [1], 1.5, TypeError),
+        (["a b"], [1], HOUR_MS, ValueError),
+        ([""], [1], HOUR_MS, ValueError),
+        (["ok", "{x}"], [1, 1], HOUR_MS, ValueError),
+    ],
+)
+def test_incr_many_refuses_bad_arguments_before_counting_anything(online_store: OnlineStore, names, amounts, ttl_ms, error) -> None:
+    with pytest.raises(error):
+        online_store.incr_many(names, amounts, ttl_ms)
+    assert online_store.incr_many(["ok", "a"], [0, 0], HOUR_MS) == [0, 0]
+
+
+def test_incr_many_is_isolated_by_namespace(online_store: OnlineStore, request: pytest.FixtureRequest) -> None:
+    ns = online_store.namespace + "x"
+    other = RedisStore(request.getfixturevalue("redis_url"), namespace=ns) if isinstance(online_store, RedisStore) else MemoryStore(ns)
+    with other:
+        online_store.incr_many(["n"], [3], HOUR_MS)
+        assert other.incr_many(["n"], [1], HOUR_MS) == [1]
+
+
 # -- delete ----------------------------------------------------------------------------------
 
 
@@ -322,6 +388,7 @@ def test_redis_unavailable_is_reported_quickly() -> None:
             lambda: store.delete([rk("1")]),
             lambda: store.delete_matching("clicks"),
             lambda: list(store.iter_keys()),
+            lambda: store.incr_many(["c"], [1], HOUR_MS),
         ]
         for call in calls:
             started = time.monotonic()
@@ -363,6 +430,27 @@ def test_redis_get_many_is_one_round_trip_of_one_mget(redis_url: str, monkeypatc
     assert after.get("cmdstat_mget", 0) - before.get("cmdstat_mget", 0) == 1  # one command for all n keys (single node)
     assert after.get("cmdstat_get", 0) - before.get("cmdstat_get", 0) == 0
     assert after.get("cmdstat_exec", 0) - before.get("cmdstat_exec", 0) == 1
+
+
+@pytest.mark.redis
+def test_redis_incr_many_is_one_round_trip_and_keys_expire(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    admin = redis.Redis.from_url(redis_url)
+    with RedisStore(redis_url, namespace="cnt") as store:
+        store.incr_many(["warm"], [1], HOUR_MS)
+        sends: list[object] = []
+        real = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: object, command: object, check_health: bool = True) -> None:
+            sends.append(command)
+            real(self, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+        assert store.incr_many([f"c:{i}" for i in range(50)], [1] * 50, HOUR_MS) == [1] * 50
+        assert len(sends) == 1, "incr_many must be a single round trip"
+        monkeypatch.undo()
+    assert admin.get("cnt:__count__:c:7") == b"1"
+    assert 0 < admin.pttl("cnt:__count__:c:7") <= HOUR_MS
+    admin.close()
 
 
 # -- redis cluster (a private one-node cluster: all slots on one server) ------------------
@@ -411,6 +499,13 @@ def test_cluster_mode_runs_the_contract_basics(cluster_store: RedisStore) -> Non
     assert cluster_store.delete(keys[:5]) == 5
     assert cluster_store.delete_matching("clicks", "v1", "user", "1") == 10  # 1, 10..19 minus deleted "1"
     assert len(set(cluster_store.iter_keys())) == 35
+
+
+@pytest.mark.redis
+def test_cluster_mode_counts_across_hash_slots(cluster_store: RedisStore) -> None:
+    names = [f"rate:{i}" for i in range(40)]  # spread over many hash slots
+    assert cluster_store.incr_many(names, list(range(40)), HOUR_MS) == list(range(40))
+    assert cluster_store.incr_many(names[:3], [1, 1, 1], HOUR_MS) == [1, 2, 3]
 
 
 @pytest.mark.redis

@@ -114,3 +114,41 @@ def test_events_too_far_ahead_of_the_server_clock_are_invalid(server_config):
     ahead = pb.Event(event_id="2", ts_ms=now + cfg.max_event_future_ms + 1, user_id="1", item_id="2", type="like", value=1)
     parsed = parse_events([ok, ahead], now, cfg)
     assert len(parsed) == 1 and parsed.invalid == 1 and "ts_ms" in parsed.first_error
+
+
+def test_implausible_values_are_invalid_through_ingest_events(stub):
+    """A play of 1e7 seconds (or a like worth 5) would have topped every new user's list."""
+    events = [
+        pb.Event(event_id="9100000001", ts_ms=1, user_id="3", item_id="1", type="play", value=1e7),
+        pb.Event(event_id="9100000002", ts_ms=1, user_id="3", item_id="1", type="like", value=5),
+        pb.Event(event_id="9100000003", ts_ms=1, user_id="3", item_id="1", type="9", value=1),
+    ]
+    summary, call = stub.IngestEvents.with_call(iter(events), timeout=5)
+    assert (summary.received, summary.accepted, summary.invalid) == (3, 0, 3)
+    assert dict(call.trailing_metadata())["parity-first-invalid"].startswith("event 0 (event_id '9100000001'): value: a play")
+
+
+def test_parse_events_applies_the_shared_event_rules_when_given(server_config, small_sim):
+    from features.catalog import ItemCatalog
+    from features.datasets import load_info, read_items
+    from features.event_rules import EventRules
+
+    cfg = server_config("/nonexistent", "/nonexistent")
+    catalog = ItemCatalog.from_table(read_items(small_sim))
+    rules = EventRules.from_dataset(load_info(small_sim), catalog, max_future_ms=cfg.max_event_future_ms)
+    item = int(catalog.item_id[0])
+    too_long = catalog.duration_s[0] * rules.play_tolerance + 1
+    now = 1_000_000_000
+    events = [
+        pb.Event(event_id="1", ts_ms=now, user_id="1", item_id=str(item), type="play", value=1.0),
+        pb.Event(event_id="2", ts_ms=now, user_id="1", item_id=str(item), type="play", value=too_long),
+        pb.Event(event_id="3", ts_ms=now, user_id="1", item_id=str(item), type="rating", value=4),
+        pb.Event(event_id="4", ts_ms=now, user_id="1", item_id=str(item), type="impression"),
+    ]
+    parsed = parse_events(events, now, cfg, rules)
+    assert parsed.event_id.tolist() == [1, 4] and parsed.invalid == 2
+    assert parsed.value.tolist() == [1.0, 1.0]  # an unset impression value is stored as one
+    assert [(r.index, r.field) for r in parsed.rejected] == [(1, "value"), (2, "type")]
+    assert parsed.batch.topic.tolist() == [int(catalog.topic[0])] * 2 and parsed.batch.creator_id.tolist() == [int(catalog.creator_id[0])] * 2
+    # The three-argument call keeps working, with dataset-agnostic rules.
+    assert parse_events(events, now, cfg).event_id.tolist() == [1, 2, 3, 4]
