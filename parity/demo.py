@@ -110,9 +110,10 @@ def _train_and_serve(out: Path, ws, user: int) -> dict:
         new = client.recommend(10**9, k=10, include_latency=True)
         _show("new user (no history)", new)
         top = [int(it.item_id) for it in known.items[:3]]
-        live = [LiveEvent(2 * 10**12 + i, status.now_ms + i, user, item, "play", 120.0) for i, item in enumerate(top)]
+        # 20 s plays: plausible for any item (the shortest are 30 s; longer plays than 2x an item's duration are refused)
+        live = [LiveEvent(2 * 10**12 + i, status.now_ms + i, user, item, "play", 20.0) for i, item in enumerate(top)]
         ing = client.ingest(live)
-        print(f"  ingested {ing.accepted} live plays of the top items ({ing.duplicates} duplicates, {ing.invalid} invalid)")
+        print(f"  ingested {ing.accepted} live plays of the top items ({ing.duplicates} duplicates, {ing.invalid} invalid, {ing.limited} rate-limited)")
         time.sleep(cfg.response_cache_ttl_s + 0.2)
         after = client.recommend(user, k=10, include_latency=True)
         _show(f"known user {user} after live events", after)

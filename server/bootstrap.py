@@ -25,6 +25,7 @@ from server.items import INGEST_NAME, catalog_stamp, load_catalog, load_item_tab
 from server.metrics import Metrics
 from server.seen import bootstrap_seen
 from server.service import RecommenderService, warm
+from server.store_watch import ensure_epoch
 from server.state import ServingState, build_snapshot, load_runtime
 
 __all__ = ["build_service", "resolve_data_dir"]
@@ -50,8 +51,10 @@ def _open(cfg: ServerConfig, timeout_s: float) -> OnlineStore:
     return open_store(cfg.store, namespace=cfg.namespace, **opts)
 
 
-def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log_dir: Path) -> int | None:
-    """Materialise features and seen items from the log when needed; returns the log's end (ms)."""
+def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log_dir: Path, *, force: bool = False) -> str | None:
+    """Materialise features and seen items from the log when needed (always with `force`: a
+    refill of a store found empty); returns the store's epoch (server/store_watch.py), None
+    when nothing was filled."""
     elog = EventLog(log_dir)
     if cfg.materialize == "never" or not elog.exists():
         return None
@@ -60,12 +63,12 @@ def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log
     try:
         mx = elog.max_ts()
         until = (mx + 1) if mx is not None else 0
-        need = cfg.materialize == "always" or is_memory or any(stored_watermark(patient, fs) is None for fs in sets)
+        need = force or cfg.materialize == "always" or is_memory or any(stored_watermark(patient, fs) is None for fs in sets)
         if need:
             for r in materialize(elog, patient, sets, until_ts=until, mark_window_ms=cfg.allowed_lateness_ms):
                 log.info("materialised %s %s: %s, %d entities", r.feature_set, r.version, r.mode, r.entities_written)
         bootstrap_seen(patient, lambda: elog.read(end_ts=until), kind, until, cfg.seen_cap)
-        return until
+        return ensure_epoch(patient)
     finally:
         if patient is not store:
             patient.close()
@@ -82,8 +85,9 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     store = _open(cfg, cfg.store_timeout_s)
     write_store = store if isinstance(store, MemoryStore) else _open(cfg, 2.0)
     store_ok = True
+    epoch = None
     try:
-        _bootstrap_store(cfg, store, sets, info.kind, data_dir / EVENTS_DIR)
+        epoch = _bootstrap_store(cfg, store, sets, info.kind, data_dir / EVENTS_DIR)
     except StoreUnavailable as exc:
         store_ok = False
         log.warning("online store unavailable at start-up (serving degraded until it is back): %s", exc)
@@ -107,5 +111,6 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     snap = build_snapshot(runtime, items, by_name, catalog_stamp(data_dir), prefetch_limit=cfg.pair_prefetch_limit)
     warm(snap, cfg, clock.now_ms())
     log.info("serving release %s: %d items (%d new), store %s", snap.release_id, snap.n_items, len(snap.new_ids), cfg.store.split("@")[-1])
+    refill = None if isinstance(store, MemoryStore) else (lambda: _bootstrap_store(cfg, store, sets, info.kind, data_dir / EVENTS_DIR, force=True))
     return RecommenderService(cfg, info=info, sets=sets, store=store, write_store=write_store, clock=clock,
-                              state=ServingState(snap), metrics=metrics or Metrics())
+                              state=ServingState(snap), metrics=metrics or Metrics(), epoch=epoch, refill=refill)

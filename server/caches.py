@@ -35,6 +35,10 @@ class Generations:
     def get(self, user: int) -> tuple[int, int]:
         return (self._epoch, self._gen.get(user, 0))
 
+    def bump_all(self) -> None:
+        """Every user's older answers stop matching (the store was refilled)."""
+        self._epoch += 1
+
     def bump(self, user: int) -> None:
         self._gen[user] = self._gen.get(user, 0) + 1
         self._gen.move_to_end(user)
@@ -101,6 +105,9 @@ class StaleRecords:
         if v is not None:
             self._d.move_to_end(key)
         return v
+
+    def clear(self) -> None:
+        self._d.clear()
 
     def drop(self, key: str) -> None:
         self._d.pop(key, None)

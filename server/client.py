@@ -143,6 +143,8 @@ class IngestSummary:
     late: int
     invalid: int
     first_invalid: str | None = None  # why the first invalid event was refused
+    limited: int = 0  # refused by the per-user contribution caps
+    first_limited: str | None = None
 
 
 @dataclass(frozen=True)
@@ -257,11 +259,11 @@ class ParityClient:
 
         def once(t: float):
             resp, call = self._rec.IngestEvents.with_call(iter(msgs), timeout=t, metadata=self._ingest_md)
-            md = dict(call.trailing_metadata() or ())
-            return resp, md.get("parity-first-invalid")
+            return resp, dict(call.trailing_metadata() or ())
 
-        r, why = self._call("IngestEvents", once, timeout_s or max(self.timeout_s, 10.0))
-        return IngestSummary(r.received, r.accepted, r.duplicates, r.late, r.invalid, why)
+        r, md = self._call("IngestEvents", once, timeout_s or max(self.timeout_s, 10.0))
+        return IngestSummary(r.received, r.accepted, r.duplicates, r.late, r.invalid, md.get("parity-first-invalid"), r.limited,
+                             md.get("parity-first-limited"))
 
     # -- Admin ------------------------------------------------------------------------------
     def load_release(self, path: str, *, timeout_s: float = 120.0) -> LoadedRelease:

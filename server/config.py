@@ -72,6 +72,7 @@ class ServerConfig:
     store_budget_s: float = 0.15  # the longest a request waits for the store before falling back
     breaker_open_s: float = 1.0  # after a store failure, skip the store this long (degraded)
     item_refresh_s: float = 5.0  # how often the item feature table checks the store for changes
+    store_check_s: float = 1.0  # how often the store's sentinel is read (a store that lost its data is refilled)
 
     # Lifecycle and resources.
     drain_notice_s: float = 0.0  # on SIGTERM: report NOT_SERVING this long, still answering, before refusing new RPCs
@@ -108,7 +109,12 @@ class ServerConfig:
     max_events_per_stream: int = 1_000_000
     max_event_future_ms: int = 5 * 60_000  # live events further ahead of the server clock are invalid
     allowed_lateness_ms: int = 3_600_000
-    ingest_chunk: int = 1000  # events per streaming-ingest commit
+    ingest_chunk: int = 500  # events per streaming-ingest commit (one at a time on the ingest thread)
+    # Per-user contribution caps at the ingest edge (features/contribution.py; 0: off): one user's
+    # events per (item, event type) and in all per window of event time, beyond which they are refused.
+    ingest_max_per_item: int = 20
+    ingest_max_per_user: int = 2000
+    ingest_rate_window_ms: int = 3_600_000
 
     extra: dict = field(default_factory=dict, compare=False)  # free-form, for forward compatibility
 
@@ -149,7 +155,7 @@ class ServerConfig:
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {MATERIALIZE_MODES}, got {self.materialize!r}")
         positive_ints = ("max_k", "max_rank_items", "max_exclude", "max_context", "max_id_chars", "retrieve_k",
-                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap", "serve_max_running", "features_max_running",
+                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap", "ingest_rate_window_ms", "serve_max_running", "features_max_running",
                          "admin_max_running", "max_streams_per_connection", "max_ingest_streams", "max_ingest_streams_per_peer",
                          "max_events_per_stream")
         for name in positive_ints:
@@ -158,7 +164,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("as_of_tick_ms", "n_popular", "n_fresh", "n_content", "per_creator_cap", "pair_prefetch_limit", "fresh_window_ms",
                      "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_grant_yields", "features_max_queue",
-                     "admin_max_queue", "core_pending_soft", "core_pending_hard"):
+                     "admin_max_queue", "core_pending_soft", "core_pending_hard", "ingest_max_per_item", "ingest_max_per_user"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
@@ -169,7 +175,7 @@ class ServerConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "default_deadline_s", "max_deadline_s", "ingest_idle_timeout_s"):
+        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "store_check_s", "default_deadline_s", "max_deadline_s", "ingest_idle_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

@@ -20,7 +20,9 @@ from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
+from features.contribution import ContributionLimiter, ContributionLimits
 from features.datasets import DatasetInfo
+from features.event_rules import EventRules
 from features.definitions import FeatureSet
 from features.events import EventBatch
 from features.lookup import FeatureLookup, LookupRequest
@@ -36,6 +38,7 @@ from server.items import INGEST_NAME, catalog_stamp, change_token, load_catalog,
 from server.metrics import Metrics
 from server.pipeline import SOURCES, Timer
 from server.seen import append_seen
+from server.store_watch import StoreWatch
 from server.state import ServingState, Snapshot, build_snapshot, load_runtime, release_path_under
 from server.user_features import PairTable, UserFeatures
 from server.validation import FeaturesQuery, RankQuery, RecommendQuery, parse_events
@@ -84,6 +87,20 @@ class IngestOutcome:
     late: int
     invalid: int
     first_error: str | None
+    limited: int = 0
+    first_limited: str | None = None
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    accepted: int
+    duplicates: int
+    late: int
+    invalid: int
+    first_error: str | None
+    limited: int
+    first_limited: str | None
+    users: np.ndarray
 
 
 class CountingDeadLetters:
@@ -114,7 +131,7 @@ def warm(snap: Snapshot, cfg: ServerConfig, now_ms: int) -> None:
 
 class RecommenderService:
     def __init__(self, cfg: ServerConfig, *, info: DatasetInfo, sets: Sequence[FeatureSet], store: OnlineStore, write_store: OnlineStore,
-                 clock: Clock, state: ServingState, metrics: Metrics) -> None:
+                 clock: Clock, state: ServingState, metrics: Metrics, epoch: str | None = None, refill: Callable[[], str] | None = None) -> None:
         self.cfg = cfg
         self.info = info
         self.sets = tuple(sets)
@@ -129,6 +146,10 @@ class RecommenderService:
         self.metrics = metrics
         self.lookup = FeatureLookup(store, sets)
         self.dead_letters = CountingDeadLetters()
+        self._base_rules = EventRules.from_dataset(info, None, max_future_ms=cfg.max_event_future_ms, max_id_chars=cfg.max_id_chars)
+        self._rules, self._rules_catalog = self._base_rules, None
+        self.limiter = (ContributionLimiter(write_store, ContributionLimits(cfg.ingest_max_per_item, cfg.ingest_max_per_user, cfg.ingest_rate_window_ms))
+                        if cfg.ingest_max_per_item and cfg.ingest_max_per_user else None)
         self.ingestor = StreamingIngestor(write_store, sets, name=INGEST_NAME, allowed_lateness_ms=cfg.allowed_lateness_ms,
                                           dead_letters=self.dead_letters)
         self.inline_store = isinstance(store, MemoryStore)  # in-process and fast: no thread hop
@@ -151,15 +172,29 @@ class RecommenderService:
         self._dirty: asyncio.Event | None = None
         self._refresh_task: asyncio.Task | None = None
         metrics.set_release(state.current.release_id)
+        # A store that restarts empty is noticed and filled again (server/store_watch.py); memory never loses data.
+        self.watch = (StoreWatch(write_store, epoch, refill=refill or (lambda: None), io=lambda fn, *a: self._run(self.io, fn, *a),
+                                 on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
+                      if not isinstance(store, MemoryStore) else None)
+        self._watch_task: asyncio.Task | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._load_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="parity-item-refresh")
+        if self.watch is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self.watch.run(), name="parity-store-watch")
         log.info("heap settled before serving: %s", heap.settle())
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            try:
+                await self._watch_task
+            except asyncio.CancelledError:
+                pass
+            self._watch_task = None
         if self._refresh_task is not None:
             self._refresh_task.cancel()
             try:
@@ -244,11 +279,18 @@ class RecommenderService:
         if raw is not None:
             return raw, "cache", None
         gen = self.generations.get(user)
+        lost = self.store_lost
+        if lost is not None:  # the store lost its data: the user's last good records beat its "not found"
+            stale = self.stale.get(key)
+            if stale is not None:
+                return stale, "stale", lost
         try:
             raw = await self._store_read("get_many", self.store.get_many, snap.plan.keys(user), budget_s=budget_s)
         except _StoreFault as f:
             stale = self.stale.get(key)
             return stale, ("stale" if stale is not None else "default"), f.reason
+        if lost is not None:
+            return raw, "store", lost  # not cached: it is what an emptied store says
         if self.generations.get(user) == gen:  # no live event for this user arrived meanwhile
             await self.feature_cache.set(key, raw)
             self.stale.put(key, raw)
@@ -322,6 +364,7 @@ class RecommenderService:
         else:
             uf, ranked, top = await self._compute(self._recommend_job, snap, q, raw, source, reason, now, timer, started=t0, budget_s=budget)
         items = [(int(ranked.ids[i]), float(ranked.scores[i]), SOURCES[int(ranked.source[i])]) for i in top.tolist()]
+        reason = reason or self.store_lost
         degraded = reason is not None or uf.degraded
         if degraded:
             self.metrics.degraded.labels(reason or "bad_record").inc()
@@ -352,6 +395,7 @@ class RecommenderService:
             extra, r2 = await self._deferred_pairs(snap, uf, snap.items.rows(q.item_ids), now, budget - (time.perf_counter() - t0))
             reason = reason or r2
             scores = await self._compute(pipeline.score_items, snap, uf, q.item_ids, now, timer, extra, started=t0, budget_s=budget)
+        reason = reason or self.store_lost
         degraded = reason is not None or uf.degraded
         if degraded:
             self.metrics.degraded.labels(reason or "bad_record").inc()
@@ -390,61 +434,80 @@ class RecommenderService:
     async def ingest(self, chunks: AsyncIterator[Sequence]) -> IngestOutcome:
         """Live events through the feature store's streaming ingestor, chunk by chunk.
 
-        Each chunk is one atomic commit on the ingest thread (one at a time, whatever the number
-        of streams), and the loop yields between chunks, so a large ingest never starves requests.
-        Every event is accounted for: accepted (applied), duplicate, late or invalid."""
-        received = accepted = duplicates = late = invalid = 0
-        first_error = None
+        Each chunk is parsed, checked (features.event_rules, the rules the Redis Stream consumer
+        applies), capped per user (features.contribution) and committed atomically on the ingest
+        thread, one chunk at a time whatever the number of streams; the loop yields between
+        chunks, so a large ingest never starves requests. Every event is accounted for: accepted
+        (applied), duplicate, late, invalid or limited, each refusal with its reason."""
+        totals = dict(received=0, accepted=0, duplicates=0, late=0, invalid=0, limited=0)
+        first_error = first_limited = None
         async for chunk in chunks:
-            received += len(chunk)
-            good = [ev for ev in chunk if not isinstance(ev, BadBytes)]
-            if len(good) < len(chunk):
-                invalid += len(chunk) - len(good)
-                first_error = first_error or next(ev for ev in chunk if isinstance(ev, BadBytes)).describe()
-            now = self.clock.now_ms()
-            parsed = parse_events(good, now, self.cfg)
-            invalid += parsed.invalid
-            first_error = first_error or parsed.first_error
-            if len(parsed) == 0:
-                continue
-            batch = self._live_batch(parsed)
             async with self._ingest_lock:
                 try:
-                    res = await self._run(self.ingest_pool, self._commit_live, batch)
+                    r = await self._run(self.ingest_pool, self._ingest_chunk, chunk, self.clock.now_ms())
                 except StoreUnavailable as exc:
                     self.metrics.store_errors.labels("ingest", "unavailable").inc()
                     log.warning("IngestEvents: online store unavailable: %s", exc)  # the store's address stays in the log
-                    raise Unavailable(f"live events not stored: the online store is unavailable ({received - len(chunk)} events of this stream "
-                                      "were stored before); resend (delivery is deduplicated by event_id)") from None
-            accepted += res.accepted
-            duplicates += res.duplicates
-            late += res.late
-            await self._invalidate(np.unique(batch.user_id))
+                    raise Unavailable(f"live events not stored: the online store is unavailable ({totals['received']} events of this "
+                                      "stream were handled before); resend (delivery is deduplicated by event_id)") from None
+            totals["received"] += len(chunk)
+            for k in ("accepted", "duplicates", "late", "invalid", "limited"):
+                totals[k] += getattr(r, k)
+            first_error = first_error or r.first_error
+            first_limited = first_limited or r.first_limited
+            if len(r.users):
+                await self._invalidate(r.users)
             await asyncio.sleep(0)  # let requests run between chunks
-        for outcome, n in (("accepted", accepted), ("duplicate", duplicates), ("late", late), ("invalid", invalid)):
-            if n:
-                self.metrics.ingest.labels(outcome).inc(n)
-        return IngestOutcome(received, accepted, duplicates, late, invalid, first_error)
+        for outcome, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("late", "late"), ("invalid", "invalid"), ("limited", "limited")):
+            if totals[key]:
+                self.metrics.ingest.labels(outcome).inc(totals[key])
+        return IngestOutcome(**totals, first_error=first_error, first_limited=first_limited)
 
-    def _live_batch(self, parsed) -> EventBatch:
-        """Live events with the catalogue's item attributes (topic, creator) denormalised onto them."""
+    def _event_rules(self) -> EventRules:
+        """The served dataset's rules with the current catalogue (item durations, topics, creators)."""
         cat = self.state.current.items.catalog
-        n = len(parsed)
-        if len(cat):
-            rows = cat.index(parsed.item_id)
-            ok = rows >= 0
-            r = np.where(ok, rows, 0)
-            creator, topic = np.where(ok, cat.creator_id[r], -1), np.where(ok, cat.topic[r], -1)
-        else:
-            creator, topic = np.full(n, -1), np.full(n, -1)
-        return EventBatch(event_id=parsed.event_id, ts=parsed.ts, user_id=parsed.user_id, item_id=parsed.item_id, creator_id=creator,
-                          topic=topic, session_id=np.full(n, -1, dtype=np.int64), type=parsed.type, value=parsed.value)
+        if self._rules_catalog is not cat:
+            self._rules = self._base_rules.with_catalog(cat) if len(cat) else self._base_rules
+            self._rules_catalog = cat
+        return self._rules
 
-    def _commit_live(self, batch: EventBatch):
-        """On the ingest thread: apply (atomically, exactly once in effect), then the seen record."""
+    def _ingest_chunk(self, chunk: Sequence, now_ms: int) -> _ChunkResult:
+        """On the ingest thread: parse and check, cap, apply (exactly once in effect), then the seen record."""
+        good = [ev for ev in chunk if not isinstance(ev, BadBytes)]
+        first_error = next((ev.describe() for ev in chunk if isinstance(ev, BadBytes)), None)
+        parsed = parse_events(good, now_ms, self.cfg, self._event_rules())
+        invalid = len(chunk) - len(good) + parsed.invalid
+        first_error = first_error or parsed.first_error
+        batch = parsed.batch
+        limited, first_limited = 0, None
+        if self.limiter is not None and len(batch):
+            adm = self.limiter.filter(batch)
+            if adm.refused:
+                limited = len(adm.refused)
+                first_limited = adm.refused[0].reason
+                for rej in adm.refused:
+                    self.dead_letters.put(batch.take(np.asarray([rej.index])), rej.reason)
+            batch = adm.admitted
+        if len(batch) == 0:
+            return _ChunkResult(0, 0, 0, invalid, first_error, limited, first_limited, np.empty(0, np.int64))
         res = self.ingestor.ingest(batch)
         append_seen(self.write_store, batch, self.info.kind, self.cfg.seen_cap)
-        return res
+        return _ChunkResult(res.accepted, res.duplicates, res.late, invalid, first_error, limited, first_limited, np.unique(batch.user_id))
+
+    @property
+    def store_lost(self) -> str | None:
+        """Why answers are degraded store-wide right now (the store lost its data), else None."""
+        if self.watch is None or self.watch.state == "ok":
+            return None
+        return f"store_{self.watch.state}"
+
+    async def _store_refilled(self) -> None:
+        """Whatever was cached came from before the loss: forget it all."""
+        self.generations.bump_all()
+        await self.feature_cache.clear()
+        self.stale.clear()
+        if self._dirty is not None:
+            self._dirty.set()  # the item table too
 
     async def _invalidate(self, users: np.ndarray) -> None:
         plan_id = self.state.current.plan.plan_id

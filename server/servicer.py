@@ -202,9 +202,11 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 raise Draining()
             addr = self.streams.enter(context.peer())
             out = await self.service.ingest(self._chunks(request_iterator, cfg.ingest_chunk, cfg.ingest_idle_timeout_s, cfg.max_events_per_stream))
-            if out.first_error:
-                context.set_trailing_metadata((("parity-first-invalid", ascii_metadata(out.first_error)),))
-            return pb.IngestSummary(received=out.received, accepted=out.accepted, duplicates=out.duplicates, late=out.late, invalid=out.invalid)
+            md = [(k, ascii_metadata(v)) for k, v in (("parity-first-invalid", out.first_error), ("parity-first-limited", out.first_limited)) if v]
+            if md:
+                context.set_trailing_metadata(tuple(md))
+            return pb.IngestSummary(received=out.received, accepted=out.accepted, duplicates=out.duplicates, late=out.late, invalid=out.invalid,
+                                    limited=out.limited)
         except (Overloaded, Draining) as exc:
             code, message = grpc.StatusCode[exc.code], str(exc)
             m.admission.labels("ingest", exc.outcome).inc()

@@ -79,6 +79,7 @@ class RedisServer:
         self.port: int = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._keep_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -91,7 +92,7 @@ class RedisServer:
             return self
         path = require_redis_server_binary(self.binary)
         self._dir = tempfile.TemporaryDirectory(prefix="parity-redis-")
-        self.port = _free_port()
+        self.port = self._keep_port or _free_port()
         log_path = Path(self._dir.name) / "redis.log"
         cmd = [
             path,
@@ -141,6 +142,16 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+    def restart_empty(self) -> "RedisServer":
+        """Stop and start again on the same port, with no data (as a Redis without persistence does)."""
+        port = self.port
+        self.stop()
+        self._keep_port = port
+        try:
+            return self.start()
+        finally:
+            self._keep_port = None
 
     def __enter__(self) -> "RedisServer":
         return self.start()

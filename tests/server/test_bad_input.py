@@ -116,14 +116,14 @@ def test_events_too_far_ahead_of_the_server_clock_are_invalid(server_config):
     assert len(parsed) == 1 and parsed.invalid == 1 and "ts_ms" in parsed.first_error
 
 
-def test_implausible_values_are_invalid_through_ingest_events(stub):
+def test_implausible_values_are_invalid_through_ingest_events(stub, admin_token):
     """A play of 1e7 seconds (or a like worth 5) would have topped every new user's list."""
     events = [
         pb.Event(event_id="9100000001", ts_ms=1, user_id="3", item_id="1", type="play", value=1e7),
         pb.Event(event_id="9100000002", ts_ms=1, user_id="3", item_id="1", type="like", value=5),
         pb.Event(event_id="9100000003", ts_ms=1, user_id="3", item_id="1", type="9", value=1),
     ]
-    summary, call = stub.IngestEvents.with_call(iter(events), timeout=5)
+    summary, call = stub.IngestEvents.with_call(iter(events), timeout=5, metadata=[("authorization", f"Bearer {admin_token}")])
     assert (summary.received, summary.accepted, summary.invalid) == (3, 0, 3)
     assert dict(call.trailing_metadata())["parity-first-invalid"].startswith("event 0 (event_id '9100000001'): value: a play")
 

@@ -264,3 +264,50 @@ def test_health_and_admin_answer_on_the_ops_port(release_dir, small_sim, server_
             with pytest.raises(ParityRpcError) as e:  # requests only on the main port
                 c.recommend(1, k=3)
             assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+# -- 5. one client cannot poison everyone's ranking --------------------------------------------------
+def test_one_user_flooding_an_item_is_capped_and_an_absurd_value_refused(client, memory_server):
+    now = client.status().now_ms
+    item = 12
+    before = client.get_features("item", item, ["item_popularity"])[0].values["plays_1h"]
+    flood = [LiveEvent(f"85{i:08d}", now - 1000 + i % 500, 1601, item, "play", 30.0) for i in range(300)]
+    flood.append(LiveEvent("8599999999", now, 1601, item, "play", 1e7))
+    r = client.ingest(flood)
+    assert (r.received, r.accepted, r.invalid, r.limited) == (301, 20, 1, 280), r
+    assert r.first_limited.startswith("rate limited") and "value" in r.first_invalid
+    after = client.get_features("item", item, ["item_popularity"])[0].values["plays_1h"]
+    assert after - before == 20  # one user moves an item's counts by at most the cap
+    again = client.ingest(flood[:20])  # a redelivery of what was applied is a duplicate, never "limited"
+    assert (again.duplicates, again.limited) == (20, 0)
+
+
+@pytest.mark.redis
+def test_a_redis_that_restarts_empty_is_noticed_served_degraded_and_refilled(release_dir, small_sim, server_config, admin_token):
+    from redis_server import RedisServer
+
+    ev = __import__("features.eventlog", fromlist=["EventLog"]).EventLog(small_sim / "events").read()
+    user = int(np.bincount(ev.user_id).argmax())
+    with RedisServer() as rs:
+        cfg = server_config(release_dir, small_sim, store=rs.url, store_check_s=0.2, response_cache_ttl_s=0.0, feature_cache_ttl_s=0.0)
+        with BackgroundServer(cfg) as s, ParityClient(f"127.0.0.1:{s.port}", timeout_s=3.0, admin_token=admin_token) as c:
+            good = c.recommend(user, k=5)
+            assert not good.degraded and c.get_features("user", user, ["user_activity"])[0].found
+            rs.restart_empty()
+            deadline = time.monotonic() + 30
+            states = set()
+            while True:  # degraded while empty or refilling, never a silent "not found" answered as healthy
+                r = c.recommend(user, k=5)
+                st = s.service.watch.state
+                states.add((st, r.degraded))
+                if st == "ok" and s.service.watch.refills == 1:
+                    break
+                assert time.monotonic() < deadline, states
+                time.sleep(0.05)
+            assert any(st != "ok" for st, _ in states), states  # the loss was seen
+            assert all(deg for st, deg in states if st != "ok"), states
+            assert not c.recommend(user, k=5).degraded
+            assert c.get_features("user", user, ["user_activity"])[0].found  # refilled from the event log
+            assert _metric(s, "parity_store_state", state="ok") == 1
+            assert _metric(s, "parity_degraded_responses_total", reason="store_empty") + \
+                _metric(s, "parity_degraded_responses_total", reason="store_refilling") >= 1
