@@ -5,6 +5,16 @@ never touches existing ones, so readers need no locks and a half-finished append
 invisible: a part is written under a temp name (``.part-*.tmp``, which no reader globs),
 fsynced, then renamed into place.
 
+Every part has a checksum: ``part-<uuid>.parquet.sha256`` beside it (sha256 of the file's
+bytes), durable before the part becomes visible; see features.part_checksum for why a sidecar
+and the order of renames that keeps it consistent through a crash. Every read hashes the
+parts it opens (about 2 ms for the 2.4 MB, 184k-event demo log, against ~60 ms to read it,
+so there is no cache to go stale) and raises ``EventLogCorrupt`` naming the file on a
+mismatch or an unreadable part. A log this code created holds ``ROOT/_format.json``: there a
+part without a sidecar is an error too. A log written before checksums existed has no such
+file and reads as before; ``parity data check --repair`` adds the missing checksums (see
+features.logcheck) and then marks it.
+
 Duplicates are kept: sources deliver at least once, and deciding which copy wins is the
 consumers' job (they dedupe on event_id). The log's only other mutation is
 delete_user, the erasure path, which rewrites exactly the part files holding that user's
@@ -34,16 +44,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from features.atomic import write_atomic
+from features.atomic import fsync_dir, write_atomic
 from features.events import EVENT_SCHEMA, MS_PER_DAY, EventBatch, EventType
+from features.part_checksum import EventLogCorrupt, PartCheck, check_part, file_sha256, sidecar_of, write_sidecar
 
-__all__ = ["EventLog", "DeletionReport", "day_of", "day_start_ts"]
+__all__ = ["EventLog", "EventLogCorrupt", "DeletionReport", "day_of", "day_start_ts", "FORMAT_FILE"]
 
 _DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 _PART_GLOB = "part-*.parquet"
 _AUDIT_DIR = "_audit"
 _AUDIT_FILE = "deletions.jsonl"
 _LOCK_FILE = "_writer.lock"
+# Present in a log whose every part has a checksum (created by this code, or repaired).
+FORMAT_FILE = "_format.json"
+_FORMAT = {"part_checksums": "sha256", "sidecar": "part-<uuid>.parquet.sha256"}
 # Above this many ids a user filter is joined from a registered table instead of an IN list.
 _MAX_INLINE_IDS = 2000
 _EPOCH = dt.date(1970, 1, 1)
@@ -67,24 +81,28 @@ class DeletionReport:
     rows_removed: int
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once the directory entry is; best effort where unsupported.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _write_part(table: pa.Table, final: Path, *, replacing: str | None = None) -> None:
+    """Write ``table`` as the part ``final`` together with its checksum.
+
+    The sidecar is durable before the part is renamed into place. ``replacing`` is the digest
+    of the part being rewritten in place (delete_user): the sidecar accepts it and the new
+    digest until the rename has landed, then the new one alone, so at no instant does the
+    part on disk fail its check (features.part_checksum)."""
+    new: list[str] = []
+
+    def record(tmp: Path) -> None:
+        new.append(file_sha256(tmp))
+        write_sidecar(final, [replacing, new[0]] if replacing else new)
+
+    write_atomic(final, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024), before_commit=record)
+    fsync_dir(final.parent)
+    if replacing and replacing != new[0]:
+        write_sidecar(final, new)
 
 
-def _write_part_atomic(table: pa.Table, final: Path) -> None:
-    """Write ``table`` beside ``final`` and rename it into place (see features.atomic)."""
-    write_atomic(final, lambda f: pq.write_table(table, f, compression="zstd", row_group_size=256 * 1024))
-    _fsync_dir(final.parent)
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 def _sql_paths(paths: Iterable[str | Path]) -> str:
@@ -132,6 +150,55 @@ class EventLog:
     def _parts(self, day_dir: Path) -> list[Path]:
         return sorted(day_dir.glob(_PART_GLOB))
 
+    def day_dirs(self) -> list[Path]:
+        """The day partition folders, ascending (features.logcheck looks inside them)."""
+        return [d for _, d in self._day_dirs()]
+
+    def parts(self) -> list[tuple[str, Path]]:
+        """(day, part file) for every part in the log, unchecked (features.logcheck checks them)."""
+        return self._files()
+
+    @property
+    def requires_checksums(self) -> bool:
+        """True if every part must have a checksum sidecar (the log holds FORMAT_FILE)."""
+        return (self.root / FORMAT_FILE).is_file()
+
+    def mark_checksummed(self) -> None:
+        """Record that every part of this log has a checksum (from now on, one without is an error)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(_FORMAT, sort_keys=True) + "\n"
+        write_atomic(self.root / FORMAT_FILE, lambda f: f.write(text.encode("utf-8")))
+        fsync_dir(self.root)
+
+    def _verify(self, paths: Iterable[Path]) -> dict[Path, PartCheck]:
+        """Hash every part about to be opened; raise EventLogCorrupt on the first bad one."""
+        strict = self.requires_checksums
+        out = {}
+        for p in paths:
+            c = check_part(p)
+            if c.recorded is None:
+                if strict:
+                    raise EventLogCorrupt(
+                        p, f"it has no checksum file {sidecar_of(p).name}, though this log keeps one for every part (deleted "
+                        "or lost?). If you trust the part as it is, `parity data check --repair` records its current checksum",
+                        self.root)
+            elif not c.matches:
+                raise EventLogCorrupt(p, c.mismatch_reason, self.root)
+            out[p] = c
+        return out
+
+    def _blame(self, paths: Sequence[Path], exc: BaseException) -> BaseException:
+        """The part that made a multi-file read fail, as EventLogCorrupt; else ``exc`` itself.
+
+        Only parts without a checksum (an old log) can get here: a part that matches its
+        checksum is the file that was written."""
+        for p in paths:
+            try:
+                pq.read_table(p)
+            except (OSError, pa.ArrowException) as bad:
+                return EventLogCorrupt(p, f"it is not readable Parquet ({_first_line(bad)})", self.root)
+        return exc
+
     def _files(self, start_ts: int | None = None, end_ts: int | None = None) -> list[tuple[str, Path]]:
         """(day, part file) for every part in the days overlapping [start_ts, end_ts)."""
         lo = day_of(start_ts) if start_ts is not None else None
@@ -159,8 +226,8 @@ class EventLog:
             raise ValueError(f"{self.root} is not an event log (no day=YYYY-MM-DD partitions){hint}")
 
     @contextlib.contextmanager
-    def _writer_lock(self) -> Iterator[None]:
-        """Serialise writers (append vs delete_user) across processes; readers never lock."""
+    def writer_lock(self) -> Iterator[None]:
+        """Serialise writers (append, delete_user, repairs) across processes; readers never lock."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / _LOCK_FILE, "a+b") as f:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
@@ -187,12 +254,14 @@ class EventLog:
         starts = np.concatenate([[0], bounds])
         ends = np.concatenate([bounds, [n]])
         table = batch.to_arrow()
-        with self._writer_lock():
+        with self.writer_lock():
+            if not self.requires_checksums and not self._files():
+                self.mark_checksummed()  # a new log: every part it will ever hold has a checksum
             for s, e in zip(starts.tolist(), ends.tolist()):
                 day = day_of(int(batch.ts[s]))
                 d = self.root / f"day={day}"
                 d.mkdir(parents=True, exist_ok=True)
-                _write_part_atomic(table.slice(s, e - s), d / f"part-{uuid.uuid4().hex}.parquet")
+                _write_part(table.slice(s, e - s), d / f"part-{uuid.uuid4().hex}.parquet")
         return n
 
     def delete_user(self, user_id: int, reason: str, actor: str = "cli") -> DeletionReport:
@@ -202,14 +271,18 @@ class EventLog:
         rename over the original), so a crash leaves every file either old or new, never
         partial, and re-running finishes the job. A part left empty is removed. The audit
         line holds the user id, reason, actor, partitions and row count, nothing else.
+
+        Every part is verified first: a corrupt one stops the erasure before anything changes
+        (rewriting it would give damaged rows a fresh, valid checksum).
         """
         user_id = int(user_id)
         if not reason or not reason.strip():
             raise ValueError("delete_user needs a reason (it is recorded in the audit log)")
         rewritten: list[str] = []
         removed = 0
-        with self._writer_lock():
+        with self.writer_lock():
             files = self._files()
+            checks = self._verify(p for _, p in files)
             hits: dict[str, int] = {}
             if files:
                 con = duckdb.connect()
@@ -219,6 +292,8 @@ class EventLog:
                         f"SELECT filename, count(*) FROM read_parquet({_sql_paths(paths)}, filename=true) "
                         f"WHERE user_id = {user_id} GROUP BY filename"
                     ).fetchall()
+                except duckdb.Error as exc:
+                    raise self._blame([p for _, p in files], exc) from None
                 finally:
                     con.close()
                 hits = {str(f): int(c) for f, c in rows}
@@ -230,10 +305,11 @@ class EventLog:
                 kept = table.filter(keep)
                 removed += table.num_rows - kept.num_rows
                 if kept.num_rows:
-                    _write_part_atomic(kept, path)
+                    _write_part(kept, path, replacing=checks[path].digest)
                 else:
-                    path.unlink()
-                    _fsync_dir(path.parent)
+                    path.unlink()  # the part first: a sidecar without its part is invisible and harmless
+                    sidecar_of(path).unlink(missing_ok=True)
+                    fsync_dir(path.parent)
                 if day not in rewritten:
                     rewritten.append(day)
             self._audit(
@@ -295,6 +371,8 @@ class EventLog:
         files = self._files(start_ts, end_ts)
         if not files:
             return schema.empty_table()
+        paths = [p for _, p in files]
+        self._verify(paths)
 
         where = []
         if start_ts is not None:
@@ -320,11 +398,14 @@ class EventLog:
                     where.append("user_id IN (SELECT uid FROM _wanted_users)")
             select = ", ".join(f'"{c}"' for c in cols)
             sql = (
-                f"SELECT {select} FROM read_parquet({_sql_paths(p for _, p in files)}, hive_partitioning=true)"
+                f"SELECT {select} FROM read_parquet({_sql_paths(paths)}, hive_partitioning=true)"
                 + (f" WHERE {' AND '.join(where)}" if where else "")
                 + " ORDER BY ts, event_id"
             )
-            table = con.sql(sql).to_arrow_table()
+            try:
+                table = con.sql(sql).to_arrow_table()
+            except duckdb.Error as exc:
+                raise self._blame(paths, exc) from None
         finally:
             con.close()
         return table.cast(schema)
@@ -351,16 +432,24 @@ class EventLog:
         return [day for day, d in self._day_dirs() if self._parts(d)]
 
     def count(self) -> int:
-        """Rows in the log (duplicates included), from Parquet footers: no data is scanned."""
-        return sum(pq.ParquetFile(p).metadata.num_rows for _, p in self._files())
+        """Rows in the log (duplicates included), from Parquet footers (after the parts' checksums)."""
+        paths = [p for _, p in self._files()]
+        self._verify(paths)
+        try:
+            return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+        except (OSError, pa.ArrowException) as exc:
+            raise self._blame(paths, exc) from None
 
     def max_ts(self) -> int | None:
         """The latest event time in the log, or None if empty. Only the last day is read."""
         for day in reversed(self.days()):
-            files = [str(p) for p in self._parts(self.root / f"day={day}")]
+            files = self._parts(self.root / f"day={day}")
+            self._verify(files)
             con = duckdb.connect()
             try:
                 ((v,),) = con.sql(f"SELECT max(ts) FROM read_parquet({_sql_paths(files)})").fetchall()
+            except duckdb.Error as exc:
+                raise self._blame(files, exc) from None
             finally:
                 con.close()
             if v is not None:
