@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from parity.output import Output
+
 
 def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p = sub.add_parser("train", help="train a release: two-tower + ScaNN, teacher, distilled int8 student (prints the release path)",
@@ -15,7 +17,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--out", required=True, help="releases folder; the release is written to OUT/<release id>")
     p.add_argument("--profile", default="default", choices=("tiny", "small", "default"), help="model sizes and data cap (default: default)")
     p.add_argument("--seed", type=nonneg("--seed"), default=0, help="random seed (default 0)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, outputs=lambda a: [Output.of(a.out)])
 
     r = sub.add_parser("releases", help="list and inspect releases").add_subparsers(dest="releases_command", required=True, metavar="ACTION")
     p = r.add_parser("list", help="valid releases under a folder, newest first")
