@@ -10,8 +10,9 @@ bytes), durable before the part becomes visible; see features.part_checksum for 
 and the order of renames that keeps it consistent through a crash. Every read hashes the
 parts it opens (about 2 ms for the 2.4 MB, 184k-event demo log, against ~60 ms to read it,
 so there is no cache to go stale) and raises ``EventLogCorrupt`` naming the file on a
-mismatch or an unreadable part. A log this code created holds ``ROOT/_format.json``: there a
-part without a sidecar is an error too. A log written before checksums existed has no such
+mismatch or an unreadable part. A read whose parts an erasure renamed over meanwhile runs
+again (``_read_verified``), so what it returns comes from the bytes it verified. A log this
+code created holds ``ROOT/_format.json``: there a part without a sidecar is an error too. A log written before checksums existed has no such
 file and reads as before; ``parity data check --repair`` adds the missing checksums (see
 features.logcheck) and then marks it.
 
@@ -33,10 +34,11 @@ import fcntl
 import json
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import duckdb
 import numpy as np
@@ -48,7 +50,7 @@ from features.atomic import fsync_dir, write_atomic
 from features.events import EVENT_SCHEMA, MS_PER_DAY, EventBatch, EventType
 from features.part_checksum import EventLogCorrupt, PartCheck, check_part, file_sha256, sidecar_of, write_sidecar
 
-__all__ = ["EventLog", "EventLogCorrupt", "DeletionReport", "day_of", "day_start_ts", "FORMAT_FILE"]
+__all__ = ["EventLog", "EventLogCorrupt", "EventLogBusy", "DeletionReport", "day_of", "day_start_ts", "FORMAT_FILE"]
 
 _DAY_DIR = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
 _PART_GLOB = "part-*.parquet"
@@ -58,6 +60,11 @@ _LOCK_FILE = "_writer.lock"
 # Present in a log whose every part has a checksum (created by this code, or repaired).
 FORMAT_FILE = "_format.json"
 _FORMAT = {"part_checksums": "sha256", "sidecar": "part-<uuid>.parquet.sha256"}
+# A read that a writer keeps overlapping is tried again for this long (see _read_verified):
+# an erasure rewrites a day's part in tens of milliseconds, a whole log in seconds.
+_READ_PATIENCE_S = 10.0
+_READ_BACKOFF_S = (0.01, 0.25)  # first and longest pause between attempts
+_T = TypeVar("_T")
 # Above this many ids a user filter is joined from a registered table instead of an IN list.
 _MAX_INLINE_IDS = 2000
 _EPOCH = dt.date(1970, 1, 1)
@@ -71,6 +78,11 @@ def day_of(ts_ms: int) -> str:
 def day_start_ts(day: str) -> int:
     """ms since epoch of 00:00 UTC on ``day`` (``YYYY-MM-DD``)."""
     return (dt.date.fromisoformat(day) - _EPOCH).days * MS_PER_DAY
+
+
+class EventLogBusy(TimeoutError):
+    """Writers rewrote the log under every attempt to read it for a while; try again later.
+    (An OSError, so the command line prints it as one line.)"""
 
 
 @dataclass(frozen=True)
@@ -98,6 +110,17 @@ def _write_part(table: pa.Table, final: Path, *, replacing: str | None = None) -
     fsync_dir(final.parent)
     if replacing and replacing != new[0]:
         write_sidecar(final, new)
+
+
+def _max_ts(paths: list[Path]) -> int | None:
+    if not paths:
+        return None
+    con = duckdb.connect()
+    try:
+        ((v,),) = con.sql(f"SELECT max(ts) FROM read_parquet({_sql_paths(paths)})").fetchall()
+    finally:
+        con.close()
+    return v
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
@@ -171,11 +194,14 @@ class EventLog:
         fsync_dir(self.root)
 
     def _verify(self, paths: Iterable[Path]) -> dict[Path, PartCheck]:
-        """Hash every part about to be opened; raise EventLogCorrupt on the first bad one."""
+        """Hash every part about to be opened; raise EventLogCorrupt on the first bad one.
+        Returns the checks of the parts still there (an erasure may remove an emptied one)."""
         strict = self.requires_checksums
         out = {}
         for p in paths:
             c = check_part(p)
+            if c is None:
+                continue
             if c.recorded is None:
                 if strict:
                     raise EventLogCorrupt(
@@ -187,6 +213,35 @@ class EventLog:
             out[p] = c
         return out
 
+    def _read_verified(self, paths: list[Path], read: Callable[[list[Path]], _T]) -> _T:
+        """``read(parts)`` on ``paths`` once they are verified, with the guarantee that its
+        result comes from the verified bytes.
+
+        Readers take no lock, and DuckDB opens a file more than once (footer, then pages), so
+        a part an erasure renames over mid-read can give a Thrift error, or a mix of two
+        versions. The parts are stat'ed again after the read; if any was replaced or removed
+        meanwhile, the read runs again (verification included). A read error with every
+        part unchanged is blamed on the part that does not parse (an old, unchecked log)."""
+        deadline = time.monotonic() + _READ_PATIENCE_S
+        pause, attempts = _READ_BACKOFF_S[0], 0
+        while True:
+            attempts += 1
+            checks = self._verify(paths)
+            try:
+                result, error = read(list(checks)), None
+            except (duckdb.Error, OSError, pa.ArrowException) as exc:
+                result, error = None, exc
+            if all(c.unchanged() for c in checks.values()):
+                if error is not None:
+                    raise self._blame(list(checks), error) from None
+                return result
+            if time.monotonic() + pause > deadline:
+                raise EventLogBusy(
+                    f"event log {self.root} was rewritten during each of {attempts} attempts to read it over "
+                    f"{_READ_PATIENCE_S:.0f} s (an erasure or a repair is running); try again when it has finished")
+            time.sleep(pause)
+            pause = min(2 * pause, _READ_BACKOFF_S[1])
+
     def _blame(self, paths: Sequence[Path], exc: BaseException) -> BaseException:
         """The part that made a multi-file read fail, as EventLogCorrupt; else ``exc`` itself.
 
@@ -195,6 +250,8 @@ class EventLog:
         for p in paths:
             try:
                 pq.read_table(p)
+            except FileNotFoundError:
+                continue  # removed since it was listed (an erasure emptied it): not a corrupt part
             except (OSError, pa.ArrowException) as bad:
                 return EventLogCorrupt(p, f"it is not readable Parquet ({_first_line(bad)})", self.root)
         return exc
@@ -371,8 +428,6 @@ class EventLog:
         files = self._files(start_ts, end_ts)
         if not files:
             return schema.empty_table()
-        paths = [p for _, p in files]
-        self._verify(paths)
 
         where = []
         if start_ts is not None:
@@ -384,31 +439,35 @@ class EventLog:
             if not codes:
                 return schema.empty_table()
             where.append(f"type IN ({', '.join(map(str, codes))})")
-        con = duckdb.connect()
-        try:
-            if user_ids is not None:
-                ids = np.unique(np.asarray(user_ids, dtype=np.int64))
-                if len(ids) == 0:
-                    return schema.empty_table()
-                if len(ids) <= _MAX_INLINE_IDS:
-                    where.append(f"user_id IN ({', '.join(map(str, ids.tolist()))})")
-                else:
-                    con.register("_wanted_users", pa.table({"uid": ids}))
-                    where.append(f"user_id BETWEEN {int(ids[0])} AND {int(ids[-1])}")
-                    where.append("user_id IN (SELECT uid FROM _wanted_users)")
-            select = ", ".join(f'"{c}"' for c in cols)
-            sql = (
-                f"SELECT {select} FROM read_parquet({_sql_paths(paths)}, hive_partitioning=true)"
-                + (f" WHERE {' AND '.join(where)}" if where else "")
-                + " ORDER BY ts, event_id"
-            )
+        ids = None
+        if user_ids is not None:
+            ids = np.unique(np.asarray(user_ids, dtype=np.int64))
+            if len(ids) == 0:
+                return schema.empty_table()
+            if len(ids) <= _MAX_INLINE_IDS:
+                where.append(f"user_id IN ({', '.join(map(str, ids.tolist()))})")
+            else:
+                where.append(f"user_id BETWEEN {int(ids[0])} AND {int(ids[-1])}")
+                where.append("user_id IN (SELECT uid FROM _wanted_users)")
+        select = ", ".join(f'"{c}"' for c in cols)
+
+        def scan(paths: list[Path]) -> pa.Table:
+            if not paths:
+                return schema.empty_table()
+            con = duckdb.connect()
             try:
-                table = con.sql(sql).to_arrow_table()
-            except duckdb.Error as exc:
-                raise self._blame(paths, exc) from None
-        finally:
-            con.close()
-        return table.cast(schema)
+                if ids is not None and len(ids) > _MAX_INLINE_IDS:
+                    con.register("_wanted_users", pa.table({"uid": ids}))
+                sql = (
+                    f"SELECT {select} FROM read_parquet({_sql_paths(paths)}, hive_partitioning=true)"
+                    + (f" WHERE {' AND '.join(where)}" if where else "")
+                    + " ORDER BY ts, event_id"
+                )
+                return con.sql(sql).to_arrow_table()
+            finally:
+                con.close()
+
+        return self._read_verified([p for _, p in files], scan).cast(schema)
 
     def read(
         self,
@@ -433,25 +492,12 @@ class EventLog:
 
     def count(self) -> int:
         """Rows in the log (duplicates included), from Parquet footers (after the parts' checksums)."""
-        paths = [p for _, p in self._files()]
-        self._verify(paths)
-        try:
-            return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
-        except (OSError, pa.ArrowException) as exc:
-            raise self._blame(paths, exc) from None
+        return self._read_verified([p for _, p in self._files()], lambda paths: sum(pq.ParquetFile(p).metadata.num_rows for p in paths))
 
     def max_ts(self) -> int | None:
         """The latest event time in the log, or None if empty. Only the last day is read."""
         for day in reversed(self.days()):
-            files = self._parts(self.root / f"day={day}")
-            self._verify(files)
-            con = duckdb.connect()
-            try:
-                ((v,),) = con.sql(f"SELECT max(ts) FROM read_parquet({_sql_paths(files)})").fetchall()
-            except duckdb.Error as exc:
-                raise self._blame(files, exc) from None
-            finally:
-                con.close()
+            v = self._read_verified(self._parts(self.root / f"day={day}"), _max_ts)
             if v is not None:
                 return int(v)
         return None

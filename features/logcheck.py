@@ -129,6 +129,8 @@ def _check_parts(log: EventLog, repair: bool, quarantine: bool) -> tuple[list[Fi
         except EventLogCorrupt as exc:
             reason = exc.reason
         else:
+            if c is None:  # removed since listed (only a writer does that, and repairs hold the lock)
+                continue
             if c.recorded is None:
                 reason = _parquet_problem(part)
                 if reason is None:

@@ -24,6 +24,7 @@ Crash safety comes from the order of two atomic renames (see features.eventlog):
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,14 @@ class PartCheck:
     path: Path
     digest: str  # sha256 of the part as it is now
     recorded: tuple[str, ...] | None  # what the sidecar accepts; None: the part has no sidecar
+    identity: tuple[int, int, int, int]  # (device, inode, size, mtime_ns) of the file that was hashed
+
+    def unchanged(self) -> bool:
+        """True if the path still names the very file that was hashed, unmodified."""
+        try:
+            return _identity(os.stat(self.path)) == self.identity
+        except FileNotFoundError:
+            return False
 
     @property
     def matches(self) -> bool:
@@ -137,11 +146,32 @@ class PartCheck:
                 "(the file changed after it was written: truncated, overwritten or bit-flipped)")
 
 
-def check_part(part: Path) -> PartCheck:
-    """Hash ``part`` and read its sidecar. Raises EventLogCorrupt only if either cannot be read."""
-    recorded = read_sidecar(part)
-    try:
-        digest = file_sha256(part)
-    except OSError as exc:
-        raise EventLogCorrupt(part, f"it cannot be read ({exc.strerror or exc})") from None
-    return PartCheck(part, digest, recorded)
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_part(part: Path, *, attempts: int = 3) -> PartCheck | None:
+    """Hash ``part`` and read its sidecar; None if the part is gone (removed since it was listed).
+
+    Readers take no lock, so an erasure may rewrite the part (a rename: a new inode) while it
+    is checked. The part is hashed through one open descriptor, the sidecar read after, and the
+    path stat'ed last: a mismatch while the path still names the inode that was hashed is real
+    (every legitimate writer replaces a part by rename, and its sidecar accepts the current
+    part at every instant); a mismatch after a replacement is checked again.
+    Raises EventLogCorrupt only if the part or its sidecar cannot be read."""
+    check = None
+    for _ in range(attempts):
+        try:
+            with open(part, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                hashed = os.fstat(f.fileno())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise EventLogCorrupt(part, f"it cannot be read ({exc.strerror or exc})") from None
+        check = PartCheck(part, digest, read_sidecar(part), _identity(hashed))
+        if not os.path.exists(part):
+            return None
+        if check.recorded is None or check.matches or check.unchanged():
+            return check
+    return check
