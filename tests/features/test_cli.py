@@ -142,7 +142,9 @@ def test_a_corrupt_log_part_stops_verify_train_and_check_with_one_line_naming_it
 
 def test_parity_serve_refuses_a_corrupt_log_part_with_one_line(sim_copy, release_dir):
     part = _flip_a_bit_mid_part(sim_copy)
-    p = parity("serve", "--release", str(release_dir), "--events", str(sim_copy), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+    # a server that does not notice would start and serve: the timeout turns that into a failure
+    p = subprocess.run([sys.executable, "-m", "parity", "serve", "--release", str(release_dir), "--events", str(sim_copy),
+                        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"parity serve: error: event log part {part} is corrupt"), p.stderr
