@@ -2,18 +2,22 @@
 
 Every subcommand validates its arguments up front and reports a bad value with the option
 that carried it; domain errors (a missing data dir, an unreachable store) print one line
-`parity: error: ...` and exit 2, never a traceback.
+`parity: error: ...` and exit 2, never a traceback. A subcommand that writes declares its
+outputs (parity.output): they are checked before it starts, and a filesystem refusal prints
+`parity: error: cannot write PATH: REASON` and exits 1, as does any other OSError (one line).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
 from features.online.base import StoreUnavailable
 from parity.argtypes import nonneg, positive
+from parity.output import CannotWrite, Output, cannot_write, preflight
 
 __all__ = ["main", "build_parser"]
 
@@ -39,9 +43,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    outputs: list[Output] = list(args.outputs(args)) if hasattr(args, "outputs") else []
     try:
+        for out in outputs:
+            preflight(out)
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, StoreUnavailable) as exc:
+    except CannotWrite as exc:
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # stdout closed early (`parity ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        refused = cannot_write(exc, outputs)
+        if refused is not None:
+            print(f"parity: error: {refused}", file=sys.stderr)
+            return 1
+        if isinstance(exc, (FileNotFoundError, FileExistsError)):
+            print(f"parity: error: {exc}", file=sys.stderr)  # a missing input or a taken name: a domain error
+            return 2
+        print(f"parity: error: {exc}", file=sys.stderr)  # any other I/O failure: one line, not a traceback
+        return 1
+    except (ValueError, KeyError, StoreUnavailable) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"parity: error: {msg}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import json
 import sys
 
 from parity.argtypes import number
+from parity.output import Output
 
 __all__ = ["register"]
 
@@ -50,7 +51,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     lat.add_argument("--warmup", type=nonneg("--warmup"), default=20, help="requests sent one by one first, not counted (default 20)")
     lat.add_argument("--seed", type=nonneg("--seed"), default=0, help="seed of the user id draw (default 0)")
     lat.add_argument("--out", default=None, help="also write the JSON summary (with every latency) to this file")
-    lat.set_defaults(func=_latency)
+    lat.set_defaults(func=_latency, outputs=lambda a: [Output.of(a.out, "file")] if a.out else [])
 
 
 def _latency(args: argparse.Namespace) -> int:

@@ -8,7 +8,8 @@ import uuid
 
 import numpy as np
 
-from parity.workspace import open_workspace
+from parity.output import Output
+from parity.workspace import existing_data_dir, open_workspace
 
 STORE_HELP = "online store: memory or redis://HOST:PORT/DB (default memory)"
 
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--full", action="store_true", help="recompute every entity instead of those with events since the watermark")
     p.add_argument("--until", type=nonneg("--until"), default=None, help="materialise events with ts < UNTIL (ms); default: the whole log")
     p.add_argument("--no-offline", action="store_true", help="skip rebuilding the offline views")
-    p.set_defaults(func=_materialize)
+    p.set_defaults(func=_materialize, outputs=lambda a: [] if a.no_offline else _in_data_dir(a, "offline"))
 
     p = f.add_parser(
         "verify",
@@ -102,14 +103,20 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     p.add_argument("--store", default="memory", help=STORE_HELP)
     p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
-    p.set_defaults(func=_delete_user)
+    p.set_defaults(func=_delete_user, outputs=lambda a: _in_data_dir(a, ""))
 
     p = f.add_parser("retire", help="stop materialising a feature set version and delete its online keys")
     p.add_argument("name", help="feature set name")
     p.add_argument("--events", required=True, help="data dir")
     p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--namespace", default="parity", help="key namespace (default parity)")
-    p.set_defaults(func=_retire)
+    p.set_defaults(func=_retire, outputs=lambda a: _in_data_dir(a, "offline"))
+
+
+def _in_data_dir(args: argparse.Namespace, sub: str) -> list[Output]:
+    """An output inside --events' data dir (once it exists: else the command reports the bad --events)."""
+    d = existing_data_dir(args.events)
+    return [Output.of(d / sub if sub else d)] if d is not None else []
 
 
 def _store(spec: str, namespace: str):

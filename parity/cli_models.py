@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from parity.output import Output
+
 
 def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p = sub.add_parser("train", help="train a release: two-tower + ScaNN, teacher, distilled int8 student (prints the release path)",
@@ -15,10 +17,10 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--out", required=True, help="releases folder; the release is written to OUT/<release id>")
     p.add_argument("--profile", default="default", choices=("tiny", "small", "default"), help="model sizes and data cap (default: default)")
     p.add_argument("--seed", type=nonneg("--seed"), default=0, help="random seed (default 0)")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=_train, outputs=lambda a: [Output.of(a.out)])
 
     r = sub.add_parser("releases", help="list and inspect releases").add_subparsers(dest="releases_command", required=True, metavar="ACTION")
-    p = r.add_parser("list", help="valid releases under a folder, newest first")
+    p = r.add_parser("list", help="valid releases under a folder, newest first, then broken folders (BROKEN FOLDER: REASON)")
     p.add_argument("--root", default="releases", help="releases folder (default ./releases)")
     p.set_defaults(func=_list)
     p = r.add_parser("show", help="a release's manifest (checked against its files)")
@@ -51,28 +53,38 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve(arg: str, root: str) -> Path:
+def _resolve(arg: str, root: str) -> tuple[Path, bool]:
+    """(folder, named by id under --root). A path that cannot even be stat'ed is left to
+    load_release, which refuses it with the reason."""
     p = Path(arg)
-    return p if p.is_dir() else Path(root) / arg
+    try:
+        if p.is_dir():
+            return p, False
+    except (OSError, ValueError):
+        return p, False
+    return Path(root) / arg, True
 
 
 def _list(args: argparse.Namespace) -> int:
-    from export.release import list_releases
+    from export.release import scan_releases
 
-    rels = list_releases(args.root)
-    if not rels:
+    scan = scan_releases(args.root)
+    if not scan.valid and not scan.broken:
         print(f"no releases under {args.root}")
-    for r in rels:
-        m = r.manifest
-        auc = m["metrics"].get("ranking_test", {}).get("student_int8", {}).get("auc")
-        print(f"{r.release_id}  {m['dataset']['kind']:<10} profile={m['config']['profile']:<8} seed={m['seed']}  int8 AUC={auc if auc is None else round(auc, 4)}  {r.path}")
+    for r in scan.valid:
+        s = r.summary()
+        auc = None if s.int8_auc is None else round(s.int8_auc, 4)
+        print(f"{s.release_id}  {s.dataset_kind:<10} profile={s.profile or '?':<8} seed={s.seed}  int8 AUC={auc}  {r.path}")
+    for b in scan.broken:
+        print(f"BROKEN {b.path}: {b.reason}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     from export.release import load_release
 
-    rel = load_release(_resolve(args.release, args.root))
+    path, by_id = _resolve(args.release, args.root)
+    rel = load_release(path, require_folder_name=by_id)
     m = dict(rel.manifest)
     m.pop("reference", None)  # large; kept in the file
     print(json.dumps(m, indent=2, sort_keys=True))

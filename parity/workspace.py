@@ -10,7 +10,7 @@ from features.eventlog import EventLog
 from features.offline import OfflineStore
 from features.repo import feature_sets
 
-__all__ = ["Workspace", "open_workspace"]
+__all__ = ["Workspace", "open_workspace", "existing_data_dir"]
 
 
 @dataclass(frozen=True)
@@ -31,16 +31,24 @@ class Workspace:
         raise ValueError(f"unknown feature set {name!r}; this data dir has: {', '.join(fs.name for fs in self.sets)}")
 
 
+def existing_data_dir(path: str | Path) -> Path | None:
+    """The data dir named by ``path`` (itself or the parent of its events/ folder), or None if
+    it is not one: where a command's outputs go, checked only once the input exists."""
+    p = Path(path)
+    if (p / INFO_FILE).exists():
+        return p
+    if p.name == EVENTS_DIR and (p.parent / INFO_FILE).exists():
+        return p.parent
+    return None
+
+
 def open_workspace(path: str | Path) -> Workspace:
     """Accepts the data dir (holding dataset.json and events/) or its events/ folder."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"--events {p}: no such directory")
-    if (p / INFO_FILE).exists():
-        data_dir = p
-    elif p.name == EVENTS_DIR and (p.parent / INFO_FILE).exists():
-        data_dir = p.parent
-    else:
+    data_dir = existing_data_dir(p)
+    if data_dir is None:
         raise FileNotFoundError(f"--events {p}: not a Parity data dir (no {INFO_FILE}); make one with `parity data simulate` or `parity data import-movielens`")
     info = load_info(data_dir)
     return Workspace(data_dir, info, EventLog(data_dir / EVENTS_DIR), feature_sets(info.kind, info.n_topics))
