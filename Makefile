@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench loadtest clean
+.PHONY: setup test demo bench bench-reliability loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -38,13 +38,22 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	touch $(BENCH_STAMP)
 
 # Micro-benchmarks (pytest-benchmark), then the serving study (bench/serving.py: product server
-# vs baseline, fixed rate, capacity, 10-minute soak; ~35 min). SERVING_ARGS=--quick for a smoke run.
+# vs baseline, fixed rate, capacity, 10-minute soak; ~35 min), then reliability (bench/reliability.py:
+# goodput and latency at 1-10x capacity and recovery; bench/reliability_faults.py: the fault table;
+# ~20 min). SERVING_ARGS=--quick / RELIABILITY_ARGS=--quick for smoke runs.
 SERVING_ARGS ?=
+RELIABILITY_ARGS ?=
 bench: setup $(BENCH_STAMP)
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:cacheprovider
 	$(PY) -m bench.report bench/results/latest.json bench/RESULTS.md
 	$(PY) -m bench.serving --out bench/results/serving.json $(SERVING_ARGS)
 	$(PY) -m bench.serving_report bench/results/serving.json bench/RESULTS.md
+	$(MAKE) bench-reliability RELIABILITY_ARGS="$(RELIABILITY_ARGS)"
+
+bench-reliability: setup
+	$(PY) -m bench.reliability --out bench/results/reliability.json $(RELIABILITY_ARGS)
+	$(PY) -m bench.reliability_faults --out bench/results/reliability_faults.json $(RELIABILITY_ARGS)
+	$(PY) -m bench.reliability_report bench/results/reliability.json bench/results/reliability_faults.json bench/RESULTS.md
 
 # Locust, headless, fixed time and user count: starts a server on the demo workspace (made if
 # missing) unless LOADTEST_HOST names a running one; writes Locust's CSV and a summary

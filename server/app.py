@@ -33,6 +33,7 @@ from server.bootstrap import build_service
 from server.clock import CLOCK_MODES
 from server.config import MATERIALIZE_MODES, RETRIEVAL_MODES, ServerConfig
 from server.errors import ServingError
+from server.metrics import channelz_server_ids
 from server.service import RecommenderService
 from server.servicer import Handler, RecommenderServicer
 from server.wire import add_servicer
@@ -64,7 +65,7 @@ class ParityServer:
         c = self.cfg
         m = self.service.metrics
         lanes = {
-            "serve": LaneLimits(c.serve_max_running, c.serve_max_queue, c.serve_max_wait_s, grant_yields=c.serve_grant_yields),
+            "serve": LaneLimits(c.serve_concurrency, c.serve_max_queue, c.serve_max_wait_s, grant_yields=c.serve_grant_yields),
             "features": LaneLimits(c.features_max_running, c.features_max_queue, c.features_max_wait_s),
             "admin": LaneLimits(c.admin_max_running, c.admin_max_queue, c.admin_max_wait_s, initial_service_s=0.0),
         }
@@ -102,7 +103,9 @@ class ParityServer:
         handler = Handler(self.service.metrics, self.admission, max_deadline_s=cfg.max_deadline_s, default_deadline_s=cfg.default_deadline_s)
         self.recommender = RecommenderServicer(self.service, handler)
         admin = AdminServicer(self.service, handler, cfg.admin_token)
+        before = channelz_server_ids()
         server = self._grpc_server(shed=True)
+        self._channelz_ids = {"main": i for i in channelz_server_ids() - before}
         add_servicer(server, pb, "Recommender", self.recommender)
         add_servicer(server, pb, "Admin", admin)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -112,7 +115,9 @@ class ParityServer:
         if cfg.ops_port is not None:
             # Health and Admin on a port of their own: a flood of requests on the main port fills
             # the main server's pending queue, never this one's.
+            before = channelz_server_ids()
             ops = self._grpc_server(shed=False)
+            self._channelz_ids.update({"ops": i for i in channelz_server_ids() - before})
             add_servicer(ops, pb, "Admin", admin)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, ops)
             self.ops_port = self._listen(ops, cfg.ops_port, "--ops-port")
@@ -122,6 +127,7 @@ class ParityServer:
             except OSError as exc:
                 raise OSError(f"cannot serve metrics on {cfg.metrics_bind}:{cfg.metrics_port} (--metrics-port): {exc}") from None
         self.service.metrics.ingest_streams.set_function(lambda: sum(self.recommender.streams.open.values()))
+        self.service.metrics.watch_grpc_calls(self._channelz_ids)
         await self.service.start()
         await server.start()
         if ops is not None:
@@ -279,6 +285,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranker", default="student_int8",
                    help="ranker of the release: student_int8 (default), student_fp32 or teacher_fp32 (ONNX Runtime)")
     p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default="ann", help="candidate retrieval: ann (the release's ScaNN index, default) or exact (numpy)")
+    p.add_argument("--core-pending", default=None, metavar="SOFT,HARD",
+                   help="calls gRPC may hold before Python picks them up: none dropped up to SOFT, all past HARD (default 4,8; see README)")
+    p.add_argument("--serve-concurrency", type=integer("--serve-concurrency", 0), default=0,
+                   help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 4 on Redis)")
+    p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
+                   help="the longest a request waits for a slot before it is refused with RESOURCE_EXHAUSTED (default 20)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
 
@@ -290,9 +302,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, ops_port=args.ops_port, ingest_token=ingest,
         releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
-        ranker=args.ranker, retrieval=args.retrieval,
+        ranker=args.ranker, retrieval=args.retrieval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
+        **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )
+
+
+def _core_pending(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        soft, hard = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--core-pending must be SOFT,HARD (two integers), got {text!r}") from None
+    return {"core_pending_soft": soft, "core_pending_hard": hard}
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -85,7 +85,7 @@ class ServerConfig:
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
     # Admission (server/admission.py). Recommend and Rank share the "serve" lane, GetFeatures
     # has its own, IngestEvents streams and Admin theirs; health checks are never limited.
-    serve_max_running: int = 4  # requests in service at once (inline work runs one at a time; more overlaps store waits)
+    serve_max_running: int = 0  # requests in service at once; 0: auto (1 on the memory store, whose work never waits; 4 on Redis, to overlap its round trips)
     serve_max_queue: int = 64
     serve_max_wait_s: float = 0.02  # the longest a request waits for a slot before it is refused
     serve_grant_yields: int = 0  # loop turns between requests when some are waiting (lets gRPC hand over new calls)
@@ -155,7 +155,7 @@ class ServerConfig:
         if self.materialize not in MATERIALIZE_MODES:
             raise ValueError(f"materialize must be one of {MATERIALIZE_MODES}, got {self.materialize!r}")
         positive_ints = ("max_k", "max_rank_items", "max_exclude", "max_context", "max_id_chars", "retrieve_k",
-                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap", "ingest_rate_window_ms", "serve_max_running", "features_max_running",
+                         "cpu_threads", "io_threads", "ort_threads", "ingest_chunk", "seen_cap", "ingest_rate_window_ms", "features_max_running",
                          "admin_max_running", "max_streams_per_connection", "max_ingest_streams", "max_ingest_streams_per_peer",
                          "max_events_per_stream")
         for name in positive_ints:
@@ -163,7 +163,7 @@ class ServerConfig:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("as_of_tick_ms", "n_popular", "n_fresh", "n_content", "per_creator_cap", "pair_prefetch_limit", "fresh_window_ms",
-                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_grant_yields", "features_max_queue",
+                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_grant_yields", "serve_max_running", "features_max_queue",
                      "admin_max_queue", "core_pending_soft", "core_pending_hard", "ingest_max_per_item", "ingest_max_per_user"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
@@ -179,6 +179,12 @@ class ServerConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+    @property
+    def serve_concurrency(self) -> int:
+        if self.serve_max_running:
+            return self.serve_max_running
+        return 1 if self.store == "memory" else 4
 
     @property
     def metrics_bind(self) -> str:

@@ -22,14 +22,22 @@ Exposed on `--metrics-port` by prometheus_client's HTTP server. Names:
   parity_store_state{state}                       1 for the online store's state: ok, empty (restarted without data), refilling
   parity_store_refills_total{result}              re-fills of a store found empty
 
-Calls gRPC's C core drops before Python sees them (server/admission.py) are not counted here:
-the client sees CANCELLED; `parity_admission_total` counts everything Python decided.
+  parity_grpc_calls_total{server,result}          gRPC's own count of calls per server (main, ops; channelz): started,
+                                                  succeeded, failed; started - succeeded - failed - in flight = calls
+                                                  the C core dropped before Python saw them (server/admission.py;
+                                                  the client sees CANCELLED)
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import json
+import logging
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Metrics", "channelz_server_ids"]
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _STALENESS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400, 30 * 86400)
@@ -92,6 +100,10 @@ class Metrics:
         for s in ("ok", "empty", "refilling"):
             self.store_state.labels(s).set(1 if s == state else 0)
 
+    def watch_grpc_calls(self, server_ids: dict[str, int]) -> None:
+        """Export gRPC's channelz call counters of the servers named -> their channelz ids."""
+        self.registry.register(_ChannelzCalls(server_ids))
+
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics HTTP endpoint; returns the bound port."""
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -103,3 +115,38 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def channelz_server_ids() -> set[int]:
+    """The channelz ids of the gRPC servers in this process (empty if channelz is unavailable)."""
+    try:
+        from grpc._cython import cygrpc
+
+        return {int(srv["ref"]["serverId"]) for srv in json.loads(cygrpc.channelz_get_servers(0)).get("server", [])}
+    except Exception:  # noqa: BLE001 - a private API: without it, the metric is absent, nothing else breaks
+        log.debug("channelz unavailable", exc_info=True)
+        return set()
+
+
+class _ChannelzCalls:
+    """gRPC's per-server call counters, read at scrape time from channelz (grpcio's own
+    cygrpc.channelz_get_server, what the grpcio-channelz service serves): the only place
+    that counts calls the C core dropped before they reached Python."""
+
+    def __init__(self, server_ids: dict[str, int]) -> None:
+        self.server_ids = dict(server_ids)
+
+    def collect(self):
+        fam = CounterMetricFamily("parity_grpc_calls", "calls counted by gRPC itself per server", labels=["server", "result"])
+        try:
+            from grpc._cython import cygrpc
+        except Exception:  # noqa: BLE001
+            return [fam]
+        for name, sid in self.server_ids.items():
+            try:
+                d = json.loads(cygrpc.channelz_get_server(sid)).get("server", {}).get("data", {})
+            except Exception:  # noqa: BLE001 - a server already gone
+                continue
+            for result, key in (("started", "callsStarted"), ("succeeded", "callsSucceeded"), ("failed", "callsFailed")):
+                fam.add_metric([name, result], float(d.get(key, 0)))
+        return [fam]

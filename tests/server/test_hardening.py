@@ -311,3 +311,34 @@ def test_a_redis_that_restarts_empty_is_noticed_served_degraded_and_refilled(rel
             assert _metric(s, "parity_store_state", state="ok") == 1
             assert _metric(s, "parity_degraded_responses_total", reason="store_empty") + \
                 _metric(s, "parity_degraded_responses_total", reason="store_refilling") >= 1
+
+
+def test_calls_the_c_core_drops_are_counted_in_the_metrics_too(release_dir, small_sim, server_config, monkeypatch):
+    """Every outcome is visible: Python's refusals in parity_admission_total / parity_requests_total,
+    the C core's drops (the client's CANCELLED) in gRPC's own channelz count, parity_grpc_calls_total."""
+    cfg = server_config(release_dir, small_sim, core_pending_soft=0, core_pending_hard=1)
+    with BackgroundServer(cfg) as s:
+        real = s.service._recommend_job
+
+        def blocking(*a, **kw):  # holds the event loop, as inline work does: new calls wait in the C core
+            time.sleep(0.05)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(s.service, "_recommend_job", blocking)
+        before = {r: _metric(s, "parity_grpc_calls_total", server="main", result=r) for r in ("started", "succeeded", "failed")}
+        with grpc.insecure_channel(f"127.0.0.1:{s.port}") as ch:
+            stub = pb_grpc.RecommenderStub(ch)
+            futs = [stub.Recommend.future(pb.RecommendRequest(user_id=str(100 + i), k=3), timeout=10) for i in range(20)]
+            codes = []
+            for f in futs:
+                try:
+                    f.result()
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)
+        after = {r: _metric(s, "parity_grpc_calls_total", server="main", result=r) for r in ("started", "succeeded", "failed")}
+        d = {r: after[r] - before[r] for r in after}
+        assert codes.count("CANCELLED") >= 1, codes
+        assert d["started"] == 20
+        assert d["succeeded"] == codes.count("OK")
+        assert d["started"] - d["succeeded"] - d["failed"] == codes.count("CANCELLED")
