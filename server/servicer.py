@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -65,11 +66,13 @@ class Handler:
         self.default_deadline_s = min(default_deadline_s, max_deadline_s)
 
     def deadline(self, context: grpc.aio.ServicerContext, t0: float, cap_s: float | None) -> float:
+        """Absolute deadline: the client's, capped at `cap_s`; without a client deadline, the
+        default (capped methods) or none at all (uncapped ones: a release load takes seconds)."""
         remaining = context.time_remaining()
+        if cap_s is None:
+            return math.inf if remaining is None else t0 + max(remaining, 0.0)
         budget = self.default_deadline_s if remaining is None else remaining
-        if cap_s is not None:
-            budget = min(budget, cap_s)
-        return t0 + max(budget, 0.0)
+        return t0 + max(min(budget, cap_s), 0.0)
 
     async def call(self, rpc: str, lane: str, context: grpc.aio.ServicerContext, work: Callable[[float], Awaitable], *,
                    cap_s: float | None = -1.0, guard: Callable[[], None] | None = None):
@@ -85,7 +88,7 @@ class Handler:
             async with self.admission[lane].slot(deadline):
                 budget = deadline - time.perf_counter()
                 try:
-                    async with asyncio.timeout(max(budget, 0.0)):  # a timer, not a task (cheaper than wait_for)
+                    async with asyncio.timeout(max(budget, 0.0) if math.isfinite(budget) else None):  # a timer, not a task (cheaper than wait_for)
                         return await work(budget)
                 except TimeoutError:
                     raise DeadlineExceeded(f"{rpc} did not finish within its deadline ({(deadline - t0) * 1000:.0f} ms"
