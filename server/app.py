@@ -25,7 +25,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from parity_api.v1 import recommender_pb2 as pb
-from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 from parity.argtypes import integer, number
 from server.admin import AdminServicer
 from server.admission import Admission, LaneLimits

@@ -20,31 +20,26 @@ from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
 
-from features.contribution import ContributionLimiter, ContributionLimits
 from features.datasets import DatasetInfo
-from features.event_rules import EventRules
 from features.definitions import FeatureSet
-from features.events import EventBatch
 from features.lookup import FeatureLookup, LookupRequest
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
-from features.streaming import StreamingIngestor
 from server import heap, pipeline
 from server.caches import Breaker, FeatureCache, Generations, ResponseCache, StaleRecords
 from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServingError, Unavailable
-from server.items import INGEST_NAME, catalog_stamp, change_token, load_catalog, load_item_table
+from server.items import catalog_stamp, change_token, load_catalog, load_item_table
 from server.metrics import Metrics
 from server.pipeline import SOURCES, Timer
-from server.seen import append_seen
 from server.store_watch import StoreWatch
 from server.state import ServingState, Snapshot, build_snapshot, load_runtime, release_path_under
 from server.user_features import PairTable, UserFeatures
-from server.validation import FeaturesQuery, RankQuery, RecommendQuery, parse_events
-from server.wire import BadBytes
+from server.ingest import CountingDeadLetters, IngestOutcome, LiveIngest
+from server.validation import FeaturesQuery, RankQuery, RecommendQuery
 
-__all__ = ["RecommenderService", "RecommendOutcome", "RankOutcome", "IngestOutcome", "FeatureSetOutcome", "CountingDeadLetters", "warm"]
+__all__ = ["RecommenderService", "RecommendOutcome", "RankOutcome", "FeatureSetOutcome", "warm"]
 
 log = logging.getLogger(__name__)
 
@@ -79,44 +74,6 @@ class FeatureSetOutcome:
     values: list[tuple[str, float, bool]]
 
 
-@dataclass(frozen=True)
-class IngestOutcome:
-    received: int
-    accepted: int
-    duplicates: int
-    late: int
-    invalid: int
-    first_error: str | None
-    limited: int = 0
-    first_limited: str | None = None
-
-
-@dataclass(frozen=True)
-class _ChunkResult:
-    accepted: int
-    duplicates: int
-    late: int
-    invalid: int
-    first_error: str | None
-    limited: int
-    first_limited: str | None
-    users: np.ndarray
-
-
-class CountingDeadLetters:
-    """Dead letters kept in a bounded list and counted (the streaming ingestor's sink)."""
-
-    def __init__(self, keep: int = 100) -> None:
-        self.count = 0
-        self.batches: list[tuple[EventBatch, str]] = []
-        self._keep = keep
-
-    def put(self, events: EventBatch, reason: str) -> None:
-        self.count += len(events)
-        self.batches.append((events, reason))
-        del self.batches[: -self._keep]
-
-
 class _StoreFault(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -145,19 +102,9 @@ class RecommenderService:
         self.state = state
         self.metrics = metrics
         self.lookup = FeatureLookup(store, sets)
-        self.dead_letters = CountingDeadLetters()
-        self._base_rules = EventRules.from_dataset(info, None, max_future_ms=cfg.max_event_future_ms, max_id_chars=cfg.max_id_chars)
-        self._rules, self._rules_catalog = self._base_rules, None
-        self.limiter = (ContributionLimiter(write_store, ContributionLimits(cfg.ingest_max_per_item, cfg.ingest_max_per_user, cfg.ingest_rate_window_ms))
-                        if cfg.ingest_max_per_item and cfg.ingest_max_per_user else None)
-        self.ingestor = StreamingIngestor(write_store, sets, name=INGEST_NAME, allowed_lateness_ms=cfg.allowed_lateness_ms,
-                                          dead_letters=self.dead_letters)
         self.inline_store = isinstance(store, MemoryStore)  # in-process and fast: no thread hop
         self.cpu = ThreadPoolExecutor(cfg.cpu_threads, thread_name_prefix="parity-cpu")
         self.io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="parity-io")
-        # Ingest commits get a thread of their own, one at a time: a large ingest then never holds
-        # the threads the request path's store reads need (it made 11 % of answers degraded).
-        self.ingest_pool = ThreadPoolExecutor(1, thread_name_prefix="parity-ingest")
         self.response_cache = ResponseCache(cfg.response_cache_ttl_s, metrics.cache_result("response"))
         self.feature_cache = FeatureCache(cfg.feature_cache_ttl_s, metrics.cache_result("features"))
         self.stale = StaleRecords(cfg.stale_feature_users)
@@ -168,10 +115,11 @@ class RecommenderService:
         self.serving = True
         self.draining = False
         self._load_lock: asyncio.Lock | None = None
-        self._ingest_lock = asyncio.Lock()
         self._dirty: asyncio.Event | None = None
         self._refresh_task: asyncio.Task | None = None
         metrics.set_release(state.current.release_id)
+        self.live = LiveIngest(cfg, info=info, sets=sets, write_store=write_store, state=state, clock=clock, metrics=metrics,
+                               invalidate=self._invalidate)
         # A store that restarts empty is noticed and filled again (server/store_watch.py); memory never loses data.
         self.watch = (StoreWatch(write_store, epoch, refill=refill or (lambda: None), io=lambda fn, *a: self._run(self.io, fn, *a),
                                  on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
@@ -206,7 +154,7 @@ class RecommenderService:
         await self.feature_cache.close()
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
-        self.ingest_pool.shutdown(wait=True)  # a commit in progress finishes: it is atomic, but let it land
+        self.live.close()
         for s in {id(self.store): self.store, id(self.write_store): self.write_store}.values():
             try:
                 s.close()
@@ -432,67 +380,11 @@ class RecommenderService:
         return out
 
     async def ingest(self, chunks: AsyncIterator[Sequence]) -> IngestOutcome:
-        """Live events through the feature store's streaming ingestor, chunk by chunk.
+        return await self.live.ingest(chunks)
 
-        Each chunk is parsed, checked (features.event_rules, the rules the Redis Stream consumer
-        applies), capped per user (features.contribution) and committed atomically on the ingest
-        thread, one chunk at a time whatever the number of streams; the loop yields between
-        chunks, so a large ingest never starves requests. Every event is accounted for: accepted
-        (applied), duplicate, late, invalid or limited, each refusal with its reason."""
-        totals = dict(received=0, accepted=0, duplicates=0, late=0, invalid=0, limited=0)
-        first_error = first_limited = None
-        async for chunk in chunks:
-            async with self._ingest_lock:
-                try:
-                    r = await self._run(self.ingest_pool, self._ingest_chunk, chunk, self.clock.now_ms())
-                except StoreUnavailable as exc:
-                    self.metrics.store_errors.labels("ingest", "unavailable").inc()
-                    log.warning("IngestEvents: online store unavailable: %s", exc)  # the store's address stays in the log
-                    raise Unavailable(f"live events not stored: the online store is unavailable ({totals['received']} events of this "
-                                      "stream were handled before); resend (delivery is deduplicated by event_id)") from None
-            totals["received"] += len(chunk)
-            for k in ("accepted", "duplicates", "late", "invalid", "limited"):
-                totals[k] += getattr(r, k)
-            first_error = first_error or r.first_error
-            first_limited = first_limited or r.first_limited
-            if len(r.users):
-                await self._invalidate(r.users)
-            await asyncio.sleep(0)  # let requests run between chunks
-        for outcome, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("late", "late"), ("invalid", "invalid"), ("limited", "limited")):
-            if totals[key]:
-                self.metrics.ingest.labels(outcome).inc(totals[key])
-        return IngestOutcome(**totals, first_error=first_error, first_limited=first_limited)
-
-    def _event_rules(self) -> EventRules:
-        """The served dataset's rules with the current catalogue (item durations, topics, creators)."""
-        cat = self.state.current.items.catalog
-        if self._rules_catalog is not cat:
-            self._rules = self._base_rules.with_catalog(cat) if len(cat) else self._base_rules
-            self._rules_catalog = cat
-        return self._rules
-
-    def _ingest_chunk(self, chunk: Sequence, now_ms: int) -> _ChunkResult:
-        """On the ingest thread: parse and check, cap, apply (exactly once in effect), then the seen record."""
-        good = [ev for ev in chunk if not isinstance(ev, BadBytes)]
-        first_error = next((ev.describe() for ev in chunk if isinstance(ev, BadBytes)), None)
-        parsed = parse_events(good, now_ms, self.cfg, self._event_rules())
-        invalid = len(chunk) - len(good) + parsed.invalid
-        first_error = first_error or parsed.first_error
-        batch = parsed.batch
-        limited, first_limited = 0, None
-        if self.limiter is not None and len(batch):
-            adm = self.limiter.filter(batch)
-            if adm.refused:
-                limited = len(adm.refused)
-                first_limited = adm.refused[0].reason
-                for rej in adm.refused:
-                    self.dead_letters.put(batch.take(np.asarray([rej.index])), rej.reason)
-            batch = adm.admitted
-        if len(batch) == 0:
-            return _ChunkResult(0, 0, 0, invalid, first_error, limited, first_limited, np.empty(0, np.int64))
-        res = self.ingestor.ingest(batch)
-        append_seen(self.write_store, batch, self.info.kind, self.cfg.seen_cap)
-        return _ChunkResult(res.accepted, res.duplicates, res.late, invalid, first_error, limited, first_limited, np.unique(batch.user_id))
+    @property
+    def dead_letters(self) -> CountingDeadLetters:
+        return self.live.dead_letters
 
     @property
     def store_lost(self) -> str | None:

@@ -27,7 +27,7 @@ import grpc
 
 from parity_api.v1 import recommender_pb2 as pb
 from parity_api.v1 import recommender_pb2_grpc as pb_grpc
-from server.admission import Admission, Draining, Lane, Overloaded
+from server.admission import Admission, Draining, Overloaded
 from server.auth import check_bearer
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError
 from server.metrics import Metrics

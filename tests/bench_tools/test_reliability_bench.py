@@ -2,7 +2,6 @@
 and the generated RESULTS.md section."""
 from __future__ import annotations
 
-from pathlib import Path
 
 from bench.reliability import HealthProbe, recovery_s
 from bench.reliability_report import END, START, render

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from bench.baseline_server import TORCH_TEACHER, register
-from export.release import load_release
 from server import pipeline
 from server.bootstrap import build_service
 from server.errors import FailedPrecondition

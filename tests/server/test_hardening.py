@@ -10,7 +10,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from parity_api.v1 import recommender_pb2 as pb
 from parity_api.v1 import recommender_pb2_grpc as pb_grpc
@@ -58,7 +57,7 @@ def test_idle_ingest_streams_cannot_lock_out_health_recommend_or_other_clients(r
         def never():  # a request iterator that sends nothing until released
             hold.wait(30)
             return
-            yield  # noqa: unreachable - makes this a generator
+            yield  # unreachable: makes this a generator
 
         with grpc.insecure_channel(target) as ch:
             stub = pb_grpc.RecommenderStub(ch)
@@ -124,7 +123,7 @@ def test_a_flood_is_refused_at_once_with_a_pushback_and_the_server_recovers(rele
             stub = pb_grpc.RecommenderStub(ch)
             t0 = time.perf_counter()
             futs = [stub.Recommend.future(pb.RecommendRequest(user_id=str(i), k=3), timeout=5) for i in range(30)]
-            outcomes, refused_in = {}, []
+            outcomes = {}
             for f in futs:
                 try:
                     f.result()
