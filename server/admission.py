@@ -164,7 +164,11 @@ class Lane:
 
     def release(self, service_s: float) -> None:
         if service_s >= 0:
-            self.service_s += self._ALPHA * (service_s - self.service_s)
+            # One sample moves the estimate at most 4x: a request stuck on a paused store for
+            # 150 ms must not make the lane refuse everyone behind it (a real shift still shows
+            # within a few requests).
+            sample = min(service_s, 4 * self.service_s)
+            self.service_s += self._ALPHA * (sample - self.service_s)
         self._release_slot()
 
     def _release_slot(self) -> None:

@@ -287,7 +287,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--core-pending", default=None, metavar="SOFT,HARD",
                    help="calls gRPC may hold before Python picks them up: none dropped up to SOFT, all past HARD (default 4,8; see README)")
     p.add_argument("--serve-concurrency", type=integer("--serve-concurrency", 0), default=0,
-                   help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 4 on Redis)")
+                   help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 16 on Redis)")
     p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
                    help="the longest a request waits for a slot before it is refused with RESOURCE_EXHAUSTED (default 20)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")

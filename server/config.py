@@ -85,7 +85,8 @@ class ServerConfig:
     ort_threads: int = 1  # intra-op threads per ONNX Runtime session
     # Admission (server/admission.py). Recommend and Rank share the "serve" lane, GetFeatures
     # has its own, IngestEvents streams and Admin theirs; health checks are never limited.
-    serve_max_running: int = 0  # requests in service at once; 0: auto (1 on the memory store, whose work never waits; 4 on Redis, to overlap its round trips)
+    serve_max_running: int = 0  # requests in service at once; 0: auto (1 on the memory store, whose work never waits; on Redis
+    # 2 x io_threads, so requests waiting on a slow store (up to store_budget_s) do not hold up the rest)
     serve_max_queue: int = 64
     serve_max_wait_s: float = 0.02  # the longest a request waits for a slot before it is refused
     serve_grant_yields: int = 0  # loop turns between requests when some are waiting (lets gRPC hand over new calls)
@@ -184,7 +185,7 @@ class ServerConfig:
     def serve_concurrency(self) -> int:
         if self.serve_max_running:
             return self.serve_max_running
-        return 1 if self.store == "memory" else 4
+        return 1 if self.store == "memory" else 2 * self.io_threads
 
     @property
     def metrics_bind(self) -> str:
