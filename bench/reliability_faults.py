@@ -70,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -324,6 +324,7 @@ class LoadRecords:
     code: np.ndarray  # str
     degraded: np.ndarray  # bool
     send_lag_max_ms: float = 0.0
+    first_details: dict = field(default_factory=dict)  # status code -> the server's message of its first occurrence
 
     @classmethod
     def empty(cls) -> "LoadRecords":
@@ -334,7 +335,7 @@ class LoadRecords:
 
     def window(self, t0: float = -math.inf, t1: float = math.inf) -> "LoadRecords":
         m = (self.due >= t0) & (self.due < t1)
-        return LoadRecords(self.due[m], self.latency_ms[m], self.code[m], self.degraded[m], self.send_lag_max_ms)
+        return LoadRecords(self.due[m], self.latency_ms[m], self.code[m], self.degraded[m], self.send_lag_max_ms, self.first_details)
 
     @property
     def ok(self) -> np.ndarray:
@@ -374,6 +375,7 @@ def _load_child(conn, target: str, qps: float, user_ids: list[str], k: int, time
         n = len(reqs)
         due: list[float] = []
         out: dict[int, tuple] = {}
+        first_details: dict[str, str] = {}
         lag_max = 0.0
         async with grpc.aio.insecure_channel(target) as ch:
             await asyncio.wait_for(ch.channel_ready(), 15)
@@ -391,6 +393,7 @@ def _load_child(conn, target: str, qps: float, user_ids: list[str], k: int, time
                     out[i] = ((time.monotonic() - d) * 1000.0, "OK", bool(r.degraded))
                 except grpc.aio.AioRpcError as exc:
                     out[i] = (math.nan, exc.code().name, False)
+                    first_details.setdefault(exc.code().name, (exc.details() or "")[:160])
                 except Exception as exc:  # noqa: BLE001 - a client-side failure is still an answer that was not OK
                     out[i] = (math.nan, type(exc).__name__, False)
                 finally:
@@ -416,7 +419,7 @@ def _load_child(conn, target: str, qps: float, user_ids: list[str], k: int, time
                 await asyncio.wait(tasks, timeout=timeout_s + 5)
         rows = [out.get(j, (math.nan, "NO_ANSWER", False)) for j in range(len(due))]
         return {"due": due, "latency_ms": [r[0] for r in rows], "code": [r[1] for r in rows], "degraded": [r[2] for r in rows],
-                "lag_max_ms": lag_max * 1000.0}
+                "lag_max_ms": lag_max * 1000.0, "first_details": first_details}
 
     try:
         conn.send(asyncio.run(main()))
@@ -471,7 +474,7 @@ class Load:
         if "error" in d:
             raise RuntimeError(f"the load generator failed: {d['error']}")
         self.records = LoadRecords(np.asarray(d["due"], dtype=float), np.asarray(d["latency_ms"], dtype=float), np.asarray(d["code"], dtype=object),
-                                   np.asarray(d["degraded"], dtype=bool), float(d["lag_max_ms"]))
+                                   np.asarray(d["degraded"], dtype=bool), float(d["lag_max_ms"]), d["first_details"])
         return self.records
 
     def __enter__(self) -> "Load":
@@ -598,6 +601,8 @@ def _span(due: np.ndarray, t0: float) -> str:
 
 def _serving_notes(rec: LoadRecords, qps: float, fault_t: float | None = None) -> str:
     parts = [f"load {qps:g} req/s open loop, codes {rec.codes()}"]
+    if rec.first_details:
+        parts.append("first message per code: " + ", ".join(f"{c}: {m!r}" for c, m in sorted(rec.first_details.items())))
     if fault_t is not None:
         parts.append(f"p99 before the fault {rec.window(t1=fault_t).p99()} ms, from it on {rec.window(fault_t).p99()} ms; "
                      f"failed answers due at {_span(rec.due[~rec.ok], fault_t)}, degraded at {_span(rec.due[rec.ok & rec.degraded], fault_t)} "
@@ -678,10 +683,11 @@ def _ingest_batches(target: str, batches: Sequence[Sequence], stop: threading.Ev
                     timeout_s: float = 30.0, progress: list[int] | None = None) -> tuple[int, np.ndarray, list[str]]:
     """Send each batch as one IngestEvents stream; (batches acknowledged, totals [accepted,
     duplicates, late, invalid, limited], errors). Stops at the first error or when `stop` is set;
-    `progress[0]` counts the events acknowledged so far (read by another thread)."""
+    `progress` ([events acknowledged, seconds per batch], read by another thread) is kept up to date."""
     from server.client import ParityClient, ParityRpcError
 
     done, totals, errors = 0, np.zeros(5, dtype=np.int64), []
+    t0 = time.monotonic()
     with ParityClient(target, timeout_s=timeout_s, retries=retries, ingest_token=INGEST_TOKEN) as c:
         for b in batches:
             if stop is not None and stop.is_set():
@@ -695,6 +701,7 @@ def _ingest_batches(target: str, batches: Sequence[Sequence], stop: threading.Ev
             totals += (r.accepted, r.duplicates, r.late, r.invalid, r.limited)
             if progress is not None:
                 progress[0] += len(b)
+                progress[1] = (time.monotonic() - t0) / done  # seconds per batch so far
     return done, totals, errors
 
 
@@ -707,14 +714,16 @@ def server_kill9_during_ingest(ws: Workspace, cfg: FaultsConfig) -> Row:
         srv = start_server(ws, r.url, "kill9-a")
         result: dict = {}
         stop = threading.Event()
-        acked = [0]
+        acked = [0, 0.0]
         producer = threading.Thread(target=lambda: result.update(zip(("done", "totals", "errors"),
                                                                      _ingest_batches(srv.target, batches, stop, progress=acked))))
         try:
             producer.start()
             while producer.is_alive() and acked[0] < n // 2:  # halfway: half the events acknowledged
-                time.sleep(0.005)
-            time.sleep(0.015)  # into the next batch's stream (a commit is likely under way)
+                time.sleep(0.002)
+            # Late into the next batch: the server commits a stream's events once they have arrived,
+            # so the kill most likely lands during that commit or just before its acknowledgement.
+            time.sleep(0.8 * acked[1])
             proc = srv.proc
             proc.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()
@@ -1096,6 +1105,41 @@ SCENARIOS: dict[str, Callable[[Workspace, FaultsConfig], Row]] = {
 
 
 # -- the run ---------------------------------------------------------------------------------------
+class OtherLoad:
+    """CPU the rest of the machine used while a scenario ran: all busy CPU time (/proc/stat) minus
+    this process's and its waited-for children's (os.times()). Every child of a scenario (servers,
+    redis-servers, consumers, the load generator) has been waited for when it ends, so the rest is
+    other people's work: figures taken on a busy machine say so in their notes."""
+
+    @staticmethod
+    def _busy_s() -> float:
+        try:
+            f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return math.nan
+        idle = f[3] + (f[4] if len(f) > 4 else 0)
+        return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _mine_s() -> float:
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self) -> "OtherLoad":
+        self.t0, self.busy0, self.mine0 = time.monotonic(), self._busy_s(), self._mine_s()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.monotonic() - self.t0
+        self.other_s = max(0.0, (self._busy_s() - self.busy0) - (self._mine_s() - self.mine0))
+
+    def note(self) -> str:
+        cores = os.cpu_count() or 1
+        share = 100.0 * self.other_s / max(self.wall * cores, 1e-9)
+        return (f"other processes on the machine used {self.other_s / max(self.wall, 1e-9):.2f} cores ({share:.0f} % of {cores}) "
+                f"during this scenario{' (BUSY: figures disturbed)' if share >= 10 else ''}")
+
+
 def _machine() -> dict:
     from bench.report import _cpu_model  # one definition of the machine description
 
@@ -1120,13 +1164,16 @@ def run(out: Path, cfg: FaultsConfig, *, only: Sequence[str] | None = None, work
     work = Path(tmp.name) if tmp else Path(work)
     t_run = time.monotonic()
     try:
-        result = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": _machine(), "config": asdict(cfg), "rows": []}
+        result = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  "machine": {**_machine(), "loadavg_at_start": os.getloadavg()}, "config": asdict(cfg), "rows": []}
         _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
         ws = prepare(work, cfg)
         for name in names:
             t = time.monotonic()
             try:
-                row = SCENARIOS[name](ws, cfg)
+                with OtherLoad() as other:
+                    row = SCENARIOS[name](ws, cfg)
+                row = replace(row, notes=f"{row.notes}; {other.note()}")
             except Exception as exc:  # noqa: BLE001 - one broken scenario is recorded, the others still run
                 _say(f"{name} FAILED: {type(exc).__name__}: {exc}")
                 row = Row(name, "the scenario did not complete", 0, 0, 0, 0, 0, 0, round(time.monotonic() - t, 2),
