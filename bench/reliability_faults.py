@@ -10,7 +10,7 @@ folder (`parity data simulate --users 2000 --items 500 --days 14 --seed 0`, `par
 load (~100 req/s; `Load`, a child process: latencies from each request's intended send time,
 every answer's status code and `degraded` flag kept) runs while the fault happens.
 
-One JSON file: `{"started_at", "machine", "config", "rows": [...]}`, one row per scenario, each
+One JSON file: `{"started_at", "machine", "config", "rows": [...], "total_s"}`, one row per scenario, each
 exactly `{fault, scenario, requests, requests_failed, requests_degraded, events_sent,
 events_lost, events_double_counted, seconds, notes}`. "failed" is any answer whose status is
 not OK (for sigterm_under_load: any but OK, UNAVAILABLE, RESOURCE_EXHAUSTED, CANCELLED, the
@@ -19,14 +19,16 @@ retries, so every answer is counted as the server gave it (the typed client, ser
 would retry RESOURCE_EXHAUSTED, CANCELLED and UNAVAILABLE). A column that does not apply is 0
 and the notes say so; the notes also say what `seconds` measures in that row: for the Redis
 faults, from the fault to the last failed or degraded answer (recovery is confirmed by a probe,
-~15 Recommend/s of fresh users, that needs 10 clean answers in a row).
+~15 Recommend/s of fresh users, that needs 10 clean answers in a row). Each row's notes end with
+the CPU other processes used meanwhile (`OtherLoad`): the machine is shared, and a figure taken
+while someone else's job ran is marked BUSY.
 
 Scenarios (`SCENARIOS`, in this order):
-  redis_down                  redis-server shut down for 3 s mid-load, started again with its data (an RDB file)
+  redis_down                  redis-server shut down for 3 s mid-load, started again with its data (BGSAVE beforehand, an RDB)
   redis_paused                CLIENT PAUSE 1500 ALL mid-load
   redis_restarted_empty       restart_empty() mid-load: the server's store watch notices, answers degraded, refills
   server_kill9_during_ingest  30,000 live events over IngestEvents in batches of 500; SIGKILL halfway; restart; resend all
-  consumer_kill9              the same events on a Redis Stream; `parity features stream` SIGKILLed halfway, restarted
+  consumer_kill9              30,000 such events on a Redis Stream; `parity features stream` SIGKILLed halfway, restarted
   poison_messages             1,000 malformed or out-of-range messages among 10,000 valid ones on the stream
   ingest_while_serving        100,000 events over 4 IngestEvents streams while Recommend runs at 40 req/s
   idle_stream_flood           500 idle IngestEvents streams (10 channels, half with the token) under 100 req/s
