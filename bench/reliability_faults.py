@@ -274,7 +274,10 @@ class FaultyRedis:
 # -- the server ----------------------------------------------------------------------------------
 def serve_argv(ws: Workspace, store_url: str) -> list[str]:
     return [sys.executable, "-m", "parity", "serve", "--release", str(ws.release), "--events", str(ws.data), "--store", store_url,
-            "--namespace", NAMESPACE, "--ingest-token", INGEST_TOKEN, "--admin-token", ADMIN_TOKEN]
+            "--namespace", NAMESPACE, "--ingest-token", INGEST_TOKEN, "--admin-token", ADMIN_TOKEN, *EXTRA_SERVER_ARGS]
+
+
+EXTRA_SERVER_ARGS: list[str] = [a for a in os.environ.get("PARITY_FAULTS_SERVER_ARGS", "").split() if a]  # settings under study
 
 
 def start_server(ws: Workspace, store_url: str, name: str):

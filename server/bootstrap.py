@@ -25,6 +25,7 @@ from server.items import INGEST_NAME, catalog_stamp, load_catalog, load_item_tab
 from server.metrics import Metrics
 from server.seen import bootstrap_seen
 from server.service import RecommenderService, warm
+from server.refill import refill_in_child
 from server.store_watch import ensure_epoch
 from server.state import ServingState, build_snapshot, load_runtime
 
@@ -111,6 +112,8 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     snap = build_snapshot(runtime, items, by_name, catalog_stamp(data_dir), prefetch_limit=cfg.pair_prefetch_limit)
     warm(snap, cfg, clock.now_ms())
     log.info("serving release %s: %d items (%d new), store %s", snap.release_id, snap.n_items, len(snap.new_ids), cfg.store.split("@")[-1])
-    refill = None if isinstance(store, MemoryStore) else (lambda: _bootstrap_store(cfg, store, sets, info.kind, data_dir / EVENTS_DIR, force=True))
+    # A refill runs in a child process (server/refill.py): in this one it would compete with requests for the interpreter lock.
+    refill = None if isinstance(store, MemoryStore) or cfg.materialize == "never" else (
+        lambda: refill_in_child(data_dir, cfg.store, cfg.namespace, cfg.allowed_lateness_ms, cfg.seen_cap))
     return RecommenderService(cfg, info=info, sets=sets, store=store, write_store=write_store, clock=clock,
                               state=ServingState(snap), metrics=metrics or Metrics(), epoch=epoch, refill=refill)
