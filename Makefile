@@ -51,6 +51,7 @@ bench: setup $(BENCH_STAMP)
 	$(MAKE) bench-reliability RELIABILITY_ARGS="$(RELIABILITY_ARGS)"
 
 bench-reliability: setup
+	$(PY) -m bench.grpc_probe --out bench/results/grpc_probe.json
 	$(PY) -m bench.reliability --out bench/results/reliability.json $(RELIABILITY_ARGS)
 	$(PY) -m bench.reliability_faults --out bench/results/reliability_faults.json $(RELIABILITY_ARGS)
 	$(PY) -m bench.reliability_report bench/results/reliability.json bench/results/reliability_faults.json bench/RESULTS.md

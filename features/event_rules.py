@@ -250,32 +250,26 @@ class EventRules:
         creator_id, topic, session_id (default -1) and value (default 0, as proto3 sends an
         unset double). Unknown extra fields are ignored. A None or empty mapping (a message
         deleted from the stream while pending) is MALFORMED."""
-        rows: list[tuple] = []
-        index: list[int] = []
-        rejected: list[Rejection] = []
-        for i, raw in enumerate(messages):
-            try:
-                rows.append(self._stream_row(raw, now_ms))
-                index.append(i)
-            except _Bad as bad:
-                rejected.append(Rejection(i, bad.field, str(bad), bad.kind))
-        return self._finish(rows, index, rejected, fill_from_catalog=False)
+        return self._parse(messages, self._stream_row, now_ms, fill_from_catalog=False)
 
     def parse_proto(self, events: Sequence[Any], now_ms: int | None = None) -> ParsedBatch:
         """parity.v1.Event messages (duck-typed: event_id, ts_ms, user_id, item_id, type,
         value) -> valid events + rejections. Ids are decimal strings of non-negative ints, as
         the proto says. creator_id and topic come from the catalogue (-1 for items it does
         not know), session_id is -1: the API does not carry them."""
+        return self._parse(events, self._proto_row, now_ms, fill_from_catalog=True)
+
+    def _parse(self, items: Sequence[Any], row_of, now_ms: int | None, *, fill_from_catalog: bool) -> ParsedBatch:
         rows: list[tuple] = []
         index: list[int] = []
         rejected: list[Rejection] = []
-        for i, ev in enumerate(events):
+        for i, item in enumerate(items):
             try:
-                rows.append(self._proto_row(ev, now_ms))
+                rows.append(row_of(item, now_ms))
                 index.append(i)
             except _Bad as bad:
                 rejected.append(Rejection(i, bad.field, str(bad), bad.kind))
-        return self._finish(rows, index, rejected, fill_from_catalog=True)
+        return self._finish(rows, index, rejected, fill_from_catalog=fill_from_catalog)
 
     # -- per-field rules, shared by both paths -------------------------------------------------
 

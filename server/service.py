@@ -136,20 +136,14 @@ class RecommenderService:
         log.info("heap settled before serving: %s", heap.settle())
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except asyncio.CancelledError:
-                pass
-            self._watch_task = None
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            try:
-                await self._refresh_task
-            except asyncio.CancelledError:
-                pass
-            self._refresh_task = None
+        for task in (self._watch_task, self._refresh_task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._watch_task = self._refresh_task = None
         await self.response_cache.close()
         await self.feature_cache.close()
         self.cpu.shutdown(wait=False, cancel_futures=True)
