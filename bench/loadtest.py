@@ -76,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loadtest", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default=None, help="HOST:PORT of a running server (default: start one on the demo workspace)")
     p.add_argument("--events", default=None, help="the data dir the server serves (user ids are drawn from it)")
+    p.add_argument("--server-args", default="", help="extra `parity serve` options for the server this starts, e.g. '--core-pending 4,8'")
     p.add_argument("--token", default=os.environ.get("PARITY_LOADTEST_TOKEN"),
                    help="IngestEvents bearer token of a running --host (its ingest or admin token; env PARITY_LOADTEST_TOKEN)")
     p.add_argument("--workspace", default="demo-out", help="demo workspace used without --host (default demo-out)")
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             events, release = _demo_release(Path(a.workspace))
             token = token or secrets.token_hex(16)
             server = ServerProcess([sys.executable, "-m", "parity", "serve", "--release", str(release), "--events", str(events),
-                                    "--ingest-token", token], out.parent / "loadtest-server.log").start()
+                                    "--ingest-token", token, *a.server_args.split()], out.parent / "loadtest-server.log").start()
             host = server.target
         cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "bench" / "locustfile.py"), "--headless", "--host", host,
                "--users", str(a.users), "--spawn-rate", str(a.users), "--run-time", a.run_time, "--csv", str(out), "--only-summary"]

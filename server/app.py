@@ -286,7 +286,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="ranker of the release: student_int8 (default), student_fp32 or teacher_fp32 (ONNX Runtime)")
     p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default="ann", help="candidate retrieval: ann (the release's ScaNN index, default) or exact (numpy)")
     p.add_argument("--core-pending", default=None, metavar="SOFT,HARD",
-                   help="calls gRPC may hold before Python picks them up: none dropped up to SOFT, all past HARD (default 4,8; see README)")
+                   help="calls gRPC may hold before Python picks them up: none dropped up to SOFT, all past HARD (default 24,48; see README)")
     p.add_argument("--serve-concurrency", type=integer("--serve-concurrency", 0), default=0,
                    help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 16 on Redis)")
     p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
