@@ -6,14 +6,18 @@ queue build and, past capacity, every request waits behind every other until nea
 them miss their deadline (measured: at 2x capacity goodput fell to a quarter of capacity).
 Goodput survives overload only if work that cannot finish in time is never started.
 
-Two layers, each bounded in time, not only in count:
+Two layers:
 
 - In gRPC's C core, `grpc.server.max_pending_requests` (soft) and `..._hard_limit` cap the
   calls that arrived but that Python has not picked up yet (random early drop between the
-  two). These rejections cost no Python time, which is what keeps goodput up at 10x
-  capacity: a rejection in Python costs ~0.3 ms of the one core the requests need (measured,
-  bench/RESULTS.md). The client sees CANCELLED for those; the typed client retries them.
-- Here, per lane (a group of methods with its own budget, so ingest streams can never
+  two). These drops cost no Python time, which is what keeps goodput up at 10x capacity: a
+  refusal in Python costs ~0.24 ms of the one core the requests need (bench/grpc_probe.py).
+  grpc.aio takes about one call from the C core per request it serves, so that queue is the
+  real request queue; its limits count calls, not time (grpc.aio exposes no arrival time),
+  and are a trade between bursts of concurrent clients and latency at overload
+  (bench/RESULTS.md). The client sees CANCELLED; the typed client retries it; channelz
+  counts it (`parity_grpc_calls_total`).
+- Here, bounded in time as well as count, per lane (a group of methods with its own budget, so ingest streams can never
   starve Recommend and nothing can lock out health checks): at most `max_running` requests
   in service, a FIFO queue bounded by `max_queue` and by `max_wait_s`, and a request whose
   estimated wait plus service time would pass its deadline is refused on arrival with
@@ -67,7 +71,6 @@ class LaneLimits:
     max_queue: int  # requests waiting for a slot
     max_wait_s: float  # the longest a request may wait for a slot
     initial_service_s: float = 0.005  # service-time estimate before anything was measured
-    grant_yields: int = 0  # loop turns left to gRPC between one request's work and the next waiter's (see Lane)
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -104,7 +107,6 @@ class Lane:
         self.draining = False
         self._waiters: deque[_Waiter] = deque()
         self._idle: asyncio.Event | None = None
-        self._grant_scheduled = False
         self._on_outcome = on_outcome or (lambda lane, outcome: None)
         self._on_wait = on_wait or (lambda lane, seconds: None)
 
@@ -173,23 +175,6 @@ class Lane:
 
     def _release_slot(self) -> None:
         self.running -= 1
-        if self._waiters and self.limits.grant_yields > 0:
-            # Work runs on the event loop and gRPC picks up one new call per loop turn or two: a
-            # next waiter started at once would leave new calls queued in the C core, unseen.
-            # A few turns first let them in here, where they are queued or refused by time.
-            if not self._grant_scheduled:
-                self._grant_scheduled = True
-                self._defer(self.limits.grant_yields)
-        else:
-            self._grant()
-        self._maybe_idle()
-
-    def _defer(self, turns: int) -> None:
-        loop = asyncio.get_running_loop()
-        if turns > 0:
-            loop.call_soon(self._defer, turns - 1)
-            return
-        self._grant_scheduled = False
         self._grant()
         self._maybe_idle()
 

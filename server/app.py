@@ -64,7 +64,7 @@ class ParityServer:
         c = self.cfg
         m = self.service.metrics
         lanes = {
-            "serve": LaneLimits(c.serve_concurrency, c.serve_max_queue, c.serve_max_wait_s, grant_yields=c.serve_grant_yields),
+            "serve": LaneLimits(c.serve_concurrency, c.serve_max_queue, c.serve_max_wait_s),
             "features": LaneLimits(c.features_max_running, c.features_max_queue, c.features_max_wait_s),
             "admin": LaneLimits(c.admin_max_running, c.admin_max_queue, c.admin_max_wait_s, initial_service_s=0.0),
         }

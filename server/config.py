@@ -93,7 +93,6 @@ class ServerConfig:
     # 2 x io_threads, so requests waiting on a slow store (up to store_budget_s) do not hold up the rest)
     serve_max_queue: int = 64
     serve_max_wait_s: float = 0.02  # the longest a request waits for a slot before it is refused
-    serve_grant_yields: int = 0  # loop turns between requests when some are waiting (lets gRPC hand over new calls)
     features_max_running: int = 4
     features_max_queue: int = 32
     features_max_wait_s: float = 0.05
@@ -171,7 +170,7 @@ class ServerConfig:
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         for name in ("as_of_tick_ms", "n_popular", "n_fresh", "n_content", "per_creator_cap", "pair_prefetch_limit", "fresh_window_ms",
-                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_grant_yields", "serve_max_running", "features_max_queue",
+                     "stale_feature_users", "max_event_future_ms", "allowed_lateness_ms", "serve_max_queue", "serve_max_running", "features_max_queue",
                      "admin_max_queue", "core_pending_soft", "core_pending_hard", "ingest_max_per_item", "ingest_max_per_user"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
