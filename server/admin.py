@@ -30,14 +30,14 @@ class AdminServicer(pb_grpc.AdminServicer):
             new, old, ms = await self.service.load_release(request.path)
             return pb.LoadReleaseResponse(release_id=new, previous_release_id=old, load_ms=ms)
 
-        return await self.h.call("LoadRelease", "admin", context, work, cap_s=None, guard=lambda: self._auth(context))
+        return await self.h.call("LoadRelease", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         async def work(budget):
             _check_parsed(request)
             return pb.StatusResponse(**self.service.status())
 
-        return await self.h.call("GetStatus", "admin", context, work, cap_s=None, guard=lambda: self._auth(context))
+        return await self.h.call("GetStatus", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
 
     def _auth(self, context: grpc.aio.ServicerContext) -> None:
         check_bearer(context.invocation_metadata(), self._token)

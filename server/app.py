@@ -55,6 +55,7 @@ class ParityServer:
         self.ops_port: int | None = None
         self.metrics_port: int | None = None
         self.admission: Admission | None = None
+        self.recommender: RecommenderServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._ops: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None

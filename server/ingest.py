@@ -42,26 +42,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IngestOutcome:
-    received: int
-    accepted: int
-    duplicates: int
-    late: int
-    invalid: int
-    first_error: str | None
+    """What became of a stream's (or a chunk's) events: each counted exactly once."""
+
+    received: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    invalid: int = 0
+    first_error: str | None = None
     limited: int = 0
     first_limited: str | None = None
 
+    def __add__(self, o: "IngestOutcome") -> "IngestOutcome":
+        return IngestOutcome(self.received + o.received, self.accepted + o.accepted, self.duplicates + o.duplicates, self.late + o.late,
+                             self.invalid + o.invalid, self.first_error or o.first_error, self.limited + o.limited,
+                             self.first_limited or o.first_limited)
 
-@dataclass(frozen=True)
-class _ChunkResult:
-    accepted: int
-    duplicates: int
-    late: int
-    invalid: int
-    first_error: str | None
-    limited: int
-    first_limited: str | None
-    users: np.ndarray
+
+_METRIC_OUTCOMES = (("accepted", "accepted"), ("duplicate", "duplicates"), ("late", "late"), ("invalid", "invalid"), ("limited", "limited"))
 
 
 class CountingDeadLetters:
@@ -91,7 +89,6 @@ class LiveIngest:
         self.limiter = (ContributionLimiter(write_store, ContributionLimits(cfg.ingest_max_per_item, cfg.ingest_max_per_user, cfg.ingest_rate_window_ms))
                         if cfg.ingest_max_per_item and cfg.ingest_max_per_user else None)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="parity-ingest")
-        self._lock = asyncio.Lock()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)  # a commit in progress finishes: it is atomic, but let it land
@@ -101,32 +98,27 @@ class LiveIngest:
 
         Each chunk is parsed, checked (features.event_rules, the rules the Redis Stream consumer
         applies), capped per user (features.contribution) and committed atomically on the ingest
-        thread, one chunk at a time whatever the number of streams; the loop yields between
-        chunks, so a large ingest never starves requests. Every event is accounted for: accepted
-        (applied), duplicate, late, invalid or limited, each refusal with its reason."""
-        totals = dict(received=0, accepted=0, duplicates=0, late=0, invalid=0, limited=0)
-        first_error = first_limited = None
+        thread (one thread: chunks of every stream queue there one at a time); the loop yields
+        between chunks, so a large ingest never starves requests. Every event is accounted for:
+        accepted (applied), duplicate, late, invalid or limited, each refusal with its reason."""
+        total = IngestOutcome()
+        loop = asyncio.get_running_loop()
         async for chunk in chunks:
-            async with self._lock:
-                try:
-                    r = await asyncio.get_running_loop().run_in_executor(self.pool, self._ingest_chunk, chunk, self.clock.now_ms())
-                except StoreUnavailable as exc:
-                    self.metrics.store_errors.labels("ingest", "unavailable").inc()
-                    log.warning("IngestEvents: online store unavailable: %s", exc)  # the store's address stays in the log
-                    raise Unavailable(f"live events not stored: the online store is unavailable ({totals['received']} events of this "
-                                      "stream were handled before); resend (delivery is deduplicated by event_id)") from None
-            totals["received"] += len(chunk)
-            for k in ("accepted", "duplicates", "late", "invalid", "limited"):
-                totals[k] += getattr(r, k)
-            first_error = first_error or r.first_error
-            first_limited = first_limited or r.first_limited
-            if len(r.users):
-                await self._invalidate(r.users)
+            try:
+                r, users = await loop.run_in_executor(self.pool, self._ingest_chunk, chunk, self.clock.now_ms(), total.received)
+            except StoreUnavailable as exc:
+                self.metrics.store_errors.labels("ingest", "unavailable").inc()
+                log.warning("IngestEvents: online store unavailable: %s", exc)  # the store's address stays in the log
+                raise Unavailable(f"live events not stored: the online store is unavailable ({total.received} events of this "
+                                  "stream were handled before); resend (delivery is deduplicated by event_id)") from None
+            total += r
+            for label, key in _METRIC_OUTCOMES:
+                if getattr(r, key):
+                    self.metrics.ingest.labels(label).inc(getattr(r, key))
+            if len(users):
+                await self._invalidate(users)
             await asyncio.sleep(0)  # let requests run between chunks
-        for outcome, key in (("accepted", "accepted"), ("duplicate", "duplicates"), ("late", "late"), ("invalid", "invalid"), ("limited", "limited")):
-            if totals[key]:
-                self.metrics.ingest.labels(outcome).inc(totals[key])
-        return IngestOutcome(**totals, first_error=first_error, first_limited=first_limited)
+        return total
 
     def _event_rules(self) -> EventRules:
         """The served dataset's rules with the current catalogue (item durations, topics, creators)."""
@@ -136,25 +128,30 @@ class LiveIngest:
             self._rules_catalog = cat
         return self._rules
 
-    def _ingest_chunk(self, chunk: Sequence, now_ms: int) -> _ChunkResult:
-        """On the ingest thread: parse and check, cap, apply (exactly once in effect), then the seen record."""
-        good = [ev for ev in chunk if not isinstance(ev, BadBytes)]
-        first_error = next((ev.describe() for ev in chunk if isinstance(ev, BadBytes)), None)
-        parsed = parse_events(good, now_ms, self.cfg, self._event_rules())
-        invalid = len(chunk) - len(good) + parsed.invalid
-        first_error = first_error or parsed.first_error
+    def _ingest_chunk(self, chunk: Sequence, now_ms: int, offset: int) -> tuple[IngestOutcome, np.ndarray]:
+        """On the ingest thread: parse and check, cap, apply (exactly once in effect), then the
+        seen record. Returns the chunk's outcome and the users whose records changed. `offset`:
+        the stream position of the chunk's first message, so a reason names the right event."""
+        keep = [i for i, ev in enumerate(chunk) if not isinstance(ev, BadBytes)]
+        first_error = next((f"event {offset + i}: {ev.describe()}" for i, ev in enumerate(chunk) if isinstance(ev, BadBytes)), None)
+        parsed = parse_events([chunk[i] for i in keep], now_ms, self.cfg, self._event_rules(),
+                              positions=[offset + i for i in keep])
         batch = parsed.batch
         limited, first_limited = 0, None
         if self.limiter is not None and len(batch):
             adm = self.limiter.filter(batch)
             if adm.refused:
-                limited = len(adm.refused)
-                first_limited = adm.refused[0].reason
+                limited, first_limited = len(adm.refused), adm.refused[0].reason
+                by_reason: dict[str, list[int]] = {}
                 for rej in adm.refused:
-                    self.dead_letters.put(batch.take(np.asarray([rej.index])), rej.reason)
+                    by_reason.setdefault(rej.reason, []).append(rej.index)
+                for reason, idx in by_reason.items():
+                    self.dead_letters.put(batch.take(np.asarray(idx)), reason)
             batch = adm.admitted
+        out = IngestOutcome(received=len(chunk), invalid=len(chunk) - len(keep) + parsed.invalid, first_error=first_error or parsed.first_error,
+                            limited=limited, first_limited=first_limited)
         if len(batch) == 0:
-            return _ChunkResult(0, 0, 0, invalid, first_error, limited, first_limited, np.empty(0, np.int64))
+            return out, np.empty(0, np.int64)
         res = self.ingestor.ingest(batch)
         append_seen(self.write_store, batch, self.info.kind, self.cfg.seen_cap)
-        return _ChunkResult(res.accepted, res.duplicates, res.late, invalid, first_error, limited, first_limited, np.unique(batch.user_id))
+        return out + IngestOutcome(accepted=res.accepted, duplicates=res.duplicates, late=res.late), np.unique(batch.user_id)

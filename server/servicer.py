@@ -16,6 +16,7 @@ lock out other clients nor hold resources forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -47,7 +48,7 @@ def ascii_metadata(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return text[:limit].encode("ascii", "backslashreplace").decode("ascii").replace("\n", " ")
 
 
-def capped(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+def capped_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -65,39 +66,40 @@ class Handler:
         self.max_deadline_s = max_deadline_s
         self.default_deadline_s = min(default_deadline_s, max_deadline_s)
 
-    def deadline(self, context: grpc.aio.ServicerContext, t0: float, cap_s: float | None) -> float:
-        """Absolute deadline: the client's, capped at `cap_s`; without a client deadline, the
-        default (capped methods) or none at all (uncapped ones: a release load takes seconds)."""
+    def deadline(self, context: grpc.aio.ServicerContext, t0: float, capped: bool) -> float:
+        """Absolute deadline: the client's, capped at `max_deadline_s`; without a client deadline,
+        the default (capped methods) or none at all (uncapped ones: a release load takes seconds)."""
         remaining = context.time_remaining()
-        if cap_s is None:
+        if not capped:
             return math.inf if remaining is None else t0 + max(remaining, 0.0)
         budget = self.default_deadline_s if remaining is None else remaining
-        return t0 + max(min(budget, cap_s), 0.0)
+        return t0 + max(min(budget, self.max_deadline_s), 0.0)
 
-    async def call(self, rpc: str, lane: str, context: grpc.aio.ServicerContext, work: Callable[[float], Awaitable], *,
-                   cap_s: float | None = -1.0, guard: Callable[[], None] | None = None):
-        """`work(budget_s)` runs inside a slot of `lane`; cap_s -1: the server's max deadline; None: no cap.
-        `guard()` (authentication) runs before admission, so refused callers never hold a slot."""
+    async def call(self, rpc: str, context: grpc.aio.ServicerContext, work: Callable[[float], Awaitable], *, lane: str | None,
+                   capped: bool = True, guard: Callable[[], None] | None = None):
+        """`work(budget_s)` runs in a slot of `lane` (None: no slot; IngestEvents streams have
+        limits of their own) within the deadline. `guard()` (authentication) runs first, so a
+        refused caller never holds a slot."""
         t0 = time.perf_counter()
         self.metrics.inflight.inc()
         code, message = grpc.StatusCode.OK, ""
         try:
             if guard is not None:
                 guard()
-            deadline = self.deadline(context, t0, self.max_deadline_s if cap_s == -1.0 else cap_s)
-            async with self.admission[lane].slot(deadline):
+            deadline = self.deadline(context, t0, capped)
+            async with (self.admission[lane].slot(deadline) if lane is not None else contextlib.nullcontext()):
                 budget = deadline - time.perf_counter()
                 try:
                     async with asyncio.timeout(max(budget, 0.0) if math.isfinite(budget) else None):  # a timer, not a task (cheaper than wait_for)
                         return await work(budget)
                 except TimeoutError:
                     raise DeadlineExceeded(f"{rpc} did not finish within its deadline ({(deadline - t0) * 1000:.0f} ms"
-                                           f"{', capped by the server' if cap_s is not None else ''}); work abandoned") from None
+                                           f"{', capped by the server' if capped else ''}); work abandoned") from None
         except (Overloaded, Draining) as exc:
             code, message = grpc.StatusCode[exc.code], str(exc)
             _pushback(context, exc.retry_after_s)
         except ServingError as exc:
-            code, message = grpc.StatusCode[exc.code], capped(str(exc))
+            code, message = grpc.StatusCode[exc.code], capped_text(str(exc))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED  # the client went away or its deadline passed
             raise
@@ -121,9 +123,14 @@ class StreamLimits:
     """Open IngestEvents streams, in total and per client address (not per connection: a
     client opening many connections is still one address)."""
 
-    def __init__(self, total: int, per_peer: int) -> None:
+    def __init__(self, total: int, per_peer: int, on_outcome: Callable[[str, str], None] = lambda lane, outcome: None) -> None:
         self.total, self.per_peer = total, per_peer
         self.open: Counter[str] = Counter()
+        self._on_outcome = on_outcome
+
+    def _refuse(self, outcome: str, message: str) -> Overloaded:
+        self._on_outcome("ingest", outcome)
+        return Overloaded(message, 1.0, outcome)
 
     @staticmethod
     def address(peer: str) -> str:
@@ -135,12 +142,11 @@ class StreamLimits:
     def enter(self, peer: str) -> str:
         addr = self.address(peer)
         if sum(self.open.values()) >= self.total:
-            raise Overloaded(f"IngestEvents: {self.total} streams are open already (all clients); close idle streams or retry later",
-                             1.0, "streams_total")
+            raise self._refuse("streams_total", f"IngestEvents: {self.total} streams are open already (all clients); close idle streams or retry later")
         if self.open[addr] >= self.per_peer:
-            raise Overloaded(f"IngestEvents: {self.per_peer} streams from your address are open already; send on one of them",
-                             1.0, "streams_per_peer")
+            raise self._refuse("streams_per_peer", f"IngestEvents: {self.per_peer} streams from your address are open already; send on one of them")
         self.open[addr] += 1
+        self._on_outcome("ingest", "admitted")
         return addr
 
     def leave(self, addr: str) -> None:
@@ -154,7 +160,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.service = service
         self.h = handler
         cfg = service.cfg
-        self.streams = StreamLimits(cfg.max_ingest_streams, cfg.max_ingest_streams_per_peer)
+        self.streams = StreamLimits(cfg.max_ingest_streams, cfg.max_ingest_streams_per_peer, service.metrics.on_admission)
 
     async def Recommend(self, request: pb.RecommendRequest, context: grpc.aio.ServicerContext) -> pb.RecommendResponse:
         async def work(budget):
@@ -167,7 +173,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                 latency=[pb.StageLatency(stage=n, ms=ms) for n, ms in out.latency],
             )
 
-        return await self.h.call("Recommend", "serve", context, work)
+        return await self.h.call("Recommend", context, work, lane="serve")
 
     async def Rank(self, request: pb.RankRequest, context: grpc.aio.ServicerContext) -> pb.RankResponse:
         async def work(budget):
@@ -177,7 +183,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             return pb.RankResponse(items=[pb.ScoredItem(item_id=str(i), score=s, source=src, unknown=unk) for i, s, src, unk in out.items],
                                    release_id=out.release_id, degraded=out.degraded, request_id=out.request_id)
 
-        return await self.h.call("Rank", "serve", context, work)
+        return await self.h.call("Rank", context, work, lane="serve")
 
     async def GetFeatures(self, request: pb.GetFeaturesRequest, context: grpc.aio.ServicerContext) -> pb.GetFeaturesResponse:
         async def work(budget):
@@ -190,46 +196,32 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                                     staleness_ms=r.staleness_ms, values=[pb.FeatureValue(name=n, value=v, missing=m) for n, v, m in r.values])
                 for r in sets])
 
-        return await self.h.call("GetFeatures", "features", context, work)
+        return await self.h.call("GetFeatures", context, work, lane="features")
 
     async def IngestEvents(self, request_iterator: AsyncIterator[pb.Event], context: grpc.aio.ServicerContext) -> pb.IngestSummary:
         cfg = self.service.cfg
-        t0 = time.perf_counter()
-        m = self.service.metrics
-        m.inflight.inc()
-        code, message, addr = grpc.StatusCode.OK, "", None
-        try:
+
+        def auth() -> None:
             check_bearer(context.invocation_metadata(), cfg.ingest_bearer, what="IngestEvents",
                          disabled="ingest is disabled on this server: start it with --ingest-token or --admin-token")
+
+        async def work(budget):
             if self.service.draining:
+                self.service.metrics.on_admission("ingest", "draining")
                 raise Draining()
             addr = self.streams.enter(context.peer())
-            out = await self.service.ingest(self._chunks(request_iterator, cfg.ingest_chunk, cfg.ingest_idle_timeout_s, cfg.max_events_per_stream))
+            try:
+                out = await self.service.ingest(self._chunks(request_iterator, cfg.ingest_chunk, cfg.ingest_idle_timeout_s, cfg.max_events_per_stream))
+            finally:
+                self.streams.leave(addr)
             md = [(k, ascii_metadata(v)) for k, v in (("parity-first-invalid", out.first_error), ("parity-first-limited", out.first_limited)) if v]
             if md:
                 context.set_trailing_metadata(tuple(md))
             return pb.IngestSummary(received=out.received, accepted=out.accepted, duplicates=out.duplicates, late=out.late, invalid=out.invalid,
                                     limited=out.limited)
-        except (Overloaded, Draining) as exc:
-            code, message = grpc.StatusCode[exc.code], str(exc)
-            m.admission.labels("ingest", exc.outcome).inc()
-            _pushback(context, exc.retry_after_s)
-        except ServingError as exc:
-            code, message = grpc.StatusCode[exc.code], capped(str(exc))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - the catch-all that keeps the server up
-            incident = uuid.uuid4().hex[:12]
-            log.exception("IngestEvents failed (incident %s)", incident)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in IngestEvents ({type(exc).__name__}); incident {incident} is in the server log"
-        finally:
-            if addr is not None:
-                self.streams.leave(addr)
-            m.inflight.dec()
-            m.requests.labels("IngestEvents", code.name).inc()
-            m.latency.labels("IngestEvents").observe(time.perf_counter() - t0)
-        await context.abort(code, message)
+
+        # No lane and no cap: a stream lasts as long as its client sends (ended when idle); the client's own deadline holds.
+        return await self.h.call("IngestEvents", context, work, lane=None, capped=False, guard=auth)
 
     @staticmethod
     async def _chunks(request_iterator: AsyncIterator, chunk: int, idle_s: float, max_events: int):

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from features.event_rules import EventRules, Rejection
+from features.event_rules import MAX_ENTITY_ID, MAX_EVENT_ID, EventRules, Rejection
 from features.events import EventBatch
 from server.config import ServerConfig
 from server.errors import InvalidArgument
@@ -23,8 +23,6 @@ from server.errors import InvalidArgument
 __all__ = ["RecommendQuery", "RankQuery", "FeaturesQuery", "ParsedEvents", "MAX_ENTITY_ID", "MAX_EVENT_ID",
            "parse_id", "validate_recommend", "validate_rank", "validate_get_features", "parse_events", "request_id_of"]
 
-MAX_ENTITY_ID = (1 << 31) - 1  # user, item, topic and creator ids (pair entity codes pack two of them)
-MAX_EVENT_ID = (1 << 63) - 1
 _MAX_REQUEST_ID = 128
 _MAX_CONTEXT_KEY = 64
 
@@ -56,21 +54,15 @@ class FeaturesQuery:
 
 @dataclass(frozen=True)
 class ParsedEvents:
-    """The valid events of a batch as columns, and what was wrong with the others."""
+    """The valid events of a batch, and what was wrong with the others."""
 
-    event_id: np.ndarray
-    ts: np.ndarray
-    user_id: np.ndarray
-    item_id: np.ndarray
-    type: np.ndarray
-    value: np.ndarray
+    batch: EventBatch  # topic/creator from the rules' catalogue
     invalid: int
     first_error: str | None
-    batch: EventBatch | None = None  # the same events as an EventBatch (topic/creator from the rules' catalogue)
     rejected: tuple[Rejection, ...] = ()  # every refused event: (index, field, reason, kind)
 
     def __len__(self) -> int:
-        return len(self.event_id)
+        return len(self.batch)
 
 
 def parse_id(field: str, text: str, *, max_value: int = MAX_ENTITY_ID, max_chars: int = 64) -> int:
@@ -163,21 +155,21 @@ def _rules_for(max_future_ms: int, max_id_chars: int) -> EventRules:
     return EventRules(max_future_ms=max_future_ms, max_id_chars=max_id_chars)
 
 
-def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig, rules: EventRules | None = None) -> ParsedEvents:
-    """Valid events as columns; invalid ones are counted (one bad event never sinks a batch).
+def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig, rules: EventRules | None = None,
+                 positions: Sequence[int] | None = None) -> ParsedEvents:
+    """Valid events as an EventBatch; invalid ones are counted (one bad event never sinks a batch).
 
     The checks are features.event_rules, the same rules the Redis Stream consumer applies.
     Pass the rules built for the served dataset (`EventRules.from_dataset(info, catalog,
     max_future_ms=cfg.max_event_future_ms, max_id_chars=cfg.max_id_chars)`): they add the
     per-type plausibility that needs the catalogue's durations and the dataset's rating scale,
-    and fill `batch` with each item's topic and creator. Without them, dataset-agnostic
-    rules with cfg's limits apply."""
+    and fill each item's topic and creator. Without them, dataset-agnostic rules with cfg's
+    limits apply. `positions`: each event's position in its stream, for the first reason."""
     parsed = (rules if rules is not None else _default_rules(cfg)).parse_proto(events, now_ms)
     first = None
     if parsed.rejected:
         r = parsed.rejected[0]
         eid = events[r.index].event_id
         shown = eid[:24] if isinstance(eid, str) else type(eid).__name__
-        first = f"event {r.index} (event_id {shown!r}): {r.reason}"
-    b = parsed.events
-    return ParsedEvents(b.event_id, b.ts, b.user_id, b.item_id, b.type, b.value, len(parsed.rejected), first, b, parsed.rejected)
+        first = f"event {positions[r.index] if positions is not None else r.index} (event_id {shown!r}): {r.reason}"
+    return ParsedEvents(parsed.events, len(parsed.rejected), first, parsed.rejected)

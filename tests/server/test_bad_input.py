@@ -146,9 +146,9 @@ def test_parse_events_applies_the_shared_event_rules_when_given(server_config, s
         pb.Event(event_id="4", ts_ms=now, user_id="1", item_id=str(item), type="impression"),
     ]
     parsed = parse_events(events, now, cfg, rules)
-    assert parsed.event_id.tolist() == [1, 4] and parsed.invalid == 2
-    assert parsed.value.tolist() == [1.0, 1.0]  # an unset impression value is stored as one
+    assert parsed.batch.event_id.tolist() == [1, 4] and parsed.invalid == 2
+    assert parsed.batch.value.tolist() == [1.0, 1.0]  # an unset impression value is stored as one
     assert [(r.index, r.field) for r in parsed.rejected] == [(1, "value"), (2, "type")]
     assert parsed.batch.topic.tolist() == [int(catalog.topic[0])] * 2 and parsed.batch.creator_id.tolist() == [int(catalog.creator_id[0])] * 2
     # The three-argument call keeps working, with dataset-agnostic rules.
-    assert parse_events(events, now, cfg).event_id.tolist() == [1, 2, 3, 4]
+    assert parse_events(events, now, cfg).batch.event_id.tolist() == [1, 2, 3, 4]

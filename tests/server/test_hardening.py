@@ -343,3 +343,13 @@ def test_calls_the_c_core_drops_are_counted_in_the_metrics_too(release_dir, smal
         assert d["started"] == 20
         assert d["succeeded"] == codes.count("OK")
         assert d["started"] - d["succeeded"] - d["failed"] == codes.count("CANCELLED")
+
+
+def test_the_first_refusal_names_the_event_by_its_place_in_the_stream(client):
+    """Streams are handled in chunks of 500: a reason must not name the event's place in its chunk."""
+    now = client.status().now_ms
+    events = [LiveEvent(f"86{i:08d}", now - 1000, 6100 + i % 50, 1 + i % 40, "impression", 1.0) for i in range(600)]
+    events[550] = LiveEvent("8699999999", now - 1000, 6100, 1, "teleport", 1.0)
+    r = client.ingest(events)
+    assert (r.received, r.invalid) == (600, 1)
+    assert r.first_invalid.startswith("event 550 (event_id '8699999999'): type"), r.first_invalid
