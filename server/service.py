@@ -121,7 +121,7 @@ class RecommenderService:
         self.live = LiveIngest(cfg, info=info, sets=sets, write_store=write_store, state=state, clock=clock, metrics=metrics,
                                invalidate=self._invalidate)
         # A store that restarts empty is noticed and filled again (server/store_watch.py); memory never loses data.
-        self.watch = (StoreWatch(write_store, epoch, refill=refill or (lambda: None), io=lambda fn, *a: self._run(self.io, fn, *a),
+        self.watch = (StoreWatch(write_store, epoch, refill=refill, io=lambda fn, *a: self._run(self.io, fn, *a),
                                  on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
                       if not isinstance(store, MemoryStore) else None)
         self._watch_task: asyncio.Task | None = None

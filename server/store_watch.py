@@ -7,7 +7,9 @@ sentinel (`store_epoch`, a random id written after it was filled); the server re
 `interval_s`. Missing: the data is gone; requests are answered degraded (reason
 `store_empty`) and the store is filled again from the event log (materialisation and seen
 items, as at start-up), by one process only: the first to take the refill claim, an
-`incr_many` counter in the store itself, so several workers or hosts never refill at once.
+`incr_many` counter in the store itself, so several workers or hosts never refill at once
+(one claim per minute, so a refill that failed is tried again). A server that cannot refill
+(`--materialize never`, no event log) stays degraded until another process refills.
 A new epoch (this process's refill or another's) ends the degraded state and empties the
 in-process caches. Live events accepted since the last fill and not yet in the event log are
 lost with the store's data: the store, not this watch, is what must keep them durable.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Awaitable, Callable
 
@@ -26,7 +29,7 @@ __all__ = ["EPOCH_META", "ensure_epoch", "StoreWatch"]
 log = logging.getLogger(__name__)
 
 EPOCH_META = "store_epoch"
-_CLAIM_TTL_MS = 10 * 60_000  # a refill claim expires: a worker that died mid-refill does not block the next
+_CLAIM_PERIOD_S = 60  # one refill claim per epoch and minute: a refill that failed (or whose process died) is retried then
 
 
 def ensure_epoch(store: OnlineStore) -> str:
@@ -41,7 +44,7 @@ def ensure_epoch(store: OnlineStore) -> str:
 class StoreWatch:
     """States: ok, empty (data lost, refill not running here), refilling (this process refills)."""
 
-    def __init__(self, store: OnlineStore, epoch: str | None, *, refill: Callable[[], str], io: Callable[..., Awaitable],
+    def __init__(self, store: OnlineStore, epoch: str | None, *, refill: Callable[[], str] | None, io: Callable[..., Awaitable],
                  on_refilled: Callable[[], Awaitable[None]], on_state: Callable[[str], None], interval_s: float = 1.0) -> None:
         self.store = store
         self.epoch = epoch
@@ -76,8 +79,11 @@ class StoreWatch:
         if self.epoch is None:
             return  # never filled (materialize=never): nothing to compare with
         self._set("empty")
+        if self._refill is None:
+            return  # nothing to refill from here: degraded until another process refills
+        period = int(time.time() // _CLAIM_PERIOD_S)
         try:
-            claim = await self._io(self.store.incr_many, [f"refill:{self.epoch}"], [1], _CLAIM_TTL_MS)
+            claim = await self._io(self.store.incr_many, [f"refill:{self.epoch}:{period}"], [1], 2 * _CLAIM_PERIOD_S * 1000)
         except StoreUnavailable:
             return
         if claim[0] != 1:
@@ -85,7 +91,7 @@ class StoreWatch:
         self._set("refilling")
         try:
             new = await self._io(self._refill)
-        except Exception:  # noqa: BLE001 - keep serving degraded; the claim expires and a later check retries
+        except Exception:  # noqa: BLE001 - keep serving degraded; the next minute's claim retries
             log.exception("refilling the online store failed")
             self._set("empty")
             return
