@@ -356,13 +356,19 @@ class EventRules:
 
     # -- per-type plausibility (vectorised) and assembly -----------------------------------------
 
-    def _durations(self, item_id: np.ndarray) -> np.ndarray:
-        """Catalogue duration per event's item; 0 where unknown."""
+    def _catalog_rows(self, item_id: np.ndarray) -> np.ndarray | None:
+        """Catalogue row per event's item (-1: unknown); None without a catalogue. Looked up once
+        per batch for both the durations and the item attributes."""
         cat = self.catalog
         if cat is None or len(cat) == 0 or len(item_id) == 0:
-            return np.zeros(len(item_id))
-        rows = cat.index(item_id)
-        return np.where(rows >= 0, cat.duration_s[np.maximum(rows, 0)], 0.0)
+            return None
+        return cat.index(item_id)
+
+    def _durations(self, rows: np.ndarray | None, n: int) -> np.ndarray:
+        """Catalogue duration per event's item; 0 where unknown."""
+        if rows is None:
+            return np.zeros(n)
+        return np.where(rows >= 0, self.catalog.duration_s[np.maximum(rows, 0)], 0.0)
 
     def _implausible(self, t: int, v: float, item: int, duration: float) -> str:
         name = EventType(t).name.lower()
@@ -384,7 +390,8 @@ class EventRules:
         eid, ts, user, item, creator, topic, session = (np.asarray(c, dtype=np.int64) for c in cols[:7])
         etype = np.asarray(cols[7], dtype=np.int8)
         value = np.asarray(cols[8], dtype=np.float64)
-        duration = self._durations(item)
+        rows = self._catalog_rows(item)
+        duration = self._durations(rows, len(item))
         counted = np.isin(etype, _COUNTED)
         play = etype == int(EventType.PLAY)
         rating = etype == int(EventType.RATING)
@@ -402,20 +409,17 @@ class EventRules:
             rejected.sort(key=lambda r: r.index)
             eid, ts, user, item, creator, topic, session, etype, value, pos = (
                 a[ok] for a in (eid, ts, user, item, creator, topic, session, etype, value, pos))
+            rows = rows[ok] if rows is not None else None
         value = np.where(np.isin(etype, _COUNTED), 1.0, value)  # counted events weigh one
         if fill_from_catalog:
-            creator, topic = self._item_attributes(item)
+            creator, topic = self._item_attributes(rows, len(item))
         events = EventBatch(event_id=eid, ts=ts, user_id=user, item_id=item, creator_id=creator, topic=topic,
                             session_id=session, type=etype, value=value)
         return ParsedBatch(events, pos, tuple(rejected))
 
-    def _item_attributes(self, item_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(creator_id, topic) per item from the catalogue; -1 for items it does not know."""
-        cat = self.catalog
-        n = len(item_id)
-        if cat is None or len(cat) == 0 or n == 0:
+    def _item_attributes(self, rows: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(creator_id, topic) per event's item from the catalogue; -1 for items it does not know."""
+        if rows is None:
             return np.full(n, -1, np.int64), np.full(n, -1, np.int32)
-        rows = cat.index(item_id)
-        known = rows >= 0
-        r = np.maximum(rows, 0)
+        cat, known, r = self.catalog, rows >= 0, np.maximum(rows, 0)
         return np.where(known, cat.creator_id[r], -1).astype(np.int64), np.where(known, cat.topic[r], -1).astype(np.int32)

@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import redis
@@ -44,7 +44,7 @@ from features.events import EVENT_SCHEMA, EventBatch
 from features.online.base import StoreUnavailable, TransactionConflict
 from features.streaming import IngestResult, StreamingIngestor
 
-__all__ = ["RedisStreamConsumer", "RedisDeadLetters", "publish_events", "ConsumerStats", "event_fields", "parse_messages"]
+__all__ = ["RedisStreamConsumer", "RedisDeadLetters", "publish_events", "ConsumerStats", "event_fields", "dead_reason"]
 
 log = logging.getLogger(__name__)
 _FIELDS = EVENT_SCHEMA.names
@@ -73,17 +73,6 @@ def publish_events(client: redis.Redis, stream: str, events: EventBatch, chunk: 
             pipe.xadd(stream, f)
         pipe.execute()
     return len(fields)
-
-
-_DEFAULT_RULES = EventRules()
-
-
-def parse_messages(
-    messages: Sequence[tuple[Any, Mapping | None]], rules: EventRules | None = None, now_ms: int | None = None
-) -> tuple[EventBatch, list[tuple[Any, Mapping | None, str]]]:
-    """(valid events, [(message id, fields, reason)] for the refused messages); never raises on data."""
-    parsed = (rules if rules is not None else _DEFAULT_RULES).parse_stream([f for _, f in messages], now_ms)
-    return parsed.events, [(messages[r.index][0], messages[r.index][1], dead_reason(r)) for r in parsed.rejected]
 
 
 def dead_reason(r: Rejection) -> str:

@@ -181,7 +181,6 @@ class ParityServer:
 async def serve(cfg: ServerConfig, *, on_ready: Callable[[ParityServer], None] | None = None, service: RecommenderService | None = None) -> int:
     """Build, start and run until SIGTERM/SIGINT (or `request_stop`), then drain. Returns 0."""
     service = service or build_service(cfg)
-    sys.setswitchinterval(service.cfg.gil_switch_interval_s)
     srv = ParityServer(service.cfg, service)
     await srv.start()
     loop = asyncio.get_running_loop()
@@ -292,8 +291,6 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 16 on Redis)")
     p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
                    help="the longest a request waits for a slot before it is refused with RESOURCE_EXHAUSTED (default 20)")
-    p.add_argument("--gil-switch-ms", type=number("--gil-switch-ms", what="a number of milliseconds"), default=None,
-                   help="how long a thread may keep Python's interpreter lock while another waits (default 5, Python's own)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
 
@@ -307,7 +304,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
         ranker=args.ranker, retrieval=args.retrieval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
         **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
-        **({"gil_switch_interval_s": args.gil_switch_ms / 1000.0} if args.gil_switch_ms is not None else {}),
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )
 

@@ -79,10 +79,6 @@ class ServerConfig:
     drain_grace_s: float = 10.0  # then wait this long for RPCs in flight
     clock: str = "auto"
     materialize: str = "auto"  # auto: when the store is memory or has no watermark for a served set
-    # How long a thread may hold the interpreter lock while another waits (sys.setswitchinterval;
-    # Python's default is 5 ms). The ingest thread's work otherwise makes the event loop wait
-    # up to that long at every reacquire: Recommend p99 during a 100k-event ingest (bench/RESULTS.md).
-    gil_switch_interval_s: float = 0.005
     request_compute: str = "inline"  # a request's decode/retrieve/rank: on the event loop (inline) or the cpu pool (thread)
     cpu_threads: int = 2  # executor for release loads and item-table rebuilds (and request work when request_compute=thread)
     io_threads: int = 8  # executor for store round trips
@@ -182,7 +178,7 @@ class ServerConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "store_check_s", "gil_switch_interval_s", "default_deadline_s", "max_deadline_s", "ingest_idle_timeout_s"):
+        for name in ("store_timeout_s", "store_budget_s", "item_refresh_s", "store_check_s", "default_deadline_s", "max_deadline_s", "ingest_idle_timeout_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
