@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from bench.serving import ServerProcess, ServingBenchConfig, _machine, _prepare, capacity_search
+from bench.report import machine, write_json
+from bench.serving import ServerProcess, ServingBenchConfig, _prepare, capacity_search
 
 __all__ = ["ReliabilityConfig", "run", "main", "recovery_s"]
 
@@ -180,7 +180,7 @@ def run(out: Path, cfg: ReliabilityConfig, work: Path | None = None) -> dict:
         _say(f"simulating {cfg.capacity.sim} and training a {cfg.capacity.profile} release in {work}")
         data, release, setup = _prepare(work, cfg.capacity)
         user_ids = UserMix.from_data_dir(data).sample(200_000, seed=0)
-        result: dict = {"config": asdict(cfg), "setup": setup, "machine": _machine(), "pinned": pin,
+        result: dict = {"config": asdict(cfg), "setup": setup, "machine": machine(), "pinned": pin,
                         "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stores": []}
         for store in cfg.stores:
             with _store(store, work) as url:
@@ -230,9 +230,9 @@ def run(out: Path, cfg: ReliabilityConfig, work: Path | None = None) -> dict:
                             _say(f"{store}: back to p99 <= 50 ms with no errors {r} s after the {m:g}x overload")
                     rec["server_metrics"] = _scrape(metrics_port)
                 result["stores"].append(rec)
-                _write(out, result)
+                write_json(out, result)
         result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        _write(out, result)
+        write_json(out, result)
         return result
     finally:
         if tmp:
@@ -263,12 +263,6 @@ def _free_port() -> int:
 
     return fp()
 
-
-def _write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

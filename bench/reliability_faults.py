@@ -65,7 +65,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -77,6 +76,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+
+from bench.report import machine, write_json
 
 if TYPE_CHECKING:
     from features.events import EventBatch
@@ -1145,22 +1146,6 @@ class OtherLoad:
                 f"during this scenario{' (BUSY: figures disturbed)' if share >= 10 else ''}")
 
 
-def _machine() -> dict:
-    from bench.report import _cpu_model  # one definition of the machine description
-
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        usable = os.cpu_count()
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "python": platform.python_version(),
-            "system": f"{platform.system()} {platform.release()}"}
-
-
-def _write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
 
 
 def run(out: Path, cfg: FaultsConfig, *, only: Sequence[str] | None = None, work: Path | None = None) -> dict:
@@ -1170,7 +1155,7 @@ def run(out: Path, cfg: FaultsConfig, *, only: Sequence[str] | None = None, work
     t_run = time.monotonic()
     try:
         result = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  "machine": {**_machine(), "loadavg_at_start": os.getloadavg()}, "config": asdict(cfg), "rows": []}
+                  "machine": {**machine(), "loadavg_at_start": os.getloadavg()}, "config": asdict(cfg), "rows": []}
         _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
         ws = prepare(work, cfg)
         for name in names:
@@ -1185,11 +1170,11 @@ def run(out: Path, cfg: FaultsConfig, *, only: Sequence[str] | None = None, work
                           f"HARNESS ERROR {type(exc).__name__}: {str(exc)[:500]} (logs under {ws.scratch})", {"error": True})
                 result["errors"] = result.get("errors", 0) + 1
             result["rows"].append(row.to_json())
-            _write(out, result)
+            write_json(out, result)
             print(row.line(), flush=True)
             _say(f"{name} took {time.monotonic() - t:.0f} s")
         result["total_s"] = round(time.monotonic() - t_run, 1)
-        _write(out, result)
+        write_json(out, result)
         return result
     finally:
         if tmp:

@@ -50,6 +50,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def machine() -> dict:
+    """The machine a result was measured on (one definition for every bench JSON)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()}"}
+
+
+def write_json(out: Path, result: dict) -> None:
+    """A result JSON, written whole or not at all (a run stopped half-way keeps the last one)."""
+    from features.atomic import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda f: f.write((json.dumps(result, indent=1) + "\n").encode("utf-8")))
+
+
 def fmt_time(s: float) -> str:
     if s >= 1:
         return f"{s:.3f} s"

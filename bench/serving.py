@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import signal
 import socket
 import subprocess
@@ -35,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+from bench.report import machine, write_json
 
 __all__ = ["ServingBenchConfig", "Step", "capacity_search", "passes", "ServerProcess", "run", "main"]
 
@@ -291,7 +290,7 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
         data, release, setup = _prepare(work, cfg)
         n_ids = int(max(cfg.fixed_qps * cfg.fixed_seconds, 100_000))
         user_ids = UserMix.from_data_dir(data).sample(n_ids, seed=cfg.seed)
-        result: dict = {"config": asdict(cfg), "setup": setup, "machine": _machine(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        result: dict = {"config": asdict(cfg), "setup": setup, "machine": machine(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                         "scenarios": []}
         for store in cfg.stores:
             with _store(store, work) as store_url:
@@ -315,9 +314,9 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
                             soak["rss_mb"] = rss.samples
                             scen["soak"] = soak
                     result["scenarios"].append(scen)
-                    _write(out, result)
+                    write_json(out, result)
         result["finished_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        _write(out, result)
+        write_json(out, result)
         return result
     finally:
         if tmp:
@@ -337,17 +336,6 @@ def _store(store: str, work: Path) -> Iterator[str]:
         yield r.url
 
 
-def _machine() -> dict:
-    from bench.report import _cpu_model
-
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "system": f"{platform.system()} {platform.release()}"}
-
-
-def _write(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
