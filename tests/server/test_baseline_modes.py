@@ -131,3 +131,32 @@ def test_the_serve_flags_for_comparisons_reach_the_config(release_dir, small_sim
     with pytest.raises(SystemExit):
         p.parse_args(base + ["--drain-grace", "-1"])
     assert "--drain-grace must be a finite number >= 0" in capsys.readouterr().err
+
+
+def test_the_hardening_flags_reach_the_config_or_are_refused_naming_the_option(release_dir, small_sim, monkeypatch):
+    """What the README promises for --host, --metrics-host, --ops-port, tokens, --releases-root
+    and the admission settings, through the real parser."""
+    import argparse
+
+    from server.app import add_serve_arguments, config_from_args
+
+    p = argparse.ArgumentParser(prog="parity serve")
+    add_serve_arguments(p)
+    base = ["--release", str(release_dir), "--events", str(small_sim)]
+    monkeypatch.delenv("PARITY_INGEST_TOKEN", raising=False)
+    monkeypatch.delenv("PARITY_ADMIN_TOKEN", raising=False)
+    d = config_from_args(p.parse_args(base))
+    assert (d.host, d.metrics_bind, d.ops_port, d.ingest_bearer, d.releases_dir) == ("127.0.0.1", "127.0.0.1", None, None, release_dir.parent)
+    assert (d.core_pending_soft, d.core_pending_hard, d.serve_concurrency, d.serve_max_wait_s) == (24, 48, 1, 0.02)
+    c = config_from_args(p.parse_args(base + ["--host", "0.0.0.0", "--ops-port", "0", "--admin-token", "A", "--ingest-token", "I",
+                                              "--releases-root", "/srv/releases", "--core-pending", "4,8", "--serve-concurrency", "3",
+                                              "--max-queue-wait-ms", "10"]))
+    assert (c.host, c.metrics_bind, c.ops_port, c.ingest_bearer, str(c.releases_dir)) == ("0.0.0.0", "0.0.0.0", 0, "I", "/srv/releases")
+    assert (c.core_pending_soft, c.core_pending_hard, c.serve_concurrency, c.serve_max_wait_s) == (4, 8, 3, 0.01)
+    assert config_from_args(p.parse_args(base + ["--admin-token", "A"])).ingest_bearer == "A"  # no ingest token: the admin one
+    monkeypatch.setenv("PARITY_INGEST_TOKEN", "E")
+    assert config_from_args(p.parse_args(base + ["--metrics-host", "127.0.0.2"])).ingest_bearer == "E"
+    assert config_from_args(p.parse_args(base + ["--store", "redis://127.0.0.1:1/0"])).serve_concurrency == 16  # 2 x io_threads
+    for bad, words in ((["--core-pending", "8"], "--core-pending must be SOFT,HARD"), (["--core-pending", "9,3"], "core_pending_hard")):
+        with pytest.raises(ValueError, match=words):
+            config_from_args(p.parse_args(base + bad))
