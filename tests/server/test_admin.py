@@ -127,10 +127,13 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(memory_server, clie
     assert memory_server.service.state.current.runtime.release.path == Path(back)
 
 
-def test_load_release_only_loads_under_the_releases_root(client, release_dir, tmp_path_factory, writable_copy):
+def test_load_release_only_loads_under_the_releases_root(client, release_dir, tmp_path_factory, writable_copy, releases_root):
     outside = writable_copy(release_dir, tmp_path_factory.mktemp("elsewhere") / "r")
     _refused(client, outside, grpc.StatusCode.PERMISSION_DENIED, "outside the releases root")
     _refused(client, "../../../../etc", grpc.StatusCode.PERMISSION_DENIED, "outside the releases root")
+    link = releases_root / f"link-{outside.parent.name}"
+    link.symlink_to(outside)  # a link inside the root to a release outside it
+    _refused(client, str(link), grpc.StatusCode.PERMISSION_DENIED, "outside the releases root")
     _refused(client, "/" + "a" * 4096, grpc.StatusCode.INVALID_ARGUMENT, "limit is 1024")
     _refused(client, "x\x00y", grpc.StatusCode.INVALID_ARGUMENT, "NUL")
     assert len(client.recommend(4, k=5).items) == 5
