@@ -215,13 +215,14 @@ class RecommenderService:
         return out
 
     async def _user_records(self, snap: Snapshot, user: int, budget_s: float) -> tuple[list | None, str, str | None]:
-        """(raw records or None, source, degraded reason)."""
+        """(raw records or None, source, degraded reason). The one place a store-wide loss
+        (server/store_watch.py) marks an answer degraded, whatever the records came from."""
         key = f"{snap.plan.plan_id}:{user}"
+        lost = self.store_lost
         raw = await self.feature_cache.get(key)
         if raw is not None:
-            return raw, "cache", None
+            return raw, "cache", lost
         gen = self.generations.get(user)
-        lost = self.store_lost
         if lost is not None:  # the store lost its data: the user's last good records beat its "not found"
             stale = self.stale.get(key)
             if stale is not None:
@@ -230,7 +231,7 @@ class RecommenderService:
             raw = await self._store_read("get_many", self.store.get_many, snap.plan.keys(user), budget_s=budget_s)
         except _StoreFault as f:
             stale = self.stale.get(key)
-            return stale, ("stale" if stale is not None else "default"), f.reason
+            return stale, ("stale" if stale is not None else "default"), lost or f.reason
         if lost is not None:
             return raw, "store", lost  # not cached: it is what an emptied store says
         if self.generations.get(user) == gen:  # no live event for this user arrived meanwhile
@@ -306,7 +307,6 @@ class RecommenderService:
         else:
             uf, ranked, top = await self._compute(self._recommend_job, snap, q, raw, source, reason, now, timer, started=t0, budget_s=budget)
         items = [(int(ranked.ids[i]), float(ranked.scores[i]), SOURCES[int(ranked.source[i])]) for i in top.tolist()]
-        reason = reason or self.store_lost
         degraded = reason is not None or uf.degraded
         if degraded:
             self.metrics.degraded.labels(reason or "bad_record").inc()
@@ -337,7 +337,6 @@ class RecommenderService:
             extra, r2 = await self._deferred_pairs(snap, uf, snap.items.rows(q.item_ids), now, budget - (time.perf_counter() - t0))
             reason = reason or r2
             scores = await self._compute(pipeline.score_items, snap, uf, q.item_ids, now, timer, extra, started=t0, budget_s=budget)
-        reason = reason or self.store_lost
         degraded = reason is not None or uf.degraded
         if degraded:
             self.metrics.degraded.labels(reason or "bad_record").inc()
