@@ -25,10 +25,11 @@ EXACT = (
     ".venv/bin/python -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:cacheprovider"
     " && .venv/bin/python -m bench.report bench/results/latest.json bench/RESULTS.md"
 )
-GROUP_ORDER = ["batch", "streaming", "online_read", "pit", "retrieval", "ranking", "pipeline", "training"]
+GROUP_ORDER = ["batch", "streaming", "eventlog", "online_read", "pit", "retrieval", "ranking", "pipeline", "training"]
 GROUP_TITLES = {
     "batch": "Batch feature computation (BatchEngine)",
     "streaming": "Streaming ingest (StreamingIngestor, 1000-event batches)",
+    "eventlog": "Event log: a whole read against verifying every part's checksum (the share the check adds)",
     "online_read": "Online read: 1 user + 500 items",
     "pit": "Point-in-time join, all feature sets",
     "retrieval": "Candidate retrieval, one query, top 100 of 100k items (exact vs ScaNN vs faiss HNSW at equal recall)",
