@@ -156,12 +156,13 @@ class DelayProxy:
     """
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None, port: int = 0, *, host: str = "127.0.0.1",
-                 refuse: Iterable[str] | None = None) -> None:
+                 refuse: Iterable[str] | None = None, connect_timeout_s: float | None = None) -> None:
         self.upstream = upstream
         self.plan = plan if plan is not None else FaultPlan()
         self.host = host
         self.port = port
         self.refused_methods = frozenset(refuse) if refuse is not None else streaming_methods()
+        self.connect_timeout_s = connect_timeout_s
         self._rng = self.plan.rng()
         self._lock = threading.Lock()
         self._counts = {"calls": 0, FORWARDED: 0, DELAYED: 0, DROPPED: 0, UPSTREAM_ERROR: 0}
@@ -190,6 +191,16 @@ class DelayProxy:
         with self._lock:
             return self._held
 
+    def reset(self, plan: FaultPlan | None = None) -> None:
+        """Start over: a new plan (or the same), its RNG re-seeded, counters at zero (held calls
+        stay held). Lets a benchmark warm up through the proxy without spending fault decisions,
+        and give each of its legs the same sequence of faults."""
+        with self._lock:
+            if plan is not None:
+                self.plan = plan
+            self._rng = self.plan.rng()
+            self._counts = dict.fromkeys(self._counts, 0)
+
     # -- the call path (on the proxy's loop) --------------------------------------------------
     def _count(self, key: str, held: int = 0) -> None:
         with self._lock:
@@ -199,7 +210,8 @@ class DelayProxy:
             self._held += held
 
     async def _handle(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        outcome, delay_s = self.plan.decide(self._rng)  # one loop thread: no lock needed for the RNG
+        with self._lock:  # reset() may swap plan and RNG from another thread
+            outcome, delay_s = self.plan.decide(self._rng)
         if outcome == DROPPED:
             self._count(DROPPED, held=1)
             try:
@@ -255,6 +267,12 @@ class DelayProxy:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         self._channel = grpc.aio.insecure_channel(self.upstream, options=list(_CHANNEL_OPTIONS))
+        if self.connect_timeout_s is not None:
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout_s)
+            except asyncio.TimeoutError:
+                await self._channel.close()
+                raise OSError(f"upstream {self.upstream} not reachable within {self.connect_timeout_s} s") from None
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *_CHANNEL_OPTIONS])
         server.add_generic_rpc_handlers((_Forwarder(self),))
         address = f"{self.host}:{self.port}"
