@@ -54,7 +54,10 @@ def user_entry(man: Manifest, token: str | None, read: Reader) -> tuple[FileRef 
     bin_path = man.bin_for(token)
     if bin_path is None:
         return None, USER_ABSENT
-    b: Bin = parse_bin(bin_path, _need(read, man.ref(bin_path)), token[: man.prefix_len])
+    data = read(man.ref(bin_path))
+    if data is None:
+        return None, USER_NOT_CACHED
+    b: Bin = parse_bin(bin_path, data, token[: man.prefix_len])
     if token in b.tombstones:
         return None, USER_DELETED
     ref = b.users.get(token)
@@ -83,5 +86,6 @@ def load(man: Manifest, token: str | None, read: Reader) -> DeviceBundle:
             ref, status = None, USER_NOT_CACHED
         else:
             user = parse_user(ref.path, data, model.dim)
-    paths = {r.path for r in device_files(man, token)} | ({ref.path} if ref is not None else set())
+    paths = {r.path for r in device_files(man, token) if status != USER_NOT_CACHED or r.path != man.bin_for(token)}
+    paths |= {ref.path} if ref is not None else set()
     return DeviceBundle(man, items, lists, ranker, plan, user, ref, status, frozenset(paths))

@@ -77,7 +77,8 @@ class BackgroundCDN:
         self._server = make_server(host, port, wrap(app) if wrap else app, threaded=True)
         self.host = host
         self.port = self._server.server_port
-        self._thread = threading.Thread(target=self._server.serve_forever, name="parity-cdn", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="parity-cdn",
+                                        daemon=True)
         self._started = False
 
     @property
