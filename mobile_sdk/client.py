@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from mobile_sdk import hybrid, loader
-from mobile_sdk.bundle import PublicKey, parse_manifest
+from mobile_sdk.bundle import Manifest, PublicKey, parse_manifest
 from mobile_sdk.errors import BundleError, NoBundle, SyncError
 from mobile_sdk.features import build_features
 from mobile_sdk.loader import DeviceBundle
@@ -83,6 +83,7 @@ class Client:
         self._sync_lock = threading.Lock()
         self._bundle: DeviceBundle | None = None
         self._etag: str | None = None
+        self._floor: Manifest | None = None
         self.load_error: str | None = None  # why the cached bundle was not usable, if it was not
         self._hybrid_pool = None
         self._load_cached()
@@ -94,6 +95,7 @@ class Client:
             return
         try:
             man = parse_manifest(state.manifest, self._key)
+            self._floor = man  # a replay check even when the files below fail to load
             self._bundle = loader.load(man, self.user_token, cache_reader(self._store))
             self._etag = state.etag
         except BundleError as exc:
@@ -114,14 +116,14 @@ class Client:
         with self._sync_lock:
             try:
                 result, bundle, etag = run_sync(self.base_url, self._store, self._key, self.user_token, self._bundle,
-                                          self._etag, self.timeout_s, self.max_manifest_bytes)
+                                                self._floor, self._etag, self.timeout_s, self.max_manifest_bytes)
             except SyncError as exc:
                 log.warning("sync failed, keeping version %s: %s", self.version, exc.reason)
                 raise
             except OSError as exc:  # the cache directory itself failed
                 raise SyncError(f"cache: {type(exc).__name__}: {exc}") from None
             if bundle is not None:
-                self._bundle = bundle
+                self._bundle, self._floor = bundle, bundle.manifest
                 self._etag = etag
                 self.load_error = None
             return result

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 from mobile_sdk.errors import NoBundle, SDKError
+from mobile_sdk.session import engaged_items
 
 if TYPE_CHECKING:
     from mobile_sdk.client import Client, Ranking
@@ -107,7 +108,7 @@ def recommend(client: "Client", user_id: int | str, k: int, deadline_s: float,
     t0 = time.perf_counter()
     context = dict(context or {})
     server_ctx = {key: float(v) for key, v in context.items() if key != "now_ms" and math.isfinite(float(v))}
-    exclude = sorted({e.item_id for e in client.session_events() if e.type in (1, 2, 4)})
+    exclude = sorted(engaged_items(client.session_events()))
     answer: ServerAnswer | None = None
     if client.transport is None:
         reason = "no server transport configured"

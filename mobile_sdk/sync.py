@@ -14,7 +14,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from mobile_sdk import loader
-from mobile_sdk.bundle import MANIFEST, FileRef, PublicKey, check_bytes, parse_manifest
+from mobile_sdk.bundle import MANIFEST, FileRef, Manifest, PublicKey, check_bytes, parse_manifest
 from mobile_sdk.errors import BundleError, SyncError
 from mobile_sdk.loader import DeviceBundle
 from mobile_sdk.store import State, Store
@@ -147,8 +147,11 @@ def cache_reader(store: Store) -> loader.Reader:
 
 
 def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, current: DeviceBundle | None,
-             etag: str | None, timeout_s: float, max_manifest_bytes: int) -> tuple[SyncResult, DeviceBundle | None, str | None]:
-    """One sync. Returns (result, the new bundle or None when the current one stays, the manifest's ETag)."""
+             floor: Manifest | None, etag: str | None, timeout_s: float,
+             max_manifest_bytes: int) -> tuple[SyncResult, DeviceBundle | None, str | None]:
+    """One sync. `floor`: the newest verified manifest this device has accepted (the current
+    bundle's, or a cached one whose files failed to load); an older one is a replay.
+    Returns (result, the new bundle or None when the current one stays, the manifest's ETag)."""
     t0 = time.monotonic()
     conditional = current is not None and current.user_status != loader.USER_NOT_CACHED
     raw, new_etag = get_manifest(base_url, etag if conditional else None, timeout_s, max_manifest_bytes)
@@ -163,8 +166,8 @@ def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, cur
         man = parse_manifest(raw, key)
     except BundleError as exc:
         raise SyncError(f"manifest refused: {exc}") from None
-    if current is not None:
-        cur = current.manifest
+    if floor is not None:
+        cur = floor
         if man.version < cur.version:
             raise SyncError(f"manifest version {man.version} is older than the version in use {cur.version} (replay?)")
         if man.version == cur.version and man.payload != cur.payload:

@@ -270,3 +270,16 @@ def test_a_malformed_token_or_key_is_refused_at_construction(world, tmp_path):
     with pytest.raises(ValueError):
         Client(world.url, tmp_path / "c", b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
     assert Client(world.url, tmp_path / "c", world.keys.pub_path).version is None
+
+
+def test_a_replay_is_refused_even_when_the_cached_files_are_damaged(world):
+    old = (world.origin / "manifest.json").read_bytes()
+    world.publish(spec_v2())
+    world.client().sync()
+    blob = next(p for p in (world.root / "device" / "files").rglob("chunk.*"))
+    blob.unlink()
+    (world.origin / "manifest.json").write_bytes(old)
+    again = world.client()
+    assert again.version is None  # the cache is unusable ...
+    with pytest.raises(SyncError, match="older"):  # ... but the version it had accepted still bounds replays
+        again.sync()
