@@ -4,7 +4,6 @@ a partial download resumes with a Range request. `run_sync` commits nothing unle
 verified: the caller's current bundle is untouched by any failure."""
 from __future__ import annotations
 
-import hashlib
 import http.client
 import socket
 import time

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from mobile_sdk import Client, NoBundle, SyncError
 
 from bundle_factory import write_manifest
-from conftest import NOW_MS, OTHER, USER, World, spec_v1, spec_v2
+from conftest import NOW_MS, OTHER, USER, World, spec_v2
 
 CTX = {"now_ms": NOW_MS}
 
