@@ -1,0 +1,87 @@
+"""The ranker's input columns (BUNDLE_FORMAT.md "The tiny ranker"), built by name in the order
+of `model.inputs`. The plan is made once per bundle, so an unknown column fails at load."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from mobile_sdk.bundle import ItemTable, ModelSpec
+from mobile_sdk.errors import BundleError
+
+MS_PER_HOUR = 3_600_000
+MS_PER_DAY = 86_400_000
+_PROD = re.compile(r"emb\.prod\[(\d+)\]")
+_DERIVED_ITEM = ("age_h", "duration_s")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # dot, prod, stat, age, duration, hour_sin, hour_cos, session
+    index: int = -1  # j of emb.prod[j]; the stat's position in stat_columns
+
+
+def plan_columns(model: ModelSpec) -> tuple[Column, ...]:
+    session_cols = {f.column for f in model.session.features}
+    ambiguous = set(_DERIVED_ITEM) & set(model.stat_columns)
+    if ambiguous:
+        raise BundleError(f"stat_columns {sorted(ambiguous)} clash with the derived item columns")
+    plan = []
+    for name in model.inputs:
+        if name == "emb.dot":
+            plan.append(Column(name, "dot"))
+        elif (m := _PROD.fullmatch(name)) and int(m.group(1)) < model.dim:
+            plan.append(Column(name, "prod", int(m.group(1))))
+        elif name == "item.age_h":
+            plan.append(Column(name, "age"))
+        elif name == "item.duration_s":
+            plan.append(Column(name, "duration"))
+        elif name.startswith("item.") and name[5:] in model.stat_columns:
+            plan.append(Column(name, "stat", model.stat_columns.index(name[5:])))
+        elif name in ("context.hour_sin", "context.hour_cos"):
+            plan.append(Column(name, name[8:]))
+        elif name in session_cols:
+            plan.append(Column(name, "session"))
+        else:
+            raise BundleError(f"model input column {name!r} is not one BUNDLE_FORMAT.md defines")
+    return tuple(plan)
+
+
+def hour_angle(now_ms: int) -> float:
+    return 2.0 * math.pi * (now_ms % MS_PER_DAY) / MS_PER_DAY
+
+
+def build_features(plan: tuple[Column, ...], table: ItemTable, rows: np.ndarray, user_embedding: np.ndarray | None,
+                   now_ms: int, session: Mapping[str, np.ndarray]) -> np.ndarray:
+    """float32 [N, F] for the candidates at table `rows` (all >= 0)."""
+    n = len(rows)
+    x = np.empty((n, len(plan)), dtype=np.float32)
+    prod = None
+    if user_embedding is not None and any(c.kind in ("dot", "prod") for c in plan):
+        prod = user_embedding.astype(np.float32)[None, :] * table.embedding[rows]  # float32 products
+    angle = hour_angle(now_ms)
+    for j, col in enumerate(plan):
+        if col.kind == "dot":
+            x[:, j] = np.nan if prod is None else prod.astype(np.float64).sum(axis=1).astype(np.float32)
+        elif col.kind == "prod":
+            x[:, j] = np.nan if prod is None else prod[:, col.index]
+        elif col.kind == "stat":
+            x[:, j] = table.stats[rows, col.index]
+        elif col.kind == "age":
+            pub = table.publish_ts[rows]
+            age = ((np.int64(now_ms) - pub) / MS_PER_HOUR).astype(np.float32)
+            x[:, j] = np.where(pub == 0, np.float32(np.nan), age)
+        elif col.kind == "duration":
+            d = table.duration_s[rows]
+            x[:, j] = np.where(d == 0, np.float32(np.nan), d)
+        elif col.kind == "hour_sin":
+            x[:, j] = np.float32(math.sin(angle))
+        elif col.kind == "hour_cos":
+            x[:, j] = np.float32(math.cos(angle))
+        else:
+            x[:, j] = session[col.name]
+    return x
