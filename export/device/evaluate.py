@@ -1,0 +1,92 @@
+"""The device path's quality, beside the server's, on the held-out slice `parity eval` uses.
+
+Same users and cut times as `models.evaluate.evaluate_release` (each user's test start; the
+same `max_users` sample for the same seed). Device candidates: the release's retrieval
+top-200 as of the cut with seen and unpublished items removed (what a user file's
+`candidates` holds, `export.device.lists`), ranked by the tiny int8 model on device inputs as
+of the cut (user embedding and item embeddings int8 round-tripped, item statistics and
+session features point-in-time). The server's two-stage numbers (student_int8, popularity,
+two_tower) come from `evaluate_release` in the same call, untouched. numpy + ONNX Runtime.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from export.device.inputs import DeviceFeatureSource
+from export.device.lists import release_lists
+from export.device.quant import int8_round_trip
+from export.device.tiny_model import DeviceModel, device_session
+from export.device.training_rows import ItemEmbeddingTable, check_feature_sets
+from export.onnx_export import ort_score
+from export.release import ReleaseError, load_release
+from export.runtime import ReleaseRuntime
+from features.catalog import ItemCatalog
+from features.datasets import load_info, read_items
+from features.eventlog import EventLog
+from features.pit import PitJoiner
+from features.repo import feature_sets
+from models.data import SPLIT_FRACTIONS, label_rows, split_cuts
+from models.evaluate import evaluate_release, topk_metrics
+
+__all__ = ["evaluate_device"]
+
+
+def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: DeviceModel, *, k: int = 10,
+                    max_users: int | None = None, seed: int = 0, retrieve_k: int = 200) -> dict:
+    """{"users", "device_int8", "server_student_int8", "popularity", "two_tower", "ratios"}: NDCG@k and recall@k each."""
+    rel = load_release(release_dir)
+    if rel.release_id != model.release_id:
+        raise ReleaseError(f"the device model was distilled from release {model.release_id}, not {rel.release_id}")
+    info = load_info(data_dir)
+    check_feature_sets(rel, info.kind, info.n_topics)
+    server = evaluate_release(release_dir, data_dir, retrieve_k=retrieve_k, k=k, max_users=max_users, seed=seed)
+    rt = ReleaseRuntime.load(rel, rankers=())
+    m = rel.manifest
+    td_meta = m["training_data"]
+    mode = td_meta.get("split_mode", "time")
+    events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    items = ItemCatalog.from_table(read_items(data_dir))
+    # the held-out users and cuts, chosen exactly as evaluate_release chooses them
+    rows = label_rows(info.kind, events, items, seed=int(m["seed"]))
+    _, cut = split_cuts(rows.user_id, rows.ts, mode, tuple(td_meta.get("split_fractions", SPLIT_FRACTIONS)))
+    if mode == "time" and "split_ts" in td_meta:
+        cut = np.full(len(rows.ts), int(td_meta["split_ts"][1]), dtype=np.int64)
+    test = (rows.ts >= cut) & (rows.label > 0)
+    truth: dict[int, set[int]] = {}
+    for u, i in zip(rows.user_id[test].tolist(), rows.item_id[test].tolist()):
+        truth.setdefault(u, set()).add(i)
+    t_of = dict(zip(rows.user_id.tolist(), cut.tolist()))
+    users = np.asarray(sorted(truth), dtype=np.int64)
+    if max_users is not None and len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    if len(users) != server.users:
+        raise RuntimeError(f"device evaluation picked {len(users)} users, evaluate_release {server.users}: the selection drifted")
+    t_user = np.asarray([t_of[u] for u in users.tolist()], dtype=np.int64)
+    sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
+    joiner = PitJoiner([sets[rt.inputs.user_set]], events)
+    lists = release_lists(rt, joiner, sets[rt.inputs.user_set], events, info.kind, items, users, t_user, retrieve_k)
+    cu, ci, ct = lists.rows()
+    n = np.asarray([len(x) for x in lists.ids])
+    X = DeviceFeatureSource(info.kind, info.n_topics, events, items).matrix(
+        np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct)
+    scores = ort_score(device_session(model.int8_path), X)
+    acc, off = [], 0
+    for u, ids in zip(users.tolist(), lists.ids):
+        sc = scores[off:off + len(ids)]
+        acc.append(topk_metrics(ids[np.lexsort((ids, -sc))], truth[u], k))
+        off += len(ids)
+    dev = {f"ndcg@{k}": float(np.mean([a for a, _ in acc])), f"recall@{k}": float(np.mean([b for _, b in acc]))}
+    srv = server.two_stage["student_int8"]
+    pop = server.two_stage["popularity"]
+    key = f"ndcg@{k}"
+    return {
+        "release_id": rel.release_id, "dataset": info.kind, "users": int(len(users)), "k": k,
+        "device_int8": dev, "server_student_int8": {key: srv["ndcg@10"], f"recall@{k}": srv["recall@10"]},
+        "server_teacher_fp32": dict(server.two_stage["teacher_fp32"]),
+        "popularity": {key: pop["ndcg@10"], f"recall@{k}": pop["recall@10"]}, "two_tower": dict(server.two_stage["two_tower"]),
+        "ratios": {"device_over_server_ndcg": dev[key] / srv["ndcg@10"] if srv["ndcg@10"] else float("nan"),
+                   "device_over_popularity_ndcg": dev[key] / pop["ndcg@10"] if pop["ndcg@10"] else float("nan")},
+        "device_model": {"hidden": list(model.hidden), "bytes": dict(model.bytes)},
+    }
