@@ -90,3 +90,29 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
                    "device_over_popularity_ndcg": dev[key] / pop["ndcg@10"] if pop["ndcg@10"] else float("nan")},
         "device_model": {"hidden": list(model.hidden), "bytes": dict(model.bytes)},
     }
+
+
+def _main(argv=None) -> int:
+    """`python -m export.device.evaluate RELEASE DATA OUT [--seed S]`: build the tiny ranker, print one JSON report."""
+    import argparse
+    import json
+
+    from export.device.tiny_model import build_device_model
+
+    p = argparse.ArgumentParser(prog="python -m export.device.evaluate", description=_main.__doc__)
+    p.add_argument("release_dir")
+    p.add_argument("data_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-users", type=int, default=None)
+    a = p.parse_args(argv)
+    model = build_device_model(a.release_dir, a.data_dir, a.out_dir, seed=a.seed)
+    report = evaluate_device(a.release_dir, a.data_dir, model, max_users=a.max_users, seed=a.seed)
+    report["build"] = {"seconds": round(model.seconds, 1), "rows": model.rows, "tried": model.tried, "valid": model.valid,
+                       "checks": model.checks.__dict__}
+    print(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
