@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export.device.inputs import DeviceFeatureSource
-from export.device.lists import release_lists
+from export.device.lists import release_lists, teacher_matrix
 from export.device.quant import int8_round_trip
 from export.device.tiny_model import DeviceModel, device_session
 from export.device.training_rows import ItemEmbeddingTable, check_feature_sets
@@ -35,14 +35,15 @@ __all__ = ["evaluate_device"]
 
 def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: DeviceModel, *, k: int = 10,
                     max_users: int | None = None, seed: int = 0, retrieve_k: int = 200) -> dict:
-    """{"users", "device_int8", "server_student_int8", "popularity", "two_tower", "ratios"}: NDCG@k and recall@k each."""
+    """{"users", "device_int8", "server_student_int8", "popularity", "two_tower", "ratios", ...}: NDCG@k and recall@k each.
+    `server_student_int8_on_device_pool` (a diagnostic) ranks the device's candidates with the server's student."""
     rel = load_release(release_dir)
     if rel.release_id != model.release_id:
         raise ReleaseError(f"the device model was distilled from release {model.release_id}, not {rel.release_id}")
     info = load_info(data_dir)
     check_feature_sets(rel, info.kind, info.n_topics)
     server = evaluate_release(release_dir, data_dir, retrieve_k=retrieve_k, k=k, max_users=max_users, seed=seed)
-    rt = ReleaseRuntime.load(rel, rankers=())
+    rt = ReleaseRuntime.load(rel, rankers=("student_int8",))
     m = rel.manifest
     td_meta = m["training_data"]
     mode = td_meta.get("split_mode", "time")
@@ -65,19 +66,26 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
         raise RuntimeError(f"device evaluation picked {len(users)} users, evaluate_release {server.users}: the selection drifted")
     t_user = np.asarray([t_of[u] for u in users.tolist()], dtype=np.int64)
     sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
-    joiner = PitJoiner([sets[rt.inputs.user_set]], events)
+    used = [sets[n] for n in rt.inputs.sets]
+    joiner = PitJoiner(used, events)
     lists = release_lists(rt, joiner, sets[rt.inputs.user_set], events, info.kind, items, users, t_user, retrieve_k)
     cu, ci, ct = lists.rows()
     n = np.asarray([len(x) for x in lists.ids])
     X = DeviceFeatureSource(info.kind, info.n_topics, events, items).matrix(
         np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct)
     scores = ort_score(device_session(model.int8_path), X)
-    acc, off = [], 0
-    for u, ids in zip(users.tolist(), lists.ids):
-        sc = scores[off:off + len(ids)]
-        acc.append(topk_metrics(ids[np.lexsort((ids, -sc))], truth[u], k))
-        off += len(ids)
-    dev = {f"ndcg@{k}": float(np.mean([a for a, _ in acc])), f"recall@{k}": float(np.mean([b for _, b in acc]))}
+    # diagnostic: the server's student on the device's pool (no popular/fresh extras): pool vs ranker
+    same_pool = rt.score(teacher_matrix(rt, joiner, used, events, info.kind, items, lists), "student_int8")
+
+    def metrics(sc_all: np.ndarray) -> dict[str, float]:
+        acc, off = [], 0
+        for u, ids in zip(users.tolist(), lists.ids):
+            sc = sc_all[off:off + len(ids)]
+            acc.append(topk_metrics(ids[np.lexsort((ids, -sc))], truth[u], k))
+            off += len(ids)
+        return {f"ndcg@{k}": float(np.mean([a for a, _ in acc])), f"recall@{k}": float(np.mean([b for _, b in acc]))}
+
+    dev = metrics(scores)
     srv = server.two_stage["student_int8"]
     pop = server.two_stage["popularity"]
     key = f"ndcg@{k}"
@@ -85,6 +93,7 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
         "release_id": rel.release_id, "dataset": info.kind, "users": int(len(users)), "k": k,
         "device_int8": dev, "server_student_int8": {key: srv["ndcg@10"], f"recall@{k}": srv["recall@10"]},
         "server_teacher_fp32": dict(server.two_stage["teacher_fp32"]),
+        "server_student_int8_on_device_pool": metrics(same_pool),
         "popularity": {key: pop["ndcg@10"], f"recall@{k}": pop["recall@10"]}, "two_tower": dict(server.two_stage["two_tower"]),
         "ratios": {"device_over_server_ndcg": dev[key] / srv["ndcg@10"] if srv["ndcg@10"] else float("nan"),
                    "device_over_popularity_ndcg": dev[key] / pop["ndcg@10"] if pop["ndcg@10"] else float("nan")},
