@@ -1,0 +1,94 @@
+"""Retrieval candidate lists of a release at per-user cut times, as the server's ANN stage sees them.
+
+The same steps as `models.evaluate.evaluate_release` stage 1 and the ANN part of its
+candidates: the user's features and engagement history as of the cut (point-in-time), the
+release's user tower, ANN top-k with the user's engaged items before the cut and items not
+in the release or not yet published removed. Also the teacher's input matrix of every
+(user, candidate), including the list-relative retrieval columns when the release's rankers
+read them, computed as the evaluation computes them. Used for the device ranker's training
+lists (MovieLens, cut at the valid start) and for its evaluation (cut at the test start).
+numpy + ONNX Runtime only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from export.runtime import ReleaseRuntime
+from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
+from features.catalog import ItemCatalog
+from features.definitions import FeatureSet
+from features.events import EventBatch
+from features.history import engagement_mask, history_at
+from features.pit import PitJoiner
+from models.data import feature_matrix
+
+__all__ = ["ReleaseLists", "release_lists", "teacher_matrix", "seen_before"]
+
+
+@dataclass(frozen=True)
+class ReleaseLists:
+    users: np.ndarray  # (u,) int64
+    cut: np.ndarray  # (u,) int64 ms: each user's "now"
+    user_emb: np.ndarray  # (u, d) float32: the release user tower's output (not quantised)
+    ids: list[np.ndarray]  # per user, candidate item ids best first (ANN order)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user, item, t) of every candidate, list after list."""
+        n = [len(x) for x in self.ids]
+        return (np.repeat(self.users, n), np.concatenate(self.ids).astype(np.int64) if n else np.zeros(0, np.int64),
+                np.repeat(self.cut, n))
+
+
+def seen_before(events: EventBatch, kind: str, cut_of: dict[int, int]) -> dict[int, set[int]]:
+    """Each user's engaged items with ts < the user's cut."""
+    ev_cut = np.asarray([cut_of.get(u, -1) for u in events.user_id.tolist()], dtype=np.int64)
+    eng = engagement_mask(events, kind) & (events.ts < ev_cut)
+    seen: dict[int, set[int]] = {}
+    for u, i in zip(events.user_id[eng].tolist(), events.item_id[eng].tolist()):
+        seen.setdefault(u, set()).add(i)
+    return seen
+
+
+def release_lists(rt: ReleaseRuntime, joiner: PitJoiner, user_set: FeatureSet, events: EventBatch, kind: str,
+                  items: ItemCatalog, users: np.ndarray, cut: np.ndarray, k: int = 200) -> ReleaseLists:
+    users, cut = np.asarray(users, np.int64), np.asarray(cut, np.int64)
+    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": cut}), only=[user_set.name]), [user_set])
+    U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
+    H = history_at(events, kind, users, cut, rt.history_len) if rt.history_len else None
+    emb = rt.user_embeddings(U, H)
+    seen = seen_before(events, kind, dict(zip(users.tolist(), cut.tolist())))
+    max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
+    cand_ids, _ = rt.retrieve(emb, min(len(rt.vocab), k + max_seen + 50))
+    pub_of = dict(zip(items.item_id.tolist(), items.publish_ts.tolist()))
+    in_release = set(rt.vocab.tolist())
+    ids = []
+    for r, (u, t) in enumerate(zip(users.tolist(), cut.tolist())):
+        s = seen.get(u, set())
+        ids.append(np.asarray([x for x in cand_ids[r].tolist() if x not in s and x in in_release and pub_of.get(x, t) < t][:k],
+                              dtype=np.int64))
+    return ReleaseLists(users, cut, emb, ids)
+
+
+def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet], events: EventBatch, kind: str,
+                   items: ItemCatalog, lists: ReleaseLists) -> np.ndarray:
+    """The release rankers' raw inputs for every candidate of `lists` (as `evaluate_release` builds them)."""
+    cu, ci, ct = lists.rows()
+    if not rt.inputs.uses_retrieval:
+        return feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
+    base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
+                        tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
+    Xb = feature_matrix(base, joiner, used, items, cu, ci, ct)
+    rcols: dict[str, list[np.ndarray]] = {c: [] for c in RETRIEVAL_COLUMNS if c in rt.inputs.columns}
+    Hii = history_at(events, kind, lists.users, lists.cut, rt.item_item.history_len) if rt.item_item is not None else None
+    for r, ids in enumerate(lists.ids):
+        rc = retrieval_columns(rt.item_scores(lists.user_emb[r], ids), ids, Hii[r] if Hii is not None else None, rt.item_item)
+        for c in rcols:
+            rcols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
+    X = np.empty((len(ci), len(rt.inputs.columns)), dtype=np.float32)
+    pos = {c: j for j, c in enumerate(base.columns)}
+    for j, c in enumerate(rt.inputs.columns):
+        X[:, j] = np.concatenate(rcols[c]) if c in rcols else Xb[:, pos[c]]
+    return X

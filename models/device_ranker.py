@@ -1,0 +1,108 @@
+"""The on-device tiny ranker: a small MLP distilled from a release's teacher on device inputs.
+
+Same machinery as the server's student (`models.ranker`: `StudentRanker`, the fitted
+`FeatureTransform` as first module, `_fit` with early stopping on validation AUC), but the
+inputs are the device columns (`export.device.inputs`) and the soft targets are the release
+teacher's probabilities on its OWN inputs for the same rows (precomputed with the release's
+ONNX teacher), so the tiny model imitates what the server would rank:
+
+    loss = alpha * BCE(s, y) + (1 - alpha) * BCE(s / T, sigmoid(logit(p_teacher) / T))
+
+A share `blank_embedding` (10 %) of the training rows get NaN in every `emb.*` column before
+the transform is fitted: the transform only makes a missing flag for columns missing in
+training, and a device without a user file must still rank (popular/newest lists).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from models.ranker import RankerConfig, StudentRanker, _fit, _Threads, _transform
+from models.transforms import FeatureTransform
+
+__all__ = ["DeviceRankerConfig", "train_device_ranker", "blank_embeddings"]
+
+
+@dataclass(frozen=True)
+class DeviceRankerConfig:
+    hidden: tuple[int, ...] = (32, 16)
+    alpha: float = 0.1  # weight of the hard labels; 1 - alpha on the teacher's soft targets
+    temperature: float = 1.0
+    blank_embedding: float = 0.1  # share of training rows with every emb.* column NaN
+    lr: float = 3e-3
+    batch_size: int = 512
+    max_epochs: int = 20
+    patience: int = 3
+    weight_decay: float = 1e-6
+    max_train_rows: int | None = None  # keep the most recent training rows
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.hidden or not all(isinstance(h, int) and h > 0 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden!r}")
+        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0 or not 0.0 <= self.blank_embedding < 1.0:
+            raise ValueError("alpha in [0, 1], temperature > 0, blank_embedding in [0, 1)")
+
+    def ranker_config(self) -> RankerConfig:
+        return RankerConfig(profile="custom-device", student_hidden=tuple(self.hidden), student_lr=self.lr, alpha=self.alpha,
+                            temperature=self.temperature, batch_size=self.batch_size, max_epochs=self.max_epochs,
+                            patience=self.patience, weight_decay=self.weight_decay, threads=self.threads)
+
+    def replace(self, **changes) -> "DeviceRankerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def blank_embeddings(X: np.ndarray, columns: tuple[str, ...], share: float, rng: np.random.Generator) -> np.ndarray:
+    """A copy of X with every `emb.*` column NaN on ~`share` of the rows."""
+    X = np.array(X, dtype=np.float32, copy=True)
+    emb = [j for j, c in enumerate(columns) if c.startswith("emb.")]
+    rows = np.flatnonzero(rng.random(len(X)) < share)
+    if emb and len(rows):
+        X[np.ix_(rows, emb)] = np.nan
+    return X
+
+
+def _soft(p: np.ndarray, T: float) -> torch.Tensor:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return torch.from_numpy((1.0 / (1.0 + np.exp(-(np.log(p) - np.log1p(-p)) / T))).astype(np.float32))
+
+
+def train_device_ranker(X: np.ndarray, y: np.ndarray, teacher_p: np.ndarray, X_valid: np.ndarray, y_valid: np.ndarray,
+                        columns: tuple[str, ...], cfg: DeviceRankerConfig | None = None, seed: int = 0) -> StudentRanker:
+    """Distil the tiny ranker (raw device inputs → probability); `.fit_info` says how it went."""
+    t0 = time.perf_counter()
+    cfg = cfg or DeviceRankerConfig()
+    X, y, teacher_p = np.asarray(X, np.float32), np.asarray(y, np.float32), np.asarray(teacher_p)
+    if X.shape[1] != len(columns) or np.asarray(X_valid).shape[1] != len(columns):
+        raise ValueError(f"X has {X.shape[1]} columns, valid {np.asarray(X_valid).shape[1]}, names {len(columns)}")
+    if not (len(X) == len(y) == len(teacher_p)) or len(X) == 0 or len(X_valid) == 0:
+        raise ValueError("need non-empty training and validation rows with one label and one teacher score each")
+    if cfg.max_train_rows is not None and len(y) > cfg.max_train_rows:
+        X, y, teacher_p = X[-cfg.max_train_rows:], y[-cfg.max_train_rows:], teacher_p[-cfg.max_train_rows:]
+    rcfg = cfg.ranker_config()
+    rng = np.random.default_rng(seed)
+    X = blank_embeddings(X, tuple(columns), cfg.blank_embedding, rng)
+    T, alpha = cfg.temperature, cfg.alpha
+    with _Threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transform = FeatureTransform.fit(X, columns, z_max=rcfg.z_max)
+        model = StudentRanker(transform, rcfg)
+        Ztr, Zva = _transform(transform, X), _transform(transform, X_valid)
+        ytr, soft = torch.from_numpy(y), _soft(teacher_p, T)
+
+        def loss(idx, Z, _rng):
+            s = model.head(Z[idx])
+            out = alpha * F.binary_cross_entropy_with_logits(s, ytr[idx])
+            if alpha < 1.0:
+                out = out + (1 - alpha) * F.binary_cross_entropy_with_logits(s / T, soft[idx])
+            return out
+
+        info = _fit(model, Ztr, len(y), loss, Zva, np.asarray(y_valid), cfg.lr, rcfg, seed)
+        model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
+    return model
+
