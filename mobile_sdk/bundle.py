@@ -355,6 +355,7 @@ class UserFile:
 
 def parse_user(path: str, data: bytes, dim: int) -> UserFile:
     a = _npz(data, path, {"embedding": np.int8, "scale": np.float32, "candidates": np.int64, "recent": np.int64, "as_of_ms": np.int64})
-    if a["embedding"].shape != (dim,) or a["scale"].shape != (1,) or a["candidates"].ndim != 1 or a["recent"].ndim != 1:
+    if (a["embedding"].shape != (dim,) or a["scale"].shape != (1,) or a["candidates"].ndim != 1 or a["recent"].ndim != 1
+            or a["as_of_ms"].shape != ()):
         raise BundleError(f"{path}: array shapes are not as BUNDLE_FORMAT.md says (d={dim})")
     return UserFile(dequantise(a["embedding"], a["scale"]), a["candidates"], a["recent"], int(a["as_of_ms"]))

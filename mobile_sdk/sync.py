@@ -165,6 +165,8 @@ def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, cur
         man = parse_manifest(raw, key)
     except BundleError as exc:
         raise SyncError(f"manifest refused: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes
+        raise SyncError(f"manifest refused: {type(exc).__name__}: {exc}") from None
     if floor is not None:
         cur = floor
         if man.version < cur.version:
@@ -178,6 +180,10 @@ def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, cur
         bundle = loader.load(man, token, fetcher)
     except BundleError as exc:
         raise SyncError(f"bundle refused: {exc}") from None
+    except SyncError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: whatever breaks, the current bundle stays in use
+        raise SyncError(f"bundle refused: {type(exc).__name__}: {exc}") from None
     same = current is not None and man.payload == current.manifest.payload and bundle.user_ref == current.user_ref
     store.write_state(State(raw, new_etag))
     store.gc(set(bundle.paths))

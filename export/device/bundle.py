@@ -46,11 +46,11 @@ N_NEWEST = 50
 class DeviceModelFiles(Protocol):
     """What a bundle needs of the tiny ranker (export.device.tiny_model.DeviceModel has it)."""
 
-    onnx_path: Path
+    int8_path: Path
     ort_path: Path
     columns: tuple[str, ...]
     dim: int
-    session_spec: dict
+    session: Any  # features.session.SessionSpec (to_json())
     stat_columns: tuple[str, ...]
 
 
@@ -122,9 +122,9 @@ def _item_chunk(inp: _Inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
     new = ~in_vocab & (row >= 0)
     if new.any():
         emb[new] = rt.content_embeddings(cat, ids[new])
-    q, scale = quantize_rows(emb)
+    qr = quantize_rows(emb)
     ok, r = row >= 0, np.maximum(row, 0)
-    return {"item_id": ids, "embedding": q, "scale": scale,
+    return {"item_id": ids, "embedding": qr.q, "scale": qr.scale,
             "topic": np.where(ok, cat.topic[r], -1).astype(np.int32), "creator_id": np.where(ok, cat.creator_id[r], -1).astype(np.int64),
             "publish_ts": np.where(ok, cat.publish_ts[r], 0).astype(np.int64), "duration_s": np.where(ok, cat.duration_s[r], 0).astype(np.float32)}
 
@@ -147,8 +147,8 @@ def _lists(inp: _Inputs, as_of: int) -> dict:
 
 
 def _user_file(st: UserStates, r: int) -> dict[str, np.ndarray]:
-    q, scale = quantize_rows(st.embeddings[r:r + 1])
-    return {"embedding": q[0], "scale": scale.astype(np.float32), "candidates": st.candidate_list(r),
+    qr = quantize_rows(st.embeddings[r:r + 1])
+    return {"embedding": qr.q[0], "scale": qr.scale.astype(np.float32), "candidates": st.candidate_list(r),
             "recent": st.recent_list(r), "as_of_ms": np.asarray(st.as_of_ms, dtype=np.int64)}
 
 
@@ -218,7 +218,7 @@ def export_device(release_dir: str | Path, data_dir: str | Path, keys: BundleKey
     bd = BundleDir(out)
     t = time.perf_counter()
     files: dict[str, dict] = {}
-    onnx_rel, meta = bd.put("model/ranker_int8", "onnx", Path(model.onnx_path).read_bytes())
+    onnx_rel, meta = bd.put("model/ranker_int8", "onnx", Path(model.int8_path).read_bytes())
     files[onnx_rel] = meta
     ort_rel, meta = bd.put("model/ranker_int8", "ort", Path(model.ort_path).read_bytes())
     files[ort_rel] = meta
@@ -242,7 +242,7 @@ def export_device(release_dir: str | Path, data_dir: str | Path, keys: BundleKey
     secs["user_files"] = time.perf_counter() - t
     version = _version(previous)
     model_meta = {"onnx": onnx_rel, "ort": ort_rel, "inputs": list(model.columns), "dim": int(model.dim),
-                  "session": model.session_spec, "stat_columns": list(model.stat_columns)}
+                  "session": model.session.to_json(), "stat_columns": list(model.stat_columns)}
     payload = _payload(inp, model_meta, version, None, watermark)
     payload["files"] = files
     payload["items"] = {"chunks": [chunk_rel], "stats": stats_rel, "lists": lists_rel}

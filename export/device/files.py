@@ -39,7 +39,9 @@ def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
-            arr = np.ascontiguousarray(arrays[name])
+            arr = np.asarray(arrays[name])  # not ascontiguousarray: it turns a 0-d array into 1-d
+            if not arr.flags.c_contiguous:
+                arr = arr.copy(order="C")
             if arr.dtype == object:
                 raise TypeError(f"{name}: object arrays cannot go into a bundle")
             member = io.BytesIO()

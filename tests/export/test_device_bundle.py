@@ -30,12 +30,18 @@ from features.history import engagement_mask
 
 
 @dataclass
+class _Session:
+    def to_json(self) -> dict:
+        return {"window_ms": 1_800_000, "tile_ms": 300_000, "features": []}
+
+
+@dataclass
 class _Model:
-    onnx_path: Path
+    int8_path: Path
     ort_path: Path
     columns: tuple = ("emb.dot",)
     dim: int = 0
-    session_spec: dict = field(default_factory=lambda: {"window_ms": 1_800_000, "tile_ms": 300_000, "features": []})
+    session: _Session = field(default_factory=_Session)
     stat_columns: tuple = ("plays_1d", "plays_7d")
 
 
@@ -92,7 +98,8 @@ def test_npz_is_deterministic_and_readable(tmp_path: Path) -> None:
 def test_quantisation_is_within_half_a_step() -> None:
     e = np.random.default_rng(0).normal(size=(50, 16)).astype(np.float32)
     e[3] = 0
-    q, s = quantize_rows(e)
+    qr = quantize_rows(e)
+    q, s = qr.q, qr.scale
     assert q.dtype == np.int8 and s[3] == 1.0 and np.abs(q).max() <= 127
     assert (np.abs(dequantize_rows(q, s) - e) <= s[:, None] / 2 + 1e-7).all()
 
