@@ -34,6 +34,8 @@ def plan_columns(model: ModelSpec) -> tuple[Column, ...]:
     for name in model.inputs:
         if name == "emb.dot":
             plan.append(Column(name, "dot"))
+        elif name in ("emb.rank", "emb.gap"):
+            plan.append(Column(name, name[4:]))
         elif (m := _PROD.fullmatch(name)) and int(m.group(1)) < model.dim:
             plan.append(Column(name, "prod", int(m.group(1))))
         elif name == "item.age_h":
@@ -51,6 +53,17 @@ def plan_columns(model: ModelSpec) -> tuple[Column, ...]:
     return tuple(plan)
 
 
+def _rank_gap(dot: np.ndarray, item_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position in this list by dot product (best first, ties by item id, NaN last) and dot - best dot."""
+    miss = np.isnan(dot)
+    order = np.lexsort((item_id, np.where(miss, np.inf, -dot.astype(np.float64))))
+    rank = np.empty(len(dot), dtype=np.float32)
+    rank[order] = np.arange(len(dot), dtype=np.float32)
+    gap = (dot - dot[order[0]]).astype(np.float32) if len(dot) else dot
+    nan = np.float32(np.nan)
+    return np.where(miss, nan, rank), np.where(miss, nan, gap)
+
+
 def hour_angle(now_ms: int) -> float:
     return 2.0 * math.pi * (now_ms % MS_PER_DAY) / MS_PER_DAY
 
@@ -64,9 +77,12 @@ def build_features(plan: tuple[Column, ...], table: ItemTable, rows: np.ndarray,
     if user_embedding is not None and any(c.kind in ("dot", "prod") for c in plan):
         prod = user_embedding.astype(np.float32)[None, :] * table.embedding[rows]  # float32 products
     angle = hour_angle(now_ms)
+    dot = None if prod is None else prod.astype(np.float64).sum(axis=1).astype(np.float32)
     for j, col in enumerate(plan):
         if col.kind == "dot":
-            x[:, j] = np.nan if prod is None else prod.astype(np.float64).sum(axis=1).astype(np.float32)
+            x[:, j] = np.nan if dot is None else dot
+        elif col.kind in ("rank", "gap"):
+            x[:, j] = np.nan if dot is None else _rank_gap(dot, table.item_id[rows])[0 if col.kind == "rank" else 1]
         elif col.kind == "prod":
             x[:, j] = np.nan if prod is None else prod[:, col.index]
         elif col.kind == "stat":

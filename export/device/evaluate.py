@@ -72,7 +72,7 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
     cu, ci, ct = lists.rows()
     n = np.asarray([len(x) for x in lists.ids])
     X = DeviceFeatureSource(info.kind, info.n_topics, events, items).matrix(
-        np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct)
+        np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n))
     scores = ort_score(device_session(model.int8_path), X)
     # diagnostic: the server's student on the device's pool (no popular/fresh extras): pool vs ranker
     same_pool = rt.score(teacher_matrix(rt, joiner, used, events, info.kind, items, lists), "student_int8")

@@ -1,7 +1,9 @@
 """The tiny ranker's input matrix: only what a phone has (mobile_sdk/BUNDLE_FORMAT.md, "The tiny ranker").
 
-Columns, in order (`device_columns`): `emb.dot`, `emb.prod[0..d-1]` (user x item embedding,
-both int8-dequantised), `item.<stat>` (a fixed short list of the item feature set's
+Columns, in order (`device_columns`): `emb.dot`, `emb.rank`, `emb.gap` (the dot product, the
+candidate's 0-based position in its list by dot product and its distance to the list's best:
+list-relative like the server's retrieval columns, so they mean the same for any list a device
+ranks), `emb.prod[0..d-1]` (user x item embedding, both int8-dequantised), `item.<stat>` (a fixed short list of the item feature set's
 statistics, `stat_columns`), `item.age_h`, `item.duration_s`, `context.hour_sin`,
 `context.hour_cos`, then the session features (`features.session`).
 
@@ -26,7 +28,7 @@ from features.repo import feature_sets
 from features.session import session_columns, session_sets, session_values
 
 __all__ = ["STAT_FEATURES", "stat_columns", "stat_feature_set", "device_columns", "DeviceRows", "device_matrix",
-           "DeviceFeatureSource", "hour_features"]
+           "DeviceFeatureSource", "hour_features", "list_rank_gap"]
 
 # (item feature set, the statistics a bundle ships): few, cheap, and the ones that carry the
 # item's recent demand; the full set would bloat the stats file for little.
@@ -64,7 +66,7 @@ def device_columns(kind: str, dim: int) -> tuple[str, ...]:
     """The tiny ranker's input columns for a kind and embedding width, in BUNDLE_FORMAT.md order."""
     if dim < 1:
         raise ValueError(f"embedding dim must be >= 1, got {dim}")
-    return ("emb.dot", *(f"emb.prod[{j}]" for j in range(dim)), *(f"item.{s}" for s in stat_columns(kind)),
+    return ("emb.dot", "emb.rank", "emb.gap", *(f"emb.prod[{j}]" for j in range(dim)), *(f"item.{s}" for s in stat_columns(kind)),
             "item.age_h", "item.duration_s", "context.hour_sin", "context.hour_cos", *session_columns(kind))
 
 
@@ -85,6 +87,8 @@ class DeviceRows:
     duration_s: np.ndarray  # (n,) 0 unknown
     now_ms: np.ndarray  # (n,) int64
     session: np.ndarray  # (n, len(session_columns)) count/sum 0 and mean NaN when nothing matched
+    item_id: np.ndarray  # (n,) int64
+    list_id: np.ndarray  # (n,) int64: rows with the same list id are one ranked list (emb.rank, emb.gap)
 
     def __len__(self) -> int:
         return len(self.now_ms)
@@ -101,10 +105,12 @@ def device_matrix(kind: str, rows: DeviceRows) -> np.ndarray:
     if rows.stats.shape != (n, S) or rows.session.shape != (n, Q):
         raise ValueError(f"stats {rows.stats.shape} / session {rows.session.shape}: expected ({n}, {S}) / ({n}, {Q})")
     prod = u * e  # float32 products; NaN without either embedding
-    X = np.empty((n, 1 + d + S + 4 + Q), dtype=np.float32)
-    X[:, 0] = prod.astype(np.float64).sum(axis=1).astype(np.float32)
-    X[:, 1:1 + d] = prod
-    j = 1 + d
+    X = np.empty((n, 3 + d + S + 4 + Q), dtype=np.float32)
+    dot = prod.astype(np.float64).sum(axis=1).astype(np.float32)
+    X[:, 0] = dot
+    X[:, 1], X[:, 2] = list_rank_gap(dot, np.asarray(rows.item_id, np.int64), np.asarray(rows.list_id, np.int64))
+    X[:, 3:3 + d] = prod
+    j = 3 + d
     X[:, j:j + S] = rows.stats
     j += S
     pub = np.asarray(rows.publish_ts, dtype=np.int64)
@@ -116,6 +122,25 @@ def device_matrix(kind: str, rows: DeviceRows) -> np.ndarray:
     X[:, j + 2], X[:, j + 3] = hs.astype(np.float32), hc.astype(np.float32)
     X[:, j + 4:] = rows.session
     return X
+
+
+def list_rank_gap(dot: np.ndarray, item_id: np.ndarray, list_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: 0-based position in its list by dot product (best first, ties by item id) and
+    dot - the list's best dot (float32); NaN for rows without a dot product (ranked after all others)."""
+    dot = np.asarray(dot, dtype=np.float32)
+    miss = np.isnan(dot)
+    key = np.where(miss, np.inf, -dot.astype(np.float64))
+    order = np.lexsort((item_id, key, list_id))
+    lid = list_id[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(lid)) + 1] if len(lid) else np.zeros(0, np.int64)
+    pos = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.empty(len(dot), dtype=np.float32)
+    rank[order] = pos
+    best = np.full(len(dot), np.nan, dtype=np.float32)
+    first = order[starts]  # each list's best row (its dot is NaN only if the whole list has none)
+    best[order] = np.repeat(dot[first], np.diff(np.r_[starts, len(order)]))
+    gap = (dot - best).astype(np.float32)
+    return np.where(miss, np.float32(np.nan), rank), np.where(miss, np.float32(np.nan), gap)
 
 
 class DeviceFeatureSource:
@@ -138,7 +163,7 @@ class DeviceFeatureSource:
         return spine, row
 
     def rows(self, user_emb: np.ndarray, item_emb: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
-             ts: np.ndarray | int) -> DeviceRows:
+             ts: np.ndarray | int, list_id: np.ndarray) -> DeviceRows:
         """DeviceRows of the given rows; embeddings are passed in already int8 round-tripped."""
         spine, row = self._spine(user_ids, item_ids, ts)
         joined = self.joiner.join(spine)
@@ -148,8 +173,9 @@ class DeviceFeatureSource:
         ok, r = row >= 0, np.maximum(row, 0)
         return DeviceRows(np.asarray(user_emb, np.float32), np.asarray(item_emb, np.float32), stats,
                           np.where(ok, self.items.publish_ts[r], 0), np.where(ok, self.items.duration_s[r], 0.0),
-                          spine.column("ts").to_numpy(), session_values(self.kind, joined))
+                          spine.column("ts").to_numpy(), session_values(self.kind, joined),
+                          np.asarray(item_ids, np.int64), np.asarray(list_id, np.int64))
 
     def matrix(self, user_emb: np.ndarray, item_emb: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
-               ts: np.ndarray | int) -> np.ndarray:
-        return device_matrix(self.kind, self.rows(user_emb, item_emb, user_ids, item_ids, ts))
+               ts: np.ndarray | int, list_id: np.ndarray) -> np.ndarray:
+        return device_matrix(self.kind, self.rows(user_emb, item_emb, user_ids, item_ids, ts, list_id))

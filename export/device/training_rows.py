@@ -115,15 +115,19 @@ def _load(release_dir, data_dir):
     return rel, info, rt
 
 
-def device_training_data(release_dir: str | Path, data_dir: str | Path, *, seed: int = 0) -> DeviceTrainingData:
-    """Rows for distilling the device ranker from the release at `release_dir` (see the module docstring)."""
+def device_training_data(release_dir: str | Path, data_dir: str | Path, *, seed: int = 0, rows: str = "candidates") -> DeviceTrainingData:
+    """Rows for distilling the device ranker from the release at `release_dir` (see the module docstring).
+    `rows`: "candidates" (default, every kind: the lists a device ranks) or "labelled" (the
+    release's own labelled rows; simulated releases only)."""
+    if rows not in ("candidates", "labelled"):
+        raise ValueError(f"rows must be 'candidates' or 'labelled', got {rows!r}")
     rel, info, rt = _load(release_dir, data_dir)
     m = rel.manifest
     kind = info.kind
     items = ItemCatalog.from_table(read_items(data_dir))
     emb_table = ItemEmbeddingTable(rt, items)
     cols = device_columns(kind, emb_table.dim)
-    if m["config"].get("ranker_rows", "labelled") == "candidates":
+    if rows == "candidates":
         return _candidate_rows(rel, rt, info, items, emb_table, cols, seed, data_dir)
     td = build_training_data(data_dir, seed=int(m["seed"]), max_rows=m["config"].get("max_rows"),
                              history_len=int(m["retrieval"].get("history_len", 0)))
@@ -136,7 +140,7 @@ def device_training_data(release_dir: str | Path, data_dir: str | Path, *, seed:
     splits = []
     for s in (td.train, td.valid):
         u = int8_round_trip(rt.user_embeddings(rt.user_inputs(s.X), s.H))
-        X = src.matrix(u, emb_table(s.item_id), s.user_id, s.item_id, s.ts)
+        X = src.matrix(u, emb_table(s.item_id), s.user_id, s.item_id, s.ts, np.arange(len(s.item_id)))
         splits.append(DeviceSplit(s.name, s.user_id, s.item_id, s.ts, s.label, X, rt.score(s.X, "teacher_fp32")))
     return DeviceTrainingData(kind, rel.release_id, "labelled", cols, emb_table.dim, *splits, fp)
 
@@ -166,7 +170,7 @@ def _candidate_rows(rel, rt, info, items, emb_table, cols, seed, data_dir) -> De
     u_emb = int8_round_trip(lists.user_emb)
     n = np.asarray([len(x) for x in lists.ids])
     src = DeviceFeatureSource(kind, info.n_topics, events, items)
-    X = src.matrix(np.repeat(u_emb, n, axis=0), emb_table(ci), cu, ci, ct)
+    X = src.matrix(np.repeat(u_emb, n, axis=0), emb_table(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n))
     p = rt.score(Xt, "teacher_fp32")
     valid_users = np.random.default_rng(seed).random(len(users)) < VALID_SHARE
     is_valid = np.repeat(valid_users, n)

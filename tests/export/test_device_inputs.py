@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from export.device.inputs import DeviceFeatureSource, DeviceRows, device_columns, device_matrix, stat_columns
+from export.device.inputs import list_rank_gap, DeviceFeatureSource, DeviceRows, device_columns, device_matrix, stat_columns
 from export.device.quant import dequantize_rows, int8_round_trip, quantize_rows
 from features.catalog import ItemCatalog
 from features.events import EventBatch
@@ -43,7 +43,7 @@ def test_columns_follow_the_bundle_format_order():
     want = [p for cell in _format_column_patterns() for p in cell]
     seen = list(dict.fromkeys(_pattern(c) for c in cols))
     assert seen == want
-    assert cols[:6] == ("emb.dot", "emb.prod[0]", "emb.prod[1]", "emb.prod[2]", "emb.prod[3]", "item.plays_1d")
+    assert cols[:8] == ("emb.dot", "emb.rank", "emb.gap", "emb.prod[0]", "emb.prod[1]", "emb.prod[2]", "emb.prod[3]", "item.plays_1d")
     assert cols[-len(session_columns("simulated")):] == session_columns("simulated")
     assert stat_columns("movielens") == ("ratings_7d", "ratings_30d", "rating_mean_30d", "ratings_decayed_30d")
 
@@ -54,17 +54,32 @@ def test_a_hand_made_row_has_the_hand_computed_values():
     now = T0 + 6 * 3_600_000  # 06:00 UTC
     stats = np.array([[1, 2, 3, 4, 5, 6, np.nan]] * 2, dtype=np.float32)
     session = np.zeros((2, len(session_columns("simulated"))))
-    rows = DeviceRows(u, e, stats, np.array([now - 90 * 60_000, 0]), np.array([30.0, 0.0]), np.array([now, now]), session)
+    rows = DeviceRows(u, e, stats, np.array([now - 90 * 60_000, 0]), np.array([30.0, 0.0]), np.array([now, now]), session,
+                      np.array([5, 6]), np.array([0, 0]))
     X = device_matrix("simulated", rows)
     c = {name: j for j, name in enumerate(device_columns("simulated", 3))}
     assert X.dtype == np.float32 and X.shape == (2, len(c))
     assert X[0, c["emb.dot"]] == np.float32(0.5 - 0.25 - 1.0)
     assert [X[0, c[f"emb.prod[{j}]"]] for j in range(3)] == [0.5, -0.25, -1.0]
+    assert X[0, c["emb.rank"]] == 0.0 and X[0, c["emb.gap"]] == 0.0  # the only row of its list with a dot
     assert np.isnan(X[1, c["emb.dot"]]) and np.isnan(X[1, c["emb.prod[2]"]])  # no user embedding
+    assert np.isnan(X[1, c["emb.rank"]]) and np.isnan(X[1, c["emb.gap"]])
     assert X[0, c["item.age_h"]] == np.float32(1.5) and np.isnan(X[1, c["item.age_h"]])
     assert X[0, c["item.duration_s"]] == 30.0 and np.isnan(X[1, c["item.duration_s"]])
     assert abs(X[0, c["context.hour_sin"]] - 1.0) < 1e-7 and abs(X[0, c["context.hour_cos"]]) < 1e-7  # a quarter day
     assert X[0, c["item.plays_1d"]] == 1.0 and np.isnan(X[0, c["item.plays_decayed_6h"]])
+
+
+def test_rank_and_gap_are_relative_to_each_list():
+    dot = np.array([0.5, 0.9, 0.5, np.nan, 0.2, 0.7], dtype=np.float32)
+    item = np.array([9, 3, 4, 1, 8, 2])
+    lists = np.array([0, 0, 0, 0, 1, 1])
+    rank, gap = list_rank_gap(dot, item, lists)
+    assert rank[:3].tolist() == [2.0, 0.0, 1.0]  # 0.9 first; the two 0.5 ties by item id (4 before 9)
+    assert np.isnan(rank[3]) and np.isnan(gap[3])
+    assert rank[4:].tolist() == [1.0, 0.0]
+    assert gap.tolist()[:3] == [np.float32(0.5) - np.float32(0.9), 0.0, np.float32(0.5) - np.float32(0.9)]
+    assert gap[4] == np.float32(0.2) - np.float32(0.7) and gap[5] == 0.0
 
 
 def test_session_and_stat_columns_come_point_in_time_from_the_log():
@@ -77,7 +92,7 @@ def test_session_and_stat_columns_come_point_in_time_from_the_log():
     items = ItemCatalog(np.array([7, 8]), np.array([2, 4], np.int32), np.array([3, 3]), np.array([60.0, 0.0]), np.array([T0, T0]))
     src = DeviceFeatureSource("simulated", 20, EventBatch.from_rows(rows), items)
     u = np.ones((1, 2), np.float32)
-    X = src.matrix(u, u, np.array([1]), np.array([7]), now)
+    X = src.matrix(u, u, np.array([1]), np.array([7]), now, np.array([0]))
     c = {name: j for j, name in enumerate(device_columns("simulated", 2))}
     assert X[0, c["session.user.engaged"]] == 3.0  # plays 3 and 5, like 4
     assert X[0, c["session.user.watch_s"]] == 25.0

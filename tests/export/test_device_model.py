@@ -26,6 +26,11 @@ def rows(release_dir, small_sim):
     return device_training_data(release_dir, small_sim, seed=0)
 
 
+@pytest.fixture(scope="module")
+def labelled(release_dir, small_sim):
+    return device_training_data(release_dir, small_sim, seed=0, rows="labelled")
+
+
 def test_the_model_is_small_and_its_files_are_what_they_claim(device):
     assert device.bytes["int8"] == device.int8_path.stat().st_size <= MAX_INT8_BYTES
     assert device.ort_path.read_bytes()[4:8] == b"ORTM"  # a FlatBuffers ORT-format model, not ONNX protobuf
@@ -57,11 +62,18 @@ def test_ort_equals_int8_onnx_and_both_rank_like_fp32(device, rows):
     assert device.checks.ort_vs_onnx_max_abs <= 1e-6 and device.checks.tau_int8_vs_fp32 >= 0.95
 
 
-def test_training_rows_carry_the_teacher_and_blankable_embeddings(rows):
-    assert rows.fingerprint is not None and rows.rows == "labelled"
-    assert rows.train.X.shape[1] == len(rows.columns) and len(rows.train.teacher) == len(rows.train)
-    assert np.all((rows.train.teacher > 0) & (rows.train.teacher < 1))
-    assert np.isfinite(rows.train.X[:, 0]).all()  # every training row has a user and an item embedding
+def test_training_rows_carry_the_teacher_and_blankable_embeddings(rows, labelled):
+    assert labelled.fingerprint is not None and labelled.rows == "labelled"
+    assert rows.rows == "candidates"
+    for r in (rows, labelled):
+        assert r.train.X.shape[1] == len(r.columns) and len(r.train.teacher) == len(r.train)
+        assert np.all((r.train.teacher > 0) & (r.train.teacher < 1))
+        assert np.isfinite(r.train.X[:, 0]).all()  # every training row has a user and an item embedding
+    # candidate lists: each user's list is ranked by its own dot products (emb.rank 0 is its best)
+    c = {n: j for j, n in enumerate(rows.columns)}
+    X, u = rows.train.X, rows.train.user_id
+    first = np.r_[0, np.flatnonzero(np.diff(u)) + 1]
+    assert (X[first, c["emb.rank"]] == 0).mean() > 0.9 and (X[:, c["emb.gap"]] <= 0).all()
 
 
 def test_data_the_release_was_not_trained_on_is_refused(release_dir, tmp_path):
@@ -70,4 +82,4 @@ def test_data_the_release_was_not_trained_on_is_refused(release_dir, tmp_path):
     other = tmp_path / "other"
     simulate(other, users=150, items=60, days=4, seed=4)  # same shape and feature sets, other events
     with pytest.raises(TrainingDataMismatch, match="fingerprint .* but release .* was trained on"):
-        device_training_data(release_dir, other, seed=0)
+        device_training_data(release_dir, other, seed=0, rows="labelled")

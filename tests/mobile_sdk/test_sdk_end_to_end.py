@@ -93,7 +93,7 @@ def test_sdk_scores_equal_the_export_side(device, tmp_path: Path) -> None:
                       "creator_id": chunk["creator_id"][r], "ts": np.full(len(ids), now, np.int64)})
     sess = session_values(kind, PitJoiner(session_sets(kind), ev).join(spine))
     X = device_matrix(kind, DeviceRows(user_emb, item_emb, stats["values"][srow], chunk["publish_ts"][r], chunk["duration_s"][r],
-                                       np.full(len(ids), now, np.int64), sess))
+                                       np.full(len(ids), now, np.int64), sess, ids, np.zeros(len(ids), np.int64)))
     export_scores = device_session(model.int8_path).run(["score"], {"features": X})[0].reshape(-1)
     assert np.abs(export_scores - sdk_scores).max() <= 1e-5
     # the session features themselves: the SDK's log vs the feature store's join
