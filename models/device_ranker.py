@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from models.metrics import list_index as _list_index, within_list_auc
 from models.ranker import RankerConfig, StudentRanker, _fit, _Threads, _transform
 from models.transforms import FeatureTransform
 
-__all__ = ["DeviceRankerConfig", "train_device_ranker", "blank_embeddings"]
+__all__ = ["DeviceRankerConfig", "train_device_ranker", "blank_embeddings", "within_list_auc"]
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,14 @@ class DeviceRankerConfig:
     weight_decay: float = 1e-6
     max_train_rows: int | None = None  # keep the most recent training rows
     threads: int = 1
+    loss: str = "listwise"  # "listwise": softmax over each candidate list; "pointwise": BCE per row
+    lists_per_batch: int = 16
 
     def __post_init__(self) -> None:
         if not self.hidden or not all(isinstance(h, int) and h > 0 for h in self.hidden):
             raise ValueError(f"hidden must be a non-empty tuple of positive ints, got {self.hidden!r}")
+        if self.loss not in ("listwise", "pointwise"):
+            raise ValueError(f"loss must be 'listwise' or 'pointwise', got {self.loss!r}")
         if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0 or not 0.0 <= self.blank_embedding < 1.0:
             raise ValueError("alpha in [0, 1], temperature > 0, blank_embedding in [0, 1)")
 
@@ -73,10 +78,17 @@ def _soft(p: np.ndarray, T: float) -> torch.Tensor:
 
 
 def train_device_ranker(X: np.ndarray, y: np.ndarray, teacher_p: np.ndarray, X_valid: np.ndarray, y_valid: np.ndarray,
-                        columns: tuple[str, ...], cfg: DeviceRankerConfig | None = None, seed: int = 0) -> StudentRanker:
-    """Distil the tiny ranker (raw device inputs → probability); `.fit_info` says how it went."""
+                        columns: tuple[str, ...], cfg: DeviceRankerConfig | None = None, seed: int = 0, *,
+                        groups: np.ndarray | None = None, groups_valid: np.ndarray | None = None) -> StudentRanker:
+    """Distil the tiny ranker (raw device inputs → probability); `.fit_info` says how it went.
+    `groups` / `groups_valid`: the candidate list of each row (rows of a list contiguous), needed
+    by the listwise loss."""
     t0 = time.perf_counter()
     cfg = cfg or DeviceRankerConfig()
+    if cfg.loss == "listwise":
+        if groups is None or groups_valid is None:
+            raise ValueError("the listwise loss needs the candidate list of every row (groups, groups_valid)")
+        return _train_listwise(X, y, teacher_p, X_valid, y_valid, columns, cfg, seed, groups, groups_valid, t0)
     X, y, teacher_p = np.asarray(X, np.float32), np.asarray(y, np.float32), np.asarray(teacher_p)
     if X.shape[1] != len(columns) or np.asarray(X_valid).shape[1] != len(columns):
         raise ValueError(f"X has {X.shape[1]} columns, valid {np.asarray(X_valid).shape[1]}, names {len(columns)}")
@@ -106,3 +118,70 @@ def train_device_ranker(X: np.ndarray, y: np.ndarray, teacher_p: np.ndarray, X_v
         model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
     return model
 
+
+def _train_listwise(X, y, teacher_p, X_valid, y_valid, columns, cfg: DeviceRankerConfig, seed, groups, groups_valid, t0) -> StudentRanker:
+    """Softmax over each list: (1 - alpha) T^2 KL(teacher || student) + alpha * cross-entropy
+    with the list's positives. Pointwise BCE against the teacher's probabilities is dominated by
+    differences between users (how active each is), which the device's inputs barely see; the
+    device only ever orders one user's list, so it learns exactly that. Early stopping on the
+    mean within-list AUC of the validation lists."""
+    from models.ranker import FitInfo
+
+    X, y = np.asarray(X, np.float32), np.asarray(y, np.float32)
+    rcfg = cfg.ranker_config()
+    rng = np.random.default_rng(seed)
+    idx = _list_index(groups)
+    # blank whole lists: a device without a user file ranks a list with no embeddings at all
+    blank = rng.random(len(idx)) < cfg.blank_embedding
+    emb = [j for j, c in enumerate(columns) if c.startswith("emb.")]
+    X = X.copy()
+    rows = idx[blank][idx[blank] >= 0]
+    if emb and len(rows):
+        X[np.ix_(rows, emb)] = np.nan
+    p = np.clip(np.asarray(teacher_p, np.float64), 1e-7, 1 - 1e-7)
+    t_logit = torch.from_numpy((np.log(p) - np.log1p(-p)).astype(np.float32))
+    T, alpha = cfg.temperature, cfg.alpha
+    with _Threads(cfg.threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transform = FeatureTransform.fit(X, columns, z_max=rcfg.z_max)
+        model = StudentRanker(transform, rcfg)
+        Ztr, Zva = _transform(transform, X), _transform(transform, X_valid)
+        ytr = torch.from_numpy(y)
+        I = torch.from_numpy(idx)
+        opt = torch.optim.Adam([q for n, q in model.named_parameters() if not n.startswith("transform.")], lr=cfg.lr,
+                               weight_decay=cfg.weight_decay)
+        best, best_epoch, best_state, history, bad = -1.0, 0, None, [], 0
+        for epoch in range(1, cfg.max_epochs + 1):
+            model.train()
+            for b in np.array_split(rng.permutation(len(idx)), max(1, len(idx) // cfg.lists_per_batch)):
+                bi = I[torch.from_numpy(b)]
+                mask = bi >= 0
+                flat = bi.clamp(min=0)
+                s = model.head(Ztr[flat.reshape(-1)]).reshape(flat.shape)
+                neg_inf = torch.finfo(s.dtype).min
+                log_ps = torch.log_softmax(torch.where(mask, s / T, neg_inf), dim=1)
+                pt = torch.softmax(torch.where(mask, t_logit[flat] / T, neg_inf), dim=1)
+                kl = (pt * (torch.log(pt.clamp_min(1e-12)) - log_ps)).where(mask, 0.0).sum(1).mean()
+                yy = torch.where(mask, ytr[flat], 0.0)
+                has = yy.sum(1) > 0
+                log_p1 = torch.log_softmax(torch.where(mask, s, neg_inf), dim=1)
+                ce = -(yy[has] / yy[has].sum(1, keepdim=True) * log_p1[has].where(mask[has], 0.0)).sum(1).mean() if has.any() else s.sum() * 0
+                loss = alpha * ce + (1 - alpha) * T * T * kl
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            model.eval()
+            with torch.no_grad():
+                a = within_list_auc(model.head(Zva).numpy(), np.asarray(y_valid), groups_valid)
+            history.append(a)
+            if a > best:
+                best, best_epoch, bad = a, epoch, 0
+                best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        model.load_state_dict(best_state)
+        model.eval()
+        model.fit_info = FitInfo(len(history), best_epoch, best, time.perf_counter() - t0, tuple(history), seed, len(y))
+    return model

@@ -28,6 +28,8 @@ __all__ = [
     "candidate_lists",
     "grouped_mean",
     "GroupedMean",
+    "list_index",
+    "within_list_auc",
 ]
 
 
@@ -212,3 +214,28 @@ def grouped_mean(metric: Callable[..., float], lists: Sequence[np.ndarray], *arr
     ok = ~np.isnan(vals)
     value = float(vals[ok].mean()) if ok.any() else float("nan")
     return GroupedMean(value, int(ok.sum()), int((~ok).sum()))
+
+
+def list_index(groups: np.ndarray) -> np.ndarray:
+    """(n_lists, max_len) row indices of each list (the rows of a list are contiguous), -1 padded."""
+    g = np.asarray(groups)
+    starts = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1] if len(g) else np.zeros(0, np.int64)
+    lens = np.diff(np.r_[starts, len(g)])
+    idx = np.full((len(starts), int(lens.max()) if len(lens) else 0), -1, dtype=np.int64)
+    for r, (a, n) in enumerate(zip(starts.tolist(), lens.tolist())):
+        idx[r, :n] = np.arange(a, a + n)
+    return idx
+
+
+def within_list_auc(scores: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over lists with a positive and a negative of the AUC inside the list: how well a
+    ranker orders each user's candidates (what NDCG rewards), blind to differences between users."""
+    out = []
+    for row in list_index(groups):
+        r = row[row >= 0]
+        yy, ss = y[r], scores[r]
+        if yy.min() == yy.max():
+            continue
+        pos, neg = ss[yy > 0], ss[yy <= 0]
+        out.append(float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+    return float(np.mean(out)) if out else 0.5

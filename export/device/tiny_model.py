@@ -34,7 +34,7 @@ from export.device.training_rows import DeviceTrainingData, device_training_data
 from export.onnx_export import export_ranker, ort_score, ort_session
 from export.quantize import QuantizationError, quantize_student, ranking_agreement
 from features.session import SessionSpec, session_spec
-from models.metrics import auc, candidate_lists
+from models.metrics import auc, candidate_lists, within_list_auc
 
 __all__ = ["DeviceModel", "DeviceModelChecks", "DeviceModelError", "build_device_model", "MAX_INT8_BYTES", "WIDTHS",
            "device_session"]
@@ -138,8 +138,10 @@ def build_device_model(release_dir: str | Path, data_dir: str | Path, out_dir: s
         raise DeviceModelError(f"too few rows to train the device ranker (train {len(tr)}, valid {len(va)})")
     best, tried = None, []
     for h in widths:
-        m = train_device_ranker(tr.X, tr.label, tr.teacher, va.X, va.label, data.columns, base.replace(hidden=tuple(h)), seed)
-        tried.append({"hidden": list(h), "valid_auc": m.fit_info.best_valid_auc, "epochs": m.fit_info.epochs_run,
+        cfg = base.replace(hidden=tuple(h), loss="listwise" if data.rows == "candidates" else "pointwise")
+        m = train_device_ranker(tr.X, tr.label, tr.teacher, va.X, va.label, data.columns, cfg, seed,
+                                groups=tr.user_id, groups_valid=va.user_id)
+        tried.append({"hidden": list(h), "loss": cfg.loss, "valid_metric": m.fit_info.best_valid_auc, "epochs": m.fit_info.epochs_run,
                       "alpha": base.alpha, "temperature": base.temperature})
         if best is None or m.fit_info.best_valid_auc > best.fit_info.best_valid_auc:
             best = m
@@ -172,7 +174,9 @@ def build_device_model(release_dir: str | Path, data_dir: str | Path, out_dir: s
         raise DeviceModelError(f"the int8 device ranker is {sizes['int8']} bytes > {MAX_INT8_BYTES}: choose a smaller width")
     checks = DeviceModelChecks(diff, tau8, tau_o, MIN_TAU, n_lists, rep.max_abs_diff)
     valid = {"auc_fp32": auc(va.label, s32), "auc_int8": auc(va.label, s8), "auc_teacher": auc(va.label, va.teacher),
-             "auc_torch_best_epoch": best.fit_info.best_valid_auc}
+             "auc_torch_best_epoch": best.fit_info.best_valid_auc,
+             "list_auc_int8": within_list_auc(s8, va.label, va.user_id), "list_auc_teacher": within_list_auc(va.teacher, va.label, va.user_id),
+             "list_auc_dot": within_list_auc(va.X[:, 0], va.label, va.user_id)}
     model = DeviceModel(data.release_id, data.kind, fp32, int8, ortp, sizes, data.columns, session_spec(data.kind),
                         stat_columns(data.kind), data.dim, tuple(best.config.student_hidden), checks, valid,
                         {"train": len(tr), "valid": len(va)}, time.perf_counter() - t0, tried)
