@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -49,6 +49,15 @@ bench: setup $(BENCH_STAMP)
 	$(PY) -m bench.serving --out bench/results/serving.json $(SERVING_ARGS)
 	$(PY) -m bench.serving_report bench/results/serving.json bench/RESULTS.md
 	$(MAKE) bench-reliability RELIABILITY_ARGS="$(RELIABILITY_ARGS)"
+	$(MAKE) bench-device DEVICE_ARGS="$(DEVICE_ARGS)"
+
+# The device path (bench/device.py: bundle sizes, export throughput at 10k and 100k users, delta,
+# on-device rank vs the server's Recommend, sync, hybrid mode behind bench/delay_proxy.py, quality;
+# ~15 min). DEVICE_ARGS=--quick for a smoke run.
+DEVICE_ARGS ?=
+bench-device: setup
+	$(PY) -m bench.device --out bench/results/device.json $(DEVICE_ARGS)
+	$(PY) -m bench.device_report bench/results/device.json bench/RESULTS.md
 
 bench-reliability: setup
 	$(PY) -m bench.grpc_probe --out bench/results/grpc_probe.json

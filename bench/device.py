@@ -178,30 +178,12 @@ def _server_recommend(cfg: DeviceBenchConfig, s: dict, work: Path) -> tuple[dict
 
 def _hybrid(cfg: DeviceBenchConfig, s: dict, work: Path, upstream: str) -> dict:
     from bench.delay_proxy import FaultPlan
-    from bench.hybrid import run_hybrid
-    from export.device.cdn import BackgroundCDN
+    from bench.hybrid import run_hybrid, sdk_hybrid_call
     from features.eventlog import EventLog
-    from mobile_sdk import Client, GrpcTransport
 
-    keys = s["keys"]
     events = EventLog(s["data"] / "events").read()
     users = [int(u) for u in np.random.default_rng(1).choice(np.unique(events.user_id), cfg.hybrid_users, replace=False)]
-    caches = {}
-    with BackgroundCDN(work / "bundle") as cdn:  # each device syncs once, then works from its cache
-        for u in users:
-            caches[u] = work / f"hybrid-cache-{u}"
-            c = Client(cdn.url, caches[u], keys.public_pem, keys.token(u))
-            c.sync()
-            c.close()
-
-    def factory(target: str):
-        clients = {u: Client("http://127.0.0.1:9/", caches[u], keys.public_pem, keys.token(u), transport=GrpcTransport(target)) for u in users}
-
-        def call(user_id: str):
-            r = clients[int(user_id)].recommend(int(user_id), k=10, deadline_s=0.040)
-            return r.source if r.source == "server" else f"device:{r.source}", list(r)
-        return call
-
+    factory = sdk_hybrid_call(work / "bundle", s["keys"], users, work / "hybrid-devices")
     return run_hybrid(upstream, [str(u) for u in users], hybrid_call=factory, plan=FaultPlan(), n=cfg.hybrid_n,
                       concurrency=cfg.hybrid_concurrency, deadline_s=1.0)
 

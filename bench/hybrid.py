@@ -23,8 +23,7 @@ bench/echo_upstream.py. CLI:
 
     python -m bench.hybrid --echo --quick --out bench/results/hybrid.json          # self-check, no release
     python -m bench.hybrid --upstream 127.0.0.1:50051 --out ...                     # a running server
-    python -m bench.hybrid --release R --data D [--bundle B] --out ...              # starts a server on R
-(`--bundle` is a TODO: it needs the mobile SDK; see _sdk_hybrid_call.)
+    python -m bench.hybrid --release R --data D [--bundle B --keys K] --out ...     # starts a server on R; the SDK leg
 """
 from __future__ import annotations
 
@@ -214,12 +213,33 @@ def run_hybrid(upstream: str, user_ids: Sequence[str], *, hybrid_call: Callable[
 
 
 # -- command line ----------------------------------------------------------------------------------
-def _sdk_hybrid_call(bundle: Path, k: int, deadline_s: float) -> Callable[[str], HybridCall]:
-    # TODO(lead): the ONE missing piece of the CLI; the mobile SDK is being written now. Return a
-    # factory: given the proxy's target, build one SDK Client on `bundle` that talks to that target
-    # (server deadline `deadline_s`), and return `lambda user_id: (source, items)` from its
-    # Client.recommend(user_id, k=k). run_hybrid() does the rest (warm-up, faults, both phases).
-    raise NotImplementedError(f"--bundle {bundle}: the hybrid leg needs the mobile SDK's Client.recommend, not wired yet (bench/hybrid.py _sdk_hybrid_call)")
+def sdk_hybrid_call(bundle: Path, keys_dir: Path | Any, user_ids: Sequence[int], cache_root: Path, *, k: int = 10,
+                    server_deadline_s: float = 0.040) -> Callable[[str], HybridCall]:
+    """The SDK leg: one device (a mobile_sdk.Client with its own cache) per user, each synced once
+    from `bundle` through the CDN stand-in, then working from its cache; the factory points every
+    device's gRPC transport at the proxy and returns `user_id -> (source, items)` from
+    `Client.recommend` (server deadline `server_deadline_s`, device fallback). The source is
+    "server" or "device:<user|popular>"."""
+    from export.device.cdn import BackgroundCDN
+    from export.device.keys import BundleKeys, load_keys
+    from mobile_sdk import Client, GrpcTransport
+
+    keys = keys_dir if isinstance(keys_dir, BundleKeys) else load_keys(keys_dir)
+    caches = {int(u): Path(cache_root) / f"device-{int(u)}" for u in user_ids}
+    with BackgroundCDN(bundle) as cdn:
+        for u, cache in caches.items():
+            with Client(cdn.url, cache, keys.public_pem, keys.token(u)) as c:
+                c.sync()
+
+    def factory(target: str) -> HybridCall:
+        offline = "http://127.0.0.1:9/"  # the CDN is gone: devices rank from their caches
+        clients = {u: Client(offline, cache, keys.public_pem, keys.token(u), transport=GrpcTransport(target)) for u, cache in caches.items()}
+
+        def call(user_id: str) -> tuple[str, list]:
+            r = clients[int(user_id)].recommend(int(user_id), k=k, deadline_s=server_deadline_s)
+            return (r.source if r.source == "server" else f"device:{r.source}"), list(r)
+        return call
+    return factory
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,7 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     where.add_argument("--upstream", help="HOST:PORT of a running Parity server (this machine only)")
     where.add_argument("--release", type=Path, help="release folder: start a server on it (with --data)")
     p.add_argument("--data", type=Path, help="data dir for --release")
-    p.add_argument("--bundle", type=Path, help="device bundle for the hybrid leg (TODO: needs the mobile SDK)")
+    p.add_argument("--bundle", type=Path, help="device bundle for the hybrid leg (the mobile SDK; needs --keys)")
+    p.add_argument("--keys", type=Path, help="the bundle's key folder (user tokens for the devices)")
     p.add_argument("--out", type=Path, default=Path("bench/results/hybrid.json"))
     p.add_argument("--n", type=int, default=300, help="calls per phase per leg (sequential, then concurrent; default 300)")
     p.add_argument("--concurrency", type=int, default=8)
@@ -288,12 +309,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             upstream, stop, kind = f"127.0.0.1:{srv.port}", srv.stop, f"parity server on {args.release}"
             user_ids = [str(u) for u in UserMix.from_data_dir(args.data).sample(2 * n, seed=args.seed)]
         if args.bundle is not None:
-            try:
-                hybrid = _sdk_hybrid_call(args.bundle, args.k, args.deadline_s)
-            except NotImplementedError as exc:
+            if args.keys is None:
                 stop()
-                print(f"bench.hybrid: TODO: {exc}", file=sys.stderr)
-                return 2
+                p.error("--bundle needs --keys")
+            import tempfile
+
+            caches = tempfile.TemporaryDirectory(prefix="parity-hybrid-")
+            devices = sorted({int(u) for u in user_ids})[:32]
+            user_ids = [str(u) for u in devices]
+            hybrid = sdk_hybrid_call(args.bundle, args.keys, devices, Path(caches.name), k=args.k)
+            prev_stop = stop
+
+            def stop() -> None:
+                prev_stop()
+                caches.cleanup()
     try:
         result = run_hybrid(upstream, user_ids, hybrid_call=hybrid, plan=plan, n=n, concurrency=conc,
                             deadline_s=args.deadline_s, k=args.k, overhead_n=overhead_n)

@@ -21,17 +21,25 @@ import numpy as np
 
 from features.events import EventBatch, EventType
 
-__all__ = ["HISTORY_LEN", "PAD", "engagement_mask", "last_distinct", "history_row", "history_at"]
+__all__ = ["HISTORY_LEN", "PAD", "ENGAGEMENT", "engagement_mask", "last_distinct", "history_row", "history_at"]
 
 HISTORY_LEN = 50  # items per user the user tower reads (the server's seen record keeps more)
 PAD = -1  # item id of an empty history slot
 
 
+# kind -> (event types that engage, the least value that counts, None = any): the one rule, also
+# shipped to devices (export/device) so a phone builds the same history from what it records
+ENGAGEMENT: dict[str, tuple[tuple[int, ...], float | None]] = {
+    "simulated": ((int(EventType.PLAY), int(EventType.LIKE)), None),
+    "movielens": ((int(EventType.RATING),), 4.0),
+}
+
+
 def engagement_mask(events: EventBatch, kind: str) -> np.ndarray:
     """What counts as engagement (and as seen): plays and likes; ratings >= 4 on MovieLens."""
-    if kind == "movielens":
-        return (events.type == EventType.RATING) & (events.value >= 4)
-    return (events.type == EventType.PLAY) | (events.type == EventType.LIKE)
+    types, min_value = ENGAGEMENT["movielens" if kind == "movielens" else "simulated"]
+    m = np.isin(events.type, types)
+    return m & (events.value >= min_value) if min_value is not None else m
 
 
 def last_distinct(items: np.ndarray, cap: int) -> np.ndarray:

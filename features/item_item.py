@@ -21,7 +21,7 @@ import numpy as np
 
 from features.history import HISTORY_LEN
 
-__all__ = ["ItemItem", "fit_item_item", "DEFAULT_L2"]
+__all__ = ["ItemItem", "fit_item_item", "DEFAULT_L2", "SparseItemItem", "sparsify"]
 
 DEFAULT_L2 = 200.0  # lambda: chosen on the MovieLens 100K validation lists (50 / 200 / 800)
 
@@ -80,3 +80,60 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
     B = -P / np.diag(P)[None, :]
     np.fill_diagonal(B, 0.0)
     return ItemItem(vocab, B.astype(np.float32), float(l2), int(history_len))
+
+
+@dataclass(frozen=True)
+class SparseItemItem:
+    """The item-item model cut to each item's `k` strongest weights (by |B[i, j]|, ties by the
+    lower item id), weights rounded to float16: what a device can hold (32 neighbours x 6 bytes
+    per item) and score from its own history. Its score is the dense model's with every other
+    weight set to 0; training, evaluation and the device all use this one, so they agree."""
+
+    item_id: np.ndarray  # (n,) int64 sorted: the dense model's vocabulary
+    nbr_id: np.ndarray  # (n, k) int64 neighbour ids, -1 padded
+    nbr_w: np.ndarray  # (n, k) float32 weights (float16 values), 0 padded
+    history_len: int = HISTORY_LEN
+
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if len(self.item_id) == 0:
+            return np.full(ids.shape, -1, dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.item_id, ids), 0, len(self.item_id) - 1)
+        return np.where(self.item_id[pos] == ids, pos, -1)
+
+    def scores(self, history: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+        """float64 (n,): for ONE user's history (item ids, PAD = -1; its last `history_len`
+        distinct items count) the sum of the history items' weights on each candidate; NaN
+        for every candidate when no history item is in the model."""
+        h = np.asarray(history, dtype=np.int64).reshape(-1)
+        h = h[h >= 0][-self.history_len:] if self.history_len else h[:0]
+        r = np.unique(self.rows(h))
+        r = r[r >= 0]
+        c = np.asarray(item_ids, dtype=np.int64).reshape(-1)
+        if len(r) == 0:
+            return np.full(len(c), np.nan)
+        ids, w = self.nbr_id[r].reshape(-1), self.nbr_w[r].reshape(-1).astype(np.float64)
+        keep = ids >= 0
+        uniq, inv = np.unique(ids[keep], return_inverse=True)
+        total = np.bincount(inv, weights=w[keep], minlength=len(uniq))
+        pos = np.clip(np.searchsorted(uniq, c), 0, max(len(uniq) - 1, 0))
+        hit = (uniq[pos] == c) if len(uniq) else np.zeros(len(c), bool)
+        return np.where(hit, total[pos] if len(uniq) else 0.0, 0.0)
+
+
+def sparsify(model: ItemItem, k: int = 32) -> SparseItemItem:
+    """Each item's k strongest outgoing weights of a dense item-item model."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n = len(model.vocab)
+    k_eff = min(k, max(n - 1, 0))
+    nbr_id = np.full((n, k), -1, dtype=np.int64)
+    nbr_w = np.zeros((n, k), dtype=np.float32)
+    if n and k_eff:
+        W = model.weights.astype(np.float32)
+        # order each row by |w| descending, ties by column (= item id, the vocabulary is sorted)
+        order = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), -np.abs(W)), axis=1)[:, :k_eff]
+        nbr_w[:, :k_eff] = np.take_along_axis(W, order, axis=1).astype(np.float16).astype(np.float32)
+        nbr_id[:, :k_eff] = model.vocab[order]
+        nbr_id[:, :k_eff][nbr_w[:, :k_eff] == 0] = -1  # a zero weight (the diagonal, or float16 underflow) is no neighbour
+    return SparseItemItem(model.vocab.copy(), nbr_id, nbr_w, model.history_len)

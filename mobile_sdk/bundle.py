@@ -7,6 +7,7 @@ import binascii
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,16 @@ class SessionSpec:
 
 
 @dataclass(frozen=True)
+class ItemItemSpec:
+    """`model.item_item`: the neighbours in the item chunks and how the device builds the history it scores."""
+
+    k: int
+    history_len: int
+    engaged_types: tuple[int, ...]
+    min_value: float | None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     onnx: str
     ort: str
@@ -89,6 +100,7 @@ class ModelSpec:
     dim: int
     session: SessionSpec
     stat_columns: tuple[str, ...]
+    item_item: ItemItemSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +184,20 @@ def _session_spec(d: object) -> SessionSpec:
     return SessionSpec(window, tile, tuple(feats))
 
 
+def _item_item_spec(d: object) -> ItemItemSpec | None:
+    if d is None:
+        return None
+    w = "model.item_item"
+    e = _req(d, "engagement", dict, w)
+    types = tuple(_req(e, "types", list, w))
+    mv = e.get("min_value")
+    spec = ItemItemSpec(_int(d, "k", w), _int(d, "history_len", w), types, None if mv is None else float(mv) if isinstance(mv, (int, float)) and not isinstance(mv, bool) else float("nan"))
+    if spec.k < 1 or spec.history_len < 0 or not all(isinstance(t, int) and not isinstance(t, bool) for t in types) or (
+            spec.min_value is not None and not math.isfinite(spec.min_value)):
+        raise BundleError(f"{w}: bad spec {d!r}")
+    return spec
+
+
 def parse_manifest(raw: bytes, key: PublicKey) -> Manifest:
     """Verify manifest.json's signature over the exact payload bytes, then parse the payload."""
     try:
@@ -203,7 +229,7 @@ def parse_manifest(raw: bytes, key: PublicKey) -> Manifest:
     m, items, users = _req(p, "model", dict, w), _req(p, "items", dict, w), _req(p, "users", dict, w)
     model = ModelSpec(_req(m, "onnx", str, "model"), _req(m, "ort", str, "model"), tuple(_req(m, "inputs", list, "model")),
                       _int(m, "dim", "model"), _session_spec(_req(m, "session", dict, "model")),
-                      tuple(_req(m, "stat_columns", list, "model")))
+                      tuple(_req(m, "stat_columns", list, "model")), _item_item_spec(m.get("item_item")))
     if model.dim <= 0 or not all(isinstance(c, str) for c in model.inputs + model.stat_columns):
         raise BundleError("model: bad dim, inputs or stat_columns")
     prefix_len = _int(users, "prefix_len", "users")
@@ -264,6 +290,8 @@ class ItemTable:
     duration_s: np.ndarray  # float32 (n,)
     stats: np.ndarray  # float32 (n, len(stat_columns)), NaN missing
     _order: np.ndarray  # argsort of item_id
+    nbr_id: np.ndarray | None = None  # int64 (n, k) item-item neighbours, -1 padded (model.item_item)
+    nbr_w: np.ndarray | None = None  # float32 (n, k)
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -283,13 +311,19 @@ def dequantise(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale.astype(np.float32)[..., None] if q.ndim == 2 else q.astype(np.float32) * np.float32(scale[0])
 
 
-def parse_items(chunks: list[tuple[str, bytes]], stats: tuple[str, bytes], dim: int, stat_columns: tuple[str, ...]) -> ItemTable:
+def parse_items(chunks: list[tuple[str, bytes]], stats: tuple[str, bytes], dim: int, stat_columns: tuple[str, ...],
+                item_item: ItemItemSpec | None = None) -> ItemTable:
     parts = []
+    nbr = []
     for path, data in chunks:
-        a = _npz(data, path, _ITEM_COLUMNS)
+        a = _npz(data, path, _ITEM_COLUMNS | ({"nbr_id": np.int32, "nbr_w": np.float16} if item_item else {}))
         n = a["item_id"].shape
         if len(n) != 1 or a["embedding"].shape != (n[0], dim) or any(a[c].shape != n for c in _ITEM_COLUMNS if c != "embedding"):
             raise BundleError(f"{path}: array shapes disagree (n={n}, d={dim})")
+        if item_item is not None:
+            if a["nbr_id"].shape != (n[0], item_item.k) or a["nbr_w"].shape != (n[0], item_item.k):
+                raise BundleError(f"{path}: item-item neighbours are not (n, {item_item.k})")
+            nbr.append((a["nbr_id"].astype(np.int64), a["nbr_w"].astype(np.float32)))
         parts.append(a)
     cat = {c: np.concatenate([p[c] for p in parts]) if parts else np.zeros((0, dim) if c == "embedding" else 0, t)
            for c, t in _ITEM_COLUMNS.items()}
@@ -306,8 +340,12 @@ def parse_items(chunks: list[tuple[str, bytes]], stats: tuple[str, bytes], dim: 
         pos = np.clip(np.searchsorted(s["item_id"], cat["item_id"]), 0, m[0] - 1)
         hit = s["item_id"][pos] == cat["item_id"]
         aligned[hit] = s["values"][pos[hit]]
+    nbr_id = np.concatenate([x for x, _ in nbr]) if nbr else None
+    nbr_w = np.concatenate([w for _, w in nbr]) if nbr else None
+    if item_item is not None and nbr_id is None:
+        nbr_id, nbr_w = np.zeros((0, item_item.k), np.int64), np.zeros((0, item_item.k), np.float32)
     return ItemTable(cat["item_id"], dequantise(cat["embedding"], cat["scale"]), cat["topic"], cat["creator_id"],
-                     cat["publish_ts"], cat["duration_s"], aligned, order)
+                     cat["publish_ts"], cat["duration_s"], aligned, order, nbr_id, nbr_w)
 
 
 @dataclass(frozen=True)

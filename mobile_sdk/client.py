@@ -13,7 +13,7 @@ import numpy as np
 from mobile_sdk import hybrid, loader
 from mobile_sdk.bundle import Manifest, PublicKey, parse_manifest
 from mobile_sdk.errors import BundleError, NoBundle, SyncError
-from mobile_sdk.features import build_features
+from mobile_sdk.features import build_features, history, item_item_scores
 from mobile_sdk.loader import DeviceBundle
 from mobile_sdk.session import Event, SessionLog, engaged_items, session_features
 from mobile_sdk.store import Store
@@ -137,6 +137,10 @@ class Client:
     def session_events(self) -> list[Event]:
         return self._session.events()
 
+    def engaged_events(self) -> list[Event]:
+        """This session's engaging events (plays, likes, ratings), kept past the session window."""
+        return self._session.engaged_events()
+
     def clear_session(self) -> None:
         self._session.clear()
 
@@ -182,7 +186,8 @@ class Client:
         else:
             ids, source = list(b.lists.popular) + list(b.lists.newest), SOURCE_POPULAR
         events = self._session.events()
-        removed = engaged_items(events) | (set(b.user.recent.tolist()) if b.user is not None else set())
+        engaged = self._session.engaged_events()
+        removed = engaged_items(engaged) | (set(b.user.recent.tolist()) if b.user is not None else set())
         ids = [i for i in dict.fromkeys(ids) if i not in removed]
         ids_arr = np.asarray(ids, dtype=np.int64)
         rows = b.items.rows(ids_arr)
@@ -192,7 +197,12 @@ class Client:
                            elapsed_ms=(time.perf_counter() - t0) * 1e3)
         session = self._session_columns(b, rows, now_ms, events) if b.manifest.model.session.features else {}
         user_emb = b.user.embedding if b.user is not None else None
-        x = build_features(b.plan, b.items, rows, user_emb, now_ms, session)
+        ii = None
+        spec = b.manifest.model.item_item
+        if spec is not None and any(c.kind == "item_item" for c in b.plan):
+            hist = history(b.user.recent if b.user is not None else None, engaged, spec, now_ms)
+            ii = item_item_scores(b.items, hist, rows)
+        x = build_features(b.plan, b.items, rows, user_emb, now_ms, session, ii)
         scores = b.ranker.score(x)
         order = np.lexsort((ids_arr, -np.where(np.isnan(scores), -np.inf, scores)))[:k]
         return Ranking([(int(ids_arr[i]), float(scores[i])) for i in order], source=source, bundle_version=b.version,

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from mobile_sdk.bundle import ItemTable, ModelSpec
+from mobile_sdk.bundle import ItemItemSpec, ItemTable, ModelSpec
 from mobile_sdk.errors import BundleError
 
 MS_PER_HOUR = 3_600_000
@@ -42,6 +42,8 @@ def plan_columns(model: ModelSpec) -> tuple[Column, ...]:
             plan.append(Column(name, "age"))
         elif name == "item.duration_s":
             plan.append(Column(name, "duration"))
+        elif name == "item.item_item" and model.item_item is not None:
+            plan.append(Column(name, "item_item"))
         elif name.startswith("item.") and name[5:] in model.stat_columns:
             plan.append(Column(name, "stat", model.stat_columns.index(name[5:])))
         elif name in ("context.hour_sin", "context.hour_cos"):
@@ -68,8 +70,41 @@ def hour_angle(now_ms: int) -> float:
     return 2.0 * math.pi * (now_ms % MS_PER_DAY) / MS_PER_DAY
 
 
+def history(recent: np.ndarray | None, events: list, spec: ItemItemSpec, now_ms: int) -> np.ndarray:
+    """The user's last `history_len` distinct engaged items as of now_ms, most recent last: the
+    user file's `recent` (as of the export), then this session's engaging events in time order
+    (an item engaged again moves to the end): the feature store's `features.history` rule."""
+    seq = [int(i) for i in (recent if recent is not None else [])]
+    for e in sorted(events, key=lambda e: e.ts):
+        if e.ts < now_ms and e.type in spec.engaged_types and (spec.min_value is None or e.value >= spec.min_value):
+            seq.append(int(e.item_id))
+    out: dict[int, None] = {}
+    for i in seq:
+        out.pop(i, None)
+        out[i] = None
+    return np.asarray(list(out)[-spec.history_len:] if spec.history_len else [], dtype=np.int64)
+
+
+def item_item_scores(table: ItemTable, history_ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For the candidates at `rows`: the sum of the history items' neighbour weights on each
+    (float64 sum, then float32); NaN for all when no history item has neighbours in the table."""
+    h = table.rows(np.unique(history_ids))
+    h = h[h >= 0]
+    if len(h) == 0 or table.nbr_id is None:
+        return np.full(len(rows), np.nan, dtype=np.float32)
+    ids, w = table.nbr_id[h].reshape(-1), table.nbr_w[h].reshape(-1).astype(np.float64)
+    keep = ids >= 0
+    uniq, inv = np.unique(ids[keep], return_inverse=True)
+    total = np.bincount(inv, weights=w[keep], minlength=len(uniq))
+    cand = table.item_id[rows]
+    if len(uniq) == 0:
+        return np.zeros(len(rows), dtype=np.float32)
+    pos = np.clip(np.searchsorted(uniq, cand), 0, len(uniq) - 1)
+    return np.where(uniq[pos] == cand, total[pos], 0.0).astype(np.float32)
+
+
 def build_features(plan: tuple[Column, ...], table: ItemTable, rows: np.ndarray, user_embedding: np.ndarray | None,
-                   now_ms: int, session: Mapping[str, np.ndarray]) -> np.ndarray:
+                   now_ms: int, session: Mapping[str, np.ndarray], item_item: np.ndarray | None = None) -> np.ndarray:
     """float32 [N, F] for the candidates at table `rows` (all >= 0)."""
     n = len(rows)
     x = np.empty((n, len(plan)), dtype=np.float32)
@@ -94,6 +129,8 @@ def build_features(plan: tuple[Column, ...], table: ItemTable, rows: np.ndarray,
         elif col.kind == "duration":
             d = table.duration_s[rows]
             x[:, j] = np.where(d == 0, np.float32(np.nan), d)
+        elif col.kind == "item_item":
+            x[:, j] = item_item
         elif col.kind == "hour_sin":
             x[:, j] = np.float32(math.sin(angle))
         elif col.kind == "hour_cos":

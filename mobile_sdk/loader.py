@@ -76,7 +76,7 @@ def load(man: Manifest, token: str | None, read: Reader) -> DeviceBundle:
     plan = plan_columns(model)
     ranker = Ranker(_need(read, man.ref(model.ort)), len(model.inputs))
     items = parse_items([(p, _need(read, man.ref(p))) for p in man.chunks], (man.stats, _need(read, man.ref(man.stats))),
-                        model.dim, model.stat_columns)
+                        model.dim, model.stat_columns, model.item_item)
     lists = parse_lists(man.lists, _need(read, man.ref(man.lists)))
     ref, status = user_entry(man, token, read)
     user = None

@@ -50,17 +50,28 @@ class Event:
 
 
 class SessionLog:
-    """Bounded: at most `max_events`, and events no window can count any more are dropped."""
+    """Bounded: at most `max_events`, and events no window can count any more are dropped.
 
-    def __init__(self, max_events: int = 512) -> None:
+    Engaging events (types 1, 2, 4) are also kept apart, past the window (the last
+    `max_engaged`): they are the user's history since the bundle (the item-item input) and what
+    must never be recommended again, however long ago in this session they happened."""
+
+    def __init__(self, max_events: int = 512, max_engaged: int = 256) -> None:
         if not isinstance(max_events, int) or max_events < 1:
             raise ValueError(f"max_events must be a positive int, got {max_events!r}")
         self.max_events = max_events
+        self.max_engaged = max_engaged
         self._events: list[Event] = []
+        self._engaged: list[Event] = []
         self._lock = threading.Lock()
 
     def record(self, event: Event, spec: SessionSpec | None) -> None:
         with self._lock:
+            if event.type in ENGAGED_TYPES:
+                self._engaged.append(event)
+                if len(self._engaged) > self.max_engaged:
+                    self._engaged.sort(key=lambda e: e.ts)
+                    del self._engaged[: len(self._engaged) - self.max_engaged]
             self._events.append(event)
             if spec is not None:
                 # For any now_ms >= the latest ts, c >= floor(latest / tile): older tiles never count again.
@@ -75,9 +86,14 @@ class SessionLog:
         with self._lock:
             return list(self._events)
 
+    def engaged_events(self) -> list[Event]:
+        with self._lock:
+            return list(self._engaged)
+
     def clear(self) -> None:
         with self._lock:
             self._events.clear()
+            self._engaged.clear()
 
 
 def engaged_items(events: list[Event]) -> set[int]:

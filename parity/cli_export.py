@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--out", required=True, help="bundle folder (new, empty, or an earlier bundle of these keys)")
     p.add_argument("--users", default="all", help="'all' (every user of the log) or a file of user ids, one per line")
     p.add_argument("--seed", type=nonneg("--seed"), default=0, help="seed of the tiny ranker's distillation (default 0)")
+    p.add_argument("--profile", choices=("tiny", "default"), default="default",
+                   help="tiny ranker search: default (widths and label weights chosen on validation lists) or tiny (one small net; tests)")
     p.set_defaults(func=_device, outputs=lambda a: [Output.of(a.out)])
 
     p = a.add_parser("delta", help="bring a bundle up to the event log without retraining (new items, changed and erased users)")
@@ -94,7 +96,7 @@ def _device(args: argparse.Namespace) -> int:
     keys = load_keys(args.keys)
     users = _read_users(args.users)
     with tempfile.TemporaryDirectory(prefix="parity-device-") as tmp:
-        model = build_device_model(args.release, args.events, tmp, seed=args.seed)
+        model = build_device_model(args.release, args.events, tmp, seed=args.seed, profile=None if args.profile == "default" else "tiny")
         rep = export_device(args.release, args.events, keys, args.out, model, users=users)
     print(json.dumps(rep.summary(), sort_keys=True))
     return 0

@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--events", required=True, help="data dir the release was trained on")
     p.add_argument("--max-users", type=positive("--max-users"), default=None, help="evaluate a seeded sample of users")
     p.add_argument("--protocol", action="store_true", help="also report MovieLens under the published protocol (random 80/20, full ranking)")
+    p.add_argument("--device", action="store_true",
+                   help="also the device path: distil the tiny on-device ranker and rank each user's retrieval candidates with it")
     p.set_defaults(func=_eval)
 
 
@@ -111,6 +113,20 @@ def _eval(args: argparse.Namespace) -> int:
         "two_stage_vs_popularity": (int8 / pop) if pop > 0 else None,
         "int8_size_vs_teacher": res.sizes["student_int8"] / res.sizes["teacher_fp32"],
     }
+    if args.device:
+        import tempfile
+
+        from export.device.evaluate import evaluate_device
+        from export.device.tiny_model import build_device_model
+
+        with tempfile.TemporaryDirectory(prefix="parity-eval-device-") as tmp:
+            model = build_device_model(args.release, ws.data_dir, tmp)
+            dev = evaluate_device(args.release, ws.data_dir, model, max_users=args.max_users, server=res)
+        out["device"] = dev
+        r = dev["ratios"]
+        print(f"device_int8    {dev['device_int8']['ndcg@10']:>8.4f} {dev['device_int8']['recall@10']:>10.4f}   "
+              f"{r['device_over_server_ndcg']:.2f}x the server's two-stage, {r['device_over_popularity_ndcg']:.2f}x popularity "
+              f"({model.bytes['int8']} bytes int8)")
     if args.protocol:
         from models.protocol_eval import published_protocol
 

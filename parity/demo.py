@@ -136,7 +136,7 @@ def _device(out: Path, ws, rel, user: int) -> dict:
 
     t = _step("device: distil a tiny ranker, export a signed bundle, sync it over HTTP, rank on the device offline")
     keys = keygen(out / "keys", force=True)
-    model = build_device_model(rel.path, ws.data_dir, out / "device-model", seed=0, widths=((64, 32),))
+    model = build_device_model(rel.path, ws.data_dir, out / "device-model", seed=0, widths=((64, 32),), alphas=(0.6,))
     rep = export_device(rel.path, ws.data_dir, keys, out / "bundle", model)
     print(f"  tiny ranker {model.bytes['int8'] / 1024:.1f} KB int8 ONNX, {model.bytes['ort'] / 1024:.1f} KB ORT "
           f"(hidden {'-'.join(map(str, model.hidden))}, built in {model.seconds:.1f} s)")

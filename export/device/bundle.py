@@ -33,6 +33,7 @@ from features.catalog import ItemCatalog
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
 from features.events import EventBatch
+from features.item_item import SparseItemItem, sparsify
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.popularity import popularity
@@ -52,6 +53,9 @@ class DeviceModelFiles(Protocol):
     dim: int
     session: Any  # features.session.SessionSpec (to_json())
     stat_columns: tuple[str, ...]
+    item_item: SparseItemItem | None
+
+    def item_item_spec(self) -> dict | None: ...
 
 
 @dataclass(frozen=True)
@@ -109,8 +113,9 @@ def bin_prefix_len(n_users: int, per_bin: int = 256) -> int:
     return n
 
 
-def _item_chunk(inp: _Inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows of the item table for `ids`: release embeddings, content embeddings for the rest."""
+def _item_chunk(inp: _Inputs, ids: np.ndarray, item_item: SparseItemItem | None = None) -> dict[str, np.ndarray]:
+    """Rows of the item table for `ids`: release embeddings, content embeddings for the rest;
+    with `item_item`, each item's neighbours (int32 ids, -1 padded) and float16 weights."""
     rt, cat = inp.runtime, inp.items
     ids = np.asarray(ids, dtype=np.int64)
     emb = np.zeros((len(ids), rt.item_embeddings.shape[1]), dtype=np.float32)
@@ -124,9 +129,19 @@ def _item_chunk(inp: _Inputs, ids: np.ndarray) -> dict[str, np.ndarray]:
         emb[new] = rt.content_embeddings(cat, ids[new])
     qr = quantize_rows(emb)
     ok, r = row >= 0, np.maximum(row, 0)
-    return {"item_id": ids, "embedding": qr.q, "scale": qr.scale,
-            "topic": np.where(ok, cat.topic[r], -1).astype(np.int32), "creator_id": np.where(ok, cat.creator_id[r], -1).astype(np.int64),
-            "publish_ts": np.where(ok, cat.publish_ts[r], 0).astype(np.int64), "duration_s": np.where(ok, cat.duration_s[r], 0).astype(np.float32)}
+    out = {"item_id": ids, "embedding": qr.q, "scale": qr.scale,
+           "topic": np.where(ok, cat.topic[r], -1).astype(np.int32), "creator_id": np.where(ok, cat.creator_id[r], -1).astype(np.int64),
+           "publish_ts": np.where(ok, cat.publish_ts[r], 0).astype(np.int64), "duration_s": np.where(ok, cat.duration_s[r], 0).astype(np.float32)}
+    if item_item is not None:
+        k = item_item.nbr_id.shape[1]
+        rr = item_item.rows(ids)
+        known = rr >= 0
+        nbr_id = np.full((len(ids), k), -1, dtype=np.int32)
+        nbr_w = np.zeros((len(ids), k), dtype=np.float16)
+        nbr_id[known] = item_item.nbr_id[rr[known]]
+        nbr_w[known] = item_item.nbr_w[rr[known]].astype(np.float16)  # float16 values already: exact
+        out.update(nbr_id=nbr_id, nbr_w=nbr_w)
+    return out
 
 
 def _stats(inp: _Inputs, ids: np.ndarray, stat_columns: Sequence[str], as_of: int) -> dict[str, np.ndarray]:
@@ -223,7 +238,7 @@ def export_device(release_dir: str | Path, data_dir: str | Path, keys: BundleKey
     ort_rel, meta = bd.put("model/ranker_int8", "ort", Path(model.ort_path).read_bytes())
     files[ort_rel] = meta
     ids = np.union1d(inp.items.item_id, inp.runtime.vocab)
-    chunk_rel, meta = bd.put_npz("items/chunk", _item_chunk(inp, ids))
+    chunk_rel, meta = bd.put_npz("items/chunk", _item_chunk(inp, ids, model.item_item))
     files[chunk_rel] = meta
     stats_rel, meta = bd.put_npz("items/stats", _stats(inp, ids, model.stat_columns, watermark))
     files[stats_rel] = meta
@@ -242,7 +257,7 @@ def export_device(release_dir: str | Path, data_dir: str | Path, keys: BundleKey
     secs["user_files"] = time.perf_counter() - t
     version = _version(previous)
     model_meta = {"onnx": onnx_rel, "ort": ort_rel, "inputs": list(model.columns), "dim": int(model.dim),
-                  "session": model.session.to_json(), "stat_columns": list(model.stat_columns)}
+                  "session": model.session.to_json(), "stat_columns": list(model.stat_columns), "item_item": model.item_item_spec()}
     payload = _payload(inp, model_meta, version, None, watermark)
     payload["files"] = files
     payload["items"] = {"chunks": [chunk_rel], "stats": stats_rel, "lists": lists_rel}
@@ -283,7 +298,11 @@ def export_delta(bundle: str | Path, data_dir: str | Path, keys: BundleKeys, *, 
     new_ids = np.setdiff1d(inp.items.item_id, have)
     watermark = max(int(inp.events.ts.max()) + 1, int(old["watermark_ms"]))
     if len(new_ids):
-        rel, meta = bd.put_npz("items/chunk", _item_chunk(inp, new_ids))
+        spec = old["model"].get("item_item")
+        sparse = sparsify(inp.runtime.item_item, int(spec["k"])) if spec and inp.runtime.item_item is not None else None
+        if spec and sparse is None:
+            raise ValueError(f"--release: the bundle's ranker reads item.item_item but release {inp.release.release_id} has no item-item model")
+        rel, meta = bd.put_npz("items/chunk", _item_chunk(inp, new_ids, sparse))
         files[rel] = meta
         chunks.append(rel)
     all_ids = np.union1d(have, new_ids)

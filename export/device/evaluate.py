@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from export.device.inputs import DeviceFeatureSource
-from export.device.lists import release_lists, teacher_matrix
+from export.device.lists import device_item_item, list_item_item, release_lists, teacher_matrix
 from export.device.quant import int8_round_trip
 from export.device.tiny_model import DeviceModel, device_session
 from export.device.training_rows import ItemEmbeddingTable, check_feature_sets
@@ -28,13 +28,13 @@ from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, label_rows, split_cuts
-from models.evaluate import evaluate_release, topk_metrics
+from models.evaluate import EvalResult, evaluate_release, topk_metrics
 
 __all__ = ["evaluate_device"]
 
 
 def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: DeviceModel, *, k: int = 10,
-                    max_users: int | None = None, seed: int = 0, retrieve_k: int = 200) -> dict:
+                    max_users: int | None = None, seed: int = 0, retrieve_k: int = 200, server: EvalResult | None = None) -> dict:
     """{"users", "device_int8", "server_student_int8", "popularity", "two_tower", "ratios", ...}: NDCG@k and recall@k each.
     `server_student_int8_on_device_pool` (a diagnostic) ranks the device's candidates with the server's student."""
     rel = load_release(release_dir)
@@ -42,7 +42,8 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
         raise ReleaseError(f"the device model was distilled from release {model.release_id}, not {rel.release_id}")
     info = load_info(data_dir)
     check_feature_sets(rel, info.kind, info.n_topics)
-    server = evaluate_release(release_dir, data_dir, retrieve_k=retrieve_k, k=k, max_users=max_users, seed=seed)
+    if server is None:  # `server`: evaluate_release's result for the same arguments, when the caller has it
+        server = evaluate_release(release_dir, data_dir, retrieve_k=retrieve_k, k=k, max_users=max_users, seed=seed)
     rt = ReleaseRuntime.load(rel, rankers=("student_int8",))
     m = rel.manifest
     td_meta = m["training_data"]
@@ -71,8 +72,10 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
     lists = release_lists(rt, joiner, sets[rt.inputs.user_set], events, info.kind, items, users, t_user, retrieve_k)
     cu, ci, ct = lists.rows()
     n = np.asarray([len(x) for x in lists.ids])
+    sparse = device_item_item(rt) if "item.item_item" in model.columns else None
+    ii = list_item_item(sparse, events, info.kind, lists) if sparse is not None else None
     X = DeviceFeatureSource(info.kind, info.n_topics, events, items).matrix(
-        np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n))
+        np.repeat(int8_round_trip(lists.user_emb), n, axis=0), ItemEmbeddingTable(rt, items)(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n), ii)
     scores = ort_score(device_session(model.int8_path), X)
     # diagnostic: the server's student on the device's pool (no popular/fresh extras): pool vs ranker
     same_pool = rt.score(teacher_matrix(rt, joiner, used, events, info.kind, items, lists), "student_int8")

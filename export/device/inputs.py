@@ -62,12 +62,14 @@ def stat_feature_set(kind: str, n_topics: int = 20) -> FeatureSet:
     return fs
 
 
-def device_columns(kind: str, dim: int) -> tuple[str, ...]:
-    """The tiny ranker's input columns for a kind and embedding width, in BUNDLE_FORMAT.md order."""
+def device_columns(kind: str, dim: int, item_item: bool = False) -> tuple[str, ...]:
+    """The tiny ranker's input columns for a kind and embedding width, in BUNDLE_FORMAT.md order
+    (`item.item_item` when the release has an item-item model: a bundle then ships its sparse form)."""
     if dim < 1:
         raise ValueError(f"embedding dim must be >= 1, got {dim}")
     return ("emb.dot", "emb.rank", "emb.gap", *(f"emb.prod[{j}]" for j in range(dim)), *(f"item.{s}" for s in stat_columns(kind)),
-            "item.age_h", "item.duration_s", "context.hour_sin", "context.hour_cos", *session_columns(kind))
+            "item.age_h", "item.duration_s", *(("item.item_item",) if item_item else ()), "context.hour_sin", "context.hour_cos",
+            *session_columns(kind))
 
 
 def hour_features(now_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +91,7 @@ class DeviceRows:
     session: np.ndarray  # (n, len(session_columns)) count/sum 0 and mean NaN when nothing matched
     item_id: np.ndarray  # (n,) int64
     list_id: np.ndarray  # (n,) int64: rows with the same list id are one ranked list (emb.rank, emb.gap)
+    item_item: np.ndarray | None = None  # (n,) the sparse item-item score (features.item_item.SparseItemItem), NaN missing
 
     def __len__(self) -> int:
         return len(self.now_ms)
@@ -105,7 +108,8 @@ def device_matrix(kind: str, rows: DeviceRows) -> np.ndarray:
     if rows.stats.shape != (n, S) or rows.session.shape != (n, Q):
         raise ValueError(f"stats {rows.stats.shape} / session {rows.session.shape}: expected ({n}, {S}) / ({n}, {Q})")
     prod = u * e  # float32 products; NaN without either embedding
-    X = np.empty((n, 3 + d + S + 4 + Q), dtype=np.float32)
+    ii = rows.item_item is not None
+    X = np.empty((n, 3 + d + S + 4 + ii + Q), dtype=np.float32)
     dot = prod.astype(np.float64).sum(axis=1).astype(np.float32)
     X[:, 0] = dot
     X[:, 1], X[:, 2] = list_rank_gap(dot, np.asarray(rows.item_id, np.int64), np.asarray(rows.list_id, np.int64))
@@ -118,9 +122,13 @@ def device_matrix(kind: str, rows: DeviceRows) -> np.ndarray:
     X[:, j] = np.where(pub == 0, np.nan, (now - pub).astype(np.float64) / MS_PER_HOUR).astype(np.float32)
     dur = np.asarray(rows.duration_s, dtype=np.float64)
     X[:, j + 1] = np.where(dur == 0, np.nan, dur).astype(np.float32)
+    j += 2
+    if ii:
+        X[:, j] = np.asarray(rows.item_item, dtype=np.float64).astype(np.float32)
+        j += 1
     hs, hc = hour_features(now)
-    X[:, j + 2], X[:, j + 3] = hs.astype(np.float32), hc.astype(np.float32)
-    X[:, j + 4:] = rows.session
+    X[:, j], X[:, j + 1] = hs.astype(np.float32), hc.astype(np.float32)
+    X[:, j + 2:] = rows.session
     return X
 
 
@@ -163,7 +171,7 @@ class DeviceFeatureSource:
         return spine, row
 
     def rows(self, user_emb: np.ndarray, item_emb: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
-             ts: np.ndarray | int, list_id: np.ndarray) -> DeviceRows:
+             ts: np.ndarray | int, list_id: np.ndarray, item_item: np.ndarray | None = None) -> DeviceRows:
         """DeviceRows of the given rows; embeddings are passed in already int8 round-tripped."""
         spine, row = self._spine(user_ids, item_ids, ts)
         joined = self.joiner.join(spine)
@@ -174,8 +182,8 @@ class DeviceFeatureSource:
         return DeviceRows(np.asarray(user_emb, np.float32), np.asarray(item_emb, np.float32), stats,
                           np.where(ok, self.items.publish_ts[r], 0), np.where(ok, self.items.duration_s[r], 0.0),
                           spine.column("ts").to_numpy(), session_values(self.kind, joined),
-                          np.asarray(item_ids, np.int64), np.asarray(list_id, np.int64))
+                          np.asarray(item_ids, np.int64), np.asarray(list_id, np.int64), item_item)
 
     def matrix(self, user_emb: np.ndarray, item_emb: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
-               ts: np.ndarray | int, list_id: np.ndarray) -> np.ndarray:
-        return device_matrix(self.kind, self.rows(user_emb, item_emb, user_ids, item_ids, ts, list_id))
+               ts: np.ndarray | int, list_id: np.ndarray, item_item: np.ndarray | None = None) -> np.ndarray:
+        return device_matrix(self.kind, self.rows(user_emb, item_emb, user_ids, item_ids, ts, list_id, item_item))

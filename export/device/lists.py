@@ -22,10 +22,11 @@ from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.events import EventBatch
 from features.history import engagement_mask, history_at
+from features.item_item import SparseItemItem, sparsify
 from features.pit import PitJoiner
 from models.data import feature_matrix
 
-__all__ = ["ReleaseLists", "release_lists", "teacher_matrix", "seen_before"]
+__all__ = ["ReleaseLists", "release_lists", "teacher_matrix", "seen_before", "device_item_item", "list_item_item"]
 
 
 @dataclass(frozen=True)
@@ -92,3 +93,15 @@ def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet]
     for j, c in enumerate(rt.inputs.columns):
         X[:, j] = np.concatenate(rcols[c]) if c in rcols else Xb[:, pos[c]]
     return X
+
+
+def device_item_item(rt: ReleaseRuntime, k: int = 32) -> SparseItemItem | None:
+    """The device's form of the release's item-item model (None when the release has none)."""
+    return sparsify(rt.item_item, k) if rt.item_item is not None else None
+
+
+def list_item_item(model: SparseItemItem, events: EventBatch, kind: str, lists: ReleaseLists) -> np.ndarray:
+    """The sparse item-item score of every candidate of `lists` (list after list) for its user's
+    history as of the list's cut: the device's `recent` items plus what it recorded since."""
+    H = history_at(events, kind, lists.users, lists.cut, model.history_len)
+    return np.concatenate([model.scores(H[r], ids) for r, ids in enumerate(lists.ids)]) if lists.ids else np.zeros(0)

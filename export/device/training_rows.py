@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from export.device.inputs import DeviceFeatureSource, device_columns, stat_columns
-from export.device.lists import release_lists, teacher_matrix
+from export.device.lists import device_item_item, list_item_item, release_lists, teacher_matrix
 from export.device.quant import int8_round_trip
 from export.release import Release, ReleaseError, load_release
 from export.runtime import ReleaseRuntime
 from features.catalog import ItemCatalog
+from features.item_item import SparseItemItem
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
 from features.pit import PitJoiner
@@ -69,6 +70,7 @@ class DeviceTrainingData:
     train: DeviceSplit
     valid: DeviceSplit
     fingerprint: str | None  # the checked training-data fingerprint (labelled rows)
+    item_item: SparseItemItem | None = None  # the sparse item-item model behind `item.item_item`, when a column
 
 
 def check_feature_sets(rel: Release, kind: str, n_topics: int) -> None:
@@ -126,9 +128,9 @@ def device_training_data(release_dir: str | Path, data_dir: str | Path, *, seed:
     kind = info.kind
     items = ItemCatalog.from_table(read_items(data_dir))
     emb_table = ItemEmbeddingTable(rt, items)
-    cols = device_columns(kind, emb_table.dim)
     if rows == "candidates":
-        return _candidate_rows(rel, rt, info, items, emb_table, cols, seed, data_dir)
+        return _candidate_rows(rel, rt, info, items, emb_table, seed, data_dir)
+    cols = device_columns(kind, emb_table.dim)
     td = build_training_data(data_dir, seed=int(m["seed"]), max_rows=m["config"].get("max_rows"),
                              history_len=int(m["retrieval"].get("history_len", 0)))
     fp, want = td.fingerprint(), m["training_data"]["fingerprint"]
@@ -145,7 +147,7 @@ def device_training_data(release_dir: str | Path, data_dir: str | Path, *, seed:
     return DeviceTrainingData(kind, rel.release_id, "labelled", cols, emb_table.dim, *splits, fp)
 
 
-def _candidate_rows(rel, rt, info, items, emb_table, cols, seed, data_dir) -> DeviceTrainingData:
+def _candidate_rows(rel, rt, info, items, emb_table, seed, data_dir) -> DeviceTrainingData:
     m = rel.manifest
     kind = info.kind
     td_meta = m["training_data"]
@@ -170,10 +172,13 @@ def _candidate_rows(rel, rt, info, items, emb_table, cols, seed, data_dir) -> De
     u_emb = int8_round_trip(lists.user_emb)
     n = np.asarray([len(x) for x in lists.ids])
     src = DeviceFeatureSource(kind, info.n_topics, events, items)
-    X = src.matrix(np.repeat(u_emb, n, axis=0), emb_table(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n))
+    sparse = device_item_item(rt)
+    ii = list_item_item(sparse, events, kind, lists) if sparse is not None else None
+    cols = device_columns(kind, emb_table.dim, item_item=sparse is not None)
+    X = src.matrix(np.repeat(u_emb, n, axis=0), emb_table(ci), cu, ci, ct, np.repeat(np.arange(len(n)), n), ii)
     p = rt.score(Xt, "teacher_fp32")
     valid_users = np.random.default_rng(seed).random(len(users)) < VALID_SHARE
     is_valid = np.repeat(valid_users, n)
     pick = lambda mk, name: DeviceSplit(name, cu[mk], ci[mk], ct[mk], y[mk], X[mk], p[mk])  # noqa: E731
     return DeviceTrainingData(kind, rel.release_id, "candidates", cols, emb_table.dim, pick(~is_valid, "train"),
-                              pick(is_valid, "valid"), None)
+                              pick(is_valid, "valid"), None, sparse)

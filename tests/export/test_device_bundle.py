@@ -43,6 +43,10 @@ class _Model:
     dim: int = 0
     session: _Session = field(default_factory=_Session)
     stat_columns: tuple = ("plays_1d", "plays_7d")
+    item_item: None = None
+
+    def item_item_spec(self) -> None:
+        return None
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,28 +22,50 @@ from export.device.bundle import export_delta, export_device
 from export.device.cdn import BackgroundCDN
 from export.device.files import MANIFEST, read_manifest, read_npz
 from export.device.inputs import DeviceRows, device_matrix
-from export.device.keys import keygen
+from export.device.keys import BundleKeys, keygen
 from export.device.quant import dequantize_rows
-from export.device.tiny_model import build_device_model, device_session
+from export.device.tiny_model import DeviceModel, build_device_model, device_session
 from export.release import load_release
 from export.runtime import ReleaseRuntime
 from features.datasets import load_info
 from features.eventlog import EventLog
 from features.events import EventBatch, EventType
+from features.history import last_distinct
 from features.pit import PitJoiner
 from features.session import session_columns, session_sets, session_values
 from mobile_sdk import Client, Event
 
 
+@dataclass(frozen=True)
+class Device:
+    model: DeviceModel
+    keys: BundleKeys
+    data: Path
+    bundle: Path
+    release: Path
+
+
 @pytest.fixture(scope="module")
-def device(release_dir: Path, small_sim: Path, tmp_path_factory: pytest.TempPathFactory):
+def list_release(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release whose rankers learn on candidate lists: it has an item-item model, so its
+    device ranker reads `item.item_item` and the bundle ships the sparse neighbours."""
+    from models.pipeline import train_release
+
+    return train_release(small_sim, tmp_path_factory.mktemp("list-releases"), profile="tiny", seed=0, ranker_rows="candidates").path
+
+
+@pytest.fixture(scope="module", params=["labelled", "lists"])
+def device(request, release_dir: Path, small_sim: Path, tmp_path_factory: pytest.TempPathFactory):
+    if request.param == "lists":
+        release_dir = request.getfixturevalue("list_release")
     root = tmp_path_factory.mktemp("device")
     model = build_device_model(release_dir, small_sim, root / "model", seed=0, profile="tiny")
+    assert ("item.item_item" in model.columns) == (request.param == "lists")
     keys = keygen(root / "keys")
     data = root / "data"
     shutil.copytree(small_sim, data)
     export_device(release_dir, data, keys, root / "bundle", model)
-    return model, keys, data, root / "bundle"
+    return Device(model, keys, data, root / "bundle", release_dir)
 
 
 def _user_entry(bundle: Path, payload: dict, token: str) -> dict | None:
@@ -59,7 +82,7 @@ def _sdk_events(rng: np.random.Generator, chunk: dict, now: int, n: int) -> list
 
 
 def test_sdk_scores_equal_the_export_side(device, tmp_path: Path) -> None:
-    model, keys, data, bundle = device
+    model, keys, data, bundle = device.model, device.keys, device.data, device.bundle
     payload = read_manifest(bundle / MANIFEST, keys.public_pem)
     kind = payload["dataset_kind"]
     events = EventLog(data / "events").read()
@@ -92,8 +115,14 @@ def test_sdk_scores_equal_the_export_side(device, tmp_path: Path) -> None:
     spine = pa.table({"user_id": np.full(len(ids), user, np.int64), "item_id": ids, "topic": chunk["topic"][r].astype(np.int64),
                       "creator_id": chunk["creator_id"][r], "ts": np.full(len(ids), now, np.int64)})
     sess = session_values(kind, PitJoiner(session_sets(kind), ev).join(spine))
+    ii = None
+    if model.item_item is not None:  # the history: the user file's recent items, then this session's engagements
+        engaged = [e.item_id for e in sorted(recorded, key=lambda e: e.ts) if e.type in (1, 2) and e.ts < now]
+        hist = last_distinct(np.asarray(uf["recent"].tolist() + engaged, dtype=np.int64), model.item_item.history_len)
+        ii = model.item_item.scores(hist, ids)
+        assert np.isfinite(ii).all() and (ii != 0).any()
     X = device_matrix(kind, DeviceRows(user_emb, item_emb, stats["values"][srow], chunk["publish_ts"][r], chunk["duration_s"][r],
-                                       np.full(len(ids), now, np.int64), sess, ids, np.zeros(len(ids), np.int64)))
+                                       np.full(len(ids), now, np.int64), sess, ids, np.zeros(len(ids), np.int64), ii))
     export_scores = device_session(model.int8_path).run(["score"], {"features": X})[0].reshape(-1)
     assert np.abs(export_scores - sdk_scores).max() <= 1e-5
     # the session features themselves: the SDK's log vs the feature store's join
@@ -104,19 +133,19 @@ def test_sdk_scores_equal_the_export_side(device, tmp_path: Path) -> None:
     client.close()
 
 
-def test_bundle_embeddings_match_the_release(device, release_dir: Path) -> None:
-    _, keys, _, bundle = device
+def test_bundle_embeddings_match_the_release(device) -> None:
+    model, keys, _, bundle = device.model, device.keys, device.data, device.bundle
     payload = read_manifest(bundle / MANIFEST, keys.public_pem)
     chunk = read_npz(bundle / payload["items"]["chunks"][0])
-    rt = ReleaseRuntime.load(load_release(release_dir), rankers=())
+    rt = ReleaseRuntime.load(load_release(device.release), rankers=())
     pos = np.searchsorted(chunk["item_id"], rt.vocab)
     assert (chunk["item_id"][pos] == rt.vocab).all()
     deq = dequantize_rows(chunk["embedding"][pos], chunk["scale"][pos])
     assert (np.abs(deq - rt.item_embeddings) <= chunk["scale"][pos][:, None] / 2 + 1e-6).all()
 
 
-def test_delta_syncs_incrementally_and_erasure_reaches_the_device(device, release_dir: Path, tmp_path: Path) -> None:
-    model, keys, data0, bundle0 = device
+def test_delta_syncs_incrementally_and_erasure_reaches_the_device(device, tmp_path: Path) -> None:
+    model, keys, data0, bundle0, release_dir = device.model, device.keys, device.data, device.bundle, device.release
     data, bundle = tmp_path / "data", tmp_path / "bundle"
     shutil.copytree(data0, data)
     shutil.copytree(bundle0, bundle)

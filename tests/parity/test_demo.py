@@ -11,3 +11,4 @@ def test_the_demo_runs_end_to_end_and_proves_parity(tmp_path, capsys):
     assert "duplicates ignored" in out
     assert "served 10 items to known and new users: True" in out
     assert "live events reflected in recommendations: True" in out and "server stopped cleanly" in out
+    assert "device ranked offline from a signed bundle: True" in out and "never synced says so" in out
