@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.delay_proxy import FaultPlan
@@ -96,7 +97,34 @@ def test_quick_smoke_run_writes_the_result_json(tmp_path: Path, capsys: pytest.C
     assert "proxy overhead" in capsys.readouterr().out
 
 
-def test_the_sdk_leg_is_a_clear_todo_not_a_silent_skip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    with EchoUpstream(record=False) as up:
-        assert main(["--upstream", up.target, "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "h.json"), "--quick"]) == 2
-    assert "TODO" in capsys.readouterr().err and not (tmp_path / "h.json").exists()
+def test_the_sdk_leg_needs_keys(tmp_path: Path) -> None:
+    with EchoUpstream(record=False) as up, pytest.raises(SystemExit) as exc:
+        main(["--upstream", up.target, "--bundle", str(tmp_path / "b"), "--out", str(tmp_path / "h.json"), "--quick"])
+    assert exc.value.code == 2 and not (tmp_path / "h.json").exists()
+
+
+def test_the_sdk_leg_against_a_real_server_and_bundle(release_dir: Path, small_sim: Path, tmp_path: Path) -> None:
+    """The mobile SDK behind the fault proxy, in front of a real server on a tiny release: every
+    call answered (by the server or, when it is slow or dropped, by the device), none failed."""
+    from bench.hybrid import run_hybrid, sdk_hybrid_call
+    from export.device.bundle import export_device
+    from export.device.keys import keygen
+    from export.device.tiny_model import build_device_model
+    from features.eventlog import EventLog
+    from server.app import BackgroundServer
+    from server.config import ServerConfig
+
+    keys = keygen(tmp_path / "keys")
+    model = build_device_model(release_dir, small_sim, tmp_path / "model", profile="tiny")
+    export_device(release_dir, small_sim, keys, tmp_path / "bundle", model)
+    users = [int(u) for u in np.unique(EventLog(small_sim / "events").read().user_id)[:4]]
+    factory = sdk_hybrid_call(tmp_path / "bundle", keys, users, tmp_path / "devices")
+    cfg = ServerConfig(release=release_dir, data_dir=small_sim, host="127.0.0.1", port=0, metrics_port=None, drain_grace_s=1.0)
+    with BackgroundServer(cfg) as srv:
+        res = run_hybrid(f"127.0.0.1:{srv.port}", [str(u) for u in users], hybrid_call=factory,
+                         plan=FaultPlan(delay_share=0.3, drop_share=0.1, seed=1), n=30, concurrency=3, overhead_n=0)
+    hy, so = res["hybrid"]["all"], res["server_only"]["all"]
+    assert hy["failed"] == 0 and hy["calls"] == 60
+    assert hy["sources"].get("server", 0) > 0.3 and any(k.startswith("device:") for k in hy["sources"])
+    assert so["failed"] > 0  # the same dropped calls fail a server-only client
+    assert hy["latency_ms"]["max"] < so["latency_ms"]["max"]

@@ -39,10 +39,12 @@ def _pattern(col: str) -> str:
 
 
 def test_columns_follow_the_bundle_format_order():
-    cols = device_columns("simulated", 4)
+    cols = device_columns("simulated", 4, item_item=True)
     want = [p for cell in _format_column_patterns() for p in cell]
     seen = list(dict.fromkeys(_pattern(c) for c in cols))
     assert seen == want
+    assert "item.item_item" not in device_columns("simulated", 4)  # only for releases with an item-item model
+    cols = device_columns("simulated", 4)
     assert cols[:8] == ("emb.dot", "emb.rank", "emb.gap", "emb.prod[0]", "emb.prod[1]", "emb.prod[2]", "emb.prod[3]", "item.plays_1d")
     assert cols[-len(session_columns("simulated")):] == session_columns("simulated")
     assert stat_columns("movielens") == ("ratings_7d", "ratings_30d", "rating_mean_30d", "ratings_decayed_30d")
