@@ -34,7 +34,8 @@ def _lat(d: dict) -> str:
 def render(res: dict) -> str:
     m, cfg = res.get("machine", {}), res.get("config", {})
     b, dev, srv = res["bundle"], res["device"], res["server_recommend"]
-    out = [f"Run {res.get('started_at', '?')} – {res.get('finished_at', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores)"
+    out = [START, "", "## The device path: bundles, export, on-device ranking, sync, hybrid mode, quality (generated)", "",
+           f"Run {res.get('started_at', '?')} – {res.get('finished_at', '?')} on {m.get('cpu', '?')} ({m.get('cores', '?')} cores)"
            f"{' — QUICK smoke run, not for comparison' if res.get('quick') else ''}. Command: `python -m bench.device --out "
            "bench/results/device.json` (part of `make bench`; `make bench-device` alone). Simulated data "
            f"{cfg.get('sim')}, release profile {cfg.get('profile')}.", ""]
@@ -69,12 +70,17 @@ def render(res: dict) -> str:
     out += ["**Hybrid mode behind a faulty network** (bench/delay_proxy.py: "
             f"{h.get('plan', {}).get('delay_share', 0.2):.0%} of calls delayed {h.get('plan', {}).get('delay_ms', [80, 200])} ms, "
             f"{h.get('plan', {}).get('drop_share', 0.05):.0%} dropped; same seeded faults for both legs)", "",
-            "| leg | calls | failed | p50 ms | p99 ms | max ms | answered by |", "|---|---:|---:|---:|---:|---:|---|"]
+            "| leg | phase | calls | failed | p50 ms | p99 ms | max ms | answered by |", "|---|---|---:|---:|---:|---:|---:|---|"]
     for leg in ("server_only", "hybrid"):
-        a = h[leg]["all"]
-        lat = a["latency_ms"]
-        src = ", ".join(f"{k} {v:.0%}" for k, v in sorted(a.get("sources", {}).items()))
-        out.append(f"| {leg} | {a['calls']} | {a['failed']} | {_f(lat['p50'], 1)} | {_f(lat['p99'], 1)} | {_f(lat['max'], 1)} | {src} |")
+        for phase in ("sequential", "concurrent", "all"):
+            a = h[leg][phase]
+            lat = a["latency_ms"]
+            src = ", ".join(f"{k} {v:.0%}" for k, v in sorted(a.get("sources", {}).items()))
+            out.append(f"| {leg} | {phase} | {a['calls']} | {a['failed']} | {_f(lat['p50'], 1)} | {_f(lat['p99'], 1)} | {_f(lat['max'], 1)} | {src} |")
+    out += ["", f"Sequential: one device asking {h.get('n')} times, one call at a time (a phone's feed); concurrent: "
+                f"{h.get('concurrency')} threads of this one process calling at once (several devices share this process's GIL and "
+                "its 2 cores with the server, so this phase measures the harness's contention as much as the SDK). Latency is what "
+                "the caller waited, failed calls included; the server-only client's deadline is 1 s, the SDK's server deadline 40 ms."]
     if h.get("proxy_overhead"):
         po = h["proxy_overhead"]
         out += ["", f"The proxy's own cost in the same run: +{_f(po['added_p50_ms'])} ms p50 per forwarded call "
@@ -89,6 +95,7 @@ def render(res: dict) -> str:
         for r in q:
             out.append(f"| {r['data']} | {r['users']} | {r['device_int8']['ndcg@10']:.4f} | {r['server_student_int8']['ndcg@10']:.4f} | "
                        f"{r['popularity']['ndcg@10']:.4f} | {r['ratios']['device_over_server_ndcg']:.2f} | {r['ratios']['device_over_popularity_ndcg']:.2f} |")
+    out += ["", END]
     return "\n".join(out)
 
 
@@ -99,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     src, dst = Path(args[0]), Path(args[1])
     if not src.is_file():
-        block = f"No device results yet: `python -m bench.device --out {src}` makes them."
+        block = f"{START}\n\nNo device results yet: `python -m bench.device --out {src}` makes them.\n\n{END}"
     else:
         block = render(json.loads(src.read_text()))
     update_results(dst, block, START, END)

@@ -86,6 +86,7 @@ class Client:
         self._floor: Manifest | None = None
         self.load_error: str | None = None  # why the cached bundle was not usable, if it was not
         self._hybrid_pool = None
+        self.rank_seconds_ewma = 0.0  # recent on-device rank time: hybrid mode starts its fallback this long before the deadline
         self._load_cached()
 
     # --- bundle ------------------------------------------------------------------------------
@@ -205,8 +206,10 @@ class Client:
         x = build_features(b.plan, b.items, rows, user_emb, now_ms, session, ii)
         scores = b.ranker.score(x)
         order = np.lexsort((ids_arr, -np.where(np.isnan(scores), -np.inf, scores)))[:k]
+        elapsed = time.perf_counter() - t0
+        self.rank_seconds_ewma = 0.8 * self.rank_seconds_ewma + 0.2 * elapsed if self.rank_seconds_ewma else elapsed
         return Ranking([(int(ids_arr[i]), float(scores[i])) for i in order], source=source, bundle_version=b.version,
-                       now_ms=now_ms, elapsed_ms=(time.perf_counter() - t0) * 1e3)
+                       now_ms=now_ms, elapsed_ms=elapsed * 1e3)
 
     # --- hybrid ------------------------------------------------------------------------------
     def recommend(self, user_id: int | str, k: int = 10, deadline_s: float = 0.040,

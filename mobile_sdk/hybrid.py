@@ -113,25 +113,39 @@ def recommend(client: "Client", user_id: int | str, k: int, deadline_s: float,
     future = None
     if client.transport is not None:
         future = _pool(client).submit(client.transport, str(user_id), k, server_ctx, exclude, float(deadline_s))
-    # rank on the device while the server thinks: when the deadline passes, the fallback is ready
-    # (about 1 ms of CPU per call that the server answers; the tail is the deadline, not deadline + rank)
+    # Wait for the server until a margin before the deadline (a few device ranks long), then rank
+    # on the device while still waiting: a fast server costs no device CPU, and a slow one
+    # leaves the fallback ready when the deadline passes (the tail is the deadline, not
+    # deadline + rank).
+    margin = min(deadline_s / 2, max(0.005, 3.0 * client.rank_seconds_ewma))
+    reason = "no server transport configured" if future is None else None
+    if future is not None:
+        try:
+            answer = future.result(timeout=max(0.0, deadline_s - margin))
+            reason = "degraded" if answer.degraded else None
+        except concurrent.futures.TimeoutError:
+            reason = "deadline"
+        except TransportError as exc:
+            reason = exc.reason
+        except Exception as exc:  # noqa: BLE001 - any transport failure means: answer from the device
+            reason = f"{type(exc).__name__}: {exc}"
+    if reason is None:
+        return Ranking(answer.items[:k], source=SOURCE_SERVER, bundle_version=client.version,
+                       release_id=answer.release_id, elapsed_ms=(time.perf_counter() - t0) * 1e3)
     try:
         local: Ranking | None = client.rank(user_id, context=context, k=k)
         no_bundle: NoBundle | None = None
     except NoBundle as exc:
         local, no_bundle = None, exc
-    if future is None:
-        reason = "no server transport configured"
-    else:
+    if reason == "deadline":  # the server may still make it within the margin
         try:
             answer = future.result(timeout=max(0.0, deadline_s - (time.perf_counter() - t0)))
             reason = "degraded" if answer.degraded else None
         except concurrent.futures.TimeoutError:
             future.cancel()
-            reason = "deadline"
         except TransportError as exc:
             reason = exc.reason
-        except Exception as exc:  # noqa: BLE001 - any transport failure means: answer from the device
+        except Exception as exc:  # noqa: BLE001
             reason = f"{type(exc).__name__}: {exc}"
     if reason is None:
         return Ranking(answer.items[:k], source=SOURCE_SERVER, bundle_version=client.version,

@@ -14,19 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from export.runtime import ReleaseRuntime
-from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
+from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, retrieval_columns
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.events import EventBatch
-from features.history import engagement_mask, history_at
+from features.history import history_at
 from features.item_item import SparseItemItem, sparsify
+from export.device.users import user_states
 from features.pit import PitJoiner
 from models.data import feature_matrix
 
-__all__ = ["ReleaseLists", "release_lists", "teacher_matrix", "seen_before", "device_item_item", "list_item_item"]
+__all__ = ["ReleaseLists", "release_lists", "teacher_matrix", "device_item_item", "list_item_item"]
 
 
 @dataclass(frozen=True)
@@ -43,34 +43,13 @@ class ReleaseLists:
                 np.repeat(self.cut, n))
 
 
-def seen_before(events: EventBatch, kind: str, cut_of: dict[int, int]) -> dict[int, set[int]]:
-    """Each user's engaged items with ts < the user's cut."""
-    ev_cut = np.asarray([cut_of.get(u, -1) for u in events.user_id.tolist()], dtype=np.int64)
-    eng = engagement_mask(events, kind) & (events.ts < ev_cut)
-    seen: dict[int, set[int]] = {}
-    for u, i in zip(events.user_id[eng].tolist(), events.item_id[eng].tolist()):
-        seen.setdefault(u, set()).add(i)
-    return seen
-
-
 def release_lists(rt: ReleaseRuntime, joiner: PitJoiner, user_set: FeatureSet, events: EventBatch, kind: str,
                   items: ItemCatalog, users: np.ndarray, cut: np.ndarray, k: int = 200) -> ReleaseLists:
-    users, cut = np.asarray(users, np.int64), np.asarray(cut, np.int64)
-    ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": cut}), only=[user_set.name]), [user_set])
-    U = np.stack([np.where(ucols[c][1], np.nan, ucols[c][0]) for c in rt.user_columns], axis=1).astype(np.float32)
-    H = history_at(events, kind, users, cut, rt.history_len) if rt.history_len else None
-    emb = rt.user_embeddings(U, H)
-    seen = seen_before(events, kind, dict(zip(users.tolist(), cut.tolist())))
-    max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
-    cand_ids, _ = rt.retrieve(emb, min(len(rt.vocab), k + max_seen + 50))
-    pub_of = dict(zip(items.item_id.tolist(), items.publish_ts.tolist()))
-    in_release = set(rt.vocab.tolist())
-    ids = []
-    for r, (u, t) in enumerate(zip(users.tolist(), cut.tolist())):
-        s = seen.get(u, set())
-        ids.append(np.asarray([x for x in cand_ids[r].tolist() if x not in s and x in in_release and pub_of.get(x, t) < t][:k],
-                              dtype=np.int64))
-    return ReleaseLists(users, cut, emb, ids)
+    """Each user's list as of the user's cut: `export.device.users.user_states`, the function the
+    bundle's user files come from, so training, evaluation and the bundle hold the same lists."""
+    st = user_states(rt, events, items, user_set, kind, np.asarray(users, np.int64), np.asarray(cut, np.int64),
+                     n_candidates=k, joiner=joiner)
+    return ReleaseLists(st.user_ids, np.asarray(st.as_of_ms, np.int64), st.embeddings, [st.candidate_list(r) for r in range(len(st.user_ids))])
 
 
 def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet], events: EventBatch, kind: str,

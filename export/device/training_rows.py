@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.device.inputs import DeviceFeatureSource, device_columns, stat_columns
+from export.device.inputs import DeviceFeatureSource, device_columns
 from export.device.lists import device_item_item, list_item_item, release_lists, teacher_matrix
 from export.device.quant import int8_round_trip
 from export.release import Release, ReleaseError, load_release

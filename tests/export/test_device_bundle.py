@@ -5,7 +5,6 @@ The tiny ranker's bytes are copied, not read, by the writer: here they are place
 (tests/mobile_sdk checks the real model end to end)."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import stat
