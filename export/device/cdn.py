@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.serving import make_server
+from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.utils import send_file
 from werkzeug.wrappers import Request
 
@@ -68,13 +68,20 @@ def make_app(bundle_dir: str | Path) -> Callable:
     return app
 
 
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per request: the stand-in runs inside tests, the demo and benchmarks."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
 class BackgroundCDN:
     """`with BackgroundCDN(bundle_dir) as cdn: cdn.url` — a threaded werkzeug server in a daemon thread."""
 
     def __init__(self, bundle_dir: str | Path, port: int = 0, host: str = "127.0.0.1",
                  wrap: Callable[[Callable], Callable] | None = None) -> None:
         app = make_app(bundle_dir)
-        self._server = make_server(host, port, wrap(app) if wrap else app, threaded=True)
+        self._server = make_server(host, port, wrap(app) if wrap else app, threaded=True, request_handler=_QuietHandler)
         self.host = host
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="parity-cdn",

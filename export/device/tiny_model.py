@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
 import tempfile
 import time
@@ -129,6 +130,9 @@ def convert_to_ort(onnx_path: Path, ort_path: Path) -> Path:
         shutil.copyfile(onnx_path, src)
         out = Path(tmp) / "out"
         with contextlib.redirect_stdout(io.StringIO()):
+            # its loggers say INFO for every file written; ours are enough
+            for name in ("ort_format_model.utils", "convert_onnx_models_to_ort"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             convert_onnx_models_to_ort(src, output_dir=out, optimization_styles=[OptimizationStyle.Fixed], target_platform=ORT_TARGET)
         got = sorted(out.glob("*.ort"))
         if len(got) != 1:
