@@ -68,11 +68,12 @@ class DeviceRankerConfig:
         return dataclasses.replace(self, **changes)
 
 
-def blank_embeddings(X: np.ndarray, columns: tuple[str, ...], share: float, rng: np.random.Generator) -> np.ndarray:
-    """A copy of X with every `emb.*` column NaN on ~`share` of the rows."""
+def blank_embeddings(X: np.ndarray, columns: tuple[str, ...], share: float, rng: np.random.Generator,
+                     rows: np.ndarray | None = None) -> np.ndarray:
+    """A copy of X with every `emb.*` column NaN on ~`share` of the rows (or on `rows`)."""
     X = np.array(X, dtype=np.float32, copy=True)
     emb = [j for j, c in enumerate(columns) if c.startswith("emb.")]
-    rows = np.flatnonzero(rng.random(len(X)) < share)
+    rows = np.flatnonzero(rng.random(len(X)) < share) if rows is None else rows
     if emb and len(rows):
         X[np.ix_(rows, emb)] = np.nan
     return X
@@ -88,106 +89,78 @@ def train_device_ranker(X: np.ndarray, y: np.ndarray, teacher_p: np.ndarray, X_v
                         groups: np.ndarray | None = None, groups_valid: np.ndarray | None = None) -> StudentRanker:
     """Distil the tiny ranker (raw device inputs → probability); `.fit_info` says how it went.
     `groups` / `groups_valid`: the candidate list of each row (rows of a list contiguous), needed
-    by the listwise loss."""
+    by the listwise loss, whose early stopping reads the validation lists' mean within-list AUC."""
     t0 = time.perf_counter()
     cfg = cfg or DeviceRankerConfig()
-    if cfg.loss == "listwise":
-        if groups is None or groups_valid is None:
-            raise ValueError("the listwise loss needs the candidate list of every row (groups, groups_valid)")
-        return _train_listwise(X, y, teacher_p, X_valid, y_valid, columns, cfg, seed, groups, groups_valid, t0)
+    listwise = cfg.loss == "listwise"
+    if listwise and (groups is None or groups_valid is None):
+        raise ValueError("the listwise loss needs the candidate list of every row (groups, groups_valid)")
     X, y, teacher_p = np.asarray(X, np.float32), np.asarray(y, np.float32), np.asarray(teacher_p)
     if X.shape[1] != len(columns) or np.asarray(X_valid).shape[1] != len(columns):
         raise ValueError(f"X has {X.shape[1]} columns, valid {np.asarray(X_valid).shape[1]}, names {len(columns)}")
     if not (len(X) == len(y) == len(teacher_p)) or len(X) == 0 or len(X_valid) == 0:
         raise ValueError("need non-empty training and validation rows with one label and one teacher score each")
-    if cfg.max_train_rows is not None and len(y) > cfg.max_train_rows:
+    if not listwise and cfg.max_train_rows is not None and len(y) > cfg.max_train_rows:
         X, y, teacher_p = X[-cfg.max_train_rows:], y[-cfg.max_train_rows:], teacher_p[-cfg.max_train_rows:]
     rcfg = cfg.ranker_config()
     rng = np.random.default_rng(seed)
-    X = blank_embeddings(X, tuple(columns), cfg.blank_embedding, rng)
     T, alpha = cfg.temperature, cfg.alpha
-    with _Threads(cfg.threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transform = FeatureTransform.fit(X, columns, z_max=rcfg.z_max)
-        model = StudentRanker(transform, rcfg)
-        Ztr, Zva = _transform(transform, X), _transform(transform, X_valid)
-        ytr, soft = torch.from_numpy(y), _soft(teacher_p, T)
-
-        def loss(idx, Z, _rng):
-            s = model.head(Z[idx])
-            out = alpha * F.binary_cross_entropy_with_logits(s, ytr[idx])
-            if alpha < 1.0:
-                out = out + (1 - alpha) * F.binary_cross_entropy_with_logits(s / T, soft[idx])
-            return out
-
-        info = _fit(model, Ztr, len(y), loss, Zva, np.asarray(y_valid), cfg.lr, rcfg, seed)
-        model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
-    return model
-
-
-def _train_listwise(X, y, teacher_p, X_valid, y_valid, columns, cfg: DeviceRankerConfig, seed, groups, groups_valid, t0) -> StudentRanker:
-    """Softmax over each list: (1 - alpha) T^2 KL(teacher || student) + alpha * cross-entropy
-    with the list's positives. Pointwise BCE against the teacher's probabilities is dominated by
-    differences between users (how active each is), which the device's inputs barely see; the
-    device only ever orders one user's list, so it learns exactly that. Early stopping on the
-    mean within-list AUC of the validation lists."""
-    from models.ranker import FitInfo
-
-    X, y = np.asarray(X, np.float32), np.asarray(y, np.float32)
-    rcfg = cfg.ranker_config()
-    rng = np.random.default_rng(seed)
-    idx = _list_index(groups)
-    # blank whole lists: a device without a user file ranks a list with no embeddings at all
-    blank = rng.random(len(idx)) < cfg.blank_embedding
-    emb = [j for j, c in enumerate(columns) if c.startswith("emb.")]
-    X = X.copy()
-    rows = idx[blank][idx[blank] >= 0]
-    if emb and len(rows):
-        X[np.ix_(rows, emb)] = np.nan
-    p = np.clip(np.asarray(teacher_p, np.float64), 1e-7, 1 - 1e-7)
-    t_logit = torch.from_numpy((np.log(p) - np.log1p(-p)).astype(np.float32))
-    T, alpha = cfg.temperature, cfg.alpha
+    if listwise:  # blank whole lists: a device without a user file ranks a list with no embeddings at all
+        idx = _list_index(groups)
+        blank = idx[rng.random(len(idx)) < cfg.blank_embedding]
+        X = blank_embeddings(X, tuple(columns), 1.0, rng, rows=blank[blank >= 0])
+        rcfg = dataclasses.replace(rcfg, batch_size=cfg.lists_per_batch)
+    else:
+        X = blank_embeddings(X, tuple(columns), cfg.blank_embedding, rng)
     with _Threads(cfg.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transform = FeatureTransform.fit(X, columns, z_max=rcfg.z_max)
         model = StudentRanker(transform, rcfg)
         Ztr, Zva = _transform(transform, X), _transform(transform, X_valid)
         ytr = torch.from_numpy(y)
-        I = torch.from_numpy(idx)
-        opt = torch.optim.Adam([q for n, q in model.named_parameters() if not n.startswith("transform.")], lr=cfg.lr,
-                               weight_decay=cfg.weight_decay)
-        best, best_epoch, best_state, history, bad = -1.0, 0, None, [], 0
-        for epoch in range(1, cfg.max_epochs + 1):
-            model.train()
-            for b in np.array_split(rng.permutation(len(idx)), max(1, len(idx) // cfg.lists_per_batch)):
-                bi = I[torch.from_numpy(b)]
-                mask = bi >= 0
-                flat = bi.clamp(min=0)
-                s = model.head(Ztr[flat.reshape(-1)]).reshape(flat.shape)
-                neg_inf = torch.finfo(s.dtype).min
-                log_ps = torch.log_softmax(torch.where(mask, s / T, neg_inf), dim=1)
-                pt = torch.softmax(torch.where(mask, t_logit[flat] / T, neg_inf), dim=1)
-                kl = (pt * (torch.log(pt.clamp_min(1e-12)) - log_ps)).where(mask, 0.0).sum(1).mean()
-                yy = torch.where(mask, ytr[flat], 0.0)
-                has = yy.sum(1) > 0
-                log_p1 = torch.log_softmax(torch.where(mask, s, neg_inf), dim=1)
-                ce = -(yy[has] / yy[has].sum(1, keepdim=True) * log_p1[has].where(mask[has], 0.0)).sum(1).mean() if has.any() else s.sum() * 0
-                loss = alpha * ce + (1 - alpha) * T * T * kl
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            model.eval()
-            with torch.no_grad():
-                a = within_list_auc(model.head(Zva).numpy(), np.asarray(y_valid), groups_valid)
-            history.append(a)
-            if a > best:
-                best, best_epoch, bad = a, epoch, 0
-                best_state = {k: v.clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    break
-        model.load_state_dict(best_state)
-        model.eval()
-        model.fit_info = FitInfo(len(history), best_epoch, best, time.perf_counter() - t0, tuple(history), seed, len(y))
+        if listwise:
+            I, t_logit = torch.from_numpy(idx), _logit(teacher_p)
+            loss = _listwise_loss(model, I, ytr, t_logit, alpha, T)
+            info = _fit(model, Ztr, len(idx), loss, Zva, np.asarray(y_valid), cfg.lr, rcfg, seed,
+                        valid_score=lambda s: within_list_auc(s, np.asarray(y_valid), groups_valid))
+        else:
+            soft = _soft(teacher_p, T)
+
+            def loss(b, Z, _rng):
+                s = model.head(Z[b])
+                out = alpha * F.binary_cross_entropy_with_logits(s, ytr[b])
+                if alpha < 1.0:
+                    out = out + (1 - alpha) * F.binary_cross_entropy_with_logits(s / T, soft[b])
+                return out
+
+            info = _fit(model, Ztr, len(y), loss, Zva, np.asarray(y_valid), cfg.lr, rcfg, seed)
+        model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
     return model
+
+
+def _logit(p: np.ndarray) -> torch.Tensor:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return torch.from_numpy((np.log(p) - np.log1p(-p)).astype(np.float32))
+
+
+def _listwise_loss(model: StudentRanker, I: torch.Tensor, y: torch.Tensor, t_logit: torch.Tensor, alpha: float, T: float):
+    """Per batch of lists (rows of `I`, -1 padded): (1 - alpha) T^2 KL(softmax(teacher / T) ||
+    softmax(student / T)) + alpha * cross-entropy of softmax(student) with the list's positives."""
+
+    def loss(b, Z, _rng):
+        bi = I[b]
+        mask = bi >= 0
+        flat = bi.clamp(min=0)
+        s = model.head(Z[flat.reshape(-1)]).reshape(flat.shape)
+        neg_inf = torch.finfo(s.dtype).min
+        log_ps = torch.log_softmax(torch.where(mask, s / T, neg_inf), dim=1)
+        pt = torch.softmax(torch.where(mask, t_logit[flat] / T, neg_inf), dim=1)
+        kl = (pt * (torch.log(pt.clamp_min(1e-12)) - log_ps)).where(mask, 0.0).sum(1).mean()
+        yy = torch.where(mask, y[flat], 0.0)
+        has = yy.sum(1) > 0
+        if not has.any():
+            return (1 - alpha) * T * T * kl
+        log_p1 = torch.log_softmax(torch.where(mask, s, neg_inf), dim=1)
+        ce = -(yy[has] / yy[has].sum(1, keepdim=True) * log_p1[has].where(mask[has], 0.0)).sum(1).mean()
+        return alpha * ce + (1 - alpha) * T * T * kl
+    return loss

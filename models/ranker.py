@@ -265,8 +265,10 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], torch.Te
 
 
 def _fit(model: _Ranker, Ztr: torch.Tensor, n_rows: int, batch_loss: BatchLoss, Zva: torch.Tensor, yva: np.ndarray,
-         lr: float, cfg: RankerConfig, seed: int) -> FitInfo:
-    """Mini-batch Adam on model.head; keeps the weights of the best validation-AUC epoch."""
+         lr: float, cfg: RankerConfig, seed: int, valid_score: Callable[[np.ndarray], float] | None = None) -> FitInfo:
+    """Mini-batch Adam on model.head; keeps the weights of the best validation epoch (AUC, or
+    `valid_score(validation logits)`). `n_rows` is what batches index: rows, or lists for a
+    listwise loss (`batch_loss` gets the indices of a batch)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("transform.")], lr=lr,
@@ -281,7 +283,7 @@ def _fit(model: _Ranker, Ztr: torch.Tensor, n_rows: int, batch_loss: BatchLoss, 
             loss = batch_loss(idx, Ztr, rng)
             loss.backward()
             opt.step()
-        a = _valid_auc(model, Zva, yva)
+        a = _valid_auc(model, Zva, yva) if valid_score is None else valid_score(_head_logits(model, Zva).numpy())
         history.append(a)
         if a > best_auc:
             best_auc, best_epoch, bad = a, epoch, 0

@@ -24,6 +24,7 @@ import pyarrow as pa
 from export.device.files import FORMAT_VERSION, MANIFEST, BundleDir, ManifestError, read_manifest, read_npz, signed_manifest
 from export.device.keys import BundleKeys
 from export.device.quant import quantize_rows
+from export.device.training_rows import check_feature_sets
 from export.device.users import N_CANDIDATES, UserStates, user_states
 from export.release import Release, ReleaseError, load_release
 from export.runtime import ReleaseRuntime
@@ -93,10 +94,10 @@ def _load(release_dir: str | Path, data_dir: str | Path) -> _Inputs:
     release = load_release(release_dir)
     info = load_info(data_dir)
     sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
-    for name, v in release.feature_set_versions.items():
-        if name not in sets or sets[name].version != v:
-            have = sets[name].version if name in sets else "absent"
-            raise ReleaseError(f"--release: {release.release_id} was trained on {name} {v}; the data dir defines {have}")
+    try:
+        check_feature_sets(release, info.kind, info.n_topics)
+    except ReleaseError as exc:
+        raise ReleaseError(f"--release: {exc}") from None
     rt = ReleaseRuntime.load(release, rankers=())
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     if len(events) == 0:
