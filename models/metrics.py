@@ -30,6 +30,7 @@ __all__ = [
     "GroupedMean",
     "list_index",
     "within_list_auc",
+    "within_list_ndcg",
 ]
 
 
@@ -239,3 +240,14 @@ def within_list_auc(scores: np.ndarray, y: np.ndarray, groups: np.ndarray) -> fl
         pos, neg = ss[yy > 0], ss[yy <= 0]
         out.append(float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
     return float(np.mean(out)) if out else 0.5
+
+
+def within_list_ndcg(scores: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over lists with a positive: the held-out figure the device path is judged
+    by (`ndcg_at_k` per list, tie-aware), for choosing and stopping on validation lists."""
+    out = []
+    for row in list_index(groups):
+        r = row[row >= 0]
+        if (y[r] > 0).any():
+            out.append(ndcg_at_k(y[r], scores[r], k))
+    return float(np.mean(out)) if out else 0.0

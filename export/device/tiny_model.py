@@ -40,7 +40,7 @@ from export.onnx_export import export_ranker, ort_score, ort_session
 from export.quantize import QuantizationError, quantize_student, ranking_agreement
 from features.session import SessionSpec, session_spec
 from features.item_item import SparseItemItem
-from models.metrics import auc, candidate_lists, within_list_auc
+from models.metrics import auc, candidate_lists, within_list_auc, within_list_ndcg
 
 __all__ = ["DeviceModel", "DeviceModelChecks", "DeviceModelError", "build_device_model", "MAX_INT8_BYTES", "WIDTHS", "ALPHAS",
            "device_session"]
@@ -165,7 +165,7 @@ def build_device_model(release_dir: str | Path, data_dir: str | Path, out_dir: s
         m = train_device_ranker(tr.X, tr.label, tr.teacher, va.X, va.label, data.columns, cfg, seed,
                                 groups=tr.user_id, groups_valid=va.user_id)
         tried.append({"hidden": list(h), "loss": cfg.loss, "valid_metric": m.fit_info.best_valid_auc, "epochs": m.fit_info.epochs_run,
-                      "alpha": base.alpha, "temperature": base.temperature})
+                      "alpha": cfg.alpha, "temperature": cfg.temperature})
         if best is None or m.fit_info.best_valid_auc > best.fit_info.best_valid_auc:
             best = m
     fp32, int8, ortp = out / "ranker_fp32.onnx", out / "ranker_int8.onnx", out / "ranker_int8.ort"
@@ -199,7 +199,9 @@ def build_device_model(release_dir: str | Path, data_dir: str | Path, out_dir: s
     valid = {"auc_fp32": auc(va.label, s32), "auc_int8": auc(va.label, s8), "auc_teacher": auc(va.label, va.teacher),
              "auc_torch_best_epoch": best.fit_info.best_valid_auc,
              "list_auc_int8": within_list_auc(s8, va.label, va.user_id), "list_auc_teacher": within_list_auc(va.teacher, va.label, va.user_id),
-             "list_auc_dot": within_list_auc(va.X[:, 0], va.label, va.user_id)}
+             "list_auc_dot": within_list_auc(va.X[:, 0], va.label, va.user_id),
+             "list_ndcg10_int8": within_list_ndcg(s8, va.label, va.user_id), "list_ndcg10_teacher": within_list_ndcg(va.teacher, va.label, va.user_id),
+             "list_ndcg10_dot": within_list_ndcg(va.X[:, 0], va.label, va.user_id)}
     model = DeviceModel(data.release_id, data.kind, fp32, int8, ortp, sizes, data.columns, session_spec(data.kind),
                         stat_columns(data.kind), data.dim, tuple(best.config.student_hidden), checks, valid,
                         {"train": len(tr), "valid": len(va)}, time.perf_counter() - t0, tried, data.item_item)
