@@ -95,7 +95,7 @@ def render(res: dict) -> str:
         for r in q:
             out.append(f"| {r['data']} | {r['users']} | {r['device_int8']['ndcg@10']:.4f} | {r['server_student_int8']['ndcg@10']:.4f} | "
                        f"{r['popularity']['ndcg@10']:.4f} | {r['ratios']['device_over_server_ndcg']:.2f} | {r['ratios']['device_over_popularity_ndcg']:.2f} |")
-    out += ["", END]
+    out += ["", END, ""]
     return "\n".join(out)
 
 
