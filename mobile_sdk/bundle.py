@@ -200,11 +200,8 @@ def _item_item_spec(d: object) -> ItemItemSpec | None:
 
 def parse_manifest(raw: bytes, key: PublicKey) -> Manifest:
     """Verify manifest.json's signature over the exact payload bytes, then parse the payload."""
-    try:
-        outer = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"manifest.json is not JSON: {exc}") from None
-    if not isinstance(outer, dict) or outer.get("format") != FORMAT:
+    outer = _json(raw, "manifest.json")
+    if outer.get("format") != FORMAT:
         raise BundleError(f"manifest.json: format is not {FORMAT!r}")
     key_id = _req(outer, "key_id", str, "manifest.json")
     payload = _req(outer, "payload", str, "manifest.json")
