@@ -67,16 +67,19 @@ class Client:
 
     def __init__(self, base_url: str, cache_dir: str | Path, public_key: bytes | str | Path, user_token: str | None = None,
                  *, timeout_s: float = 10.0, transport: hybrid.Transport | None = None, max_session_events: int = 512,
-                 max_manifest_bytes: int = 4 << 20) -> None:
+                 max_manifest_bytes: int = 4 << 20, sync_budget_s: float = 120.0) -> None:
         if user_token is not None and (not isinstance(user_token, str) or not _TOKEN.fullmatch(user_token)):
             raise ValueError("user_token must be 64 lowercase hex chars (parity export token)")
         if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if not isinstance(sync_budget_s, (int, float)) or not sync_budget_s > 0:
+            raise ValueError(f"sync_budget_s must be > 0, got {sync_budget_s!r}")
         self.base_url = base_url
         self.user_token = user_token
         self.timeout_s = float(timeout_s)
         self.transport = transport
         self.max_manifest_bytes = max_manifest_bytes
+        self.sync_budget_s = float(sync_budget_s)  # a whole sync, however slowly a server drips bytes
         self._key = PublicKey.load(public_key)
         self._store = Store(cache_dir)
         self._session = SessionLog(max_session_events)
@@ -117,7 +120,7 @@ class Client:
         with self._sync_lock:
             try:
                 result, bundle, etag = run_sync(self.base_url, self._store, self._key, self.user_token, self._bundle,
-                                                self._floor, self._etag, self.timeout_s, self.max_manifest_bytes)
+                                                self._floor, self._etag, self.timeout_s, self.max_manifest_bytes, self.sync_budget_s)
             except SyncError as exc:
                 log.warning("sync failed, keeping version %s: %s", self.version, exc.reason)
                 raise

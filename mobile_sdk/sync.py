@@ -5,6 +5,7 @@ verified: the caller's current bundle is untouched by any failure."""
 from __future__ import annotations
 
 import http.client
+import math
 import socket
 import time
 import urllib.error
@@ -67,8 +68,10 @@ def get_manifest(base_url: str, etag: str | None, timeout_s: float, max_bytes: i
         return body, resp.headers.get("ETag")
 
 
-def download(base_url: str, store: Store, ref: FileRef, timeout_s: float) -> tuple[bytes, int]:
-    """Fetch `ref` into the cache; returns (its verified bytes, bytes transferred). Resumes a partial file."""
+def download(base_url: str, store: Store, ref: FileRef, timeout_s: float, deadline: float = math.inf) -> tuple[bytes, int]:
+    """Fetch `ref` into the cache; returns (its verified bytes, bytes transferred). Resumes a partial file.
+    `deadline` (time.monotonic()): a server that drips bytes cannot hold a sync past it
+    (`timeout_s` bounds each socket read only); what arrived is kept for a Range request."""
     part = store.partial_for(ref.sha256)
     have = part.stat().st_size if part.exists() else 0
     if have >= ref.bytes:
@@ -94,6 +97,9 @@ def download(base_url: str, store: Store, ref: FileRef, timeout_s: float) -> tup
                     raise SyncError(f"{ref.path}: download broke after {have + got} bytes: {exc}") from None
                 if not chunk:
                     break
+                if time.monotonic() > deadline:
+                    f.write(chunk)
+                    raise SyncError(f"{ref.path}: the sync's time budget ran out after {have + got + len(chunk)} of {ref.bytes} bytes")
                 got += len(chunk)
                 if have + got > ref.bytes:
                     part.unlink(missing_ok=True)
@@ -114,8 +120,8 @@ def download(base_url: str, store: Store, ref: FileRef, timeout_s: float) -> tup
 class _Fetcher:
     """A loader.Reader that takes verified bytes from the cache, else downloads; counts downloads."""
 
-    def __init__(self, base_url: str, store: Store, timeout_s: float) -> None:
-        self.base_url, self.store, self.timeout_s = base_url, store, timeout_s
+    def __init__(self, base_url: str, store: Store, timeout_s: float, deadline: float = math.inf) -> None:
+        self.base_url, self.store, self.timeout_s, self.deadline = base_url, store, timeout_s, deadline
         self.files = 0
         self.bytes = 0
         self._seen: dict[str, bytes] = {}
@@ -130,7 +136,7 @@ class _Fetcher:
             except BundleError:
                 data = None  # a damaged cached copy: fetched again below
         if data is None:
-            data, n = download(self.base_url, self.store, ref, self.timeout_s)
+            data, n = download(self.base_url, self.store, ref, self.timeout_s, self.deadline)
             self.files += 1
             self.bytes += n
         self._seen[ref.path] = data
@@ -147,7 +153,7 @@ def cache_reader(store: Store) -> loader.Reader:
 
 def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, current: DeviceBundle | None,
              floor: Manifest | None, etag: str | None, timeout_s: float,
-             max_manifest_bytes: int) -> tuple[SyncResult, DeviceBundle | None, str | None]:
+             max_manifest_bytes: int, budget_s: float = math.inf) -> tuple[SyncResult, DeviceBundle | None, str | None]:
     """One sync. `floor`: the newest verified manifest this device has accepted (the current
     bundle's, or a cached one whose files failed to load); an older one is a replay.
     Returns (result, the new bundle or None when the current one stays, the manifest's ETag)."""
@@ -173,7 +179,7 @@ def run_sync(base_url: str, store: Store, key: PublicKey, token: str | None, cur
             raise SyncError(f"manifest version {man.version} is older than the version in use {cur.version} (replay?)")
         if man.version == cur.version and man.payload != cur.payload:
             raise SyncError(f"manifest version {man.version} equals the version in use but its content differs")
-    fetcher = _Fetcher(base_url, store, timeout_s)
+    fetcher = _Fetcher(base_url, store, timeout_s, t0 + budget_s)
     try:
         for ref in loader.device_files(man, token):
             fetcher(ref)

@@ -177,6 +177,40 @@ def test_a_truncated_download_is_refused_then_resumed_with_a_range_request(world
     assert r.version == 2 and r.bytes_fetched == sizes(world, device_paths(payload, world)) - size // 2
 
 
+def test_a_server_that_drips_bytes_cannot_hold_a_sync_past_its_budget(world):
+    """Each read arrives well within the socket timeout, but the whole sync has a budget: a
+    slow-drip (or hostile) CDN ends in SyncError, and the bundle in use stays."""
+    import time as _time
+
+    c = world.client()
+    c.sync()
+    expected = c.rank(USER, context=CTX)
+    payload = world.publish(spec_v2())
+    big = payload["items"]["chunks"][-1]  # new in version 2: not in the device's cache
+    assert (world.origin / big).stat().st_size > 64 * 12
+
+    def dripping(app):
+        def wrapped(environ, start_response):
+            body = b"".join(app(environ, start_response))
+            if environ["PATH_INFO"].lstrip("/") != big:
+                return [body]
+
+            def drip():
+                for i in range(0, len(body), 64):
+                    _time.sleep(0.05)
+                    yield body[i:i + 64]
+            return drip()
+        return wrapped
+
+    world.serve(wrap=dripping)
+    slow = world.client(cache="device", sync_budget_s=0.3)
+    t = _time.monotonic()
+    with pytest.raises(SyncError, match="time budget"):
+        slow.sync()
+    assert _time.monotonic() - t < 3.0
+    assert slow.version == 1 and slow.rank(USER, context=CTX) == expected
+
+
 def test_server_down_raises_sync_error_and_the_device_ranks_offline(world):
     c = world.client()
     c.sync()
