@@ -15,7 +15,7 @@ One run, one machine, every figure beside its baseline from the same run:
 - hybrid: bench/hybrid.py behind bench/delay_proxy.py (20 % of calls delayed 80-200 ms, 5 %
   dropped): the SDK's `recommend` (40 ms server deadline, device fallback) against a plain
   server-only client (1 s deadline);
-- quality: `export.device.evaluate.evaluate_device` (device int8 vs the server's two-stage
+- quality: `pipeline.device_eval.evaluate_device` (device int8 vs the server's two-stage
   student_int8 vs popularity, NDCG@10) on the simulator at two seeds and on MovieLens 100K.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _setup(cfg: DeviceBenchConfig, work: Path) -> dict:
     from export.device.keys import keygen
     from export.device.tiny_model import build_device_model
     from features.simulator import simulate
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     data = work / "data"
     simulate(data, **cfg.sim)
@@ -244,7 +244,7 @@ def _export_scaling(cfg: DeviceBenchConfig, s: dict, work: Path) -> dict:
     from export.device.bundle import export_device
     from export.device.tiny_model import build_device_model
     from features.simulator import simulate
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     logs = []
     for n in cfg.scale_users:
@@ -267,10 +267,10 @@ def _export_scaling(cfg: DeviceBenchConfig, s: dict, work: Path) -> dict:
 
 
 def _quality(cfg: DeviceBenchConfig, s: dict, work: Path) -> list[dict]:
-    from export.device.evaluate import evaluate_device
+    from pipeline.device_eval import evaluate_device
     from export.device.tiny_model import build_device_model
     from features.simulator import simulate
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     out = []
     cases: list[tuple[str, Path, Any, Any]] = []

@@ -88,7 +88,7 @@ def render(res: dict) -> str:
     out += [""]
     q = res.get("quality", [])
     if q:
-        out += ["**Quality** (held-out NDCG@10, `export.device.evaluate.evaluate_device`: the same users and cut times as "
+        out += ["**Quality** (held-out NDCG@10, `pipeline.device_eval.evaluate_device`: the same users and cut times as "
                 "`parity eval`; device = the tiny int8 ranker on the user's retrieval top-200 with device inputs only)", "",
                 "| data | users | device int8 | server two-stage int8 | popularity | device / server | device / popularity |",
                 "|---|---:|---:|---:|---:|---:|---:|"]

@@ -66,7 +66,7 @@ def _demo_release(workspace: Path) -> tuple[Path, Path]:
     releases = sorted(p for p in (workspace / "releases").glob("*") if (p / "manifest.json").is_file()) if (workspace / "releases").is_dir() else []
     if releases:
         return data, releases[-1]
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     print(f"[loadtest] no release in {workspace}/releases: training the small profile", file=sys.stderr)
     return data, train_release(data, workspace / "releases", profile="small", seed=0).path

@@ -252,7 +252,7 @@ def _say(msg: str) -> None:
 
 def _prepare(work: Path, cfg: ServingBenchConfig) -> tuple[Path, Path, dict]:
     from features.simulator import simulate
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     data = work / "data"
     t0 = time.perf_counter()

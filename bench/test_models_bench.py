@@ -12,7 +12,7 @@ import torch
 
 from export.runtime import ReleaseRuntime
 from features.simulator import simulate
-from models.pipeline import train_release
+from pipeline.train import train_release
 from models.ranker import predict
 
 CANDIDATES = 500

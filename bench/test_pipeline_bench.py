@@ -16,7 +16,7 @@ import pytest
 
 from bench.baseline_server import TORCH_TEACHER, register
 from bench.latency import UserMix
-from models.pipeline import train_release
+from pipeline.train import train_release
 from server.bootstrap import build_service
 from server.config import ServerConfig
 from server.validation import validate_recommend

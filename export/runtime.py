@@ -31,7 +31,7 @@ import onnxruntime as ort
 from export.index import ItemIndex, exact_search
 from export.item_item import IDS_FILE as ITEM_ITEM_IDS, WEIGHTS_FILE as ITEM_ITEM_WEIGHTS, load_item_item
 from export.onnx_export import ort_session
-from export.item_inputs import VocabIndex, history_index, item_tower_inputs, load_vocab, vocab_index
+from features.item_inputs import VocabIndex, history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
 from features.assemble import RankerInputs
 from features.catalog import ItemCatalog

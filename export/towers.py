@@ -3,10 +3,10 @@
 - user tower: inputs ``user_features`` [N, U] float32 (raw, NaN = missing; the columns are
   `TwoTowerModel.user_columns`, also stored in the model's metadata as ``parity.user_columns``)
   and ``history`` [N, L] int64 (vocabulary indices of the user's last engaged items, most
-  recent last, 0 = empty; built by `export.item_inputs.history_index`; L is
+  recent last, 0 = empty; built by `features.item_inputs.history_index`; L is
   ``parity.history_len``; the graph mean-pools, so any L works, but L is what it was trained on);
 - item tower: inputs ``item_index``, ``topic``, ``creator_bucket`` [N] int64 and
-  ``duration_s`` [N] float32, built by `export.item_inputs.item_tower_inputs`;
+  ``duration_s`` [N] float32, built by `features.item_inputs.item_tower_inputs`;
 - both: output ``embedding`` [N, dim] float32, L2-normalised. Opset 17, dynamic batch axis.
 
 Every export is written to a temporary file, passed through ``onnx.checker.check_model`` and
@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.item_inputs import ITEM_INPUT_NAMES, VOCAB_FILE, save_vocab
+from features.item_inputs import ITEM_INPUT_NAMES, VOCAB_FILE, save_vocab
 from models.two_tower import TwoTowerModel
 
 __all__ = [

@@ -12,7 +12,7 @@ MLP and L2 normalisation. There is no user id: a new user (no history, or no fea
 an all-NaN row) gets an embedding from whatever exists; `history_dropout` hides the whole
 history of a share of training rows so that path is trained too.
 
-Item tower. Inputs as built by `export.item_inputs.item_tower_inputs` (the same numpy path
+Item tower. Inputs as built by `features.item_inputs.item_tower_inputs` (the same numpy path
 the server uses): item_index (1 + position in the training vocabulary, 0 = unknown/new),
 topic, creator bucket, duration. An id embedding (zero-initialised, row 0 fixed at zero)
 concatenated with topic and creator embeddings and the log duration -> MLP -> L2 normalised.
@@ -30,9 +30,8 @@ is measured and training stops `patience` epochs after the best, keeping the bes
 Deterministic given the seed: parameters, data order and dropout masks all come from seeded
 generators (and the result does not depend on the thread count).
 
-The item-input builder lives in export/item_inputs.py, a torch-free module, because the server
-must build the very same inputs; models/ importing that one leaf module of export/ is the price
-of a single implementation.
+The item-input builder lives in features/item_inputs.py, a torch-free module, because the
+server must build the very same inputs: one implementation below both.
 """
 from __future__ import annotations
 
@@ -45,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.item_inputs import DEFAULT_CREATOR_BUCKETS, history_index, item_tower_inputs
+from features.item_inputs import DEFAULT_CREATOR_BUCKETS, history_index, item_tower_inputs
 from features.history import HISTORY_LEN
 from models.data import ItemCatalog, Split, TrainingData
 

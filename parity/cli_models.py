@@ -39,11 +39,11 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from models.pipeline import train_release
+    from pipeline.train import train_release
     from parity.workspace import open_workspace
 
     ws = open_workspace(args.events)
-    logging.getLogger("models.pipeline").setLevel(logging.INFO)  # step timings to stderr
+    logging.getLogger("pipeline.train").setLevel(logging.INFO)  # step timings to stderr
     rel = train_release(ws.data_dir, args.out, profile=args.profile, seed=args.seed)
     m = rel.manifest["metrics"]
     rt = m["ranking_test"]
@@ -94,7 +94,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from models.evaluate import evaluate_release
+    from pipeline.evaluate import evaluate_release
     from parity.workspace import open_workspace
 
     ws = open_workspace(args.events)
@@ -116,7 +116,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.device:
         import tempfile
 
-        from export.device.evaluate import evaluate_device
+        from pipeline.device_eval import evaluate_device
         from export.device.tiny_model import build_device_model
 
         with tempfile.TemporaryDirectory(prefix="parity-eval-device-") as tmp:
@@ -128,7 +128,7 @@ def _eval(args: argparse.Namespace) -> int:
               f"{r['device_over_server_ndcg']:.2f}x the server's two-stage, {r['device_over_popularity_ndcg']:.2f}x popularity "
               f"({model.bytes['int8']} bytes int8)")
     if args.protocol:
-        from models.protocol_eval import published_protocol
+        from pipeline.protocol_eval import published_protocol
 
         out["published_protocol"] = published_protocol(ws.data_dir, args.release)
         for name, v in out["published_protocol"].items():

@@ -89,7 +89,7 @@ def _show(title: str, rec) -> None:
 
 
 def _train_and_serve(out: Path, ws, user: int) -> dict:
-    from models.pipeline import train_release
+    from pipeline.train import train_release
     from server.app import BackgroundServer
     from server.client import LiveEvent, ParityClient
     from server.config import ServerConfig

@@ -2,7 +2,7 @@
 
 Nothing here awaits or touches the network: `retrieve` and `rank` run in a worker thread
 (ONNX Runtime and ScaNN release the GIL) on a `Snapshot` and the user's decoded features.
-The stages follow the offline evaluation (models.evaluate) exactly: user features and the
+The stages follow the offline evaluation (pipeline.evaluate) exactly: user features and the
 seen record's last items (the engagement history) → user tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
 every candidate's ranker inputs through `features.assemble.assemble` (for rankers trained on
 candidate lists, with the list's retrieval rank and score gap, and the item-item score of the

@@ -93,7 +93,7 @@ def small_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def release_dir(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ONE tiny release per session, trained on `small_sim` (read-only: copy it before changing it)."""
-    from models.pipeline import train_release  # torch lives here, in the test process only
+    from pipeline.train import train_release  # torch lives here, in the test process only
 
     return train_release(small_sim, tmp_path_factory.mktemp("releases"), profile="tiny", seed=0).path
 

@@ -1,6 +1,6 @@
 """Retrieval candidate lists of a release at per-user cut times, as the server's ANN stage sees them.
 
-The same steps as `models.evaluate.evaluate_release` stage 1 and the ANN part of its
+The same steps as `pipeline.evaluate.evaluate_release` stage 1 and the ANN part of its
 candidates: the user's features and engagement history as of the cut (point-in-time), the
 release's user tower, ANN top-k with the user's engaged items before the cut and items not
 in the release or not yet published removed. Also the teacher's input matrix of every

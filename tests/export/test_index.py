@@ -19,7 +19,7 @@ from export.index import (
     exact_search,
     recall_at_k,
 )
-from export.item_inputs import (
+from features.item_inputs import (
     VocabError,
     creator_bucket,
     item_tower_inputs,
@@ -189,6 +189,6 @@ def test_item_tower_inputs_use_the_training_vocab_and_unknown_content_for_unknow
 
 
 def test_index_and_item_inputs_import_without_torch():
-    code = "import sys; sys.modules['torch'] = None\nimport export.index, export.item_inputs\n"
+    code = "import sys; sys.modules['torch'] = None\nimport export.index, features.item_inputs\n"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

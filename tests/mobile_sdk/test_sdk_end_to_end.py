@@ -48,7 +48,7 @@ class Device:
 def list_release(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A release whose rankers learn on candidate lists: it has an item-item model, so its
     device ranker reads `item.item_item` and the bundle ships the sparse neighbours."""
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     return train_release(small_sim, tmp_path_factory.mktemp("list-releases"), profile="tiny", seed=0, ranker_rows="candidates").path
 

@@ -10,8 +10,8 @@ from export.release import ReleaseError
 from export.runtime import ReleaseRuntime
 from features.repo import feature_sets
 from models.data import build_training_data
-from models.evaluate import evaluate_release, topk_metrics
-from models.pipeline import train_release
+from pipeline.evaluate import evaluate_release, topk_metrics
+from pipeline.train import train_release
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_releases_and_eval_from_the_command_line(tiny_release, small_sim):
 
 def test_the_published_protocol_measures_popularity_mf_and_parity_on_movielens(movielens_dir, tmp_path):
     from features.movielens import import_movielens
-    from models.protocol_eval import published_protocol
+    from pipeline.protocol_eval import published_protocol
 
     import_movielens(movielens_dir, tmp_path / "ml")
     res = published_protocol(tmp_path / "ml", profile="tiny")
@@ -162,7 +162,7 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
     the list-relative retrieval columns as inputs; the same seed gives the same release. The
     item-item models behind retrieval.item_item see only rows before each list's query time."""
     import models.candidates as candidates
-    import models.pipeline as pipeline
+    import pipeline.train as pipeline
     from features.assemble import RETRIEVAL_COLUMNS
     from features.movielens import import_movielens
 

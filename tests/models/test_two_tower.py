@@ -25,7 +25,7 @@ from export.towers import (
     export_user_tower,
     item_check_inputs,
 )
-from export.item_inputs import load_vocab
+from features.item_inputs import load_vocab
 from models.data import ItemCatalog, TrainingData, build_training_data
 from models.two_tower import (
     TwoTowerConfig,

@@ -170,7 +170,7 @@ def test_pair_features_read_after_retrieval_give_the_same_answers_as_prefetched_
 @pytest.fixture(scope="module")
 def candidates_service(small_sim, server_config, tmp_path_factory):
     """A release whose rankers learned on candidate lists (the MovieLens way), served."""
-    from models.pipeline import train_release
+    from pipeline.train import train_release
 
     rel = train_release(small_sim, tmp_path_factory.mktemp("cand-releases"), profile="tiny", seed=0, ranker_rows="candidates")
     svc = build_service(server_config(rel.path, small_sim))

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # a type only: models.data is pure numpy, but keep the import graph thin
-    from models.data import ItemCatalog
+if TYPE_CHECKING:  # a type only
+    from features.catalog import ItemCatalog
 
 __all__ = [
     "DEFAULT_CREATOR_BUCKETS",

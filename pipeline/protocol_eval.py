@@ -1,7 +1,7 @@
 """Parity's own models under MovieLens's published protocol (see models.protocol).
 
 The training 80% becomes a data dir of its own (only those rating events), and `parity
-train` (models.pipeline.train_release) builds a whole release from it with the same code,
+train` (pipeline.train.train_release) builds a whole release from it with the same code,
 profile and seed as the release being evaluated: two-tower, candidate-list rankers (teacher,
 student, int8 student). Every user then ranks ALL unseen items, through the release's ONNX
 files (export.runtime, as `parity eval` and the server do), with features and history as of
@@ -55,7 +55,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         seed = int(m["seed"]) if seed is None else seed
     profile = "default" if profile is None else profile
     seed = 0 if seed is None else seed
-    from models.pipeline import train_release  # torch: imported only when the protocol runs
+    from pipeline.train import train_release  # torch: imported only when the protocol runs
 
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     if holdout not in ("test", "valid"):

@@ -1,6 +1,6 @@
 """The device path's quality, beside the server's, on the held-out slice `parity eval` uses.
 
-Same users and cut times as `models.evaluate.evaluate_release` (each user's test start; the
+Same users and cut times as `pipeline.evaluate.evaluate_release` (each user's test start; the
 same `max_users` sample for the same seed). Device candidates: the release's retrieval
 top-200 as of the cut with seen and unpublished items removed (what a user file's
 `candidates` holds, `export.device.lists`), ranked by the tiny int8 model on device inputs as
@@ -28,7 +28,7 @@ from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, label_rows, split_cuts
-from models.evaluate import EvalResult, evaluate_release, topk_metrics
+from pipeline.evaluate import EvalResult, evaluate_release, topk_metrics
 
 __all__ = ["evaluate_device"]
 
@@ -105,13 +105,13 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
 
 
 def _main(argv=None) -> int:
-    """`python -m export.device.evaluate RELEASE DATA OUT [--seed S]`: build the tiny ranker, print one JSON report."""
+    """`python -m pipeline.device_eval RELEASE DATA OUT [--seed S]`: build the tiny ranker, print one JSON report."""
     import argparse
     import json
 
     from export.device.tiny_model import build_device_model
 
-    p = argparse.ArgumentParser(prog="python -m export.device.evaluate", description=_main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipeline.device_eval", description=_main.__doc__)
     p.add_argument("release_dir")
     p.add_argument("data_dir")
     p.add_argument("out_dir")
