@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from export.device.lists import ReleaseLists, teacher_matrix
 from export.release import ReleaseError, load_release
 from export.runtime import RANKERS, ReleaseRuntime
-from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
+from features.assemble import columns_from_join
 from features.catalog import ItemCatalog
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
@@ -131,25 +132,9 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         pops.append(np.asarray(pop[:k], dtype=np.int64))
 
     # Stage 2: rank every candidate with point-in-time features as of the user's cut.
-    cu = np.concatenate([np.full(len(c[0]), u, dtype=np.int64) for u, c in zip(users.tolist(), cands)])
-    ct = np.concatenate([np.full(len(c[0]), t, dtype=np.int64) for t, c in zip(t_user.tolist(), cands)])
-    ci = np.concatenate([c[0] for c in cands]).astype(np.int64)
-    if rt.inputs.uses_retrieval:  # the list-relative retrieval columns, per user's list, as the server computes them
-        base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
-                            tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
-        Xb = feature_matrix(base, joiner, used, items, cu, ci, ct)
-        rcols = {c: [] for c in RETRIEVAL_COLUMNS if c in rt.inputs.columns}
-        Hii = history_at(events, info.kind, users, t_user, rt.item_item.history_len) if rt.item_item is not None else None
-        for r, (ids, _) in enumerate(cands):
-            rc = retrieval_columns(rt.item_scores(emb[r], ids), ids, Hii[r] if Hii is not None else None, rt.item_item)
-            for c in rcols:
-                rcols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
-        X = np.empty((len(ci), len(rt.inputs.columns)), dtype=np.float32)
-        pos = {c: j for j, c in enumerate(base.columns)}
-        for j, c in enumerate(rt.inputs.columns):
-            X[:, j] = np.concatenate(rcols[c]) if c in rcols else Xb[:, pos[c]]
-    else:
-        X = feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
+    lists = ReleaseLists(users, t_user, emb, [c[0] for c in cands])
+    cu, ci, ct = lists.rows()
+    X = teacher_matrix(rt, joiner, used, events, info.kind, items, lists)  # incl. the list-relative retrieval columns
     scores = {r: rt.score(X, r) for r in RANKERS}
 
     acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}

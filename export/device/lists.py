@@ -54,7 +54,9 @@ def release_lists(rt: ReleaseRuntime, joiner: PitJoiner, user_set: FeatureSet, e
 
 def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet], events: EventBatch, kind: str,
                    items: ItemCatalog, lists: ReleaseLists) -> np.ndarray:
-    """The release rankers' raw inputs for every candidate of `lists` (as `evaluate_release` builds them)."""
+    """The release rankers' raw inputs for every candidate of `lists`, with the list-relative
+    retrieval columns when the rankers read them: `parity eval` (pipeline.evaluate) ranks with
+    exactly these, and so does the device ranker's teacher."""
     cu, ci, ct = lists.rows()
     if not rt.inputs.uses_retrieval:
         return feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
