@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import json
@@ -293,10 +294,14 @@ class ItemTable:
     def __len__(self) -> int:
         return len(self.item_id)
 
+    @functools.cached_property
+    def _sorted_ids(self) -> np.ndarray:  # once per bundle, not per rank call
+        return self.item_id[self._order]
+
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 for an id not in the table."""
         ids = np.asarray(ids, dtype=np.int64)
-        sorted_ids = self.item_id[self._order]
+        sorted_ids = self._sorted_ids
         pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sorted_ids) - 1, 0))
         if len(sorted_ids) == 0:
             return np.full(ids.shape, -1, dtype=np.int64)

@@ -52,6 +52,10 @@ class Ranking(list):
         return f"Ranking(source={self.source!r}, fallback_reason={self.fallback_reason!r}, items={list.__repr__(self)})"
 
 
+MAX_CANDIDATES = 2000  # per rank call (a user file holds 200)
+MAX_FUTURE_MS = 5 * 60_000  # features.event_rules.DEFAULT_MAX_FUTURE_MS, the server's bound
+
+
 def _check_k(k: object) -> int:
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -134,9 +138,16 @@ class Client:
 
     # --- session -----------------------------------------------------------------------------
     def record(self, event: Event | Mapping) -> None:
-        """Keep one of this session's events: ts (ms), item_id, type, value, and optional topic, creator_id."""
+        """Keep one of this session's events: ts (ms), item_id, type, value, and optional topic, creator_id.
+        An event stamped more than MAX_FUTURE_MS ahead of this device's clock is refused: the
+        session log drops what no window counts any more, measured from its latest event, so one
+        event from a wrong clock would otherwise empty the session (the server's event rules
+        refuse the same)."""
+        e = Event.coerce(event)
+        if e.ts > time.time() * 1000 + MAX_FUTURE_MS:
+            raise ValueError(f"event ts {e.ts} is more than {MAX_FUTURE_MS // 60_000} min ahead of this device's clock")
         b = self._bundle
-        self._session.record(Event.coerce(event), None if b is None else b.manifest.model.session)
+        self._session.record(e, None if b is None else b.manifest.model.session)
 
     def session_events(self) -> list[Event]:
         return self._session.events()
@@ -185,6 +196,8 @@ class Client:
         now_ms = int((context or {}).get("now_ms", time.time() * 1000))
         if candidates is not None:
             ids, source = [int(i) for i in candidates], SOURCE_REQUEST
+            if len(ids) > MAX_CANDIDATES:  # the session features are (candidates x events): bound them
+                raise ValueError(f"candidates: {len(ids)} items, at most {MAX_CANDIDATES} per rank call")
         elif b.user is not None:
             ids, source = b.user.candidates.tolist(), SOURCE_USER
         else:

@@ -113,11 +113,12 @@ def build_features(plan: tuple[Column, ...], table: ItemTable, rows: np.ndarray,
         prod = user_embedding.astype(np.float32)[None, :] * table.embedding[rows]  # float32 products
     angle = hour_angle(now_ms)
     dot = None if prod is None else prod.astype(np.float64).sum(axis=1).astype(np.float32)
+    rank_gap = _rank_gap(dot, table.item_id[rows]) if dot is not None and any(c.kind in ("rank", "gap") for c in plan) else None
     for j, col in enumerate(plan):
         if col.kind == "dot":
             x[:, j] = np.nan if dot is None else dot
         elif col.kind in ("rank", "gap"):
-            x[:, j] = np.nan if dot is None else _rank_gap(dot, table.item_id[rows])[0 if col.kind == "rank" else 1]
+            x[:, j] = np.nan if rank_gap is None else rank_gap[0 if col.kind == "rank" else 1]
         elif col.kind == "prod":
             x[:, j] = np.nan if prod is None else prod[:, col.index]
         elif col.kind == "stat":

@@ -148,3 +148,26 @@ def test_the_session_log_is_bounded(world):
         c.record({"ts": NOW_MS, "item_id": 10, "type": 0, "user_id": 7})
     with pytest.raises(TypeError):
         c.record({"ts": "now", "item_id": 10, "type": 0})
+
+
+def test_an_event_from_a_wrong_clock_is_refused_and_the_session_survives(world):
+    """The session log drops what no window counts any more, measured from its latest event: one
+    event stamped decades ahead would have emptied it (measured: 5 events -> 1)."""
+    c = world.client()
+    c.sync()
+    for i in range(5):
+        c.record(Event(NOW_MS - i * 60_000, 10 + i, 0, 1.0))
+    before = c.session_features([12], NOW_MS)
+    with pytest.raises(ValueError, match="ahead of this device's clock"):
+        c.record(Event(NOW_MS + 10**12, 99, 0, 1.0))
+    assert len(c.session_events()) == 5
+    after = c.session_features([12], NOW_MS)
+    assert all(np.array_equal(before[k], after[k], equal_nan=True) for k in before)
+
+
+def test_a_huge_candidate_list_is_refused_with_a_clear_error(world):
+    c = world.client()
+    c.sync()
+    with pytest.raises(ValueError, match="candidates: 2001 items"):
+        c.rank(USER, candidates=range(2001), context=CTX)
+    assert len(c.rank(USER, candidates=range(2000), context=CTX, k=3)) <= 3
