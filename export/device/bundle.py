@@ -30,6 +30,7 @@ from export.release import Release, ReleaseError, load_release
 from export.runtime import ReleaseRuntime
 from features.assemble import columns_from_join
 from features.atomic import write_atomic
+from features.part_checksum import file_sha256
 from features.catalog import ItemCatalog
 from features.datasets import load_info, read_items
 from features.eventlog import EventLog
@@ -185,7 +186,7 @@ def _version(previous: int | None) -> int:
     return now if previous is None or now > previous else previous + 1
 
 
-def _finish(bd: BundleDir, keys: BundleKeys, inp: _Inputs, payload: dict, bins: dict[str, dict], previous: dict | None) -> dict:
+def _finish(bd: BundleDir, keys: BundleKeys, payload: dict, bins: dict[str, dict]) -> dict:
     """Write the bins, sign and place the manifest, then remove what it no longer references."""
     files = payload["files"]
     payload["users"]["bins"] = {}
@@ -264,7 +265,7 @@ def export_device(release_dir: str | Path, data_dir: str | Path, keys: BundleKey
     payload["items"] = {"chunks": [chunk_rel], "stats": stats_rel, "lists": lists_rel}
     payload["users"] = {"prefix_len": prefix_len, "bins": {}}
     t = time.perf_counter()
-    _finish(bd, keys, inp, payload, bins, None)
+    _finish(bd, keys, payload, bins)
     secs["manifest"] = time.perf_counter() - t
     secs["total"] = time.perf_counter() - t0
     return ExportReport(out, version, None, inp.release.release_id, watermark, len(uids), 0, len(ids), len(ids), len(bd.written),
@@ -281,6 +282,16 @@ def _find_release(release_id: str, data_dir: Path, given: str | Path | None) -> 
                      f"(looked in {data_dir.parent / 'releases'} and ./releases)")
 
 
+def _verified(bundle: Path, rel: str, files: dict) -> Path:
+    """A file of the bundle, checked against the signed manifest before a delta builds on it:
+    a delta re-signs what it carries over, so a changed file must stop it, not be blessed."""
+    meta = files.get(rel)
+    path = bundle / rel
+    if meta is None or not path.is_file() or path.stat().st_size != meta["bytes"] or file_sha256(path) != meta["sha256"]:
+        raise ValueError(f"--bundle: {rel} is missing or does not match the signed manifest (changed on disk?); export a full bundle")
+    return path
+
+
 def export_delta(bundle: str | Path, data_dir: str | Path, keys: BundleKeys, *, release_dir: str | Path | None = None) -> ExportReport:
     """Bring a bundle up to the event log without retraining; only changed files are written."""
     t0 = time.perf_counter()
@@ -295,7 +306,7 @@ def export_delta(bundle: str | Path, data_dir: str | Path, keys: BundleKeys, *, 
     bd = BundleDir(bundle)
     files = {k: v for k, v in old["files"].items() if not k.startswith(("users/bins/", "items/stats.", "items/lists."))}
     chunks = list(old["items"]["chunks"])
-    have = np.concatenate([read_npz(bundle / c)["item_id"] for c in chunks])
+    have = np.concatenate([read_npz(_verified(bundle, c, old["files"]))["item_id"] for c in chunks])
     new_ids = np.setdiff1d(inp.items.item_id, have)
     watermark = max(int(inp.events.ts.max()) + 1, int(old["watermark_ms"]))
     if len(new_ids):
@@ -311,7 +322,7 @@ def export_delta(bundle: str | Path, data_dir: str | Path, keys: BundleKeys, *, 
     files[stats_rel] = meta
     lists_rel, meta = bd.put_json("items/lists", _lists(inp, watermark))
     files[lists_rel] = meta
-    bins = {p: json.loads((bundle / rel).read_text()) for p, rel in old["users"]["bins"].items()}
+    bins = {p: json.loads(_verified(bundle, rel, old["files"]).read_text()) for p, rel in old["users"]["bins"].items()}
     prefix_len = int(old["users"]["prefix_len"])
     # erased users: an audit record and no events left; their files go, their tokens become tombstones
     present = set(np.unique(inp.events.user_id).tolist())
@@ -333,7 +344,7 @@ def export_delta(bundle: str | Path, data_dir: str | Path, keys: BundleKeys, *, 
     payload["items"] = {"chunks": chunks, "stats": stats_rel, "lists": lists_rel}
     payload["users"] = {"prefix_len": prefix_len, "bins": {}}
     payload["tombstones"] = int(old.get("tombstones", 0)) + tomb
-    _finish(bd, keys, inp, payload, bins, old)
+    _finish(bd, keys, payload, bins)
     return ExportReport(bundle, version, int(old["version"]), inp.release.release_id, watermark, len(changed), tomb, len(all_ids),
                         len(new_ids), len(bd.written), bd.bytes_written, user_bytes / max(len(changed), 1),
                         {"total": round(time.perf_counter() - t0, 3)})

@@ -229,3 +229,20 @@ def test_manifest_signature_is_checked(release_dir: Path, small_sim: Path, keys,
     # a folder another key signed is not overwritten
     with pytest.raises(ValueError, match="did not sign|empty"):
         export_device(release_dir, small_sim, other, out, model)
+
+
+def test_a_delta_refuses_to_re_sign_a_file_changed_on_disk(release_dir: Path, sim_copy: Path, keys, model: _Model, tmp_path: Path) -> None:
+    """A delta carries the old bins over and signs them again: a bin edited on the origin (a user
+    pointed at another user's file, say) must stop it, not be blessed by a fresh signature."""
+    out = tmp_path / "bundle"
+    export_device(release_dir, sim_copy, keys, out, model)
+    old = read_manifest(out / MANIFEST, keys.public_pem)
+    rel = next(iter(old["users"]["bins"].values()))
+    p = out / rel
+    p.chmod(0o644)
+    b = json.loads(p.read_text())
+    b["tombstones"].append("0" * 64)
+    p.write_text(json.dumps(b))
+    with pytest.raises(ValueError, match="does not match the signed manifest"):
+        export_delta(out, sim_copy, keys, release_dir=release_dir)
+    assert read_manifest(out / MANIFEST, keys.public_pem)["version"] == old["version"]  # nothing re-signed
