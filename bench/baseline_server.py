@@ -46,7 +46,7 @@ def register() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from server.app import add_serve_arguments, run_from_args
+    from parity.cli_serve import add_serve_arguments, run_from_args
 
     p = argparse.ArgumentParser(prog="python -m bench.baseline_server", description=__doc__.split("\n\n")[0])
     add_serve_arguments(p)

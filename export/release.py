@@ -17,10 +17,11 @@ import shutil
 import stat
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from export.manifest import ManifestError, ReleaseManifest
 from export.manifest_schema import FORMAT_VERSION, MANIFEST, clip, manifest_problem, release_id_problem, shorten
 from features.part_checksum import file_sha256
 
@@ -54,31 +55,40 @@ class ReleaseSummary:
 
 @dataclass(frozen=True)
 class Release:
+    """A release folder and its manifest: `manifest` the JSON as written, `meta` the typed
+    fields code reads (export/manifest.py), parsed here, once."""
+
     path: Path
     manifest: Mapping[str, Any]
+    meta: ReleaseManifest = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "meta", ReleaseManifest.parse(self.manifest))
+        except ManifestError as exc:
+            raise ReleaseError(f"release {shorten(str(self.path))} refused: {exc}", str(exc)) from None
 
     @property
     def release_id(self) -> str:
-        return self.manifest["release_id"]
+        return self.meta.release_id
 
     @property
     def feature_set_versions(self) -> dict[str, str]:
-        return {k: v["version"] for k, v in self.manifest["feature_sets"].items()}
+        return dict(self.meta.feature_set_versions)
 
     def file(self, rel: str) -> Path:
-        if rel not in self.manifest["files"]:
-            raise ReleaseError(f"release {self.release_id} has no file {rel!r}; it has {sorted(self.manifest['files'])}")
+        if rel not in self.meta.files:
+            raise ReleaseError(f"release {self.release_id} has no file {rel!r}; it has {sorted(self.meta.files)}")
         return self.path / rel
 
     def summary(self) -> ReleaseSummary:
         """The listing fields; free-form parts of the manifest (config, metrics) may lack them."""
-        m = self.manifest
-        profile = m["config"].get("profile")
-        student = m["metrics"].get("ranking_test")
+        m = self.meta
+        student = m.raw["metrics"].get("ranking_test")
         student = student.get("student_int8") if isinstance(student, dict) else None
         auc = student.get("auc") if isinstance(student, dict) else None
-        return ReleaseSummary(self.release_id, m["created_at_ms"], m["dataset"]["kind"], profile if isinstance(profile, str) else None,
-                              m["seed"], float(auc) if isinstance(auc, (int, float)) and not isinstance(auc, bool) else None)
+        return ReleaseSummary(self.release_id, m.created_at_ms, m.dataset_kind, m.profile,
+                              m.seed, float(auc) if isinstance(auc, (int, float)) and not isinstance(auc, bool) else None)
 
 
 @dataclass(frozen=True)

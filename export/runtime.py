@@ -74,9 +74,10 @@ class ReleaseRuntime:
         """`rankers`: the ONNX rankers to load (the first is the default of `score`); a name
         that is a key of `plugins` is built by its factory instead."""
         plugins = dict(plugins or {})
-        m = release.manifest
-        ri = m["ranker_inputs"]
-        inputs = RankerInputs(ri["user_set"], ri["item_set"], tuple(tuple(p) for p in ri["pair_sets"]), ri["affinity"], tuple(ri["columns"]))
+        m = release.meta
+        inputs = m.ranker_inputs
+        if m.retrieval is None:
+            raise ReleaseError(f"release {release.release_id} has no retrieval section; it cannot serve")
         sess = lambda rel: ort_session(release.file(rel), threads)  # noqa: E731
         unknown = [r for r in rankers if r not in RANKERS and r not in plugins]
         if unknown:
@@ -86,17 +87,17 @@ class ReleaseRuntime:
         if len(vocab) != len(emb):
             raise ReleaseError(f"release {release.release_id}: {len(vocab)} item ids but {len(emb)} embeddings")
         pop = np.asarray(json.loads(release.file("popularity.json").read_text())["item_ids"], dtype=np.int64)
-        ii_meta = m["retrieval"].get("item_item")
+        ii_meta = m.retrieval.item_item
         item_item = None
-        if ii_meta:
+        if ii_meta is not None:
             release.file("retrieval/" + ITEM_ITEM_IDS), release.file("retrieval/" + ITEM_ITEM_WEIGHTS)  # present and listed
-            item_item = load_item_item(release.path / "retrieval", float(ii_meta["l2"]), int(ii_meta["history_len"]))
+            item_item = load_item_item(release.path / "retrieval", ii_meta.l2, ii_meta.history_len)
         if inputs.uses_item_item and item_item is None:
             raise ReleaseError(f"release {release.release_id}: the rankers read retrieval.item_item but the release has no item-item model")
         return cls(
-            release, inputs, list(m["retrieval"]["user_columns"]), vocab, emb,
-            ItemIndex.load(release.path / "retrieval" / "index", emb), pop, int(m["retrieval"]["creator_buckets"]),
-            int(m["retrieval"].get("history_len", 0)),
+            release, inputs, list(m.retrieval.user_columns), vocab, emb,
+            ItemIndex.load(release.path / "retrieval" / "index", emb), pop, m.retrieval.creator_buckets,
+            m.retrieval.history_len,
             {r: sess(f"rankers/{r}.onnx") for r in rankers if r not in plugins}, sess("retrieval/user_tower.onnx"),
             sess("retrieval/item_tower.onnx"), {r: plugins[r](release) for r in rankers if r in plugins}, rankers[0] if rankers else None,
             item_item,

@@ -1,14 +1,24 @@
-"""`parity serve`: the gRPC recommendation server (see server/app.py for what it runs)."""
+"""`parity serve`: the gRPC recommendation server (server/app.py runs it). Argument parsing
+lives here, not in server/, so the server package stays free of the command line."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
 
-__all__ = ["register"]
+from parity.argtypes import integer, number
+from server.clock import CLOCK_MODES
+from server.config import MATERIALIZE_MODES, RETRIEVAL_MODES, ServerConfig
+from server.errors import ServingError
+
+__all__ = ["register", "add_serve_arguments", "config_from_args", "run_from_args", "main"]
 
 
 def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
-    from server.app import add_serve_arguments
-
     p = sub.add_parser(
         "serve",
         help="serve a release over gRPC (Recommender, Admin, health, reflection, Prometheus metrics)",
@@ -16,10 +26,93 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
         "SIGTERM drains (health NOT_SERVING, requests in flight finish) and exits 0.",
     )
     add_serve_arguments(p)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=run_from_args)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from server.app import run_from_args
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--release", required=True, help="release folder to serve (see `parity releases list`)")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder): feature definitions, item catalogue, event log")
+    p.add_argument("--port", type=integer("--port", 0), default=50051, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--store", default="memory", help="online store: memory or redis://HOST:PORT/DB (default memory, filled from --events)")
+    p.add_argument("--namespace", default="parity", help="key namespace in the store (default parity)")
+    p.add_argument("--metrics-port", type=integer("--metrics-port", 0), default=9100, help="Prometheus /metrics port (default 9100; 0: off)")
+    p.add_argument("--metrics-host", default=None, help="address the metrics endpoint binds (default: the same as --host)")
+    p.add_argument("--ops-port", type=integer("--ops-port", 0), default=None,
+                   help="also serve health and Admin on this port, never shed by request floods (default: off; 0 picks one)")
+    p.add_argument("--admin-token", default=None, help="bearer token for the Admin service (default: env PARITY_ADMIN_TOKEN; unset: Admin refused)")
+    p.add_argument("--ingest-token", default=None,
+                   help="bearer token for IngestEvents (default: env PARITY_INGEST_TOKEN, else the admin token; neither: ingest refused)")
+    p.add_argument("--releases-root", default=None, help="LoadRelease loads only folders under this one (default: the folder holding --release)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain; with --tls-key the server speaks TLS only")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--clock", choices=CLOCK_MODES, default="auto",
+                   help="event time to read features as of: wall, data (start at the log's end), auto (data when the log ended > 1 day ago)")
+    p.add_argument("--materialize", choices=MATERIALIZE_MODES, default="auto",
+                   help="fill the store from the event log at start-up: auto (memory store, or a store never materialised), always, never")
+    p.add_argument("--drain-notice", type=number("--drain-notice", what="a number of seconds"), default=0.0, help="on SIGTERM, seconds of NOT_SERVING before refusing RPCs (default 0)")
+    p.add_argument("--drain-grace", type=number("--drain-grace", what="a number of seconds"), default=10.0, help="seconds to wait for RPCs in flight when stopping (default 10)")
+    p.add_argument("--ranker", default="student_int8",
+                   help="ranker of the release: student_int8 (default), student_fp32 or teacher_fp32 (ONNX Runtime)")
+    p.add_argument("--retrieval", choices=RETRIEVAL_MODES, default="ann", help="candidate retrieval: ann (the release's ScaNN index, default) or exact (numpy)")
+    p.add_argument("--core-pending", default=None, metavar="SOFT,HARD",
+                   help="calls gRPC may hold before Python picks them up: none dropped up to SOFT, all past HARD (default 24,48; see README)")
+    p.add_argument("--serve-concurrency", type=integer("--serve-concurrency", 0), default=0,
+                   help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 16 on Redis)")
+    p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
+                   help="the longest a request waits for a slot before it is refused with RESOURCE_EXHAUSTED (default 20)")
+    p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    token = args.admin_token if args.admin_token is not None else os.environ.get("PARITY_ADMIN_TOKEN") or None
+    ingest = args.ingest_token if args.ingest_token is not None else os.environ.get("PARITY_INGEST_TOKEN") or None
+    return ServerConfig(
+        release=Path(args.release), data_dir=Path(args.events), host=args.host, port=args.port, store=args.store, namespace=args.namespace,
+        metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, ops_port=args.ops_port, ingest_token=ingest,
+        releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
+        materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
+        ranker=args.ranker, retrieval=args.retrieval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
+        **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
+        **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
+    )
+
+
+def _core_pending(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        soft, hard = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--core-pending must be SOFT,HARD (two integers), got {text!r}") from None
+    return {"core_pending_soft": soft, "core_pending_hard": hard}
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Start-up errors (a missing data dir, a refused release, a bad flag) print one line and return 2."""
+    try:
+        cfg = config_from_args(args)
+        for f in (cfg.tls_cert, cfg.tls_key):
+            if f is not None and not Path(f).is_file():
+                raise FileNotFoundError(f"TLS file {f} does not exist")
+        from server.app import serve
+
+        return asyncio.run(serve(cfg))
+    except (ServingError, ValueError, FileNotFoundError, OSError) as exc:
+        print(f"parity serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="parity serve", description="Serve a Parity release over gRPC.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    add_serve_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

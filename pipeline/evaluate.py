@@ -8,6 +8,7 @@ same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from export.candidates import CandidatePolicy, NewItems, ann_want, candidate_union
 from export.device.lists import ReleaseLists, teacher_matrix
 from export.release import ReleaseError, load_release
 from export.runtime import RANKERS, ReleaseRuntime
@@ -28,11 +30,10 @@ from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, feature_matrix, label_rows, split_cuts
 from models.metrics import auc, logloss
 from models.popularity import engagement_mask, popularity
-from server.config import ServerConfig
 
 __all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
 
-_SERVER = ServerConfig(release=Path("."), data_dir=Path("."))  # candidate counts as the server uses them
+_POLICY = CandidatePolicy()  # the server's candidate quotas (ServerConfig takes its defaults from the same class)
 
 
 def topk_metrics(top: np.ndarray, truth: set[int], k: int = 10) -> tuple[float, float]:
@@ -113,37 +114,36 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     H = history_at(events, info.kind, users, t_user, rt.history_len) if rt.history_len else None  # the seen record's last items
     emb = rt.user_embeddings(U, H)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
-    cand_ids, cand_scores = rt.retrieve(emb, min(len(rt.vocab), retrieve_k + max_seen + 50))
-    # The server adds popular and fresh items to the ANN candidates (cold start): so does eval.
-    half = m["config"].get("popularity_half_life_ms")
+    policy = dataclasses.replace(_POLICY, retrieve_k=retrieve_k)
+    cand_ids, _ = rt.retrieve(emb, ann_want(rt, policy, max_seen))
+    # Candidates by the server's own function (export.candidates): ANN, new items by content, fresh, popular.
+    new = NewItems.of(rt, items)
+    half = rel.meta.popularity_half_life_ms
     pop_at: dict[int, np.ndarray] = {}
     for t in np.unique(t_user).tolist():
         pop_at[t] = popularity(events, info.kind, t, half_life_ms=half)[0]
-    fresh_order = np.lexsort((items.item_id, -items.publish_ts))
     cands, pops = [], []
     for r, (u, t) in enumerate(zip(users.tolist(), t_user.tolist())):
         s = seen.get(u, set())
-        ann = np.asarray([x for x in cand_ids[r].tolist() if x not in s and eligible(x, t)][:retrieve_k], dtype=np.int64)
-        fresh = [x for x in items.item_id[fresh_order].tolist() if t - _SERVER.fresh_window_ms <= pub_of[x] < t and x not in s and x in in_release]
-        pop = [x for x in pop_at[t].tolist() if x not in s and eligible(x, t)]
-        have = set(ann.tolist())
-        extra = [x for x in dict.fromkeys(fresh[: _SERVER.n_fresh] + pop[: _SERVER.n_popular]) if x not in have]
-        cands.append((np.concatenate([ann, np.asarray(extra, dtype=np.int64)]), None))
+        blocked = np.fromiter(s, dtype=np.int64, count=len(s))
+        c = candidate_union(rt, emb[r], items, new, blocked, t, policy, ann_ids=cand_ids[r])
+        cands.append((c.ids, c.source))
+        pop = [x for x in pop_at[t].tolist() if x not in s and eligible(x, t)]  # the popularity baseline, as of the cut
         pops.append(np.asarray(pop[:k], dtype=np.int64))
 
     # Stage 2: rank every candidate with point-in-time features as of the user's cut.
     lists = ReleaseLists(users, t_user, emb, [c[0] for c in cands])
     cu, ci, ct = lists.rows()
-    X = teacher_matrix(rt, joiner, used, events, info.kind, items, lists)  # incl. the list-relative retrieval columns
+    X = teacher_matrix(rt, joiner, used, events, info.kind, items, lists, new)  # incl. the list-relative retrieval columns
     scores = {r: rt.score(X, r) for r in RANKERS}
 
     acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
     off = 0
-    for u, (ids, _), pop in zip(users.tolist(), cands, pops):
+    for u, (ids, src), pop in zip(users.tolist(), cands, pops):
         n = len(ids)
         tset = truth[u]
         acc["popularity"].append(topk_metrics(pop, tset, k))
-        acc["two_tower"].append(topk_metrics(ids[: min(n, retrieve_k)], tset, k))
+        acc["two_tower"].append(topk_metrics(ids[src == 0], tset, k))  # the ANN list alone, in its own order
         for r in RANKERS:
             sc = scores[r][off : off + n]
             acc[r].append(topk_metrics(ids[np.lexsort((ids, -sc))], tset, k))
@@ -173,5 +173,5 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
         for r in RANKERS:
             p = rt.score(Xt, r)
             ranking[r] = {"auc": auc(yt, p), "logloss": logloss(yt, p)}
-    sizes = {r: int(rel.manifest["files"][f"rankers/{r}.onnx"]["bytes"]) for r in RANKERS}
+    sizes = {r: rel.meta.files[f"rankers/{r}.onnx"].bytes for r in RANKERS}
     return EvalResult(rel.release_id, info.kind, len(users), two_stage, retrieval, ranking, sizes, time.perf_counter() - t_start)

@@ -50,9 +50,9 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
     if info.kind != "movielens":
         raise ValueError(f"the published protocol is defined for MovieLens; {data_dir} holds {info.kind} data")
     if release_dir is not None:
-        m = load_release(release_dir).manifest
-        profile = m["config"]["profile"] if profile is None else profile
-        seed = int(m["seed"]) if seed is None else seed
+        m = load_release(release_dir).meta
+        profile = m.profile if profile is None else profile
+        seed = m.seed if seed is None else seed
     profile = "default" if profile is None else profile
     seed = 0 if seed is None else seed
     from pipeline.train import train_release  # torch: imported only when the protocol runs

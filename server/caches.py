@@ -66,8 +66,9 @@ class _TTLCache:
         if self.enabled:
             await self._cache.set(key, value, ttl=self.ttl_s)
 
-    async def delete(self, key: str) -> None:
-        await self._cache.delete(key)
+    async def delete(self, key: str) -> int:
+        """1 if the key was cached, else 0."""
+        return int(bool(await self._cache.delete(key)))
 
     async def clear(self) -> None:
         await self._cache.clear()
@@ -109,8 +110,8 @@ class StaleRecords:
     def clear(self) -> None:
         self._d.clear()
 
-    def drop(self, key: str) -> None:
-        self._d.pop(key, None)
+    def drop(self, key: str) -> bool:
+        return self._d.pop(key, None) is not None
 
     def __len__(self) -> int:
         return len(self._d)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 
+from export.candidates import CandidatePolicy
 from server.clock import CLOCK_MODES
 
 __all__ = ["ServerConfig", "MATERIALIZE_MODES", "RETRIEVAL_MODES", "COMPUTE_MODES"]
@@ -48,11 +50,12 @@ class ServerConfig:
     retrieval: str = "ann"  # ann: the release's ScaNN index; exact: numpy dot product over every item
 
     # Candidates and post-processing.
-    retrieve_k: int = 200  # ANN candidates kept after filtering (the offline eval uses 200)
-    n_popular: int = 50  # popularity candidates (cold start)
-    n_fresh: int = 20  # most recently published items
-    fresh_window_ms: int = 2 * 86_400_000
-    n_content: int = 20  # new items (not in the release) by their content embedding
+    # Candidates (export.candidates.CandidatePolicy: the offline eval reads the same defaults).
+    retrieve_k: int = CandidatePolicy.retrieve_k  # ANN candidates kept after filtering
+    n_popular: int = CandidatePolicy.n_popular  # the release's popular items (cold start)
+    n_fresh: int = CandidatePolicy.n_fresh  # most recently published items
+    fresh_window_ms: int = CandidatePolicy.fresh_window_ms
+    n_content: int = CandidatePolicy.n_content  # new items (not in the release) by their content embedding
     per_creator_cap: int = 3  # at most this many items of one creator in a response (0: off)
     pair_prefetch_limit: int = 256  # read a pair set for every value of its key column when there are at most this many
     seen_cap: int = 1000  # items remembered per user as seen
@@ -182,6 +185,12 @@ class ServerConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+    @cached_property
+    def candidates(self) -> CandidatePolicy:
+        """The candidate quotas as the shared candidate function reads them."""
+        return CandidatePolicy(retrieve_k=self.retrieve_k, n_content=self.n_content, n_fresh=self.n_fresh,
+                               fresh_window_ms=self.fresh_window_ms, n_popular=self.n_popular)
 
     @property
     def serve_concurrency(self) -> int:

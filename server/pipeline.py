@@ -20,6 +20,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
+from export.candidates import SOURCES, candidate_union
+from export.candidates import candidate_scores as shared_candidate_scores
 from features.assemble import assemble, columns_from_frame, retrieval_columns
 from features.history import history_row
 from server.config import ServerConfig
@@ -29,7 +31,6 @@ from server.user_features import PairTable, UserFeatures, empty_pair_table
 __all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
            "recommend", "score_items", "missing_pair_values", "user_history", "candidate_scores"]
 
-SOURCES = ("ann", "content", "fresh", "popular", "request")  # index = Candidates.source code; first wins on duplicates
 
 
 @dataclass
@@ -79,54 +80,15 @@ def user_history(uf: UserFeatures, n: int) -> np.ndarray:
     return history_row(uf.seen, n)[None, :]
 
 
-def _eligible(snap: Snapshot, ids: np.ndarray, rows: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
-    """In the catalogue, published before now, not seen or excluded (the offline eval's rule)."""
-    cat = snap.items.catalog
-    known = rows < len(cat)
-    pub = np.where(known, cat.publish_ts[np.where(known, rows, 0)], 0) if len(cat) else np.zeros(len(ids), np.int64)
-    ok = known & (pub < now_ms)
-    if len(blocked):
-        ok &= ~np.isin(ids, blocked)
-    return ok
-
-
 def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int, cfg: ServerConfig, timer: Timer) -> Candidates:
+    """The user tower, then `export.candidates.candidate_union`: the rule the offline eval uses too."""
     rt = snap.runtime
-    items = snap.items
     blocked = np.union1d(exclude, uf.seen) if len(uf.seen) else exclude
     with timer.stage("embed"):
         emb = rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
-    parts: list[tuple[np.ndarray, int]] = []
-    with timer.stage("ann"):
-        want = min(len(rt.vocab), cfg.retrieve_k + len(blocked) + 50)
-        ids, _ = rt.retrieve_exact(emb, want) if cfg.retrieval == "exact" else rt.retrieve(emb, want)
-        ids = ids[0]
-        ok = _eligible(snap, ids, items.rows(ids), blocked, now_ms)
-        parts.append((ids[ok][: cfg.retrieve_k], 0))
-    with timer.stage("cold_start"):
-        if cfg.n_content and len(snap.new_ids):
-            s = snap.new_emb @ emb[0].astype(np.float32)
-            order = np.argsort(-s, kind="stable")
-            ids = snap.new_ids[order]
-            ok = _eligible(snap, ids, items.rows(ids), blocked, now_ms)
-            parts.append((ids[ok][: cfg.n_content], 1))
-        cat = items.catalog
-        if cfg.n_fresh and len(cat):
-            fresh = np.flatnonzero((cat.publish_ts < now_ms) & (cat.publish_ts >= now_ms - cfg.fresh_window_ms))
-            fresh = fresh[np.lexsort((cat.item_id[fresh], -cat.publish_ts[fresh]))]
-            ids = cat.item_id[fresh]
-            ok = _eligible(snap, ids, fresh, blocked, now_ms)
-            parts.append((ids[ok][: cfg.n_fresh], 2))
-        if cfg.n_popular:
-            pop = rt.popular[: cfg.n_popular + len(blocked) + 50]
-            ok = _eligible(snap, pop, items.rows(pop), blocked, now_ms)
-            parts.append((pop[ok][: cfg.n_popular], 3))
-    ids = np.concatenate([p for p, _ in parts]).astype(np.int64)
-    src = np.concatenate([np.full(len(p), s, dtype=np.int8) for p, s in parts])
-    _, first = np.unique(ids, return_index=True)  # dedupe: the first source listed wins
-    keep = np.sort(first)
-    ids, src = ids[keep], src[keep]
-    return Candidates(ids, src, items.rows(ids), emb)
+    c = candidate_union(rt, emb, snap.items.catalog, snap.new, blocked, now_ms, cfg.candidates, exact=cfg.retrieval == "exact",
+                        stage=timer.stage)
+    return Candidates(c.ids, c.source, snap.items.rows(c.ids), emb)
 
 
 def missing_pair_values(snap: Snapshot, uf: UserFeatures, cand_rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,16 +105,8 @@ def missing_pair_values(snap: Snapshot, uf: UserFeatures, cand_rows: np.ndarray)
 
 
 def candidate_scores(snap: Snapshot, user_emb: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Two-tower scores of the candidates: release items by their item embedding, new items by
-    their content embedding, NaN for items with neither."""
-    s = snap.runtime.item_scores(user_emb, ids)
-    miss = np.isnan(s)
-    if miss.any() and len(snap.new_ids):
-        pos = np.clip(np.searchsorted(snap.new_ids, ids), 0, len(snap.new_ids) - 1)
-        new = miss & (snap.new_ids[pos] == ids)
-        if new.any():
-            s[new] = snap.new_emb[pos[new]].astype(np.float32) @ np.asarray(user_emb, dtype=np.float32).reshape(-1)
-    return s
+    """Two-tower scores of the candidates (new items by their content embedding)."""
+    return shared_candidate_scores(snap.runtime, snap.new, user_emb, ids)
 
 
 def feature_matrix(snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int, extra_pairs: Mapping[str, PairTable] | None = None,

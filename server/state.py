@@ -12,12 +12,13 @@ versions this server's feature definitions (and so its store keys) do not have.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from export.candidates import NewItems
 from export.release import Release, ReleaseError, load_release
 from export.runtime import RANKERS, ReleaseRuntime, ScorerFactory
 from features.catalog import ItemCatalog
@@ -50,8 +51,7 @@ class Snapshot:
     items: ItemTable
     plan: UserFeaturePlan
     vocab_rows: np.ndarray  # catalogue row of each release item (-1: not in the catalogue)
-    new_ids: np.ndarray  # catalogue items the release has never seen (new items), sorted
-    new_emb: np.ndarray  # their embeddings from the item tower's content path (m, d)
+    new: NewItems  # catalogue items the release has never seen, with their content-path embeddings
     catalog_stamp: tuple[int, int]
     loaded_at: float
 
@@ -61,7 +61,11 @@ class Snapshot:
 
     @property
     def n_items(self) -> int:
-        return int((self.vocab_rows >= 0).sum() + len(self.new_ids))
+        return int((self.vocab_rows >= 0).sum() + len(self.new.ids))
+
+    @property
+    def new_ids(self) -> np.ndarray:
+        return self.new.ids
 
 
 def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
@@ -75,10 +79,6 @@ def check_skew(release: Release, sets: Mapping[str, FeatureSet]) -> None:
         raise FailedPrecondition(
             f"release {release.release_id} was trained on feature-set versions this server cannot serve: {', '.join(wrong)}; "
             "serve it with the feature definitions it was trained on, or retrain on the current ones")
-    ri = release.manifest.get("ranker_inputs", {})
-    for name in [ri.get("user_set"), ri.get("item_set"), *(p[0] for p in ri.get("pair_sets", []))]:
-        if name not in release.feature_set_versions:
-            raise FailedPrecondition(f"release {release.release_id}: ranker input set {name!r} is not among its feature_sets")
 
 
 def release_path_under(path: str, root: Path) -> Path:
@@ -134,29 +134,51 @@ def build_snapshot(runtime: ReleaseRuntime, items: ItemTable, sets: Mapping[str,
     if items.layout.feature_set.name != runtime.inputs.item_set or items.layout.feature_set.version != sets[runtime.inputs.item_set].version:
         raise FailedPrecondition(f"item table holds {items.layout.feature_set.name}, the release ranks with {runtime.inputs.item_set}")
     vocab_rows = catalog.index(runtime.vocab) if len(catalog) else np.full(len(runtime.vocab), -1, dtype=np.int64)
-    new_ids = np.setdiff1d(catalog.item_id, runtime.vocab) if len(catalog) else np.empty(0, dtype=np.int64)
-    if len(new_ids):
-        new_emb = np.ascontiguousarray(runtime.content_embeddings(catalog, new_ids), dtype=np.float32)
-    else:
-        new_emb = np.empty((0, runtime.item_embeddings.shape[1]), dtype=np.float32)
     plan = UserFeaturePlan(runtime.inputs, sets, catalog, prefetch_limit)
-    return Snapshot(runtime, items, plan, vocab_rows, new_ids, new_emb, catalog_stamp, time.time())
+    return Snapshot(runtime, items, plan, vocab_rows, NewItems.of(runtime, catalog), catalog_stamp, time.time())
 
 
 class ServingState:
-    """The current snapshot; replaced whole, never mutated."""
+    """The snapshots being served: the primary, and a canary and a shadow during a rollout.
+    Each is replaced whole, never mutated; a request takes its arm's snapshot once."""
 
     def __init__(self, snapshot: Snapshot) -> None:
-        self._current = snapshot
+        self._arms: dict[str, Snapshot] = {"primary": snapshot}
 
     @property
     def current(self) -> Snapshot:
-        return self._current
+        return self._arms["primary"]
+
+    def arm(self, name: str) -> Snapshot | None:
+        return self._arms.get(name)
+
+    def arms(self) -> dict[str, Snapshot]:
+        return dict(self._arms)
 
     def swap(self, snapshot: Snapshot) -> Snapshot:
-        old, self._current = self._current, snapshot
+        """A new primary; returns the old one."""
+        old = self._arms["primary"]
+        self._arms = {**self._arms, "primary": snapshot}
         return old
 
-    def with_items(self, items: ItemTable) -> Snapshot:
-        """The current snapshot with a refreshed item table (same catalogue)."""
-        return replace(self._current, items=items)
+    def set_arm(self, name: str, snapshot: Snapshot | None) -> None:
+        if name == "primary":
+            raise ValueError("the primary is replaced with swap()")
+        arms = dict(self._arms)
+        if snapshot is None:
+            arms.pop(name, None)
+        else:
+            arms[name] = snapshot
+        self._arms = arms
+
+    def replace_all(self, primary_runtime, snapshots: dict[str, Snapshot]) -> bool:
+        """Install rebuilt snapshots of the same releases (an item-table refresh), unless the
+        primary's release changed meanwhile (False: a swap won the race)."""
+        if self._arms["primary"].runtime is not primary_runtime:
+            return False
+        arms = dict(self._arms)
+        for name, snap in snapshots.items():
+            if name in arms and arms[name].runtime is snap.runtime:
+                arms[name] = snap
+        self._arms = arms
+        return True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.candidates import NewItems, candidate_scores
 from export.runtime import ReleaseRuntime
 from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, retrieval_columns
 from features.catalog import ItemCatalog
@@ -53,10 +54,11 @@ def release_lists(rt: ReleaseRuntime, joiner: PitJoiner, user_set: FeatureSet, e
 
 
 def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet], events: EventBatch, kind: str,
-                   items: ItemCatalog, lists: ReleaseLists) -> np.ndarray:
+                   items: ItemCatalog, lists: ReleaseLists, new: NewItems | None = None) -> np.ndarray:
     """The release rankers' raw inputs for every candidate of `lists`, with the list-relative
     retrieval columns when the rankers read them: `parity eval` (pipeline.evaluate) ranks with
-    exactly these, and so does the device ranker's teacher."""
+    exactly these, and so does the device ranker's teacher. `new`: items outside the release,
+    scored by their content embedding as the server scores them."""
     cu, ci, ct = lists.rows()
     if not rt.inputs.uses_retrieval:
         return feature_matrix(rt.inputs, joiner, used, items, cu, ci, ct)
@@ -66,7 +68,8 @@ def teacher_matrix(rt: ReleaseRuntime, joiner: PitJoiner, used: list[FeatureSet]
     rcols: dict[str, list[np.ndarray]] = {c: [] for c in RETRIEVAL_COLUMNS if c in rt.inputs.columns}
     Hii = history_at(events, kind, lists.users, lists.cut, rt.item_item.history_len) if rt.item_item is not None else None
     for r, ids in enumerate(lists.ids):
-        rc = retrieval_columns(rt.item_scores(lists.user_emb[r], ids), ids, Hii[r] if Hii is not None else None, rt.item_item)
+        scores = candidate_scores(rt, new, lists.user_emb[r], ids) if new is not None else rt.item_scores(lists.user_emb[r], ids)
+        rc = retrieval_columns(scores, ids, Hii[r] if Hii is not None else None, rt.item_item)
         for c in rcols:
             rcols[c].append(np.where(rc[c][1], np.nan, rc[c][0]))
     X = np.empty((len(ci), len(rt.inputs.columns)), dtype=np.float32)

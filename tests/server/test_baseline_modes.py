@@ -116,7 +116,7 @@ def test_a_release_reading_more_history_than_the_server_keeps_is_refused(release
 def test_the_serve_flags_for_comparisons_reach_the_config(release_dir, small_sim, capsys):
     import argparse
 
-    from server.app import add_serve_arguments, config_from_args
+    from parity.cli_serve import add_serve_arguments, config_from_args
 
     p = argparse.ArgumentParser(prog="parity serve")
     add_serve_arguments(p)
@@ -138,7 +138,7 @@ def test_the_hardening_flags_reach_the_config_or_are_refused_naming_the_option(r
     and the admission settings, through the real parser."""
     import argparse
 
-    from server.app import add_serve_arguments, config_from_args
+    from parity.cli_serve import add_serve_arguments, config_from_args
 
     p = argparse.ArgumentParser(prog="parity serve")
     add_serve_arguments(p)

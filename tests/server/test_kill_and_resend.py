@@ -33,7 +33,7 @@ TOKEN = "kill-test-token"
 
 
 def _serve(release_dir: Path, data: Path, port: int, store: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.app", "--release", str(release_dir), "--events", str(data), "--port", str(port), "--metrics-port", "0",
+    cmd = [sys.executable, "-m", "parity", "serve", "--release", str(release_dir), "--events", str(data), "--port", str(port), "--metrics-port", "0",
            "--store", store, "--ingest-token", TOKEN, "--drain-grace", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start(release_dir: Path, data_dir: Path, port: int, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server.app", "--release", str(release_dir), "--events", str(data_dir), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "parity", "serve", "--release", str(release_dir), "--events", str(data_dir), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0", *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -1,0 +1,150 @@
+"""Reading a user's records on the request path: cache, store, stale fallback, breaker, budget.
+
+The one place the server's store-fault policy lives. A request asks for its user's records
+and gets them with where they came from and, when they are not what the store holds right
+now, why (`RecordRead.reason`): the store timed out, failed, its breaker is open, or it lost
+its data (server/store_watch.py). It never waits past its budget and never raises for a
+store fault; the answer is then served degraded from the user's last good records or from
+defaults, and counted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping
+
+import numpy as np
+
+from features.online.base import OnlineStore, StoreUnavailable
+from server import pipeline
+from server.caches import Breaker, FeatureCache, Generations, StaleRecords
+from server.config import ServerConfig
+from server.metrics import Metrics
+from server.state import Snapshot
+from server.user_features import PairTable, UserFeatures
+
+__all__ = ["RecordRead", "UserRecords", "StoreFault", "COMPUTE_RESERVE_S"]
+
+log = logging.getLogger(__name__)
+
+COMPUTE_RESERVE_S = 0.02  # left for ranking when the store stage takes its share of a deadline
+
+
+class StoreFault(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RecordRead:
+    raw: list | None  # the plan's records, or None (defaults)
+    source: str  # cache | store | stale | default
+    reason: str | None  # why the answer is degraded, or None
+
+
+class UserRecords:
+    """Per-server: the caches of users' records and the store's breaker. `run_io(fn, *args)`
+    runs a blocking store call off the event loop; `lost()` says whether the store lost its data."""
+
+    def __init__(self, cfg: ServerConfig, store: OnlineStore, metrics: Metrics, *, run_io: Callable[..., Awaitable],
+                 inline: bool, lost: Callable[[], str | None]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.metrics = metrics
+        self._run_io = run_io
+        self.inline = inline  # an in-process store (memory): no thread hop, no timeout
+        self._lost = lost
+        self.feature_cache = FeatureCache(cfg.feature_cache_ttl_s, metrics.cache_result("features"))
+        self.stale = StaleRecords(cfg.stale_feature_users)
+        self.generations = Generations()
+        self.breaker = Breaker(cfg.breaker_open_s)
+
+    async def store_read(self, op: str, fn: Callable, *args, budget_s: float):
+        """A request-path store call: breaker, budget, errors turned into StoreFault (counted)."""
+        if not self.breaker.allow():
+            raise StoreFault("store_breaker_open")
+        wait = max(0.001, min(self.cfg.store_budget_s, budget_s - COMPUTE_RESERVE_S))
+        try:
+            out = fn(*args) if self.inline else await asyncio.wait_for(self._run_io(fn, *args), timeout=wait)
+        except TimeoutError:
+            self.breaker.failure()
+            self.metrics.store_errors.labels(op, "timeout").inc()
+            raise StoreFault("store_timeout") from None
+        except StoreUnavailable as exc:
+            self.breaker.failure()
+            self.metrics.store_errors.labels(op, "unavailable").inc()
+            log.warning("online store unavailable (%s): %s", op, exc)
+            raise StoreFault("store_unavailable") from None
+        except Exception as exc:  # noqa: BLE001 - any store failure degrades the answer, never fails it
+            self.breaker.failure()
+            self.metrics.store_errors.labels(op, type(exc).__name__).inc()
+            log.exception("online store error during %s", op)
+            raise StoreFault("store_error") from None
+        self.breaker.success()
+        return out
+
+    async def read(self, snap: Snapshot, user: int, budget_s: float) -> RecordRead:
+        """The user's records for this snapshot's key plan. The one place a store-wide loss
+        marks an answer degraded, whatever the records came from."""
+        key = f"{snap.plan.plan_id}:{user}"
+        lost = self._lost()
+        raw = await self.feature_cache.get(key)
+        if raw is not None:
+            return RecordRead(raw, "cache", lost)
+        gen = self.generations.get(user)
+        if lost is not None:  # the store lost its data: the user's last good records beat its "not found"
+            stale = self.stale.get(key)
+            if stale is not None:
+                return RecordRead(stale, "stale", lost)
+        try:
+            raw = await self.store_read("get_many", self.store.get_many, snap.plan.keys(user), budget_s=budget_s)
+        except StoreFault as f:
+            stale = self.stale.get(key)
+            return RecordRead(stale, "stale" if stale is not None else "default", lost or f.reason)
+        if lost is not None:
+            return RecordRead(raw, "store", lost)  # not cached: it is what an emptied store says
+        if self.generations.get(user) == gen:  # no live event for this user arrived meanwhile
+            await self.feature_cache.set(key, raw)
+            self.stale.put(key, raw)
+        return RecordRead(raw, "store", None)
+
+    async def deferred_pairs(self, snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int,
+                             budget_s: float) -> tuple[Mapping[str, PairTable], str | None]:
+        """Pair-set values the plan could not prefetch (too many values): a second round trip."""
+        need = pipeline.missing_pair_values(snap, uf, rows)
+        if not need:
+            return {}, None
+        sets = {fs.name: fs for fs, _ in snap.plan.pair_sets}
+        keys, spans = [], []
+        for name, vals in need.items():
+            ks = snap.plan.pair_keys(sets[name], uf.user_id, vals)
+            spans.append((name, vals, len(keys), len(keys) + len(ks)))
+            keys += ks
+        try:
+            raw = await self.store_read("get_many_pairs", self.store.get_many, keys, budget_s=budget_s)
+            reason = None
+        except StoreFault as f:
+            raw, reason = [None] * len(keys), f.reason
+        return {name: snap.plan.decode_pairs(sets[name], vals, raw[a:b], now_ms) for name, vals, a, b in spans}, reason
+
+    async def forget_users(self, plan_ids: list[str], users: np.ndarray) -> int:
+        """A user's records changed (a live event) or were erased: drop what any cache holds for
+        them under every plan being served. Returns the cache entries dropped."""
+        dropped = 0
+        for u in np.asarray(users).tolist():
+            self.generations.bump(u)  # response-cache keys carry it: older answers stop matching
+            for plan_id in plan_ids:
+                key = f"{plan_id}:{u}"
+                dropped += int(await self.feature_cache.delete(key) or 0)
+                dropped += int(self.stale.drop(key) or 0)
+        return dropped
+
+    async def forget_all(self) -> None:
+        self.generations.bump_all()
+        await self.feature_cache.clear()
+        self.stale.clear()
+
+    async def close(self) -> None:
+        await self.feature_cache.close()
