@@ -64,6 +64,7 @@ class Ranked:
     ids: np.ndarray
     scores: np.ndarray  # float32
     source: np.ndarray
+    inputs: np.ndarray | None = None  # (n, F) the ranker's raw inputs (for the served log and drift)
 
 
 def user_matrix(snap: Snapshot, uf: UserFeatures) -> np.ndarray:
@@ -141,7 +142,7 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
         X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs, retrieval)
     with timer.stage("rank"):
         scores = snap.runtime.score(X)  # ONE batched call of the configured ranker
-    return Ranked(cand.ids, scores.astype(np.float32), cand.source)
+    return Ranked(cand.ids, scores.astype(np.float32), cand.source, X)
 
 
 def post_process(ranked: Ranked, creators: np.ndarray, k: int, per_creator_cap: int) -> np.ndarray:
@@ -178,7 +179,7 @@ def recommend(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, k: int, now
 
 
 def score_items(snap: Snapshot, uf: UserFeatures, item_ids: np.ndarray, now_ms: int, timer: Timer,
-                extra_pairs: Mapping[str, PairTable] | None = None) -> np.ndarray:
-    """Scores for given items in the given order (Rank): no retrieval, no filtering."""
+                extra_pairs: Mapping[str, PairTable] | None = None) -> Ranked:
+    """The given items scored in the given order (Rank): no retrieval, no filtering."""
     cand = Candidates(np.asarray(item_ids, dtype=np.int64), np.full(len(item_ids), 4, dtype=np.int8), snap.items.rows(item_ids))
-    return rank(snap, uf, cand, now_ms, timer, extra_pairs).scores
+    return rank(snap, uf, cand, now_ms, timer, extra_pairs)

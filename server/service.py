@@ -15,7 +15,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Sequence
 
 import numpy as np
@@ -29,9 +29,10 @@ from server import heap, pipeline
 from server.caches import ResponseCache
 from server.clock import Clock
 from server.config import ServerConfig
-from server.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
-from server.pipeline import SOURCES
+from server.observe import RequestObserver
+from server.pipeline import SOURCES, Ranked
 from server.records import UserRecords
 from server.releases import ReleaseManager, warm
 from server.request import RequestContext
@@ -83,8 +84,10 @@ class RecommenderService:
     item table are managed in server/releases.py, live events in server/ingest.py."""
 
     def __init__(self, cfg: ServerConfig, *, info: DatasetInfo, sets: Sequence[FeatureSet], store: OnlineStore, write_store: OnlineStore,
-                 clock: Clock, state: ServingState, metrics: Metrics, epoch: str | None = None, refill: Callable[[], str] | None = None) -> None:
+                 clock: Clock, state: ServingState, metrics: Metrics, epoch: str | None = None, refill: Callable[[], str] | None = None,
+                 observer: RequestObserver | None = None) -> None:
         self.cfg = cfg
+        self.observer = observer if observer is not None else RequestObserver()
         self.info = info
         self.sets = tuple(sets)
         self.sets_by_name: dict[str, FeatureSet] = {fs.name: fs for fs in sets}
@@ -221,6 +224,15 @@ class RecommenderService:
     # -- RPCs -------------------------------------------------------------------------------
     async def recommend(self, q: RecommendQuery, budget_s: float | None = None) -> RecommendOutcome:
         req = self._begin(q.user_id, budget_s)
+        try:
+            out, missing, ranked, top = await self._recommend(req, q)
+        except BaseException as exc:
+            self._observe_failure(req, "Recommend", q.user_id, q.request_id, exc)
+            raise
+        self._observe_done(req, "Recommend", q.user_id, q.request_id, out.degraded, missing, ranked, top)
+        return out
+
+    async def _recommend(self, req: RequestContext, q: RecommendQuery):
         snap = req.snap
         rkey = self._response_key(snap, q)
         with req.timer.stage("response_cache"):
@@ -228,7 +240,10 @@ class RecommenderService:
         if hit is not None:
             req.timer.add("total", req.elapsed_ms())
             self.requests_served += 1
-            return RecommendOutcome(hit, snap.release_id, False, req.timer.stages if q.include_latency else [], q.request_id, req.arm)
+            ranked = Ranked(np.asarray([i for i, _, _ in hit], dtype=np.int64), np.asarray([s for _, s, _ in hit], dtype=np.float32),
+                            np.asarray([SOURCES.index(src) for _, _, src in hit], dtype=np.int8))
+            out = RecommendOutcome(hit, snap.release_id, False, req.timer.stages if q.include_latency else [], q.request_id, req.arm)
+            return out, float("nan"), ranked, np.arange(len(hit))
         with req.timer.stage("features"):
             req.records = await self.records.read(snap, q.user_id, req.left())
         reason = req.reason
@@ -247,28 +262,54 @@ class RecommenderService:
         self._observe(req, uf, degraded)
         if reason is not None and req.reason is None:
             self.metrics.degraded.labels(reason).inc()
+            req.records = replace(req.records, reason=reason)
         req.timer.add("total", req.elapsed_ms())
-        return RecommendOutcome(items, snap.release_id, degraded, req.timer.stages if q.include_latency else [], q.request_id, req.arm)
+        out = RecommendOutcome(items, snap.release_id, degraded, req.timer.stages if q.include_latency else [], q.request_id, req.arm)
+        return out, uf.missing_rate, ranked, top
 
     async def rank(self, q: RankQuery, budget_s: float | None = None) -> RankOutcome:
         req = self._begin(q.user_id, budget_s)
+        try:
+            out, missing, ranked = await self._rank(req, q)
+        except BaseException as exc:
+            self._observe_failure(req, "Rank", q.user_id, q.request_id, exc)
+            raise
+        self._observe_done(req, "Rank", q.user_id, q.request_id, out.degraded, missing, ranked, np.arange(len(ranked.ids)))
+        return out
+
+    async def _rank(self, req: RequestContext, q: RankQuery):
         snap = req.snap
         req.records = await self.records.read(snap, q.user_id, req.left())
         reason = req.reason
-        uf, scores = await self._compute(req, self._rank_job, req, q, not snap.plan.deferred)
-        if scores is None:
+        uf, ranked = await self._compute(req, self._rank_job, req, q, not snap.plan.deferred)
+        if ranked is None:
             extra, r2 = await self.records.deferred_pairs(snap, uf, snap.items.rows(q.item_ids), req.now_ms, req.left())
             reason = reason or r2
-            scores = await self._compute(req, pipeline.score_items, snap, uf, q.item_ids, req.now_ms, req.timer, extra)
+            ranked = await self._compute(req, pipeline.score_items, snap, uf, q.item_ids, req.now_ms, req.timer, extra)
         degraded = reason is not None or uf.degraded
         self._observe(req, uf, degraded)
         if reason is not None and req.reason is None:
             self.metrics.degraded.labels(reason).inc()
+            req.records = replace(req.records, reason=reason)
         cat = snap.items.catalog
         unknown = (cat.index(q.item_ids) < 0) if len(cat) else np.ones(len(q.item_ids), dtype=bool)
         items = [(int(i), float("nan") if u else float(s), "request", bool(u))
-                 for i, s, u in zip(q.item_ids.tolist(), scores.tolist(), unknown.tolist())]
-        return RankOutcome(items, snap.release_id, degraded, q.request_id, req.arm)
+                 for i, s, u in zip(q.item_ids.tolist(), ranked.scores.tolist(), unknown.tolist())]
+        return RankOutcome(items, snap.release_id, degraded, q.request_id, req.arm), uf.missing_rate, ranked
+
+    # -- what a request tells the served log, the canary guard and the drift window ---------------
+    def _observe_done(self, req: RequestContext, method: str, user: int, request_id: str, degraded: bool, missing: float,
+                      ranked: Ranked, top: np.ndarray) -> None:
+        self.observer.observe(arm=req.arm, release_id=req.snap.release_id, method=method, user_id=user, request_id=request_id,
+                              ts_ms=req.now_ms, status="degraded" if degraded else "ok", reason=req.reason if degraded else None,
+                              latency_ms=req.elapsed_ms(), ranked=ranked, top=top, missing_rate=missing,
+                              columns=req.snap.runtime.inputs.columns)
+
+    def _observe_failure(self, req: RequestContext, method: str, user: int, request_id: str, exc: BaseException) -> None:
+        code = exc.code if isinstance(exc, ServingError) else ("CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
+        self.observer.observe(arm=req.arm, release_id=req.snap.release_id, method=method, user_id=user, request_id=request_id,
+                              ts_ms=req.now_ms, status=f"error:{code}", reason=None, latency_ms=req.elapsed_ms(), ranked=None, top=None,
+                              missing_rate=float("nan"), columns=req.snap.runtime.inputs.columns)
 
     async def get_features(self, q: FeaturesQuery, budget_s: float | None = None) -> list[FeatureSetOutcome]:
         names = list(q.feature_sets) or self.sets_by_entity[q.entity_type]

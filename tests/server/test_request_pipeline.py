@@ -213,5 +213,5 @@ def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(ca
         np.testing.assert_allclose(ranked.scores, rt.score(X.astype(np.float32), "student_int8"), rtol=1e-5, atol=1e-6)
         assert sorted(rc["retrieval.rank"][0].tolist()) == list(range(len(cand.ids)))
         # Rank (given items, no retrieval) computes the user embedding itself
-        s = pipeline.score_items(snap, uf, cand.ids[:5], now, Timer())
+        s = pipeline.score_items(snap, uf, cand.ids[:5], now, Timer()).scores
         assert s.shape == (5,) and np.isfinite(s).all()
