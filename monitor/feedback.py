@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from features.events import EventBatch, EventType
-from monitor.served_log import FEEDBACK_DIR, ServedBatch
+from monitor.served_log import FEEDBACK_DIR, SCHEMA, ServedBatch
 
 __all__ = ["FEEDBACK_SCHEMA", "FEEDBACK_TYPES", "DEFAULT_HORIZON_MS", "feedback_mask", "feedback_table", "feedback_files",
            "read_feedback", "served_rows", "join_feedback", "FeedbackJoin", "ArmMetrics", "REQUEST_METRICS"]
@@ -103,8 +104,6 @@ def served_rows(batches: Sequence[ServedBatch]) -> pa.Table:
     keep = ["request_id", "ts_ms", "user_id", "release_id", "arm", "method", "status", "item_id", "position"]
     tables = [b.table.select(keep) for b in batches]
     if not tables:
-        from monitor.served_log import SCHEMA
-
         return pa.schema([SCHEMA.field(n) for n in keep]).empty_table()
     return pa.concat_tables(tables)
 
@@ -210,8 +209,6 @@ def join_feedback(served: pa.Table, feedback: pa.Table, *, horizon_ms: int = DEF
     (`served_rows(read_served_log(DIR))`); `feedback`: FEEDBACK_SCHEMA rows (`read_feedback(DIR)`,
     already one per event_id). Every logged non-shadow request gets a row, with zeros when
     nothing was joined to it, so watch time per request averages over everything served."""
-    import duckdb
-
     if isinstance(horizon_ms, bool) or not isinstance(horizon_ms, (int, np.integer)):
         raise TypeError(f"horizon_ms must be an int, got {horizon_ms!r}")
     if horizon_ms < 0:
@@ -222,11 +219,9 @@ def join_feedback(served: pa.Table, feedback: pa.Table, *, horizon_ms: int = DEF
         con.register("fb", feedback)
         con.execute(_MATCH_SQL, {"horizon": int(horizon_ms)})
         how = dict(con.execute("SELECT how, count(*) FROM matched GROUP BY how").fetchall())
-        requests = con.execute(_REQUESTS_SQL).arrow()
+        requests = con.sql(_REQUESTS_SQL).to_arrow_table()
     finally:
         con.close()
-    if isinstance(requests, pa.RecordBatchReader):
-        requests = requests.read_all()
     arms = _arm_metrics(requests)
     n, by_id, by_ui = feedback.num_rows, int(how.get("id", 0)), int(how.get("user_item", 0))
     return FeedbackJoin(requests, arms, n, by_id, by_ui, n - by_id - by_ui)
