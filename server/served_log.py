@@ -97,7 +97,8 @@ class _Codec:
     schema: pa.Schema
     pattern: str  # glob of this log's in-progress parts, relative to the root
 
-    def tables(self, records: Sequence[Any]) -> list[tuple[_Key, pa.Table]]:
+    def tables(self, records: Sequence[Any]) -> list[tuple[_Key, pa.Table, int]]:
+        """(where, rows, how many of `records` they hold) per destination."""
         raise NotImplementedError
 
 
@@ -105,14 +106,14 @@ class _ServedCodec(_Codec):
     schema = SCHEMA
     pattern = "dt=*/*/part-*.parquet" + INPROGRESS
 
-    def tables(self, records: Sequence[ServedRecord]) -> list[tuple[_Key, pa.Table]]:
+    def tables(self, records: Sequence[ServedRecord]) -> list[tuple[_Key, pa.Table, int]]:
         groups: dict[tuple[str, str, tuple[str, ...]], list[ServedRecord]] = {}
         for r in records:
             groups.setdefault((day_partition(r.ts_ms), r.release_id, tuple(r.columns)), []).append(r)
         out = []
         for (day, rid, cols), recs in groups.items():
             meta = ((COLUMNS_KEY, json.dumps(list(cols)).encode()), (RELEASE_KEY, rid.encode()))
-            out.append((_Key(f"{day}/{release_folder(rid)}", meta), records_to_table(recs)))
+            out.append((_Key(f"{day}/{release_folder(rid)}", meta), records_to_table(recs), len(recs)))
         return out
 
 
@@ -128,7 +129,8 @@ class _FeedbackCodec(_Codec):
     schema = FEEDBACK_SCHEMA
     pattern = "dt=*/part-*.parquet" + INPROGRESS
 
-    def tables(self, records: Sequence[FeedbackChunk]) -> list[tuple[_Key, pa.Table]]:
+    def tables(self, records: Sequence[FeedbackChunk]) -> list[tuple[_Key, pa.Table, int]]:
+        """One table per day; a chunk spanning two days counts once per day."""
         recs = [r for r in records if len(r.events)]
         if not recs:
             return []
@@ -137,7 +139,8 @@ class _FeedbackCodec(_Codec):
         out = []
         for d in np.unique(day).tolist():
             sel = np.flatnonzero(day == d)
-            out.append((_Key(day_partition(d * _DAY_MS)), t.take(pa.array(sel))))
+            n = sum(1 for r in recs if bool((r.events.ts // _DAY_MS == d).any()))
+            out.append((_Key(day_partition(d * _DAY_MS)), t.take(pa.array(sel)), n))
         return out
 
 
@@ -314,23 +317,27 @@ class PartLogWriter:
             log.error("served log %s: %d records could not be converted and were dropped: %s", self.root, len(records), exc)
             self._count_error(len(records))
             return
-        rows = 0
-        for key, table in tables:
+        rows = done = 0
+        for key, table, n in tables:
             try:
                 part = self._parts.get(key) or self._open(key, table)
                 part.writer.write_table(table, row_group_size=max(table.num_rows, 1))
                 part.rows += table.num_rows
                 rows += table.num_rows
-                if part.sink.tell() >= self._rotate_bytes:
-                    self._finish(key)
+                done += n
             except (OSError, pa.ArrowException) as exc:
-                log.error("served log %s: writing %s failed (%s); its rows are lost and the part is abandoned", self.root, key.folder, exc)
+                log.error("served log %s: writing %s failed (%s); its %d records are lost and the part is abandoned",
+                          self.root, key.folder, exc, n)
                 self._abandon(key)
-                self._count_error(0)
+                self._count_error(n)
+                continue
+            if part.sink.tell() >= self._rotate_bytes:
+                self._finish(key)
         with self._lock:
-            self._written_records += len(records)
+            self._written_records += done
             self._written_rows += rows
-        self._call(self._on_written, len(records))
+        if done:
+            self._call(self._on_written, done)
 
     def _open(self, key: _Key, table: pa.Table) -> _Part:
         folder = self.root / key.folder

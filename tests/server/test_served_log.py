@@ -266,3 +266,16 @@ def test_writer_options_are_checked_where_given(tmp_path):
         ServedLogWriter(tmp_path, rotate_bytes="big")
     with pytest.raises(ValueError, match="rotate_s must be > 0"):
         ServedLogWriter(tmp_path, rotate_s=0)
+
+
+def test_a_failed_write_loses_its_records_counts_them_and_the_log_goes_on(tmp_path):
+    (tmp_path / "dt=2026-01-01").write_text("a file where the day's folder should be")  # every write to that day fails
+    dropped: list[int] = []
+    w = ServedLogWriter(tmp_path, on_drop=dropped.append)
+    assert w.offer(_record(0)) and w.offer(_record(1))
+    assert w.flush()
+    w.offer(_record(2, ts=T0 + 86_400_000))
+    assert w.close()
+    st = w.stats()
+    assert (st.dropped, st.written_records, st.write_errors) == (2, 1, 1) and sum(dropped) == 2
+    assert [b.table.column("request_id").unique().to_pylist() for b in read_served_log(tmp_path)] == [["req-2"]]
