@@ -19,11 +19,16 @@ recompute features and erase a user); request context, client addresses and meta
 never logged.
 
 Layout: DIR/dt=YYYY-MM-DD/<release_id>/part-<first ts_ms>-<pid>-<seq>.parquet. A part being
-written is named `*.parquet.inprogress` and renamed when rotated; readers skip those.
+written is named `*.parquet.inprogress` and renamed when rotated; readers skip those. Ingested
+feedback (monitor/feedback.py) lives beside it in DIR/feedback/dt=YYYY-MM-DD/part-*.parquet,
+which the served-log readers skip. The names are built here (`day_partition`, `release_folder`,
+`part_name`) so the writer and every reader agree on one layout.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -34,13 +39,31 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 __all__ = ["SCHEMA", "ARMS", "METHODS", "ServedRecord", "ServedBatch", "records_to_table", "part_files", "read_served_log",
-           "COLUMNS_KEY", "RELEASE_KEY", "INPROGRESS"]
+           "COLUMNS_KEY", "RELEASE_KEY", "INPROGRESS", "FEEDBACK_DIR", "day_partition", "release_folder", "part_name"]
 
 ARMS = ("primary", "canary", "shadow")
 METHODS = ("Recommend", "Rank")
 COLUMNS_KEY = b"parity.columns"
 RELEASE_KEY = b"parity.release_id"
 INPROGRESS = ".inprogress"
+FEEDBACK_DIR = "feedback"  # DIR/feedback/: the feedback part log beside the served log
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def day_partition(ts_ms: int) -> str:
+    """`dt=YYYY-MM-DD` of an event-time instant (UTC): the folder its rows go to."""
+    return "dt=" + _dt.datetime.fromtimestamp(int(ts_ms) / 1000.0, tz=_dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def release_folder(release_id: str) -> str:
+    """A release id as one safe folder name (the id itself is kept exactly in the file metadata)."""
+    name = _UNSAFE.sub("_", release_id or "")
+    return name if name.strip(".") else "_unknown"
+
+
+def part_name(first_ts_ms: int, pid: int, seq: int) -> str:
+    """The finished name of a part; a part being written carries INPROGRESS after it."""
+    return f"part-{int(first_ts_ms)}-{int(pid)}-{int(seq)}.parquet"
 
 SCHEMA = pa.schema([
     ("request_id", pa.string()),
@@ -137,11 +160,14 @@ class ServedBatch:
 
 
 def part_files(root: str | Path) -> list[Path]:
-    """The finished parts under a served-log folder, oldest first (in-progress parts skipped)."""
+    """The finished parts under a served-log folder, oldest first (in-progress parts and the
+    feedback log in DIR/feedback/ skipped)."""
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"served log folder {base} does not exist")
-    return sorted((p for p in base.rglob("part-*.parquet") if p.is_file()), key=lambda p: (p.name, str(p)))
+    feedback = base / FEEDBACK_DIR
+    return sorted((p for p in base.rglob("part-*.parquet") if p.is_file() and feedback not in p.parents),
+                  key=lambda p: (p.name, str(p)))
 
 
 def _meta(path: Path) -> tuple[str, tuple[str, ...]]:

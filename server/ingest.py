@@ -7,6 +7,13 @@ thread, one chunk at a time however many streams are open, with the event loop f
 chunks. Measured before: a 100k-event ingest on the request path's I/O threads made 11 % of
 concurrent Recommends degraded. Every event ends as accepted (applied), duplicate, late,
 invalid or limited, each refusal with its reason; late and limited ones go to the dead letters.
+
+Feedback (events naming their request, and every impression, play, like and skip) is handed
+to an optional `on_feedback(events, request_ids)` after its chunk is committed, on the ingest
+thread, for the feedback log beside the served log (server.served_log.FeedbackLogWriter): it
+must not block. It gets the events the streaming ingestor was given (valid and within the
+contribution caps); a resent duplicate reaches it again, so the feedback readers dedupe by
+event_id, and an event too late for the features is still feedback on what was served.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -25,6 +32,7 @@ from features.event_rules import EventRules
 from features.events import EventBatch
 from features.online.base import OnlineStore, StoreUnavailable
 from features.streaming import StreamingIngestor
+from monitor.feedback import feedback_mask
 from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import Unavailable
@@ -35,9 +43,11 @@ from server.state import ServingState
 from server.validation import parse_events
 from server.wire import BadBytes
 
-__all__ = ["LiveIngest", "IngestOutcome", "CountingDeadLetters"]
+__all__ = ["LiveIngest", "IngestOutcome", "CountingDeadLetters", "FeedbackSink"]
 
 log = logging.getLogger(__name__)
+
+FeedbackSink = Callable[[EventBatch, Sequence[Optional[str]]], object]  # (events, request id per event or None)
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,9 @@ class CountingDeadLetters:
 
 class LiveIngest:
     def __init__(self, cfg: ServerConfig, *, info: DatasetInfo, sets: Sequence[FeatureSet], write_store: OnlineStore, state: ServingState,
-                 clock: Clock, metrics: Metrics, invalidate: Callable[[np.ndarray], Awaitable[None]]) -> None:
+                 clock: Clock, metrics: Metrics, invalidate: Callable[[np.ndarray], Awaitable[None]],
+                 on_feedback: FeedbackSink | None = None) -> None:
+        self.on_feedback = on_feedback  # settable later: the feedback log is wired when the served log is
         self.cfg, self.info, self.write_store, self.state, self.clock, self.metrics = cfg, info, write_store, state, clock, metrics
         self._invalidate = invalidate
         self.dead_letters = CountingDeadLetters()
@@ -148,10 +160,29 @@ class LiveIngest:
                 for reason, idx in by_reason.items():
                     self.dead_letters.put(batch.take(np.asarray(idx)), reason)
             batch = adm.admitted
+            request_ids = tuple(parsed.request_ids[i] for i in adm.index.tolist()) if parsed.request_ids else ()
+        else:
+            request_ids = parsed.request_ids
         out = IngestOutcome(received=len(chunk), invalid=len(chunk) - len(keep) + parsed.invalid, first_error=first_error or parsed.first_error,
                             limited=limited, first_limited=first_limited)
         if len(batch) == 0:
             return out, np.empty(0, np.int64)
         res = self.ingestor.ingest(batch)
         append_seen(self.write_store, batch, self.info.kind, self.cfg.seen_cap)
+        if self.on_feedback is not None:
+            self._feedback(batch, request_ids)
         return out + IngestOutcome(accepted=res.accepted, duplicates=res.duplicates, late=res.late), np.unique(batch.user_id)
+
+    def _feedback(self, batch: EventBatch, request_ids: Sequence[str | None]) -> None:
+        """The chunk's feedback events to `on_feedback`; its failure never fails an ingest that
+        has already been committed (it is logged; the feedback writer counts its own drops)."""
+        rids = request_ids if len(request_ids) == len(batch) else (None,) * len(batch)
+        keep = feedback_mask(batch, rids)
+        if not keep.any():
+            return
+        idx = np.flatnonzero(keep)
+        sub = batch if len(idx) == len(batch) else batch.take(idx)
+        try:
+            self.on_feedback(sub, tuple(rids[i] for i in idx.tolist()))
+        except Exception:  # the events are applied; losing their feedback row must not turn into a resend
+            log.exception("IngestEvents: the feedback sink failed for %d events", len(sub))

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from features.event_rules import MAX_ENTITY_ID, MAX_EVENT_ID, EventRules, Rejection
+from features.event_rules import MALFORMED, MAX_ENTITY_ID, MAX_EVENT_ID, EventRules, Rejection
 from features.events import EventBatch
 from server.config import ServerConfig
 from server.errors import InvalidArgument
@@ -60,6 +60,7 @@ class ParsedEvents:
     invalid: int
     first_error: str | None
     rejected: tuple[Rejection, ...] = ()  # every refused event: (index, field, reason, kind)
+    request_ids: tuple[str | None, ...] = ()  # per event of `batch`: the request that served its item (None: not said)
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -86,6 +87,20 @@ def request_id_of(text: str) -> str:
     if len(text) > _MAX_REQUEST_ID or not text.isprintable():
         raise InvalidArgument("request_id", f"must be at most {_MAX_REQUEST_ID} printable characters")
     return text
+
+
+def _event_request_id(raw: object) -> str | None:
+    """An event's request id (Event.request_id, optional): None when unset; the same rule as a
+    request's own id (at most 128 printable characters), since the feedback join matches the two."""
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise ValueError(f"request_id: must be text, got {type(raw).__name__}")
+    if len(raw) > _MAX_REQUEST_ID:
+        raise ValueError(f"request_id: is {len(raw)} characters long; the limit is {_MAX_REQUEST_ID}")
+    if not raw.isprintable():
+        raise ValueError("request_id: must be printable characters (no control characters)")
+    return raw
 
 
 def _context(ctx: Mapping[str, float], cfg: ServerConfig) -> tuple[tuple[str, float], ...]:
@@ -164,12 +179,30 @@ def parse_events(events: Sequence, now_ms: int, cfg: ServerConfig, rules: EventR
     max_future_ms=cfg.max_event_future_ms, max_id_chars=cfg.max_id_chars)`): they add the
     per-type plausibility that needs the catalogue's durations and the dataset's rating scale,
     and fill each item's topic and creator. Without them, dataset-agnostic rules with cfg's
-    limits apply. `positions`: each event's position in its stream, for the first reason."""
-    parsed = (rules if rules is not None else _default_rules(cfg)).parse_proto(events, now_ms)
+    limits apply. `positions`: each event's position in its stream, for the first reason.
+    Event.request_id (optional) is checked here too (at most 128 printable characters, as a
+    request's own id: an event with a bad one is invalid, its reason naming `request_id`) and
+    returned per valid event for the feedback log."""
+    rids: list[str | None] = []
+    bad: list[Rejection] = []
+    good: list[int] = []
+    for i, ev in enumerate(events):  # Event.request_id first: the event rules do not know it
+        try:
+            rids.append(_event_request_id(getattr(ev, "request_id", None)))
+            good.append(i)
+        except ValueError as exc:
+            rids.append(None)
+            bad.append(Rejection(i, "request_id", str(exc), MALFORMED))
+    sub = events if not bad else [events[i] for i in good]
+    parsed = (rules if rules is not None else _default_rules(cfg)).parse_proto(sub, now_ms)
+    where = np.asarray(good, dtype=np.int64)  # position in `sub` -> position in `events`
+    rejected = tuple(sorted(bad + [Rejection(int(where[r.index]), r.field, r.reason, r.kind) for r in parsed.rejected],
+                            key=lambda r: r.index)) if bad else parsed.rejected
+    request_ids = tuple(rids[int(j)] for j in where[parsed.index]) if len(parsed.index) else ()
     first = None
-    if parsed.rejected:
-        r = parsed.rejected[0]
+    if rejected:
+        r = rejected[0]
         eid = events[r.index].event_id
         shown = eid[:24] if isinstance(eid, str) else type(eid).__name__
         first = f"event {positions[r.index] if positions is not None else r.index} (event_id {shown!r}): {r.reason}"
-    return ParsedEvents(parsed.events, len(parsed.rejected), first, parsed.rejected)
+    return ParsedEvents(parsed.events, len(rejected), first, rejected, request_ids)
