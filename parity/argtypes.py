@@ -7,7 +7,7 @@ import argparse
 import math
 from typing import Callable
 
-__all__ = ["integer", "positive", "nonneg", "number"]
+__all__ = ["integer", "positive", "nonneg", "number", "share"]
 
 
 def integer(name: str, minimum: int) -> Callable[[str], int]:
@@ -40,6 +40,20 @@ def number(name: str, *, strictly_positive: bool = False, what: str = "a number"
             raise argparse.ArgumentTypeError(f"{name} must be {what}, got {text!r}") from None
         if not math.isfinite(v) or v < 0 or (strictly_positive and v == 0):
             raise argparse.ArgumentTypeError(f"{name} must be a finite number {'>' if strictly_positive else '>='} 0, got {text}")
+        return v
+
+    return parse
+
+
+def share(name: str) -> Callable[[str], float]:
+    """A finite float in [0, 1] (a sampling rate or a share)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a share between 0 and 1, got {text!r}") from None
+        if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be a share between 0 and 1, got {text}")
         return v
 
     return parse

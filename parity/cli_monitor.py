@@ -12,4 +12,6 @@ def register(sub: argparse._SubParsersAction, positive: Callable, nonneg: Callab
     p = sub.add_parser("monitor", help="check what the server served: skew against the batch path, drift against the release")
     msub = p.add_subparsers(dest="monitor_command", required=True, metavar="CHECK")
     # one line per check module (each owns its arguments and its output)
-    __import__("parity.cli_monitor_skew").cli_monitor_skew.register(msub, positive, nonneg)
+    from parity import cli_monitor_skew
+
+    cli_monitor_skew.register(msub, positive, nonneg)

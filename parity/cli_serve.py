@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from parity.argtypes import integer, number
+from parity.argtypes import integer, number, share
 from server.clock import CLOCK_MODES
 from server.config import MATERIALIZE_MODES, RETRIEVAL_MODES, ServerConfig
 from server.errors import ServingError
@@ -61,6 +61,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="Recommend/Rank requests in service at once (default 0: 1 on the memory store, 16 on Redis)")
     p.add_argument("--max-queue-wait-ms", type=number("--max-queue-wait-ms", what="a number of milliseconds"), default=None,
                    help="the longest a request waits for a slot before it is refused with RESOURCE_EXHAUSTED (default 20)")
+    p.add_argument("--served-log", default=None, metavar="DIR",
+                   help="write the served log here (Parquet: request, user, release, arm, ranker inputs, items, scores, latency; "
+                        "read by `parity monitor`); default: off")
+    p.add_argument("--log-sample", type=share("--log-sample"), default=0.1,
+                   help="share of OK answers the served log keeps (default 0.1; errors and degraded answers are always kept)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
 
@@ -72,7 +77,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, ops_port=args.ops_port, ingest_token=ingest,
         releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
-        ranker=args.ranker, retrieval=args.retrieval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
+        ranker=args.ranker, retrieval=args.retrieval, served_log=Path(args.served_log) if args.served_log else None,
+        log_sample=args.log_sample, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
         **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )

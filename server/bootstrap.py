@@ -27,6 +27,8 @@ from server.seen import bootstrap_seen
 from server.service import RecommenderService, warm
 from server.refill import refill_in_child
 from server.store_watch import ensure_epoch
+from server.observe import RequestObserver
+from server.served_log import FeedbackLogWriter, ServedLogWriter
 from server.state import ServingState, build_snapshot, load_runtime
 
 __all__ = ["build_service", "resolve_data_dir"]
@@ -115,5 +117,21 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     # A refill runs in a child process (server/refill.py): in this one it would compete with requests for the interpreter lock.
     refill = None if isinstance(store, MemoryStore) or cfg.materialize == "never" else (
         lambda: refill_in_child(data_dir, cfg.store, cfg.namespace, cfg.allowed_lateness_ms, cfg.seen_cap))
-    return RecommenderService(cfg, info=info, sets=sets, store=store, write_store=write_store, clock=clock,
-                              state=ServingState(snap), metrics=metrics or Metrics(), epoch=epoch, refill=refill)
+    metrics = metrics or Metrics()
+    service = RecommenderService(cfg, info=info, sets=sets, store=store, write_store=write_store, clock=clock,
+                                 state=ServingState(snap), metrics=metrics, epoch=epoch, refill=refill, observer=_observer(cfg, metrics))
+    if service.observer.feedback is not None:
+        service.live.on_feedback = service.observer.feedback.on_feedback
+    return service
+
+
+def _observer(cfg: ServerConfig, metrics: Metrics) -> RequestObserver:
+    """The served log (and its feedback log) when asked for; written by threads off the request path."""
+    if cfg.served_log is None:
+        return RequestObserver()
+    written, dropped = metrics.served_log.labels("written"), metrics.served_log.labels("dropped")
+    writer = ServedLogWriter(cfg.served_log, rotate_s=cfg.log_rotate_s, rotate_bytes=int(cfg.log_rotate_mb * (1 << 20)),
+                             on_drop=dropped.inc, on_written=written.inc)
+    feedback = FeedbackLogWriter(cfg.served_log)
+    log.info("served log: %s (%.0f %% of OK answers, every error and degraded answer)", cfg.served_log, cfg.log_sample * 100)
+    return RequestObserver(served_log=writer, log_sample=cfg.log_sample, feedback=feedback)

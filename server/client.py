@@ -96,6 +96,7 @@ class Recommendation:
     degraded: bool
     request_id: str
     latency_ms: dict[str, float] = field(default_factory=dict)  # per stage, when asked for
+    arm: str = "primary"  # the rollout arm that answered
 
     @property
     def item_ids(self) -> list[str]:
@@ -108,6 +109,7 @@ class Ranking:
     release_id: str
     degraded: bool
     request_id: str
+    arm: str = "primary"
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,11 @@ class LiveEvent:
     item_id: int | str
     type: str  # impression, play, like, skip, rating
     value: float = 1.0
+    request_id: str = ""  # the Recommend request that served the item (feedback joins)
 
     def to_proto(self) -> pb.Event:
         return pb.Event(event_id=str(self.event_id), ts_ms=int(self.ts_ms), user_id=str(self.user_id), item_id=str(self.item_id),
-                        type=self.type, value=float(self.value))
+                        type=self.type, value=float(self.value), request_id=self.request_id)
 
 
 @dataclass(frozen=True)
@@ -239,13 +242,13 @@ class ParityClient:
         req = pb.RecommendRequest(user_id=str(user_id), k=int(k), exclude_item_ids=[str(x) for x in exclude], context=dict(context or {}),
                                   request_id=request_id, include_latency=include_latency)
         r = self._call("Recommend", lambda t: self._rec.Recommend(req, timeout=t), timeout_s)
-        return Recommendation(self._items(r.items), r.release_id, r.degraded, r.request_id, {s.stage: s.ms for s in r.latency})
+        return Recommendation(self._items(r.items), r.release_id, r.degraded, r.request_id, {s.stage: s.ms for s in r.latency}, r.arm)
 
     def rank(self, user_id: int | str, item_ids: Iterable[int | str], *, context: Mapping[str, float] | None = None,
              request_id: str = "", timeout_s: float | None = None) -> Ranking:
         req = pb.RankRequest(user_id=str(user_id), item_ids=[str(x) for x in item_ids], context=dict(context or {}), request_id=request_id)
         r = self._call("Rank", lambda t: self._rec.Rank(req, timeout=t), timeout_s)
-        return Ranking(self._items(r.items), r.release_id, r.degraded, r.request_id)
+        return Ranking(self._items(r.items), r.release_id, r.degraded, r.request_id, r.arm)
 
     def get_features(self, entity_type: str, entity_id: int | str, feature_sets: Sequence[str] = (), *, timeout_s: float | None = None) -> list[FeatureSetValues]:
         req = pb.GetFeaturesRequest(entity_type=entity_type, entity_id=str(entity_id), feature_sets=list(feature_sets))

@@ -36,6 +36,10 @@ class ServerConfig:
     releases_root: Path | None = None  # LoadRelease only loads folders under it; None: the parent of `release`
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    served_log: Path | None = None  # the served log's folder (monitor/served_log.py); None: nothing logged
+    log_sample: float = 0.1  # share of OK answers logged (errors and degraded answers always are)
+    log_rotate_s: float = 300.0  # a served-log part is finished after this long or ...
+    log_rotate_mb: float = 64.0  # ... this many MB, whichever comes first
 
     # Request limits (INVALID_ARGUMENT beyond them).
     max_k: int = 200
@@ -133,9 +137,17 @@ class ServerConfig:
             object.__setattr__(self, "tls_key", Path(self.tls_key))
         if self.releases_root is not None:
             object.__setattr__(self, "releases_root", Path(self.releases_root))
+        if self.served_log is not None:
+            object.__setattr__(self, "served_log", Path(self.served_log))
         self.validate()
 
     def validate(self) -> None:
+        if not (isinstance(self.log_sample, (int, float)) and 0.0 <= self.log_sample <= 1.0):
+            raise ValueError(f"log_sample must be a share in [0, 1], got {self.log_sample!r}")
+        for name in ("log_rotate_s", "log_rotate_mb"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -66,6 +66,7 @@ class Metrics:
         self.lane_queued = Gauge("parity_lane_queued", "requests waiting per admission lane", ["lane"], registry=r)
         self.ingest_streams = Gauge("parity_ingest_streams_open", "IngestEvents streams open", registry=r)
         self.store_state = Gauge("parity_store_state", "online store state (1 = current)", ["state"], registry=r)
+        self.served_log = Counter("parity_served_log_records", "served-log records by outcome (written, dropped)", ["outcome"], registry=r)
         self.store_refills = Counter("parity_store_refills", "re-fills of an online store found empty", ["result"], registry=r)
         self._release_id: str | None = None
         self._http = None

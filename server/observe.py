@@ -23,6 +23,7 @@ import numpy as np
 from export.candidates import SOURCES
 from monitor.served_log import ServedRecord
 from server.pipeline import Ranked
+from server.served_log import should_log
 
 __all__ = ["Observation", "RequestObserver", "ServedLogSink", "sample_rows"]
 
@@ -63,19 +64,11 @@ def sample_rows(n: int, m: int, request_id: str) -> np.ndarray:
     return np.sort(np.random.default_rng(_seed(request_id)).choice(n, size=m, replace=False))
 
 
-def should_log(request_id: str, rate: float, status: str) -> bool:
-    """Every error and degraded answer; others with probability `rate`, decided by the request id."""
-    if status != "ok" or rate >= 1.0:
-        return True
-    if rate <= 0.0:
-        return False
-    return (_seed(request_id) >> 11) / float(1 << 53) < rate
-
-
 class RequestObserver:
     def __init__(self, *, served_log: ServedLogSink | None = None, log_sample: float = 0.1, sampled_candidates: int = 8,
-                 listeners: Sequence[Callable[[Observation], None]] = ()) -> None:
+                 listeners: Sequence[Callable[[Observation], None]] = (), feedback=None) -> None:
         self.served_log = served_log
+        self.feedback = feedback  # server.served_log.FeedbackLogWriter: ingested feedback beside the served log
         self.log_sample = log_sample
         self.sampled_candidates = sampled_candidates
         self.listeners = list(listeners)
@@ -84,6 +77,15 @@ class RequestObserver:
 
     def add_listener(self, fn: Callable[[Observation], None]) -> None:
         self.listeners.append(fn)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Finish every open part (at shutdown, after requests have drained)."""
+        for w in (self.served_log, self.feedback):
+            if w is not None and hasattr(w, "close"):
+                try:
+                    w.close(timeout_s)
+                except Exception:  # noqa: BLE001 - a log that cannot finish must not fail shutdown
+                    log.exception("served log close failed")
 
     def observe(self, *, arm: str, release_id: str, method: str, user_id: int, request_id: str, ts_ms: int, status: str,
                 reason: str | None, latency_ms: float, ranked: Ranked | None, top: np.ndarray | None, missing_rate: float,

@@ -142,6 +142,7 @@ class RecommenderService:
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
         self.live.close()
+        self.observer.close()
         for s in {id(self.store): self.store, id(self.write_store): self.write_store}.values():
             try:
                 s.close()

@@ -169,7 +169,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             out = await self.service.recommend(q, budget)
             return pb.RecommendResponse(
                 items=[pb.ScoredItem(item_id=str(i), score=s, source=src) for i, s, src in out.items],
-                release_id=out.release_id, degraded=out.degraded, request_id=out.request_id,
+                release_id=out.release_id, degraded=out.degraded, request_id=out.request_id, arm=out.arm,
                 latency=[pb.StageLatency(stage=n, ms=ms) for n, ms in out.latency],
             )
 
@@ -181,7 +181,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             q = validate_rank(request, self.service.cfg)
             out = await self.service.rank(q, budget)
             return pb.RankResponse(items=[pb.ScoredItem(item_id=str(i), score=s, source=src, unknown=unk) for i, s, src, unk in out.items],
-                                   release_id=out.release_id, degraded=out.degraded, request_id=out.request_id)
+                                   release_id=out.release_id, degraded=out.degraded, request_id=out.request_id, arm=out.arm)
 
         return await self.h.call("Rank", context, work, lane="serve")
 
