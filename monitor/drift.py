@@ -37,8 +37,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import stats
-from scipy.spatial.distance import jensenshannon
 
 __all__ = [
     "PREDICTION",
@@ -53,6 +51,14 @@ __all__ = [
 ]
 
 PREDICTION = "prediction"  # the name the predictions' entry carries in a report
+
+
+def _stats():
+    """scipy.stats, imported on first use: `parity`'s argument parser imports this module for
+    the default thresholds, and scipy would add half a second to every command."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,8 @@ def _effect_sizes(obs_counts: np.ndarray, ref_shares: np.ndarray, eps: float) ->
     psi = float(np.sum((o - r) * np.log(o / r)))
     on, rn = o / o.sum(), r / r.sum()
     kl = float(np.sum(on * np.log(on / rn)))
+    from scipy.spatial.distance import jensenshannon
+
     js = float(jensenshannon(obs, ref_shares / ref_shares.sum(), base=2))
     return psi, kl, js
 
@@ -202,7 +210,7 @@ def _chi2(obs_counts: np.ndarray, ref: Mapping, eps: float) -> tuple[str, float]
         keep = table.sum(axis=0) > 0
         if keep.sum() < 2:
             return "chi2", 1.0
-        return "chi2", float(stats.chi2_contingency(table[:, keep], correction=False).pvalue)
+        return "chi2", float(_stats().chi2_contingency(table[:, keep], correction=False).pvalue)
     keep = shares > 0
     if keep.sum() < 2:
         return "chi2_gof", 1.0
@@ -212,7 +220,7 @@ def _chi2(obs_counts: np.ndarray, ref: Mapping, eps: float) -> tuple[str, float]
         return "chi2_gof", 0.0
     exp = np.maximum(shares[keep], eps)
     exp = exp / exp.sum() * n
-    return "chi2_gof", float(stats.chisquare(obs_counts[keep], exp).pvalue)
+    return "chi2_gof", float(_stats().chisquare(obs_counts[keep], exp).pvalue)
 
 
 def column_drift(name: str, ref: Mapping, counts: np.ndarray, missing: int, live_sample: np.ndarray | None,
@@ -233,7 +241,7 @@ def column_drift(name: str, ref: Mapping, counts: np.ndarray, missing: int, live
         live = None if live_sample is None else np.asarray(live_sample, dtype=np.float32).astype(np.float64)
         live = None if live is None else live[np.isfinite(live)]
         if sample is not None and live is not None and len(live) >= 2 and len(sample) >= 2 and not _is_discrete(ref, sample):
-            test, p = "ks", float(stats.ks_2samp(live, sample).pvalue)
+            test, p = "ks", float(_stats().ks_2samp(live, sample).pvalue)
         else:
             test, p = _chi2(counts, ref, thresholds.eps)
     miss_rate = missing_p = None
@@ -241,7 +249,7 @@ def column_drift(name: str, ref: Mapping, counts: np.ndarray, missing: int, live
         miss_rate = missing / rows
         if rows >= thresholds.min_rows:
             missing_p = 0.0 if ref_miss <= 0 and missing > 0 else float(
-                stats.binomtest(int(missing), rows, min(max(ref_miss, 1e-12), 1.0), alternative="greater").pvalue)
+                _stats().binomtest(int(missing), rows, min(max(ref_miss, 1e-12), 1.0), alternative="greater").pvalue)
     return FeatureDrift(name, rows, present, psi, kl, js, test, p, p, miss_rate, ref_miss, missing_p, False, (),
                         tuple(_edges(ref).tolist()), tuple(int(c) for c in counts), tuple(shares.tolist()))
 
@@ -262,7 +270,7 @@ def _decide(f: FeatureDrift, p_adj: float | None, th: DriftThresholds) -> Featur
 
 def _finish(raw: list[FeatureDrift], pred: FeatureDrift | None, rows: int, th: DriftThresholds) -> DriftReport:
     ps = np.asarray([f.p_value for f in raw if f.p_value is not None], dtype=np.float64)
-    adj = iter(stats.false_discovery_control(ps, method="bh").tolist() if len(ps) else [])
+    adj = iter(_stats().false_discovery_control(ps, method="bh").tolist() if len(ps) else [])
     feats = tuple(_decide(f, next(adj) if f.p_value is not None else None, th) for f in raw)
     return DriftReport(rows, feats, _decide(pred, pred.p_value, th) if pred is not None else None, th)
 
