@@ -19,11 +19,20 @@ H = 3_600_000
 
 
 def _rows(reference: dict, columns: list[str], n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Rows whose every column is drawn from the reference's own raw sample (its missing rate included)."""
+    """Rows whose every column follows the reference: drawn from its raw sample (continuous
+    columns), or one value per bin with the reference's shares (count columns, stored without a
+    sample); its missing rate included."""
     X = np.empty((n, len(columns)), dtype=np.float32)
     for j, c in enumerate(columns):
         ref = reference["features"][c]
-        X[:, j] = rng.choice(np.asarray(ref["sample"], np.float32), n) if ref.get("sample") else np.nan
+        if ref.get("sample"):
+            X[:, j] = rng.choice(np.asarray(ref["sample"], np.float32), n)
+        elif ref["shares"]:
+            edges = np.asarray(ref["edges"], np.float64)
+            values = np.r_[edges[0] - 1.0, (edges[:-1] + edges[1:]) / 2, edges[-1] + 1.0]  # inside each bin, float32-safe
+            X[:, j] = rng.choice(values, n, p=np.asarray(ref["shares"]) / np.sum(ref["shares"]))
+        else:
+            X[:, j] = np.nan
         X[rng.random(n) < ref["missing_rate"], j] = np.nan
     return X, rng.choice(np.asarray(reference["prediction"]["sample"], np.float32), n)
 
