@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Callable
 
+from parity import cli_monitor_drift, cli_monitor_skew
+
 __all__ = ["register"]
 
 
@@ -12,6 +14,5 @@ def register(sub: argparse._SubParsersAction, positive: Callable, nonneg: Callab
     p = sub.add_parser("monitor", help="check what the server served: skew against the batch path, drift against the release")
     msub = p.add_subparsers(dest="monitor_command", required=True, metavar="CHECK")
     # one line per check module (each owns its arguments and its output)
-    from parity import cli_monitor_skew
-
+    cli_monitor_drift.register(msub, positive, nonneg)
     cli_monitor_skew.register(msub, positive, nonneg)

@@ -208,7 +208,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "metrics": metrics,
             "models": {"teacher_fp32": "rankers/teacher_fp32.onnx", "student_fp32": "rankers/student_fp32.onnx", "student_int8": "rankers/student_int8.onnx",
                        "teacher_torch": "rankers/teacher_torch.pt", "user_tower": "retrieval/user_tower.onnx", "item_tower": "retrieval/item_tower.onnx"},
-            "reference": {"features": column_references(rd.train.X, rd.columns), "prediction": histogram_reference(valid_pred, bins=20)},
+            "reference": {"features": column_references(rd.train.X, rd.columns, sample=1000), "prediction": histogram_reference(valid_pred, bins=20, sample=1000)},
             "timings_s": timings,
         }
         release = write_release(out_root, staged, manifest)
