@@ -40,6 +40,8 @@ class ServerConfig:
     log_sample: float = 0.1  # share of OK answers logged (errors and degraded answers always are)
     log_rotate_s: float = 300.0  # a served-log part is finished after this long or ...
     log_rotate_mb: float = 64.0  # ... this many MB, whichever comes first
+    drift_window_s: float = 3600.0  # the live drift gauges' sliding window (event time)
+    drift_interval_s: float = 10.0  # how often the drift window is folded and tested (0: no live drift watch)
 
     # Request limits (INVALID_ARGUMENT beyond them).
     max_k: int = 200
@@ -144,7 +146,9 @@ class ServerConfig:
     def validate(self) -> None:
         if not (isinstance(self.log_sample, (int, float)) and 0.0 <= self.log_sample <= 1.0):
             raise ValueError(f"log_sample must be a share in [0, 1], got {self.log_sample!r}")
-        for name in ("log_rotate_s", "log_rotate_mb"):
+        if not (isinstance(self.drift_interval_s, (int, float)) and math.isfinite(self.drift_interval_s) and self.drift_interval_s >= 0):
+            raise ValueError(f"drift_interval_s must be a finite number >= 0, got {self.drift_interval_s!r}")
+        for name in ("log_rotate_s", "log_rotate_mb", "drift_window_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

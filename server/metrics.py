@@ -66,6 +66,16 @@ class Metrics:
         self.lane_queued = Gauge("parity_lane_queued", "requests waiting per admission lane", ["lane"], registry=r)
         self.ingest_streams = Gauge("parity_ingest_streams_open", "IngestEvents streams open", registry=r)
         self.store_state = Gauge("parity_store_state", "online store state (1 = current)", ["state"], registry=r)
+        fl = ["arm", "feature"]
+        self.drift_psi = Gauge("parity_drift_psi", "population stability index of served inputs vs the release reference (sliding window)", fl, registry=r)
+        self.drift_js = Gauge("parity_drift_js_distance", "Jensen-Shannon distance of served inputs vs the release reference", fl, registry=r)
+        self.drift_p = Gauge("parity_drift_p_adjusted", "KS / chi-square p-value, Benjamini-Hochberg adjusted across features", fl, registry=r)
+        self.drift_missing = Gauge("parity_drift_missing_rate", "share of served values missing (sliding window)", fl, registry=r)
+        self.drift_drifted = Gauge("parity_drift_drifted", "1 while the feature (or 'prediction') crosses a drift threshold", fl, registry=r)
+        self.drift_alerts = Counter("parity_drift_alerts", "drift alert events written", fl, registry=r)
+        self.drift_rows = Gauge("parity_drift_window_rows", "sampled candidate rows in the drift window", ["arm"], registry=r)
+        self.drift_dropped = Counter("parity_drift_dropped", "observations the drift buffer had no room for", registry=r)
+        self.drift_step_seconds = Histogram("parity_drift_step_seconds", "time to fold and test one drift interval", registry=r)
         self.served_log = Counter("parity_served_log_records", "served-log records by outcome (written, dropped)", ["outcome"], registry=r)
         self.store_refills = Counter("parity_store_refills", "re-fills of an online store found empty", ["result"], registry=r)
         self._release_id: str | None = None

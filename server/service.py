@@ -31,6 +31,7 @@ from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
+from server.drift_watch import DriftSettings, DriftWatch
 from server.observe import RequestObserver
 from server.pipeline import SOURCES, Ranked
 from server.records import UserRecords
@@ -120,10 +121,19 @@ class RecommenderService:
                                  on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
                       if not isinstance(store, MemoryStore) else None)
         self._watch_task: asyncio.Task | None = None
+        self.drift = None
+        if cfg.drift_interval_s > 0:
+            window_ms = int(cfg.drift_window_s * 1000)
+            window_ms -= window_ms % 12
+            self.drift = DriftWatch(metrics, state, clock.now_ms, settings=DriftSettings(window_ms=window_ms, interval_s=cfg.drift_interval_s),
+                                    alerts_dir=(cfg.served_log / "alerts") if cfg.served_log is not None else None)
+            self.observer.add_listener(self.drift.listener)
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self.releases.start()
+        if self.drift is not None:
+            self.drift.start()
         if self.watch is not None:
             self._watch_task = asyncio.get_running_loop().create_task(self.watch.run(), name="parity-store-watch")
         log.info("heap settled before serving: %s", heap.settle())
@@ -137,6 +147,8 @@ class RecommenderService:
                 pass
             self._watch_task = None
         await self.releases.close()
+        if self.drift is not None:
+            await self.drift.close()
         await self.response_cache.close()
         await self.records.close()
         self.cpu.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,163 @@
+"""Drift of what is served, watched live: Prometheus gauges over a sliding window and an
+alert event when a feature or the predictions cross a threshold.
+
+Per request the listener only appends the sampled candidate rows (server/observe.py) to a
+bounded buffer (full: dropped and counted); a background task folds the buffer into one
+`monitor.drift.SlidingDrift` per arm's release every `interval_s` and computes the figures,
+so the statistics (scipy) never run on a request. Time is the requests' as-of time, so a
+replayed log (the data clock) drifts exactly as it did.
+
+Alerts: a feature that newly drifts writes one JSON line to `<served_log>/alerts/drift.jsonl`
+(when a served log is configured) and a warning to the log, and counts in
+parity_drift_alerts_total; one that clears is written too, so the file reads as a timeline.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from monitor.drift import PREDICTION, DriftPoll, DriftThresholds, SlidingDrift
+from server.metrics import Metrics
+from server.observe import Observation
+from server.state import ServingState
+
+__all__ = ["DriftWatch", "DriftSettings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DriftSettings:
+    window_ms: int = 3_600_000
+    buckets: int = 12
+    interval_s: float = 10.0
+    max_pending: int = 20_000  # observations buffered between folds
+    thresholds: DriftThresholds = DriftThresholds()
+
+
+class DriftWatch:
+    def __init__(self, metrics: Metrics, state: ServingState, now_ms: Callable[[], int], *, settings: DriftSettings = DriftSettings(),
+                 alerts_dir: Path | None = None) -> None:
+        self.metrics = metrics
+        self.state = state
+        self.now_ms = now_ms
+        self.settings = settings
+        self.alerts_path = (Path(alerts_dir) / "drift.jsonl") if alerts_dir is not None else None
+        self._pending: deque[Observation] = deque()
+        self._windows: dict[tuple[str, str], SlidingDrift] = {}  # (arm, release id) -> window
+        self._task: asyncio.Task | None = None
+        self.dropped = 0
+        self.last: dict[str, DriftPoll] = {}  # arm -> the latest poll
+
+    # -- the request side: O(1) --------------------------------------------------------------------
+    def listener(self, obs: Observation) -> None:
+        if obs.sampled_inputs is None or not len(obs.sampled_inputs) or obs.status.startswith("error"):
+            return
+        if len(self._pending) >= self.settings.max_pending:
+            self.dropped += 1
+            self.metrics.drift_dropped.inc()
+            return
+        self._pending.append(obs)
+
+    # -- the background side ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="parity-drift-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval_s)
+            try:
+                self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watch must never stop serving
+                log.exception("drift watch step failed")
+
+    def _window(self, arm: str, release_id: str, columns: tuple[str, ...]) -> SlidingDrift | None:
+        key = (arm, release_id)
+        w = self._windows.get(key)
+        if w is None:
+            snap = self.state.arm(arm)
+            if snap is None or snap.release_id != release_id:
+                return None  # the arm moved on to another release: its old rows are of no use
+            ref = snap.runtime.release.meta.reference
+            if not ref or not ref.get("features"):
+                return None  # a release without a reference cannot be checked
+            s = self.settings
+            w = self._windows[key] = SlidingDrift(ref, columns, window_ms=s.window_ms, buckets=s.buckets, thresholds=s.thresholds)
+        return w
+
+    def step(self) -> dict[str, DriftPoll]:
+        """Fold the buffered rows in, then report every arm being served (used by tests directly)."""
+        t = time.perf_counter()
+        groups: dict[tuple[str, str], list[Observation]] = {}
+        while self._pending:
+            o = self._pending.popleft()
+            groups.setdefault((o.arm, o.release_id), []).append(o)
+        for (arm, rid), obs in groups.items():
+            w = self._window(arm, rid, obs[0].columns)
+            if w is None:
+                continue
+            X = np.concatenate([o.sampled_inputs for o in obs])
+            p = np.concatenate([o.sampled_scores for o in obs])
+            ts = np.concatenate([np.full(len(o.sampled_inputs), o.ts_ms, dtype=np.int64) for o in obs])
+            w.add(X, p, ts)
+        serving = {(a, s.release_id) for a, s in self.state.arms().items()}
+        for key in [k for k in self._windows if k not in serving]:
+            del self._windows[key]  # a release no longer served
+        now = self.now_ms()
+        out = {}
+        for (arm, rid), w in self._windows.items():
+            poll = w.poll(now)
+            out[arm] = poll
+            self._export(arm, rid, poll, now)
+        self.last = out
+        self.metrics.drift_step_seconds.observe(time.perf_counter() - t)
+        return out
+
+    def _export(self, arm: str, release_id: str, poll: DriftPoll, now_ms: int) -> None:
+        m = self.metrics
+        rep = poll.report
+        m.drift_rows.labels(arm).set(rep.rows)
+        feats = list(rep.features) + ([rep.prediction] if rep.prediction is not None else [])
+        for f in feats:
+            for gauge, v in ((m.drift_psi, f.psi), (m.drift_js, f.js), (m.drift_p, f.p_adjusted), (m.drift_missing, f.missing_rate)):
+                gauge.labels(arm, f.name).set(float("nan") if v is None else float(v))
+            m.drift_drifted.labels(arm, f.name).set(1.0 if f.drifted else 0.0)
+        for name in poll.new_alerts:
+            m.drift_alerts.labels(arm, name).inc()
+            f = rep.feature(name)
+            self._alert({"event": "drift", "state": "alerting", "arm": arm, "release_id": release_id, "feature": name, "ts_ms": now_ms,
+                         "rows": rep.rows, "psi": f.psi, "js": f.js, "p_adjusted": f.p_adjusted, "missing_rate": f.missing_rate,
+                         "reasons": list(f.reasons), "prediction": name == PREDICTION})
+        for name in poll.cleared:
+            self._alert({"event": "drift", "state": "cleared", "arm": arm, "release_id": release_id, "feature": name, "ts_ms": now_ms})
+
+    def _alert(self, event: dict) -> None:
+        log.warning("drift %s: %s %s (arm %s, release %s)", event["state"], event["feature"],
+                    {k: event.get(k) for k in ("psi", "js", "p_adjusted") if k in event}, event["arm"], event["release_id"])
+        if self.alerts_path is None:
+            return
+        try:
+            self.alerts_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.alerts_path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event, sort_keys=True) + "\n")
+        except OSError as exc:
+            log.warning("cannot write the drift alert to %s: %s", self.alerts_path, exc)
