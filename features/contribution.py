@@ -46,6 +46,8 @@ admitted, and recounting it there could only disagree with what was served.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
 from features.event_rules import RATE_LIMITED, Rejection
@@ -126,6 +128,17 @@ class ContributionLimiter:
         if not name or not name.isidentifier():
             raise ValueError(f"name must be a plain identifier (it prefixes counter names), got {name!r}")
         self.store, self.limits, self.name = store, limits, name
+
+    def user_counters(self, user_id: int) -> Callable[[str], bool]:
+        """A matcher for every counter of one user (erasure: their names carry the user id)."""
+        head = f"{self.name}:"
+        uid = str(int(user_id))
+
+        def match(name: str) -> bool:
+            parts = name.split(":")
+            return name.startswith(head) and len(parts) >= 5 and parts[3] in ("u", "ui") and parts[4] == uid
+
+        return match
 
     def _names(self, kind: str, rows: np.ndarray) -> list[str]:
         prefix = f"{self.name}:{self.limits.window_ms}"

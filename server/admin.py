@@ -14,6 +14,7 @@ from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 from server.auth import check_bearer
 from server.service import RecommenderService
 from server.servicer import Handler, _check_parsed
+from server.validation import parse_id
 
 __all__ = ["AdminServicer"]
 
@@ -38,6 +39,17 @@ class AdminServicer(pb_grpc.AdminServicer):
             return pb.StatusResponse(**self.service.status())
 
         return await self.h.call("GetStatus", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
+
+    async def DeleteUser(self, request: pb.DeleteUserRequest, context: grpc.aio.ServicerContext) -> pb.DeleteUserResponse:
+        async def work(budget):
+            _check_parsed(request)
+            uid = parse_id("user_id", request.user_id, max_chars=self.service.cfg.max_id_chars)
+            rep = await self.service.delete_user(uid, request.reason, actor="admin")
+            return pb.DeleteUserResponse(online_keys_deleted=rep.online_keys_deleted + rep.seen_records_deleted + rep.counters_deleted,
+                                         cache_entries_dropped=rep.cache_entries_dropped,
+                                         served_log_rows_removed=rep.served_log_rows_removed + rep.feedback_rows_removed, audit_id=rep.audit_id)
+
+        return await self.h.call("DeleteUser", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
 
     def _auth(self, context: grpc.aio.ServicerContext) -> None:
         check_bearer(context.invocation_metadata(), self._token)

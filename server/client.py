@@ -278,6 +278,13 @@ class ParityClient:
         r = self._call("GetStatus", lambda t: self._adm.GetStatus(pb.GetStatusRequest(), timeout=t, metadata=self._admin), timeout_s)
         return Status(r.release_id, r.store, dict(r.feature_set_versions), r.requests_served, r.uptime_s, r.serving, r.now_ms, r.clock, r.catalogue_items)
 
+    def delete_user(self, user_id: int | str, reason: str, *, timeout_s: float = 300.0) -> dict:
+        """Erase the user everywhere the server reaches; the counts and the audit id."""
+        req = pb.DeleteUserRequest(user_id=str(user_id), reason=reason)
+        r = self._call("DeleteUser", lambda t: self._adm.DeleteUser(req, timeout=t, metadata=self._admin), timeout_s)
+        return {"online_keys_deleted": r.online_keys_deleted, "cache_entries_dropped": r.cache_entries_dropped,
+                "served_log_rows_removed": r.served_log_rows_removed, "audit_id": r.audit_id}
+
     def health(self, service: str = "", *, timeout_s: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... (grpc.health.v1)."""
         r = self._call("Health.Check", lambda t: self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=t), timeout_s)

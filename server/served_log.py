@@ -158,6 +158,7 @@ class _Part:
 @dataclass
 class _Flush:
     done: threading.Event = field(default_factory=threading.Event)
+    finish: bool = False  # also finish every open part (erasure rewrites finished parts only)
 
 
 _STOP = object()
@@ -229,11 +230,11 @@ class PartLogWriter:
             return WriterStats(self._offered, self._dropped, self._written_records, self._written_rows, self._finished,
                                self._errors, self._q.qsize())
 
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until everything offered before this call is written (parts stay open; parts
-        whose age passed rotate_s are finished). True if done within `timeout`. Not for the
-        request path: it waits."""
-        f = _Flush()
+    def flush(self, timeout: float | None = 10.0, *, finish_parts: bool = False) -> bool:
+        """Wait until everything offered before this call is written (parts stay open, unless
+        `finish_parts`; parts whose age passed rotate_s are finished). True if done within
+        `timeout`. Not for the request path: it waits."""
+        f = _Flush(finish=finish_parts)
         try:
             self._q.put(f, timeout=timeout)
         except queue.Full:
@@ -292,6 +293,9 @@ class PartLogWriter:
                 self._write(pending)
                 pending = []
             self._rotate_old()
+            if any(f.finish for f in flushes):
+                for key in list(self._parts):
+                    self._finish(key)
             for f in flushes:
                 f.done.set()
             flushes.clear()

@@ -22,6 +22,8 @@ import numpy as np
 
 from features.datasets import DatasetInfo
 from features.definitions import FeatureSet
+from features.eventlog import EventLog
+from features.offline import OfflineStore
 from features.lookup import FeatureLookup, LookupRequest
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
@@ -31,6 +33,7 @@ from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
+from server.erasure import ErasureReport, erase_user, write_audit
 from server.drift_watch import DriftSettings, DriftWatch
 from server.observe import RequestObserver
 from server.pipeline import SOURCES, Ranked
@@ -376,6 +379,29 @@ class RecommenderService:
     async def _invalidate(self, users: np.ndarray) -> None:
         await self.records.forget_users(self._plan_ids(), users)
         self.releases.mark_dirty()  # item features changed too
+
+    # -- erasure ---------------------------------------------------------------------------------
+    async def delete_user(self, user_id: int, reason: str, actor: str = "admin") -> ErasureReport:
+        """Erase the user everywhere this server reaches (server/erasure.py), then drop every
+        cached trace of them; their next request is served as a new user's."""
+        if not reason.strip():
+            raise InvalidArgument("reason", "must say why the user's data is erased (it goes into the audit log)")
+        for w in (self.observer.served_log, self.observer.feedback):
+            if w is not None:  # erasure rewrites finished parts: finish the open ones first
+                await self._run(self.io, w.flush, 30.0, finish_parts=True)
+        log_ = EventLog(self.cfg.data_dir / "events")
+        offline = OfflineStore(self.cfg.data_dir / "offline")
+        try:
+            rep = await self._run(self.io, erase_user, user_id, reason=reason, actor=actor, log=log_, store=self.write_store, sets=self.sets,
+                                  offline=offline, served_log=self.cfg.served_log, audit=False)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"the online store failed during the erasure ({exc}); nothing is half-done that a retry will not finish") from None
+        dropped = await self.records.forget_users(self._plan_ids(), np.asarray([user_id]))
+        self.releases.mark_dirty()  # item aggregates were recomputed without them
+        rep = replace(rep, cache_entries_dropped=dropped)
+        await self._run(self.io, write_audit, log_, rep, reason, actor)
+        log.info("user erased everywhere (audit %s)", rep.audit_id)
+        return rep
 
     # -- releases ---------------------------------------------------------------------------------
     async def load_release(self, path: str) -> tuple[str, str, float]:

@@ -131,6 +131,12 @@ class OnlineStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def delete_counters(self, match: Callable[[str], bool]) -> int:
+        """Delete the counters (incr_many) whose name `match` accepts; returns how many.
+        Scans every counter: for erasure (a user's rate-limit tallies carry their id), not for
+        the request path."""
+
+    @abc.abstractmethod
     def delete(self, keys: Sequence[RecordKey]) -> int:
         """Delete records; returns how many existed."""
 

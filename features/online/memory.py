@@ -229,6 +229,13 @@ class MemoryStore(OnlineStore):
                 out.append(c[0])
             return out
 
+    def delete_counters(self, match: Callable[[str], bool]) -> int:
+        with self._lock:
+            gone = [n for n in self._counters if match(n)]
+            for n in gone:
+                del self._counters[n]
+            return len(gone)
+
     def seen(self, event_ids: Sequence[int]) -> list[bool]:
         with self._lock:
             now = self.clock()

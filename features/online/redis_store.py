@@ -11,7 +11,7 @@ import contextlib
 import random
 import re
 import time
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 try:
@@ -383,6 +383,16 @@ class RedisStore(OnlineStore):
 
         with self._guard("delete_matching"):
             return self._unlink_scanned(pattern, lambda raw: (k := self._parse_key(raw)) is not None and wanted(k))
+
+    def delete_counters(self, match: Callable[[str], bool]) -> int:
+        prefix = self._counter_key("")
+
+        def keep(raw: bytes | str) -> bool:
+            k = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+            return k.startswith(prefix) and match(k[len(prefix):])
+
+        with self._guard("delete_counters"):
+            return self._unlink_scanned(escape_glob(prefix) + "*", keep)
 
     def clear_namespace(self) -> int:
         with self._guard("clear_namespace"):

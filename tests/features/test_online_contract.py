@@ -224,6 +224,18 @@ def test_delete_counts_existing_records(online_store: OnlineStore) -> None:
     assert online_store.delete([]) == 0
 
 
+def test_delete_counters_removes_only_what_the_matcher_accepts(online_store: OnlineStore) -> None:
+    """Erasure: a user's rate-limit tallies carry their id in the counter name."""
+    from features.contribution import ContributionLimiter
+
+    names = ["contrib:3600000:7:u:42", "contrib:3600000:7:ui:42:9", "contrib:3600000:7:u:420", "contrib:3600000:7:ui:4:42", "other:1"]
+    online_store.incr_many(names, [1] * len(names), 60_000)
+    match = ContributionLimiter(online_store).user_counters(42)
+    assert online_store.delete_counters(match) == 2
+    assert online_store.delete_counters(match) == 0  # nothing of user 42 is left
+    assert online_store.incr_many(names, [1] * len(names), 60_000) == [1, 1, 2, 2, 2]  # the others kept their counts
+
+
 def test_delete_matching_one_version_only(online_store: OnlineStore) -> None:
     v1 = [rk(str(i), version="v1") for i in range(3)]
     v2 = [rk(str(i), version="v2") for i in range(3)]
