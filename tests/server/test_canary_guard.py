@@ -130,7 +130,7 @@ def test_a_canary_worse_for_users_is_rolled_back_by_the_sequential_test():
     _feedback(g, rng, {"primary": 1500, "canary": 500}, {"primary": 0.30, "canary": 0.22}, {"primary": 20.0, "canary": 20.0})
     d = g.decide(now)
     assert d.action == "rollback" and d.reason.startswith("CTR")
-    assert d.numbers["ctr_test"]["always_valid_p"] <= 0.05
+    assert d.numbers["ctr_test"]["always_valid_p"] <= 0.025  # alpha / 2: two business tests
 
 
 def test_less_watch_time_alone_is_rolled_back():
@@ -229,3 +229,41 @@ def test_store_counters_match_local_counters(online_store):
         end = _serve(g, rng, T0, 25, {"primary": 20, "canary": 10}, missing=0.1)
         _feedback(g, rng, {"primary": 300, "canary": 150}, {"primary": 0.3, "canary": 0.3}, {"primary": 20.0, "canary": 20.0})
     assert local.snapshot(end) == shared.snapshot(end)
+
+
+# -- closed loop: the guard judging real feedback from features.closed_loop ------------------------
+def _closed_loop(model, seed: int, canary_ranks_randomly: bool, requests: int, percent: float = 20.0) -> int | None:
+    """Requests until rollback (None: never), deciding every 50 requests, 20 % canary."""
+    from server.rollout import arm_of
+
+    rng = np.random.default_rng(seed)
+    none = PredictionReference((), ())
+    g = CanaryGuard(GuardThresholds(), {"primary": none, "canary": none}, started_ms=0)
+    for r in range(requests):
+        u = int(rng.choice(model.user_ids))
+        arm = arm_of(u, f"s{seed}", percent)
+        cand = rng.choice(model.item_ids, 30, replace=False)
+        shown = cand[:10] if (arm == "canary" and canary_ranks_randomly) else cand[np.argsort(-model.play_probability(u, cand))][:10]
+        evs = model.respond(u, shown, r * 50, f"{seed}-{r}")
+        g.record_request(arm, r * 50, latency_ms=8.0)
+        g.record_feedback(arm, impressions=sum(e.type == "impression" for e in evs), plays=sum(e.type == "play" for e in evs),
+                          watch_s=sum(e.value for e in evs if e.type == "play"))
+        if r % 50 == 49 and g.decide(r * 50).action == "rollback":
+            return r + 1
+    return None
+
+
+@pytest.fixture(scope="module")
+def feedback_model(small_sim):
+    from features.closed_loop import FeedbackModel
+
+    return FeedbackModel.from_data_dir(small_sim, seed=2)
+
+
+def test_a_canary_with_a_worse_model_is_rolled_back_within_a_bounded_number_of_requests(feedback_model):
+    needed = [_closed_loop(feedback_model, s, canary_ranks_randomly=True, requests=3000) for s in range(4)]
+    assert all(n is not None and n <= 2000 for n in needed), needed
+
+
+def test_a_canary_with_the_same_model_is_not_rolled_back(feedback_model):
+    assert [_closed_loop(feedback_model, 100 + s, canary_ranks_randomly=False, requests=2500) for s in range(4)] == [None] * 4
