@@ -75,7 +75,7 @@ def parse_threshold(text: str) -> tuple[str, float]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", required=True, type=parse_target, help="HOST:PORT of the server")
-    p.add_argument("--token", default=None, help="admin bearer token (default: env PARITY_ADMIN_TOKEN)")
+    p.add_argument("--admin-token", "--token", dest="token", default=None, help="admin bearer token (default: env PARITY_ADMIN_TOKEN)")
     p.add_argument("--timeout", type=number("--timeout", strictly_positive=True), default=10.0,
                    help="deadline of the call in seconds (default 10)")
 

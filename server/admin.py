@@ -14,6 +14,8 @@ from parity_api.v1 import recommender_pb2_grpc as pb_grpc
 from server.auth import check_bearer
 from server.service import RecommenderService
 from server.servicer import Handler, _check_parsed
+from server.errors import InvalidArgument
+from server.rollout import RolloutSpec
 from server.validation import parse_id
 
 __all__ = ["AdminServicer"]
@@ -51,5 +53,35 @@ class AdminServicer(pb_grpc.AdminServicer):
 
         return await self.h.call("DeleteUser", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
 
+    async def SetRollout(self, request: pb.SetRolloutRequest, context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
+        async def work(budget):
+            _check_parsed(request)
+            which = request.WhichOneof("action")
+            if which == "spec":
+                out = await self.service.set_rollout(RolloutSpec.from_message(request.spec))
+            elif which == "promote" and request.promote:
+                out = await self.service.set_rollout(promote=True)
+            elif which == "abort" and request.abort:
+                out = await self.service.set_rollout(abort=True)
+            else:
+                raise InvalidArgument("action", "set one of spec, promote=true or abort=true")
+            return _status(out)
+
+        return await self.h.call("SetRollout", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
+
+    async def GetRollout(self, request: pb.GetRolloutRequest, context: grpc.aio.ServicerContext) -> pb.RolloutStatus:
+        async def work(budget):
+            _check_parsed(request)
+            return _status(self.service.rollout_status())
+
+        return await self.h.call("GetRollout", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
+
     def _auth(self, context: grpc.aio.ServicerContext) -> None:
         check_bearer(context.invocation_metadata(), self._token)
+
+
+def _status(d: dict) -> pb.RolloutStatus:
+    d = dict(d)
+    arms = [pb.ArmStats(**a) for a in d.pop("arms", [])]
+    shadow = {k: float(v) for k, v in d.pop("shadow", {}).items()}
+    return pb.RolloutStatus(**d, arms=arms, shadow=shadow)

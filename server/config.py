@@ -41,6 +41,9 @@ class ServerConfig:
     log_rotate_s: float = 300.0  # a served-log part is finished after this long or ...
     log_rotate_mb: float = 64.0  # ... this many MB, whichever comes first
     drift_window_s: float = 3600.0  # the live drift gauges' sliding window (event time)
+    rollout_poll_s: float = 1.0  # how often a worker reads the shared rollout state
+    guard_interval_s: float = 2.0  # how often the canary guard decides
+    shadow_queue: int = 1000  # shadow requests waiting for an idle moment (full: dropped, counted)
     drift_interval_s: float = 10.0  # how often the drift window is folded and tested (0: no live drift watch)
 
     # Request limits (INVALID_ARGUMENT beyond them).
@@ -148,7 +151,7 @@ class ServerConfig:
             raise ValueError(f"log_sample must be a share in [0, 1], got {self.log_sample!r}")
         if not (isinstance(self.drift_interval_s, (int, float)) and math.isfinite(self.drift_interval_s) and self.drift_interval_s >= 0):
             raise ValueError(f"drift_interval_s must be a finite number >= 0, got {self.drift_interval_s!r}")
-        for name in ("log_rotate_s", "log_rotate_mb", "drift_window_s"):
+        for name in ("log_rotate_s", "log_rotate_mb", "drift_window_s", "rollout_poll_s", "guard_interval_s"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")

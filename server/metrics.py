@@ -76,6 +76,11 @@ class Metrics:
         self.drift_rows = Gauge("parity_drift_window_rows", "sampled candidate rows in the drift window", ["arm"], registry=r)
         self.drift_dropped = Counter("parity_drift_dropped", "observations the drift buffer had no room for", registry=r)
         self.drift_step_seconds = Histogram("parity_drift_step_seconds", "time to fold and test one drift interval", registry=r)
+        self.rollout_version = Gauge("parity_rollout_version", "version of the rollout this process applies", registry=r)
+        self.rollout_canary_percent = Gauge("parity_rollout_canary_percent", "share of users the canary answers", registry=r)
+        self.rollout_decisions = Counter("parity_rollout_decisions", "canary guard decisions acted on (rollback, promote)", ["action"], registry=r)
+        self.guard_seconds = Histogram("parity_canary_guard_seconds", "time of one canary guard decision", registry=r)
+        self.shadow_dropped = Counter("parity_shadow_dropped", "shadow requests the queue had no room for", registry=r)
         self.served_log = Counter("parity_served_log_records", "served-log records by outcome (written, dropped)", ["outcome"], registry=r)
         self.store_refills = Counter("parity_store_refills", "re-fills of an online store found empty", ["result"], registry=r)
         self._release_id: str | None = None

@@ -34,6 +34,9 @@ from server.config import ServerConfig
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
 from server.erasure import ErasureReport, erase_user, write_audit
+from server.rollout import RolloutSpec
+from server.rollout_manager import RolloutManager
+from server.shadow import ShadowJob, ShadowRunner
 from server.drift_watch import DriftSettings, DriftWatch
 from server.observe import RequestObserver
 from server.pipeline import SOURCES, Ranked
@@ -124,6 +127,11 @@ class RecommenderService:
                                  on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
                       if not isinstance(store, MemoryStore) else None)
         self._watch_task: asyncio.Task | None = None
+        self.inflight = 0  # Recommend/Rank requests being answered (the shadow waits for 0)
+        self.shadow = ShadowRunner(cfg, busy=lambda: self.inflight > 0, read_records=self.records.read, queue_max=cfg.shadow_queue)
+        self.rollouts = RolloutManager(cfg, write_store, state, self.releases, metrics, clock, run_io=lambda fn, *a: self._run(self.io, fn, *a),
+                                       shadow=self.shadow)
+        self.observer.add_listener(self.rollouts.on_observation)
         self.drift = None
         if cfg.drift_interval_s > 0:
             window_ms = int(cfg.drift_window_s * 1000)
@@ -135,6 +143,11 @@ class RecommenderService:
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self.releases.start()
+        self.shadow.start()
+        await self.rollouts.start()
+        feedback_log = self.live.on_feedback
+        self.live.on_feedback = (self.rollouts.on_feedback if feedback_log is None
+                                 else _fan_out(feedback_log, self.rollouts.on_feedback))
         if self.drift is not None:
             self.drift.start()
         if self.watch is not None:
@@ -149,6 +162,8 @@ class RecommenderService:
             except asyncio.CancelledError:
                 pass
             self._watch_task = None
+        await self.rollouts.close()
+        await self.shadow.close()
         await self.releases.close()
         if self.drift is not None:
             await self.drift.close()
@@ -200,8 +215,8 @@ class RecommenderService:
         """The request's context: its arm's snapshot, taken once, and its budget."""
         t0 = time.perf_counter()
         budget = self._budget(budget_s)
-        arm = "primary"
-        return RequestContext(self.state.current, arm, self._as_of(), budget, started=t0)
+        arm, snap = self.rollouts.arm_for(user_id)
+        return RequestContext(snap, arm, self._as_of(), budget, started=t0)
 
     def _observe(self, req: RequestContext, uf: UserFeatures, degraded: bool) -> None:
         if degraded:
@@ -240,12 +255,19 @@ class RecommenderService:
     # -- RPCs -------------------------------------------------------------------------------
     async def recommend(self, q: RecommendQuery, budget_s: float | None = None) -> RecommendOutcome:
         req = self._begin(q.user_id, budget_s)
+        self.inflight += 1
         try:
             out, missing, ranked, top = await self._recommend(req, q)
         except BaseException as exc:
             self._observe_failure(req, "Recommend", q.user_id, q.request_id, exc)
             raise
+        finally:
+            self.inflight -= 1
         self._observe_done(req, "Recommend", q.user_id, q.request_id, out.degraded, missing, ranked, top)
+        shadow = self.rollouts.shadow_for(q.request_id)
+        if shadow is not None and req.records is not None and req.arm == "primary":
+            if not self.shadow.offer(ShadowJob(shadow, q.user_id, q.exclude, q.k, req.now_ms, req.records, req.snap.plan.plan_id, ranked, top)):
+                self.metrics.shadow_dropped.inc()
         return out
 
     async def _recommend(self, req: RequestContext, q: RecommendQuery):
@@ -285,11 +307,14 @@ class RecommenderService:
 
     async def rank(self, q: RankQuery, budget_s: float | None = None) -> RankOutcome:
         req = self._begin(q.user_id, budget_s)
+        self.inflight += 1
         try:
             out, missing, ranked = await self._rank(req, q)
         except BaseException as exc:
             self._observe_failure(req, "Rank", q.user_id, q.request_id, exc)
             raise
+        finally:
+            self.inflight -= 1
         self._observe_done(req, "Rank", q.user_id, q.request_id, out.degraded, missing, ranked, np.arange(len(ranked.ids)))
         return out
 
@@ -403,6 +428,14 @@ class RecommenderService:
         log.info("user erased everywhere (audit %s)", rep.audit_id)
         return rep
 
+    # -- rollouts -----------------------------------------------------------------------------------
+    async def set_rollout(self, spec: RolloutSpec | None = None, *, promote: bool = False, abort: bool = False) -> dict:
+        await self.rollouts.set(spec, promote=promote, abort=abort)
+        return self.rollouts.status()
+
+    def rollout_status(self) -> dict:
+        return self.rollouts.status()
+
     # -- releases ---------------------------------------------------------------------------------
     async def load_release(self, path: str) -> tuple[str, str, float]:
         return await self.releases.load_release(path)
@@ -424,6 +457,14 @@ class RecommenderService:
             "clock": self.clock.mode,
             "catalogue_items": snap.n_items,
         }
+
+
+def _fan_out(*sinks: Callable) -> Callable:
+    def call(*args) -> None:
+        for sink in sinks:
+            sink(*args)
+
+    return call
 
 
 def _redact(spec: str) -> str:

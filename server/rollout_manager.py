@@ -1,0 +1,248 @@
+"""Running rollouts in the server: arms per request, the shadow, the canary guard's loop.
+
+The rollout itself (releases, shares, salt, state, version) lives in the online store
+(server/rollout.py's RolloutStore), never only in this process: every worker polls it and
+applies what it finds, and a rollback decided by one worker's guard reaches all of them.
+The guard's windows are store counters too (StoreGuardCounters), so all workers' requests
+count toward one decision.
+
+Applying a rollout loads its canary and shadow releases through the same checks as
+LoadRelease (server/releases.py `prepare`); an Admin SetRollout loads them BEFORE storing the
+spec, so a release that would be refused is refused to the operator, not discovered later.
+A promotion makes the canary's snapshot the primary; a rollback or an abort drops the arms.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Sequence
+
+import numpy as np
+
+from features.events import EventBatch, EventType
+from features.online.base import OnlineStore
+from server.canary_guard import CanaryGuard, Decision, PredictionReference, StoreGuardCounters
+from server.clock import Clock
+from server.config import ServerConfig
+from server.errors import FailedPrecondition
+from server.metrics import Metrics
+from server.observe import Observation
+from server.releases import ReleaseManager
+from server.rollout import Rollout, RolloutSpec, RolloutStore
+from server.shadow import ShadowRunner
+from server.state import ServingState, Snapshot
+
+__all__ = ["RolloutManager"]
+
+log = logging.getLogger(__name__)
+
+
+class RolloutManager:
+    def __init__(self, cfg: ServerConfig, store: OnlineStore, state: ServingState, releases: ReleaseManager, metrics: Metrics, clock: Clock,
+                 *, run_io: Callable[..., Awaitable], shadow: ShadowRunner) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.state = state
+        self.releases = releases
+        self.metrics = metrics
+        self.clock = clock
+        self._io = run_io
+        self.shadow = shadow
+        self.rollouts = RolloutStore(store)
+        self.current = Rollout()
+        self.guard: CanaryGuard | None = None
+        self.last_decision: Decision | None = None
+        self._loaded: dict[str, Snapshot] = {}  # release path -> prepared snapshot (of this rollout)
+        self._lock: asyncio.Lock | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        primary = self.state.current.release_id
+        try:
+            r = await self._io(self.rollouts.initialise, primary, self.clock.now_ms())
+            await self._apply(r)
+        except Exception as exc:  # noqa: BLE001 - a store down at start-up: serve the primary, poll later
+            log.warning("rollout state unavailable at start-up (serving the primary): %s", exc)
+        self._tasks = [self._loop.create_task(self._poll_loop(), name="parity-rollout-poll"),
+                       self._loop.create_task(self._guard_loop(), name="parity-canary-guard")]
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+
+    # -- the request side ---------------------------------------------------------------------
+    def arm_for(self, user_id: int) -> tuple[str, Snapshot]:
+        r = self.current
+        if r.active and r.canary:
+            canary = self.state.arm("canary")
+            if canary is not None and r.arm_for(user_id) == "canary":
+                return "canary", canary
+        return "primary", self.state.current
+
+    def shadow_for(self, request_id: str) -> Snapshot | None:
+        r = self.current
+        if r.active and r.shadow and r.shadow_for(request_id):
+            return self.state.arm("shadow")
+        return None
+
+    def on_observation(self, obs: Observation) -> None:
+        g = self.guard
+        if g is None or obs.arm not in ("primary", "canary"):
+            return
+        g.record_request(obs.arm, self.clock.now_ms(), latency_ms=obs.latency_ms, error=obs.status.startswith("error"),
+                         missing_rate=obs.missing_rate if np.isfinite(obs.missing_rate) else 0.0, predictions=obs.sampled_scores)
+
+    def on_feedback(self, events: EventBatch, request_ids: Sequence[str | None]) -> None:
+        """From the ingest thread: hand over to the event loop (the guard is fed there)."""
+        if self.guard is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._record_feedback, events, tuple(request_ids))
+
+    def _record_feedback(self, events: EventBatch, request_ids: Sequence[str | None]) -> None:
+        g = self.guard
+        if g is None:
+            return
+        per: dict[Any, list[float]] = {}  # one entry per request: [user, impressions, plays, watch seconds]
+        for u, t, v, rid in zip(events.user_id.tolist(), events.type.tolist(), events.value.tolist(), request_ids):
+            key = rid or ("user", u)
+            acc = per.setdefault(key, [u, 0, 0, 0.0])
+            if t == EventType.IMPRESSION:
+                acc[1] += 1
+            elif t == EventType.PLAY:
+                acc[2] += 1
+                acc[3] += max(float(v), 0.0)
+        for u, imp, plays, watch in per.values():
+            if imp or plays:
+                g.record_feedback(self.current.arm_for(u), impressions=int(imp), plays=int(plays), watch_s=float(watch))
+
+    # -- operator actions (Admin SetRollout) -----------------------------------------------------------
+    async def set(self, spec: RolloutSpec | None = None, *, promote: bool = False, abort: bool = False) -> Rollout:
+        assert self._lock is not None, "rollouts not started"
+        async with self._lock:
+            now = self.clock.now_ms()
+            if spec is not None:
+                for path in (spec.canary, spec.shadow):  # refused here, before anything is stored
+                    if path and path not in self._loaded:
+                        self._loaded[path] = await self.releases.prepare(path)
+                r = await self._io(self.rollouts.update, lambda cur: cur.start(spec, now))
+            elif promote:
+                r = await self._io(self.rollouts.update, lambda cur: cur.promote(now, '{"by": "operator"}'))
+            elif abort:
+                r = await self._io(self.rollouts.update, lambda cur: cur.abort(now))
+            else:
+                raise FailedPrecondition("SetRollout needs a spec, promote or abort")
+            await self._apply_locked(r)
+            return r
+
+    # -- applying what the store says -------------------------------------------------------------------
+    async def _apply(self, r: Rollout) -> None:
+        assert self._lock is not None
+        async with self._lock:
+            await self._apply_locked(r)
+
+    async def _snapshot(self, path: str) -> Snapshot:
+        snap = self._loaded.get(path)
+        if snap is None:
+            snap = self._loaded[path] = await self.releases.prepare(path)
+        return snap
+
+    async def _apply_locked(self, r: Rollout) -> None:
+        if r.version == self.current.version and self.guard is not None:
+            return
+        prev = self.current
+        if r.state == "promoted" and prev.canary and r.primary == prev.canary and self.state.arm("canary") is not None:
+            self.releases.install(self.state.arm("canary"))  # the canary's warm snapshot becomes everyone's
+        elif r.primary and r.primary not in (self.state.current.release_id, prev.primary) and r.state == "promoted":
+            self.releases.install(await self._snapshot(r.primary))  # another worker promoted: load it here too
+        canary = await self._snapshot(r.canary) if r.active and r.canary else None
+        shadow = await self._snapshot(r.shadow) if r.active and r.shadow else None
+        self.state.set_arm("canary", canary)
+        if shadow is not self.state.arm("shadow"):
+            self.shadow.reset()
+        self.state.set_arm("shadow", shadow)
+        self.guard = None
+        if canary is not None:
+            t = r.guard_thresholds
+            refs = {"primary": PredictionReference.from_manifest(self.state.current.runtime.release.meta.reference),
+                    "canary": PredictionReference.from_manifest(canary.runtime.release.meta.reference)}
+            counters = StoreGuardCounters(self.store, f"guard:{r.version}", bucket_ttl_ms=int((t.window_s + 2 * t.bucket_s) * 1000))
+            self.guard = CanaryGuard(t, refs, started_ms=r.started_ms, auto_promote=r.auto_promote, counters=counters,
+                                     release_ids={"primary": self.state.current.release_id, "canary": canary.release_id})
+        if not r.active:
+            self._loaded.clear()
+        self.current = r
+        self.metrics.rollout_version.set(r.version)
+        self.metrics.rollout_canary_percent.set(r.canary_percent if canary is not None else 0.0)
+        log.info("rollout v%d: %s (canary %s %.1f %%, shadow %s %.1f %%)", r.version, r.state, r.canary or "-", r.canary_percent,
+                 r.shadow or "-", r.shadow_percent)
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.rollout_poll_s)
+            try:
+                r = await self._io(self.rollouts.changed_since, self.current.version)
+                if r is not None:
+                    await self._apply(r)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep serving what is applied
+                log.warning("rollout poll failed: %s", exc)
+
+    async def _guard_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.guard_interval_s)
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.warning("canary guard check failed: %s", exc)
+
+    async def check(self) -> Decision | None:
+        """One guard decision (the loop calls it every guard_interval_s; tests call it directly)."""
+        g = self.guard
+        if g is None:
+            return None
+        now = self.clock.now_ms()
+        t = time.perf_counter()
+        d = await self._io(g.decide, now)
+        self.metrics.guard_seconds.observe(time.perf_counter() - t)
+        self.last_decision = d
+        if d.action == "none" or g is not self.guard:
+            return d
+        version = self.current.version
+        try:
+            if d.action == "rollback":
+                r = await self._io(self.rollouts.update, lambda cur: _only(cur, version).rollback(now, d.to_json()))
+            else:
+                r = await self._io(self.rollouts.update, lambda cur: _only(cur, version).promote(now, d.to_json()))
+        except FailedPrecondition as exc:
+            log.info("canary guard's %s superseded: %s", d.action, exc)
+            return d
+        self.metrics.rollout_decisions.labels(d.action).inc()
+        log.warning("canary %s by the guard: %s %s", d.action, d.reason, d.numbers)
+        await self._apply(r)
+        return d
+
+    def status(self) -> dict:
+        now = self.clock.now_ms()
+        out = self.current.to_status()
+        out["arms"] = [a.as_arm_stats() for a in self.guard.arm_stats(now)] if self.guard is not None else []
+        out["shadow"] = self.shadow.stats.as_map() if self.current.shadow else {}
+        return out
+
+
+def _only(cur: Rollout, version: int) -> Rollout:
+    """A guard decision applies to the rollout it watched, not to one an operator set since."""
+    if cur.version != version:
+        raise FailedPrecondition(f"the rollout moved on (version {version} -> {cur.version})")
+    return cur
