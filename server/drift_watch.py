@@ -31,6 +31,10 @@ from server.state import ServingState
 
 __all__ = ["DriftWatch", "DriftSettings"]
 
+
+def _import_stats() -> None:
+    import scipy.stats  # noqa: F401 - imported once, off the event loop
+
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +42,7 @@ log = logging.getLogger(__name__)
 class DriftSettings:
     window_ms: int = 3_600_000
     buckets: int = 12
-    interval_s: float = 10.0
+    interval_s: float = 30.0
     max_pending: int = 20_000  # observations buffered between folds
     thresholds: DriftThresholds = DriftThresholds()
 
@@ -81,10 +85,13 @@ class DriftWatch:
             self._task = None
 
     async def _run(self) -> None:
+        # The statistics run in a thread (a KS test per column every interval, and scipy's first
+        # import takes ~0.5 s): on the event loop they would stall every request behind them.
+        await asyncio.to_thread(_import_stats)
         while True:
             await asyncio.sleep(self.settings.interval_s)
             try:
-                self.step()
+                await asyncio.to_thread(self.step)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the watch must never stop serving
@@ -105,7 +112,9 @@ class DriftWatch:
         return w
 
     def step(self) -> dict[str, DriftPoll]:
-        """Fold the buffered rows in, then report every arm being served (used by tests directly)."""
+        """Fold the buffered rows in, then report every arm being served (in a worker thread;
+        tests call it directly). The buffer is a deque: appends on the loop and pops here are
+        thread-safe; the windows are only ever touched here."""
         t = time.perf_counter()
         groups: dict[tuple[str, str], list[Observation]] = {}
         while self._pending:
