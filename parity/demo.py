@@ -101,8 +101,12 @@ def _train_and_serve(out: Path, ws, user: int) -> dict:
           f"(teacher {m['ranking_test']['teacher']['auc']:.4f}); two-tower recall@100 {m['retrieval']['recall@100_test_two_tower']:.3f} "
           f"vs popularity {m['retrieval']['recall@100_test_popularity']:.3f} ({time.perf_counter() - t:.1f} s)")
 
-    t = _step("serve it over gRPC (memory store) and send requests")
-    cfg = ServerConfig(release=rel.path, data_dir=ws.data_dir, host="127.0.0.1", port=0, metrics_port=None, admin_token="demo-token")
+    t = _step("serve it over gRPC (memory store, every answer in the served log) and send requests")
+    canary = out / "releases" / f"{rel.release_id}-canary"
+    shutil.copytree(rel.path, canary)  # the same models under another name: a canary to roll out
+    served = out / "served"
+    cfg = ServerConfig(release=rel.path, data_dir=ws.data_dir, host="127.0.0.1", port=0, metrics_port=None, admin_token="demo-token",
+                       served_log=served, log_sample=1.0)
     with BackgroundServer(cfg) as srv, ParityClient(f"127.0.0.1:{srv.port}", timeout_s=5, admin_token="demo-token") as client:
         status = client.status()
         print(f"  serving {status.release_id} on port {srv.port}; clock {status.clock} now={status.now_ms}; {status.catalogue_items} items")
@@ -120,10 +124,60 @@ def _train_and_serve(out: Path, ws, user: int) -> dict:
         _show(f"known user {user} after live events", after)
         gone = not (set(top) & {int(it.item_id) for it in after.items})
         print(f"  the items just watched left the list: {gone}")
+        users, counts = np.unique(ws.log.read().user_id, return_counts=True)
+        other = int(next(u for u in users[np.argsort(-counts)].tolist() if u != user))  # the demo's user stays for the device step
+        safe = _safe_change(srv, client, canary, other, live, served, ws)
     print(f"  server stopped cleanly ({time.perf_counter() - t:.1f} s)")
-    out_summary = {"served": len(known.items) == 10 and len(new.items) == 10, "live_reflected": gone, "release": rel.release_id}
+    out_summary = {"served": len(known.items) == 10 and len(new.items) == 10, "live_reflected": gone, "release": rel.release_id, **safe}
     out_summary.update(_device(out, ws, rel, user))
     return out_summary
+
+
+def _safe_change(srv, client, canary: Path, user: int, live, served: Path, ws) -> dict:
+    """A canary for half the users, then an abort; the live parity check on what was served;
+    then one user erased everywhere (last: erasing changes the aggregates the log's rows saw)."""
+    from features.events import EventBatch, EventType
+    from server.rollout import RolloutSpec
+
+    st = srv.run(srv.service.set_rollout(RolloutSpec(canary=str(canary), canary_percent=50.0, salt="demo")))
+    arms = [client.recommend(u, k=5).arm for u in range(1, 41)]
+    print(f"  rollout v{st['version']}: canary {canary.name[:28]} for 50 % of users -> {arms.count('canary')} of 40 users answered "
+          f"by the canary, each always by the same arm")
+    st = srv.run(srv.service.set_rollout(abort=True))
+    back = {client.recommend(u, k=5).arm for u in range(1, 41)}
+    print(f"  rollout {st['state']}: every answer from the {', '.join(sorted(back))} again")
+    srv.service.observer.served_log.flush(30.0, finish_parts=True)
+    # the live plays land in the event log, as a production pipeline lands them; then the check
+    from features.catalog import ItemCatalog
+    from features.datasets import read_items
+
+    cat = ItemCatalog.from_table(read_items(ws.data_dir))
+    rows = cat.index(np.asarray([int(e.item_id) for e in live], dtype=np.int64))
+    ws.log.append(EventBatch.from_rows([{"event_id": int(e.event_id), "ts": int(e.ts_ms), "user_id": int(e.user_id), "item_id": int(e.item_id),
+                                         "topic": int(cat.topic[r]), "creator_id": int(cat.creator_id[r]), "type": EventType.PLAY,
+                                         "value": float(e.value)} for e, r in zip(live, rows.tolist())]))
+    skew_free = _skew(served, ws)
+    gone = client.delete_user(user, "demo: a user asked to be forgotten")
+    fresh, stranger = client.recommend(user, k=5), client.recommend(10**9 + 7, k=5)
+    same = [i.item_id for i in fresh.items] == [i.item_id for i in stranger.items]
+    print(f"  erased user {user}: {gone['online_keys_deleted']} online keys, {gone['cache_entries_dropped']} cache entries, "
+          f"{gone['served_log_rows_removed']} served-log rows (audit {gone['audit_id']}); now served as a new user: {same}")
+    return {"rollout": 0 < arms.count("canary") < 40 and back == {"primary"}, "erased": same, "skew_free": skew_free}
+
+
+def _skew(served: Path, ws) -> bool:
+    """The live parity check on what the demo's server logged."""
+    from features.catalog import ItemCatalog
+    from features.datasets import read_items
+    from monitor.served_log import read_served_log
+    from monitor.skew import check_skew
+
+    t = time.perf_counter()
+    rep = check_skew(read_served_log(served), ws.log.read(), ws.sets, ItemCatalog.from_table(read_items(ws.data_dir)))
+    print(f"  live parity check on the served log: {rep.requests} logged requests, {rep.compared} values recomputed with the batch path "
+          f"as of each request, {rep.differ} differ "
+          f"({', '.join(f'{s.feature_set} {s.differ}/{s.compared}' for s in rep.sets[:4])}, ...) ({time.perf_counter() - t:.1f} s)")
+    return rep.compared > 0 and rep.differ == 0
 
 
 def _device(out: Path, ws, rel, user: int) -> dict:
@@ -177,10 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     s = run(Path(args.out), args.seed)
     parity_ok = s["parity"]["mismatches"] == 0 and s["parity"]["checked"] > 0
-    ok = parity_ok and s["live_update"] == 3.0 and s["served"] and s["live_reflected"] and s["device_ranked"]
+    ok = (parity_ok and s["live_update"] == 3.0 and s["served"] and s["live_reflected"] and s["device_ranked"] and s["rollout"]
+          and s["erased"] and s["skew_free"])
     print(f"\n== summary: parity {'PROVEN' if parity_ok else 'BROKEN'} ({s['parity']['checked']} values, {s['parity']['mismatches']} mismatches); "
           f"live features visible: {s['live_update'] == 3.0}; release {s['release']} served 10 items to known and new users: {s['served']}; "
-          f"live events reflected in recommendations: {s['live_reflected']}; device ranked offline from a signed bundle: "
+          f"live events reflected in recommendations: {s['live_reflected']}; canary rolled out and back: {s['rollout']}; "
+          f"served log free of skew: {s['skew_free']}; erased user served as new: {s['erased']}; device ranked offline from a signed bundle: "
           f"{s['device_ranked']}; {time.perf_counter() - t:.1f} s")
     return 0 if ok else 1
 
