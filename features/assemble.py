@@ -9,17 +9,21 @@ from online FeatureFrames; both end in `assemble`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
+from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.item_item import ItemItem
 from features.profile import item_age_hours
 from features.state import FeatureFrame
 
-__all__ = ["RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
+if TYPE_CHECKING:
+    from features.pit import PitJoiner
+
+__all__ = ["point_in_time_matrix", "RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
            "RETRIEVAL_COLUMNS", "retrieval_columns"]
 
 RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap", "retrieval.item_item")
@@ -183,3 +187,21 @@ def _derived(spec, cols, topic, publish_ts, duration_s, request_ts, n):
         "request.item_age_h": (np.broadcast_to(age, (n,)), np.broadcast_to(age_m, (n,))),
         "item.duration_s": (dur, dur <= 0),
     }
+
+
+def point_in_time_matrix(inputs: RankerInputs, joiner: "PitJoiner", sets: Sequence[FeatureSet], items: ItemCatalog,
+                         user_ids: np.ndarray, item_ids: np.ndarray, ts: np.ndarray | int) -> np.ndarray:
+    """The batch path's raw ranker inputs for (user, item, t) rows: point-in-time features as of
+    each t (events with ts < t) through `assemble`. Training rows (models.data) and the live
+    parity check on the served log (monitor.skew) both build their rows here."""
+    row = items.index(item_ids)
+    ok = row >= 0
+    r = np.maximum(row, 0)
+    topic = np.where(ok, items.topic[r], -1).astype(np.int64)
+    t = np.broadcast_to(np.asarray(ts, dtype=np.int64), (len(row),))
+    spine = pa.table({"user_id": np.asarray(user_ids, np.int64), "item_id": np.asarray(item_ids, np.int64), "topic": topic,
+                      "creator_id": np.where(ok, items.creator_id[r], -1), "ts": t})
+    used = [fs for fs in sets if fs.name in inputs.sets]
+    cols = columns_from_join(joiner.join(spine, only=[fs.name for fs in used]), used)
+    return assemble(inputs, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
+                    item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=t)

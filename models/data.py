@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from features.catalog import ItemCatalog
-from features.assemble import RankerInputs, assemble, columns_from_join, ranker_inputs
+from features.assemble import point_in_time_matrix, RankerInputs, ranker_inputs
 from features.datasets import DatasetInfo, load_info, read_items
 from features.definitions import FeatureSet
 from features.eventlog import EventLog
@@ -138,16 +137,7 @@ def _rating_labels(ev: EventBatch, items: ItemCatalog, seed: int, k: int) -> Lab
 def feature_matrix(inputs: RankerInputs, joiner: PitJoiner, sets, items: ItemCatalog,
                    user_ids: np.ndarray, item_ids: np.ndarray, ts: np.ndarray | int) -> np.ndarray:
     """Raw ranker inputs for (user, item, t) rows: point-in-time features as of each t."""
-    row = items.index(item_ids)
-    ok = row >= 0
-    r = np.maximum(row, 0)
-    topic = np.where(ok, items.topic[r], -1).astype(np.int64)
-    t = np.broadcast_to(np.asarray(ts, dtype=np.int64), (len(row),))
-    spine = pa.table({"user_id": np.asarray(user_ids, np.int64), "item_id": np.asarray(item_ids, np.int64), "topic": topic,
-                      "creator_id": np.where(ok, items.creator_id[r], -1), "ts": t})
-    cols = columns_from_join(joiner.join(spine), sets)
-    return assemble(inputs, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
-                    item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=t)
+    return point_in_time_matrix(inputs, joiner, sets, items, user_ids, item_ids, ts)
 
 
 SPLIT_FRACTIONS = (0.7, 0.85)

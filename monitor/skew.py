@@ -28,12 +28,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from features.assemble import (
-    RankerInputs,
-    assemble,
-    columns_from_join,
-    ranker_inputs,
-)
+from features.assemble import RankerInputs, point_in_time_matrix, ranker_inputs
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.events import EventBatch
@@ -127,20 +122,8 @@ def _spec(columns: Sequence[str], sets: Sequence[FeatureSet], release_id: str) -
 
 def batch_matrix(spec: RankerInputs, joiner: PitJoiner, sets: Sequence[FeatureSet], items: ItemCatalog, user_ids: np.ndarray,
                  item_ids: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """The batch path's ranker inputs for (user, item, t) rows: point-in-time features as of
-    each t (events with ts < t) through `assemble`, as training builds its rows
-    (models.data.feature_matrix; monitor/ sits below models/, so the same few lines are here)."""
-    row = items.index(item_ids)
-    ok = row >= 0
-    r = np.maximum(row, 0)
-    topic = np.where(ok, items.topic[r], -1).astype(np.int64)
-    t = np.asarray(ts, dtype=np.int64)
-    spine = pa.table({"user_id": np.asarray(user_ids, np.int64), "item_id": np.asarray(item_ids, np.int64), "topic": topic,
-                      "creator_id": np.where(ok, items.creator_id[r], -1), "ts": t})
-    used = [fs for fs in sets if fs.name in spec.sets]
-    cols = columns_from_join(joiner.join(spine, only=[fs.name for fs in used]), used)
-    return assemble(spec, cols, item_topic=topic, item_publish_ts=np.where(ok, items.publish_ts[r], 0),
-                    item_duration_s=np.where(ok, items.duration_s[r], 0.0), request_ts=t)
+    """The batch path's ranker inputs for (user, item, t) rows, built as training builds them."""
+    return point_in_time_matrix(spec, joiner, sets, items, user_ids, item_ids, ts)
 
 
 def _compare(served: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
