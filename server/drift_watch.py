@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 
 from monitor.drift import PREDICTION, DriftPoll, DriftThresholds, SlidingDrift
+from server.background import spawn, stop
 from server.metrics import Metrics
 from server.observe import Observation
 from server.state import ServingState
@@ -73,16 +74,11 @@ class DriftWatch:
 
     # -- the background side ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="parity-drift-watch")
+        self._task = spawn(self._run(), "parity-drift-watch")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         # The statistics run in a thread (a KS test per column every interval, and scipy's first

@@ -18,6 +18,7 @@ import numpy as np
 from features.definitions import FeatureSet
 from features.online.base import OnlineStore
 from server import heap, pipeline
+from server.background import spawn, stop
 from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import FailedPrecondition, ServingError
@@ -55,16 +56,11 @@ class ReleaseManager:
     def start(self) -> None:
         self._lock = asyncio.Lock()
         self.dirty = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._refresh_loop(), name="parity-item-refresh")
+        self._task = spawn(self._refresh_loop(), "parity-item-refresh")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     def mark_dirty(self) -> None:
         if self.dirty is not None:

@@ -23,6 +23,7 @@ import numpy as np
 from features.events import EventBatch, EventType
 from features.online.base import OnlineStore
 from server.canary_guard import CanaryGuard, Decision, PredictionReference, StoreGuardCounters
+from server.background import spawn, stop
 from server.clock import Clock
 from server.config import ServerConfig
 from server.errors import FailedPrecondition
@@ -68,16 +69,10 @@ class RolloutManager:
             await self._apply(r)
         except Exception as exc:  # noqa: BLE001 - a store down at start-up: serve the primary, poll later
             log.warning("rollout state unavailable at start-up (serving the primary): %s", exc)
-        self._tasks = [self._loop.create_task(self._poll_loop(), name="parity-rollout-poll"),
-                       self._loop.create_task(self._guard_loop(), name="parity-canary-guard")]
+        self._tasks = [spawn(self._poll_loop(), "parity-rollout-poll"), spawn(self._guard_loop(), "parity-canary-guard")]
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+        await stop(*self._tasks)
         self._tasks = []
 
     # -- the request side ---------------------------------------------------------------------

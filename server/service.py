@@ -28,6 +28,7 @@ from features.lookup import FeatureLookup, LookupRequest
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
 from server import heap, pipeline
+from server.background import spawn, stop
 from server.caches import ResponseCache
 from server.clock import Clock
 from server.config import ServerConfig
@@ -151,17 +152,12 @@ class RecommenderService:
         if self.drift is not None:
             self.drift.start()
         if self.watch is not None:
-            self._watch_task = asyncio.get_running_loop().create_task(self.watch.run(), name="parity-store-watch")
+            self._watch_task = spawn(self.watch.run(), "parity-store-watch")
         log.info("heap settled before serving: %s", heap.settle())
 
     async def close(self) -> None:
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            try:
-                await self._watch_task
-            except asyncio.CancelledError:
-                pass
-            self._watch_task = None
+        await stop(self._watch_task)
+        self._watch_task = None
         await self.rollouts.close()
         await self.shadow.close()
         await self.releases.close()

@@ -19,6 +19,7 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from server import pipeline
+from server.background import spawn, stop
 from server.config import ServerConfig
 from server.pipeline import Ranked, Timer
 from server.records import RecordRead
@@ -108,16 +109,11 @@ class ShadowRunner:
 
     def start(self) -> None:
         self._wake = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="parity-shadow")
+        self._task = spawn(self._run(), "parity-shadow")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         assert self._wake is not None
