@@ -308,10 +308,13 @@ def summarise(runs: list[dict], cap: int) -> dict:
         sec = [r["seconds"] for r in rb]
         stat = lambda v: ({"min": min(v), "median": float(np.median(v)), "max": max(v)} if v else None)  # noqa: E731
         cats: dict[str, int] = {}
+        fired: dict[str, int] = {}  # every check that fired at the rollback, not only the first (the reason)
         for r in rb:
             cats[r["category"]] = cats.get(r["category"], 0) + 1
+            for c in {_category(x) for x in r["decision"].get("all_reasons", [])}:
+                fired[c] = fired.get(c, 0) + 1
         out[kind] = {"runs": len(rs), "rolled_back": len(rb), "cap_requests": cap, "requests": stat(req), "canary_requests": stat(can),
-                     "seconds": stat(sec), "reasons": cats,
+                     "seconds": stat(sec), "reasons": cats, "checks_fired": fired,
                      "rollback_took_effect": all(r.get("after_rollback", {}).get("arm") == "primary" for r in rb)}
     return out
 
