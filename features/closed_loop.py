@@ -92,7 +92,7 @@ class FeedbackModel:
 
     def __init__(self, *, user_ids: np.ndarray, user_lift: np.ndarray, item_ids: np.ndarray, item_topic: np.ndarray,
                  item_quality: np.ndarray, item_watch_frac: np.ndarray, item_duration_s: np.ndarray, base_logit: float,
-                 seed: int = 0, params: _Params | None = None) -> None:
+                 seed: int = 0, params: _Params | None = None, catalog_durations: dict[int, float] | None = None) -> None:
         self.seed = int(seed)
         self.p = params or _Params()
         self.user_ids = np.asarray(user_ids, dtype=np.int64)
@@ -103,6 +103,9 @@ class FeedbackModel:
         self.item_watch_frac = np.asarray(item_watch_frac, dtype=np.float64)
         self.item_duration_s = np.asarray(item_duration_s, dtype=np.float64)
         self.base_logit = float(base_logit)
+        # every catalogue item's duration, also for items the log never showed: a play of such an
+        # item must stay within what the server accepts (at most twice its duration)
+        self._durations = {int(k): float(v) for k, v in (catalog_durations or {}).items() if v and float(v) > 0}
         self._u = {int(u): i for i, u in enumerate(self.user_ids.tolist())}
         self._i = {int(it): i for i, it in enumerate(self.item_ids.tolist())}
         self._mean_frac = float(self.item_watch_frac.mean()) if len(self.item_watch_frac) else 0.5
@@ -154,7 +157,8 @@ class FeedbackModel:
         watch_frac = (frac_items * n_plays + 5.0 * frac0) / (n_plays + 5.0)
 
         return cls(user_ids=user_ids, user_lift=user_lift, item_ids=item_ids, item_topic=item_topic, item_quality=quality,
-                   item_watch_frac=watch_frac, item_duration_s=durations, base_logit=float(_logit(rate0)), seed=seed, params=p)
+                   item_watch_frac=watch_frac, item_duration_s=durations, base_logit=float(_logit(rate0)), seed=seed, params=p,
+                   catalog_durations=item_durations)
 
     @classmethod
     def from_data_dir(cls, data_dir: str | os.PathLike[str], *, seed: int = 0, start_ts: int | None = None,
@@ -175,7 +179,8 @@ class FeedbackModel:
         lift = self.user_lift[u, topic] if u is not None else np.ones(len(idx))
         quality = np.where(known, self.item_quality[np.maximum(idx, 0)], 0.0)
         frac = np.where(known, self.item_watch_frac[np.maximum(idx, 0)], self._mean_frac)
-        dur = np.where(known, self.item_duration_s[np.maximum(idx, 0)], _DEFAULT_DURATION_S)
+        other = np.array([self._durations.get(int(i), _DEFAULT_DURATION_S) for i in item_ids], dtype=np.float64)
+        dur = np.where(known, self.item_duration_s[np.maximum(idx, 0)], other)
         return lift, quality, frac, dur
 
     def affinity(self, user_id: int, item_ids: Sequence[int]) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
@@ -58,6 +59,10 @@ class RolloutManager:
         self._lock: asyncio.Lock | None = None
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        # request id -> (arm, rollout version) of recent primary/canary answers: feedback is
+        # credited to the arm that actually served the item, never to the next rollout's
+        self._served: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        self._served_max = 200_000
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +99,9 @@ class RolloutManager:
         g = self.guard
         if g is None or obs.arm not in ("primary", "canary"):
             return
+        self._served[obs.request_id] = (obs.arm, self.current.version)
+        if len(self._served) > self._served_max:
+            self._served.popitem(last=False)
         g.record_request(obs.arm, self.clock.now_ms(), latency_ms=obs.latency_ms, error=obs.status.startswith("error"),
                          missing_rate=obs.missing_rate if np.isfinite(obs.missing_rate) else 0.0, predictions=obs.sampled_scores)
 
@@ -106,18 +114,27 @@ class RolloutManager:
         g = self.guard
         if g is None:
             return
-        per: dict[Any, list[float]] = {}  # one entry per request: [user, impressions, plays, watch seconds]
-        for u, t, v, rid in zip(events.user_id.tolist(), events.type.tolist(), events.value.tolist(), request_ids):
-            key = rid or ("user", u)
-            acc = per.setdefault(key, [u, 0, 0, 0.0])
+        r = self.current
+        per: dict[Any, list] = {}  # one entry per request: [arm, impressions, plays, watch seconds]
+        for u, ts, t, v, rid in zip(events.user_id.tolist(), events.ts.tolist(), events.type.tolist(), events.value.tolist(), request_ids):
+            served = self._served.get(rid) if rid else None
+            if served is not None:
+                arm, version = served
+                if version != r.version:
+                    continue  # feedback on an answer of an earlier rollout
+            elif ts >= r.started_ms:
+                arm = r.arm_for(u)  # no (known) request id: the user's arm, which a rollout keeps fixed
+            else:
+                continue  # from before this rollout started
+            acc = per.setdefault(rid or ("user", u), [arm, 0, 0, 0.0])
             if t == EventType.IMPRESSION:
                 acc[1] += 1
             elif t == EventType.PLAY:
                 acc[2] += 1
                 acc[3] += max(float(v), 0.0)
-        for u, imp, plays, watch in per.values():
+        for arm, imp, plays, watch in per.values():
             if imp or plays:
-                g.record_feedback(self.current.arm_for(u), impressions=int(imp), plays=int(plays), watch_s=float(watch))
+                g.record_feedback(arm, impressions=int(imp), plays=int(plays), watch_s=float(watch))
 
     # -- operator actions (Admin SetRollout) -----------------------------------------------------------
     async def set(self, spec: RolloutSpec | None = None, *, promote: bool = False, abort: bool = False) -> Rollout:

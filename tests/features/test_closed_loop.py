@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 
 from features.closed_loop import FeedbackModel, examine_probability
 from features.datasets import read_items
+from features.eventlog import EventLog
 from features.events import EventBatch
 
 NOW = 1_767_916_800_000
@@ -105,3 +106,15 @@ def test_movielens_fits_and_answers(movielens_dir, tmp_path):
     u = int(m.user_ids[0])
     evs = m.respond(u, m.item_ids[:10].tolist(), NOW, "ml")
     assert sum(e.type == "impression" for e in evs) == 10
+
+
+def test_plays_of_an_item_the_log_never_showed_stay_within_twice_its_catalogue_duration(small_sim: Path) -> None:
+    """The server refuses a play longer than twice the item's duration: an unseen item must not
+    fall back to a made-up 300 s."""
+    items = read_items(small_sim)
+    durations = dict(zip(items.column("item_id").to_pylist(), items.column("duration_s").to_pylist()))
+    unseen = 10_000_001  # a short item in the catalogue that no event ever touched
+    m = FeedbackModel.fit(EventLog(small_sim / "events").read(), item_durations={**durations, unseen: 12.0}, seed=3)
+    plays = [e.value for r in range(400) for e in m.respond(1, [unseen, *list(durations)[:3]], 0, f"q{r}")
+             if e.type == "play" and e.item_id == unseen]
+    assert plays and max(plays) <= 2 * 12.0
