@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -50,6 +50,17 @@ bench: setup $(BENCH_STAMP)
 	$(PY) -m bench.serving_report bench/results/serving.json bench/RESULTS.md
 	$(MAKE) bench-reliability RELIABILITY_ARGS="$(RELIABILITY_ARGS)"
 	$(MAKE) bench-device DEVICE_ARGS="$(DEVICE_ARGS)"
+	$(MAKE) bench-change CHANGE_ARGS="$(CHANGE_ARGS)"
+
+# Safe change (issue 11): canaries rolled back in a closed loop (bench/canary.py, ~3 min), drift
+# detection on the simulator's shift and false alarms without one (bench/drift_study.py), and
+# what the served log and the shadow cost the answer path (bench/change_overhead.py, ~25 min).
+CHANGE_ARGS ?=
+bench-change: setup
+	$(PY) -m bench.canary --seeds 0 1 2 3 4 5 --out bench/results/canary.json
+	$(PY) -m bench.drift_study --out bench/results/drift.json
+	$(PY) -m bench.change_overhead --out bench/results/change_overhead.json $(CHANGE_ARGS)
+	$(PY) -m bench.change_report bench/results/change_overhead.json bench/RESULTS.md
 
 # The device path (bench/device.py: bundle sizes, export throughput at 10k and 100k users, delta,
 # on-device rank vs the server's Recommend, sync, hybrid mode behind bench/delay_proxy.py, quality;

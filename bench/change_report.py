@@ -56,12 +56,22 @@ def render(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Splice the overhead section, and the canary and drift sections when their JSONs exist
+    beside it (bench/results/canary.json, drift.json), into RESULTS_MD."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
         print("usage: python -m bench.change_report RESULTS_JSON RESULTS_MD", file=sys.stderr)
         return 2
-    res = json.loads(Path(argv[0]).read_text())
-    update_results(Path(argv[1]), render(res), START, END)
+    src, dst = Path(argv[0]), Path(argv[1])
+    if src.exists():
+        update_results(dst, render(json.loads(src.read_text())), START, END)
+    from bench import canary_report, drift_report
+
+    for mod, name in ((canary_report, "canary.json"), (drift_report, "drift.json")):
+        j = src.parent / name
+        if j.exists():
+            block = mod.render(json.loads(j.read_text())).strip()
+            update_results(dst, block, mod.BEGIN, mod.END)
     return 0
 
 
