@@ -449,6 +449,93 @@ class SlidingDrift:
             pparts.append(bk.pred_sample[pick])
         return np.concatenate(parts), np.concatenate(pparts)
 
+    # -- sharing windows between workers: counts add, reservoirs merge by weighted sampling --
+
+    def _compatible(self, other: "SlidingDrift") -> None:
+        if not isinstance(other, SlidingDrift):
+            raise TypeError(f"can only merge a SlidingDrift, got {type(other).__name__}")
+        if (other.columns, other.bucket_ms, other._n_bins, other._n_pred_bins) != (self.columns, self.bucket_ms, self._n_bins, self._n_pred_bins):
+            raise ValueError("cannot merge SlidingDrift windows of different columns, bucket lengths or reference bins")
+
+    def _merge_bucket(self, b: int, o: _Bucket) -> None:
+        mine = self._buckets.get(b)
+        if mine is None:
+            mine = self._buckets[b] = _Bucket(len(self.columns), self._n_bins, self._n_pred_bins, self._reservoir if self._needs_sample else 0)
+        R = mine.sample.shape[0]
+        have_a, have_b = min(mine.seen, R), min(o.seen, o.sample.shape[0])
+        if R and have_a + have_b:
+            # a uniform sample of the union: each slot comes from side A with chance seen_A / (seen_A + seen_B),
+            # without replacement within each side's (itself uniform) reservoir
+            take = min(R, have_a + have_b)
+            from_a = int(self._rng.hypergeometric(mine.seen, o.seen, take)) if mine.seen and o.seen else (take if mine.seen else 0)
+            from_a = min(max(from_a, take - have_b), have_a)
+            from_b = min(take - from_a, have_b)
+            ia = self._rng.choice(have_a, from_a, replace=False) if from_a < have_a else np.arange(have_a)
+            ib = self._rng.choice(have_b, from_b, replace=False) if from_b < have_b else np.arange(have_b)
+            X = np.concatenate([mine.sample[ia], o.sample[ib]])
+            P = np.concatenate([mine.pred_sample[ia], o.pred_sample[ib]])
+            mine.sample[:] = np.nan
+            mine.pred_sample[:] = np.nan
+            mine.sample[:len(X)] = X
+            mine.pred_sample[:len(X)] = P
+        mine.counts += o.counts
+        mine.missing += o.missing
+        mine.pred_counts += o.pred_counts
+        mine.pred_missing += o.pred_missing
+        mine.rows += o.rows
+        mine.seen += o.seen
+
+    def merge(self, other: "SlidingDrift") -> None:
+        """Add another worker's window (same reference, columns and bucket length) into this
+        one: bin counts and missing counts add; each bucket's reservoir becomes a uniform sample
+        of both workers' rows of that bucket (rows drawn from each side in proportion to the
+        rows it saw). `other` is left unchanged."""
+        self._compatible(other)
+        for b, o in sorted(other._buckets.items()):
+            self._merge_bucket(b, o)
+        if self._buckets:
+            self._expire(max(self._buckets))
+
+    def counts(self) -> dict:
+        """The window's state as plain data (JSON-able: lists and numbers), for a shared store:
+        per bucket its counts, missing counts, rows, rows seen by the reservoir and the reservoir
+        (NaN written as None). `SlidingDrift.from_counts(reference, columns, state)` rebuilds it."""
+        def plain(a: np.ndarray) -> list:
+            return [None if isinstance(v, float) and not math.isfinite(v) else v for v in a.reshape(-1).tolist()]
+
+        buckets = []
+        for b, bk in sorted(self._buckets.items()):
+            kept = min(bk.seen, bk.sample.shape[0])
+            buckets.append({"bucket": b, "rows": bk.rows, "seen": bk.seen, "counts": bk.counts.tolist(), "missing": bk.missing.tolist(),
+                            "pred_counts": bk.pred_counts.tolist(), "pred_missing": bk.pred_missing,
+                            "sample": [plain(r) for r in bk.sample[:kept]], "pred_sample": plain(bk.pred_sample[:kept])})
+        return {"columns": list(self.columns), "window_ms": self.window_ms, "buckets_n": self.n_buckets, "reservoir": self._reservoir,
+                "buckets": buckets}
+
+    @classmethod
+    def from_counts(cls, reference: Mapping, columns: Sequence[str], state: Mapping, *, thresholds: DriftThresholds | None = None,
+                    seed: int = 0) -> "SlidingDrift":
+        """A window rebuilt from `counts()` (the same reference and columns)."""
+        if list(state.get("columns", ())) != list(columns):
+            raise ValueError("the stored window was kept for other columns")
+        sd = cls(reference, columns, window_ms=int(state["window_ms"]), buckets=int(state["buckets_n"]), thresholds=thresholds,
+                 reservoir=int(state["reservoir"]), seed=seed)
+        for e in state["buckets"]:
+            bk = _Bucket(len(sd.columns), sd._n_bins, sd._n_pred_bins, sd._reservoir if sd._needs_sample else 0)
+            counts = np.asarray(e["counts"], dtype=np.int64)
+            if counts.shape != bk.counts.shape or len(e["pred_counts"]) != len(bk.pred_counts):
+                raise ValueError("the stored window's bins do not match the reference")
+            bk.counts[:] = counts
+            bk.missing[:] = np.asarray(e["missing"], dtype=np.int64)
+            bk.pred_counts[:] = np.asarray(e["pred_counts"], dtype=np.int64)
+            bk.pred_missing, bk.rows, bk.seen = int(e["pred_missing"]), int(e["rows"]), int(e["seen"])
+            kept = min(len(e["sample"]), bk.sample.shape[0])
+            if kept:
+                bk.sample[:kept] = np.asarray(e["sample"][:kept], dtype=np.float64).astype(np.float32)
+                bk.pred_sample[:kept] = np.asarray(e["pred_sample"][:kept], dtype=np.float64).astype(np.float32)
+            sd._buckets[int(e["bucket"])] = bk
+        return sd
+
     def poll(self, now_ms: int) -> DriftPoll:
         """The report at now_ms plus what changed since the previous poll: `new_alerts` are the
         names to write an alert event for (a name that cleared and drifts again alerts again)."""

@@ -238,3 +238,68 @@ def test_the_sliding_window_memory_is_bounded_by_its_reservoir():
     assert bucket.rows == 10_000 and bucket.sample.shape == (64, 2)
     assert np.isfinite(bucket.sample).all()
     assert sd.report(30).features[0].test == "ks"
+
+
+def test_merged_windows_count_exactly_what_one_window_fed_every_row_counts():
+    rng, ref, one = _sliding_setup(reservoir=4000)
+    _, _, w1 = _sliding_setup(reservoir=4000)
+    _, _, w2 = _sliding_setup(reservoir=4000)
+    X = rng.normal(size=(3000, 2)) + np.array([0.4, 0.0])
+    X[rng.random(3000) < 0.1, 1] = np.nan
+    p = rng.random(3000)
+    ts = np.sort(rng.integers(0, H, 3000))
+    one.add(X, p, ts)
+    half = rng.random(3000) < 0.3  # two workers see different shares of the traffic
+    w1.add(X[half], p[half], ts[half])
+    w2.add(X[~half], p[~half], ts[~half])
+    w1.merge(w2)
+    a, b = one.report(H - 1), w1.report(H - 1)
+    for s, t in zip((*a.features, a.prediction), (*b.features, b.prediction)):
+        assert (s.rows, s.present, s.counts) == (t.rows, t.present, t.counts)
+        assert s.psi == pytest.approx(t.psi) and s.p_value == pytest.approx(t.p_value)  # reservoirs big enough: every row kept
+    assert b.drifted == a.drifted and a.feature("a").p_value < 1e-6 and a.feature("b").p_value > 1e-3
+    assert sum(bk.rows for bk in w2._buckets.values()) == int((~half).sum())  # the other side is unchanged
+
+
+def test_a_merged_reservoir_draws_each_worker_in_proportion_to_the_rows_it_saw():
+    _, _, w1 = _sliding_setup(reservoir=200)
+    _, _, w2 = _sliding_setup(reservoir=200)
+    w1.add(np.zeros((9000, 2)), np.zeros(9000), 5)  # 90 % of the rows, all zeros
+    w2.add(np.ones((1000, 2)), np.ones(1000), 5)  # 10 %, all ones
+    w1.merge(w2)
+    (bk,) = w1._buckets.values()
+    assert bk.rows == bk.seen == 10_000 and np.isfinite(bk.sample).all()
+    share_b = float(bk.sample[:, 0].mean())
+    assert 0.03 < share_b < 0.2  # ~10 % from the smaller worker, not half (a naive concatenation would give 50 %)
+    assert np.array_equal(bk.sample[:, 0], bk.pred_sample)  # a row's prediction travels with its features
+
+
+def test_merge_refuses_a_window_of_other_columns_or_buckets():
+    rng = np.random.default_rng(1)
+    ref = _ref(rng.normal(size=(2000, 2)), ["a", "b"], pred=rng.random(2000))
+    sd = SlidingDrift(ref, ["a", "b"], window_ms=H, buckets=4)
+    with pytest.raises(ValueError, match="different"):
+        sd.merge(SlidingDrift(ref, ["b", "a"], window_ms=H, buckets=4))
+    with pytest.raises(ValueError, match="different"):
+        sd.merge(SlidingDrift(ref, ["a", "b"], window_ms=H, buckets=2))
+    with pytest.raises(TypeError):
+        sd.merge(object())
+
+
+def test_counts_round_trip_through_json_and_rebuild_the_same_report():
+    rng, ref, sd = _sliding_setup(reservoir=300)
+    for i in range(4):
+        X = rng.normal(size=(400, 2)) + np.array([0.5 * i, 0.0])
+        X[rng.random(400) < 0.05, 0] = np.nan
+        sd.add(X, rng.random(400), i * H // 4 + 7)
+    state = json.loads(json.dumps(sd.counts()))  # a store holds JSON
+    back = SlidingDrift.from_counts(ref, ["a", "b"], state)
+    a, b = sd.report(H - 1), back.report(H - 1)
+    for s, t in zip((*a.features, a.prediction), (*b.features, b.prediction)):
+        assert (s.rows, s.present, s.counts, s.test) == (t.rows, t.present, t.counts, t.test)
+    assert b.drifted == a.drifted and a.feature("a").p_value < 1e-6
+    # a rebuilt window keeps sliding and merging
+    back.add(rng.normal(size=(400, 2)), rng.random(400), H + 5)
+    assert back.report(H + 6).rows == 3 * 400 + 400
+    with pytest.raises(ValueError, match="other columns"):
+        SlidingDrift.from_counts(ref, ["b", "a"], state)
