@@ -22,6 +22,8 @@ from parity.output import Output
 
 __all__ = ["parse_duration", "register"]
 
+REFERENCE_SAMPLE = 2000  # raw values per column of a rolling reference (KS), as a release keeps
+
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000, "d": 86_400_000}
 
 
@@ -46,6 +48,31 @@ def _alpha(text: str) -> float:
     return v
 
 
+def _reference_option(text: str) -> str | int:
+    """'release', or 'served:WINDOW' parsed to WINDOW in ms."""
+    if text == "release":
+        return text
+    if text.startswith("served:"):
+        return parse_duration("--reference served:WINDOW")(text.split(":", 1)[1])
+    raise argparse.ArgumentTypeError(f"--reference must be 'release' or 'served:WINDOW' (e.g. served:24h), got {text!r}")
+
+
+def _rows(batches, since: int, until: int, arm: str | None):
+    X_parts, p_parts, columns = [], [], None
+    for b in batches:
+        t = b.table
+        ts = t.column("ts_ms").to_numpy()
+        mask = t.column("sampled").to_numpy(zero_copy_only=False) & (ts >= since) & (ts < until)
+        if arm is not None:
+            mask &= np.asarray(t.column("arm").to_pylist()) == arm
+        if columns is not None and b.columns != columns:
+            raise ValueError(f"--served-log: release {b.release_id} was logged with two column lists")
+        columns = b.columns
+        X_parts.append(b.feature_matrix(mask))
+        p_parts.append(np.asarray(t.column("score").to_numpy(zero_copy_only=False), dtype=np.float32)[mask])
+    return columns, np.concatenate(X_parts), np.concatenate(p_parts)
+
+
 def register(msub: argparse._SubParsersAction, positive: Callable, nonneg: Callable) -> None:
     from monitor.drift import DriftThresholds
 
@@ -61,6 +88,10 @@ def register(msub: argparse._SubParsersAction, positive: Callable, nonneg: Calla
     p.add_argument("--release", required=True, help="release folder whose reference (and logged rows) to compare")
     p.add_argument("--window", type=parse_duration("--window"), default=3_600_000, help="how far back from --until (default 1h)")
     p.add_argument("--until", type=nonneg("--until"), default=None, help="window end, ms since the epoch, exclusive (default: just after the last logged row of the release)")
+    p.add_argument("--reference", type=_reference_option, default="release",
+                   help="what to compare against: 'release' (the reference the release carries: served candidate rows of its "
+                   "validation slice) or 'served:WINDOW' (rolling: the served log's own sampled rows of WINDOW before the "
+                   "compared window, e.g. served:24h). Default: release")
     p.add_argument("--arm", choices=("primary", "canary", "shadow"), default=None, help="only rows of this arm (default: every arm)")
     p.add_argument("--html", default=None, help="also write an HTML report to this file (needs the monitor extra: matplotlib)")
     p.add_argument("--psi", type=number("--psi"), default=d.psi, help=f"PSI threshold (default {d.psi})")
@@ -72,6 +103,7 @@ def register(msub: argparse._SubParsersAction, positive: Callable, nonneg: Calla
 
 
 def _drift(args: argparse.Namespace) -> int:
+    from export.reference import column_references, histogram_reference, release_reference
     from export.release import load_release
     from monitor.drift import DriftThresholds, drift_report
     from monitor.served_log import read_served_log
@@ -85,8 +117,8 @@ def _drift(args: argparse.Namespace) -> int:
         except MissingExtra as exc:
             raise ValueError(f"--html: {exc}") from None
     rel = load_release(args.release)
-    reference = rel.manifest.get("reference")
-    if not reference or not reference.get("features"):
+    reference = release_reference(rel)
+    if args.reference == "release" and reference is None:
         raise ValueError(f"--release {args.release}: release {rel.release_id} carries no reference histograms")
     root = Path(args.served_log)
     if not root.is_dir():
@@ -99,32 +131,29 @@ def _drift(args: argparse.Namespace) -> int:
     ts_all = np.concatenate([b.table.column("ts_ms").to_numpy() for b in batches])
     until = args.until if args.until is not None else int(ts_all.max()) + 1
     since = until - args.window
-    X_parts, p_parts, columns = [], [], None
-    for b in batches:
-        t = b.table
-        mask = (t.column("sampled").to_numpy(zero_copy_only=False) & (t.column("ts_ms").to_numpy() >= since)
-                & (t.column("ts_ms").to_numpy() < until))
-        if args.arm is not None:
-            mask &= np.asarray(t.column("arm").to_pylist()) == args.arm
-        if columns is not None and b.columns != columns:
-            raise ValueError(f"--served-log: release {rel.release_id} was logged with two column lists")
-        columns = b.columns
-        X_parts.append(b.feature_matrix(mask))
-        p_parts.append(np.asarray(t.column("score").to_numpy(zero_copy_only=False), dtype=np.float32)[mask])
+    columns, X, preds = _rows(batches, since, until, args.arm)
+    ref_desc = "release"
+    if args.reference != "release":  # rolling: the served log's own rows just before the window
+        ref_since = since - int(args.reference)
+        _, Xr, pr = _rows(batches, ref_since, since, args.arm)
+        if len(Xr) < 2:
+            raise ValueError(f"--reference served: the served log holds {len(Xr)} sampled rows in [{ref_since}, {since}); "
+                             "too few for a reference")
+        reference = {"features": column_references(Xr, columns, sample=REFERENCE_SAMPLE),
+                     "prediction": histogram_reference(pr, bins=20, sample=REFERENCE_SAMPLE)}
+        ref_desc = f"served [{ref_since}, {since}) ({len(Xr)} rows)"
     feats = reference["features"]
     absent = [c for c in columns if c not in feats]
     if absent:
         raise ValueError(f"--release: the reference has no histogram for logged column(s) {', '.join(absent[:5])}")
-    X = np.concatenate(X_parts)
-    preds = np.concatenate(p_parts)
     report = drift_report(reference, list(columns), X, preds, th)
     _print_table(report)
-    out = {"release_id": rel.release_id, "since_ms": since, "until_ms": until, "arm": args.arm} | report.to_dict()
+    out = {"release_id": rel.release_id, "since_ms": since, "until_ms": until, "arm": args.arm, "reference": ref_desc} | report.to_dict()
     if args.html:
         from monitor.drift_html import render_html
 
         page = render_html(report, context={"release": rel.release_id, "served log": str(root), "window (ms)": f"[{since}, {until})",
-                                            "arm": args.arm or "all"})
+                                            "arm": args.arm or "all", "reference": ref_desc})
         Path(args.html).write_text(page, encoding="utf-8")
         out["html"] = str(Path(args.html))
     print(json.dumps(out, sort_keys=True))

@@ -23,8 +23,9 @@ import torch
 from export.index import IndexConfig, build_index, recall_at_k
 from export.onnx_export import export_ranker, ort_session
 from export.quantize import quantize_student
-from export.reference import column_references, histogram_reference
+from export.reference import PER_REQUEST, SAMPLE_FILE, build_reference, request_times, served_rows
 from export.release import Release, new_release_id, write_release
+from export.runtime import ReleaseRuntime
 from export.towers import export_towers
 from export.item_item import save_item_item
 from features.history import HISTORY_LEN
@@ -90,6 +91,47 @@ def _libraries() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+REFERENCE_REQUESTS = 1000  # requests whose sampled candidates make the drift reference (x PER_REQUEST rows)
+REFERENCE_SAMPLE = 2000  # raw values per continuous column kept for KS (in reference.npz, not the manifest)
+
+
+def _serving_reference(staged: Path, manifest: dict, td, rd, valid_pred: np.ndarray, seed: int) -> dict:
+    """The drift reference over what serving will sample: requests from the validation cut to the
+    end of the events, at least the last day (users drawn as often as they act, one request
+    each, at the time of one of their events),
+    each request's candidates by the server's rule and `PER_REQUEST` of them drawn uniformly,
+    with the ranker inputs as the batch path computes them and the int8 student's score
+    (export.reference.served_rows), run on the staged release's own files. The served log's
+    drift rows are drawn the same way, so a window without a shift looks like this reference.
+    Falls back to the ranker's training rows (and validation scores) when the slice holds too
+    few requests; the manifest says which (`population`)."""
+    stage = {**manifest, "files": {p.relative_to(staged).as_posix(): {"sha256": "", "bytes": p.stat().st_size}
+                                   for p in sorted(staged.rglob("*")) if p.is_file()}}
+    rel = Release(staged, stage)
+    rt = ReleaseRuntime.load(rel, rankers=("student_int8",))
+    until = int(td.events.ts.max()) + 1  # the served population closest to serving: validation slice onward,
+    since = min(int(td.split_ts[0]), until - MS_PER_DAY)  # and at least a whole day (one daily cycle)
+    users, ts = request_times(td.events, since, until, REFERENCE_REQUESTS, seed)
+    rows = None
+    if len(users) >= 20:
+        sets = {fs.name: fs for fs in td.sets}
+        from features.pit import PitJoiner
+
+        used = [sets[n] for n in rt.inputs.sets]
+        rows = served_rows(rt, PitJoiner(used, td.events), used, sets[rt.inputs.user_set], td.events, td.info.kind, td.items,
+                           users, ts, seed=seed)
+    if rows is None or len(rows["X"]) < 100:
+        pop = {"rows": "ranker_training_rows", "n": int(len(rd.train.X))}
+        X, scores = rd.train.X, valid_pred
+    else:
+        pop = {"rows": "served_candidates", "since_ms": since, "until_ms": until, "requests": int(len(rows["users"])),
+               "per_request": PER_REQUEST, "n": int(len(rows["X"])), "ranker": "student_int8"}
+        X, scores = rows["X"], rows["scores"]
+    ref, arrays = build_reference(X, rd.columns, scores, population=pop, sample=REFERENCE_SAMPLE)
+    np.savez_compressed(staged / SAMPLE_FILE, **arrays)
+    return ref
 
 
 def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
@@ -208,9 +250,10 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             "metrics": metrics,
             "models": {"teacher_fp32": "rankers/teacher_fp32.onnx", "student_fp32": "rankers/student_fp32.onnx", "student_int8": "rankers/student_int8.onnx",
                        "teacher_torch": "rankers/teacher_torch.pt", "user_tower": "retrieval/user_tower.onnx", "item_tower": "retrieval/item_tower.onnx"},
-            "reference": {"features": column_references(rd.train.X, rd.columns, sample=1000), "prediction": histogram_reference(valid_pred, bins=20, sample=1000)},
             "timings_s": timings,
         }
+        manifest["reference"] = _serving_reference(staged, manifest, td, rd, valid_pred, seed)
+        t = step("reference", t)
         release = write_release(out_root, staged, manifest)
     timings["total"] = round(time.perf_counter() - t0, 3)
     log.info("release %s in %.1f s", release.release_id, timings["total"])

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from export.reference import release_reference
 from export.release import load_release
 from monitor.drift import DriftThresholds, drift_report
 from monitor.served_log import COLUMNS_KEY, RELEASE_KEY, ServedRecord, records_to_table
@@ -60,7 +61,7 @@ def logged(release_dir: Path, tmp_path_factory) -> tuple[Path, Path, str, list[s
     """A served log of the session's tiny release: an hour of reference-like rows, then an hour
     with one column shifted."""
     rel = load_release(release_dir)
-    ref = rel.manifest["reference"]
+    ref = release_reference(rel)  # histograms from the manifest, raw samples from reference.npz
     columns = list(rel.manifest["ranker_inputs"]["columns"])
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("served")
@@ -97,6 +98,20 @@ def test_a_window_without_the_shift_reports_no_drift(logged, capsys):
     assert out["drifted"] == [] and out["rows"] == 3000 and out["until_ms"] == T0 + H
 
 
+def test_a_rolling_served_reference_compares_the_window_with_the_log_rows_before_it(logged, capsys):
+    root, rel, _, _ = logged
+    # the shifted hour against the unshifted hour 2 h before it: the served log is the reference
+    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:2h")
+    out = json.loads(lines[-1])
+    assert code == 0 and out["drifted"] == ["item.duration_s"] and out["reference"].startswith("served [")
+    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:30m",
+                          "--until", str(T0 + 2 * H + 700_000), "--window", "350s")
+    out = json.loads(lines[-1])
+    assert code == 0 and out["drifted"] == [] and out["rows"] > 1000  # later shifted rows against earlier shifted rows
+    code, _, err = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:1h", "--until", str(T0 + 10))
+    assert code == 2 and "--reference served" in err  # nothing logged before the window
+
+
 def test_thresholds_from_the_command_line_reach_the_decision(logged, capsys):
     root, rel, _, _ = logged
     code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--psi", "1000", "--js", "1")
@@ -122,6 +137,7 @@ def test_the_html_report_holds_one_plot_per_drifted_column(logged, capsys, tmp_p
     (["--alpha", "2"], "--alpha"),
     (["--psi", "-1"], "--psi"),
     (["--min-rows", "0"], "--min-rows"),
+    (["--reference", "yesterday"], "--reference"),
 ])
 def test_bad_options_exit_2_naming_the_option(logged, capsys, args, option):
     root, rel, _, _ = logged
