@@ -86,12 +86,14 @@ def register(msub: argparse._SubParsersAction, positive: Callable, nonneg: Calla
         "not anything drifted; 2 for bad input.")
     p.add_argument("--served-log", required=True, help="served log folder (parity serve --served-log)")
     p.add_argument("--release", required=True, help="release folder whose reference (and logged rows) to compare")
-    p.add_argument("--window", type=parse_duration("--window"), default=3_600_000, help="how far back from --until (default 1h)")
+    p.add_argument("--window", type=parse_duration("--window"), default=6 * 3_600_000, help="how far back from --until (default 6h, the calibrated window)")
     p.add_argument("--until", type=nonneg("--until"), default=None, help="window end, ms since the epoch, exclusive (default: just after the last logged row of the release)")
     p.add_argument("--reference", type=_reference_option, default="release",
                    help="what to compare against: 'release' (the reference the release carries: served candidate rows of its "
-                   "validation slice) or 'served:WINDOW' (rolling: the served log's own sampled rows of WINDOW before the "
-                   "compared window, e.g. served:24h). Default: release")
+                   "validation slice onward) or 'served:WINDOW' (rolling: the served log's own sampled rows of WINDOW before the "
+                   "compared window). The calibration (bench/drift_calibrate.py) found served:48h with a 6h window the only "
+                   "option under 5%% false alarms per column-window; release is the default because a new release has no "
+                   "log yet. Default: release")
     p.add_argument("--arm", choices=("primary", "canary", "shadow"), default=None, help="only rows of this arm (default: every arm)")
     p.add_argument("--html", default=None, help="also write an HTML report to this file (needs the monitor extra: matplotlib)")
     p.add_argument("--psi", type=number("--psi"), default=d.psi, help=f"PSI threshold (default {d.psi})")

@@ -115,10 +115,13 @@ def test_a_shifted_column_alarms_and_the_others_do_not():
     names = ["a", "b", "c"]
     ref = _ref(rng.normal(size=(20_000, 3)), names)
     X = rng.normal(size=(5000, 3))
-    X[:, 1] = X[:, 1] * 1.5 + 0.5
+    X[:, 1] = X[:, 1] * 1.5 + 1.0
     rep = drift_report(ref, names, X)
     assert rep.drifted == ("b",)
     assert set(rep.feature("b").reasons) >= {"psi"}
+    X[:, 1] = X[:, 1] * 0 + rng.normal(0.15, 1.0, 5000)  # a small shift: significant, under the calibrated effect sizes
+    small = drift_report(ref, names, X)
+    assert small.drifted == () and small.feature("b").p_adjusted < 1e-3
 
 
 def test_a_trivial_shift_in_a_huge_sample_is_significant_but_does_not_alarm():
@@ -163,7 +166,7 @@ def test_the_report_serialises_to_one_line_of_json_with_nulls_for_what_was_not_c
     line = drift_report(ref, ["a", "b"], rng.normal(size=(50, 2))).to_json()
     assert "\n" not in line
     d = json.loads(line)
-    assert d["features"]["a"]["psi"] is None and d["drifted"] == [] and d["thresholds"]["psi"] == 0.2
+    assert d["features"]["a"]["psi"] is None and d["drifted"] == [] and d["thresholds"]["psi"] == DriftThresholds().psi
 
 
 def test_bad_input_is_refused_with_the_reason():

@@ -82,7 +82,7 @@ def _run(capsys, *args: str) -> tuple[int, list[str], str]:
 
 def test_drift_reports_the_shifted_column_in_its_last_json_line_and_exits_0(logged, capsys):
     root, rel, rid, _ = logged
-    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel))
+    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--window", "1h")
     assert code == 0
     out = json.loads(lines[-1])
     assert out["release_id"] == rid and out["drifted"] == ["item.duration_s"]
@@ -101,7 +101,7 @@ def test_a_window_without_the_shift_reports_no_drift(logged, capsys):
 def test_a_rolling_served_reference_compares_the_window_with_the_log_rows_before_it(logged, capsys):
     root, rel, _, _ = logged
     # the shifted hour against the unshifted hour 2 h before it: the served log is the reference
-    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:2h")
+    code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:2h", "--window", "1h")
     out = json.loads(lines[-1])
     assert code == 0 and out["drifted"] == ["item.duration_s"] and out["reference"].startswith("served [")
     code, lines, _ = _run(capsys, "--served-log", str(root), "--release", str(rel), "--reference", "served:30m",
