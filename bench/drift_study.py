@@ -1,35 +1,38 @@
-"""Drift study: does `monitor.drift` find the simulator's planted topic-trend shift, stay quiet on
-the columns it did not move, and how often does it alarm on traffic without a shift?
+"""Drift study: does `monitor.drift` find the simulator's planted topic-trend shift, and how
+often does it alarm on traffic without one? Shared by the threshold calibration
+(bench/drift_calibrate.py, seeds used for nothing else) and the held-out report (this module's
+`main`, seeds 0-2 and MovieLens).
 
-Per seed:
+Per simulator seed (`make_world`):
 1. Two worlds from one seed: the simulator with its shift (`n_drift_topics` topics boosted over
-   the last `drift_days` days) and without (n_drift_topics=0). Topics, items, users and their
-   tastes are drawn before the shifted topics are, so both worlds hold the same population;
-   only the events differ (the shift, and the draws after it).
-2. A tiny release trained on the shifted world's events before the shift starts.
-3. "Served" rows built the way the server logs them, through the batch path that is proven
-   equal to serving (parity): each session start is a request at its time; its candidate list
-   is the release's retrieval (export.device.lists.release_lists, the ANN stage eval and the
-   device use); `per_request` candidates drawn uniformly from it are the `sampled` rows, with
-   the ranker inputs `teacher_matrix` computes (what `parity eval` ranks) and the int8
-   student's score. They go through the served log's own format (records_to_table, Parquet
-   with the column metadata) and are read back with read_served_log.
-4. Ground truth, per column: in the shift period, the shifted world's rows against the
-   unshifted world's (same seed, same hours): "shifted" when PSI >= 0.2 or JS >= 0.1 between
-   them (the detector's own effect-size thresholds).
-5. Drift against two references:
-   - `release`: the reference the release carries (built at training time over its training
-     rows: for the simulator, the impressions, not retrieval candidates);
-   - `serving`: the same histograms built over the sampled candidate rows of the last
-     `ref_hours` hours before the shift (the population the served log samples).
-   In the shifted world, a sliding window of each of `windows_h` hours advanced hour by hour: for each
-   column the first alert after the shift starts (detection delay in hours and in logged
-   requests). In the unshifted world, non-overlapping windows over the shift period: the
-   false-alarm rate = alerts / (columns x windows).
+   the last `drift_days` days) and without (n_drift_topics=0): same population, only the events
+   differ.
+2. A tiny release trained on the shifted world's events before the shift starts. Its reference
+   is what `parity train` records now: the server's candidate rows (candidate_union, 8 drawn
+   uniformly per request) of requests in its validation slice, scored by its int8 student.
+3. "Served" rows built exactly that way (export.reference.served_rows, the same function) for
+   each session start from `pre_hours` before the shift to the end, in both worlds, written in
+   the served log's format and read back.
+4. Ground truth per column: planted, `user_activity.topic_affinity[t]` of each drifting topic t
+   (the simulator's mechanism: a topic's share of the user's plays), however small its effect;
+   or the shift period's rows of the shifted world differ from the unshifted world's (same
+   hours) by PSI >= 0.2 or JS >= 0.1.
 
-`python -m bench.drift_study [--seeds 0 1 2] [--out bench/results/drift.json]`; the report
-(bench/drift_report.py) renders the JSON as a section of bench/RESULTS.md. A small version
-runs in tests/monitor/test_drift_study.py.
+Per reference option (`release`: the release's reference; `served:R`: a rolling reference, the
+served log's rows of the R hours before each window) and window length W, `window_stats`
+computes every column's PSI, JS, BH-adjusted p-value and missing-rate verdict once per window;
+`evaluate` then applies any thresholds to them:
+- false alarms: non-overlapping W-hour windows over the shift period of the world without the
+  shift; rate = alerts / (columns x windows);
+- detection: a W-hour window slid hour by hour over the shifted world; per shifted column the
+  first alert after the shift starts (delay in hours and in requests logged since).
+
+MovieLens (`movielens_world`): no planted shift. A release is trained on all but the last
+`weeks` weeks; requests are the (user, hour) of ratings in those weeks; every alert is a false
+alarm against "nothing was planted" (the natural-drift baseline: tastes and the catalogue do move).
+
+`python -m bench.drift_study [--seeds 0 1 2] [--out bench/results/drift.json]` reads the chosen
+thresholds from bench/results/drift_calibration.json; bench/drift_report.py renders the JSON.
 """
 from __future__ import annotations
 
@@ -37,23 +40,17 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from export.reference import column_references, histogram_reference
+from export.reference import column_references, histogram_reference, release_reference, served_rows
 from monitor.drift import PREDICTION, DriftThresholds, drift_report
-from monitor.served_log import (
-    COLUMNS_KEY,
-    RELEASE_KEY,
-    ServedRecord,
-    read_served_log,
-    records_to_table,
-)
+from monitor.served_log import COLUMNS_KEY, RELEASE_KEY, ServedRecord, read_served_log, records_to_table
 
-__all__ = ["StudyConfig", "main", "run_seed", "run_study"]
+__all__ = ["StudyConfig", "World", "make_world", "movielens_world", "window_stats", "evaluate", "main"]
 
 MS_H = 3_600_000
 MS_DAY = 24 * MS_H
@@ -67,16 +64,37 @@ class StudyConfig:
     drift_days: int = 3
     n_drift_topics: int = 3
     drift_boost: float = 5.0
-    candidates: int = 100  # retrieval list length per request
-    per_request: int = 4  # sampled candidates logged per request
+    per_request: int = 8  # sampled candidates logged per request (the server's default)
     max_requests_per_hour: int = 80
-    windows_h: tuple[int, ...] = (6, 24)  # sliding-window lengths studied (24 h spans a whole day's cycle)
-    ref_hours: int = 24  # the serving reference: sampled rows of the last day before the shift
+    pre_hours: int = 48  # served rows before the shift (rolling references look back into them)
     truth_psi: float = 0.2
     truth_js: float = 0.1
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Rows:
+    ts: np.ndarray  # per row (the request's time)
+    X: np.ndarray
+    p: np.ndarray
+
+    def window(self, since: int, until: int) -> tuple[np.ndarray, np.ndarray]:
+        m = (self.ts >= since) & (self.ts < until)
+        return self.X[m], self.p[m]
+
+
+@dataclass
+class World:
+    name: str
+    columns: tuple[str, ...]
+    reference: dict  # the release's, samples attached
+    rows: dict[str, Rows]  # "shifted" / "stable" (MovieLens: "stable" only)
+    start: int  # shift start (MovieLens: the first served hour)
+    end: int
+    truth: dict[str, dict]
+    meta: dict
 
 
 def _truncate(src: Path, dst: Path, before_ts: int) -> Path:
@@ -91,18 +109,19 @@ def _truncate(src: Path, dst: Path, before_ts: int) -> Path:
     return dst
 
 
-def _requests(events, since: int, until: int, cap_per_hour: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(user, ts) of session starts in [since, until): each session's first event is a request.
-    At most `cap_per_hour` per hour, and one per user per hour (release_lists wants unique users
-    per batch, and a batch is an hour)."""
+def _requests(events, since: int, until: int, cap_per_hour: int, rng: np.random.Generator, sessions: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(user, ts) of requests in [since, until): each session's first event (MovieLens, without
+    sessions: a user's first rating of each hour), at most `cap_per_hour` per hour and one per
+    user per hour (served_rows wants unique users per batch, and a batch is an hour)."""
     m = (events.ts >= since) & (events.ts < until)
-    sid, ts, uid = events.session_id[m], events.ts[m], events.user_id[m]
-    order = np.lexsort((ts, sid))
-    sid, ts, uid = sid[order], ts[order], uid[order]
-    first = np.r_[True, sid[1:] != sid[:-1]]
+    key = events.session_id[m] if sessions else (events.user_id[m].astype(np.int64) << 32) | (events.ts[m] // MS_H)
+    ts, uid = events.ts[m], events.user_id[m]
+    order = np.lexsort((ts, key))
+    key, ts, uid = key[order], ts[order], uid[order]
+    first = np.r_[True, key[1:] != key[:-1]]
     ts, uid = ts[first], uid[first]
     users, times = [], []
-    for h in range(since // MS_H, -(-until // MS_H)):
+    for h in np.unique(ts // MS_H).tolist():
         sel = np.flatnonzero((ts // MS_H) == h)
         _, keep = np.unique(uid[sel], return_index=True)
         sel = sel[np.sort(keep)]
@@ -110,18 +129,18 @@ def _requests(events, since: int, until: int, cap_per_hour: int, rng: np.random.
             sel = np.sort(rng.choice(sel, cap_per_hour, replace=False))
         users.append(uid[sel])
         times.append(ts[sel])
-    return np.concatenate(users), np.concatenate(times)
+    return (np.concatenate(users), np.concatenate(times)) if users else (np.zeros(0, np.int64), np.zeros(0, np.int64))
 
 
-def _served_rows(release, data_dir: Path, since: int, until: int, cfg: StudyConfig, seed: int) -> list[ServedRecord]:
-    """Requests in [since, until) of a world, logged as the server logs its sampled candidates."""
-    from export.device.lists import ReleaseLists, release_lists, teacher_matrix
+def _served(release, data_dir: Path, since: int, until: int, cfg: StudyConfig, seed: int, log_root: Path) -> tuple[tuple[str, ...], Rows, int]:
+    """Rows logged for requests in [since, until) of a data dir, through the served log's format."""
     from export.runtime import ReleaseRuntime
     from features.catalog import ItemCatalog
     from features.datasets import load_info, read_items
     from features.eventlog import EventLog
     from features.pit import PitJoiner
     from features.repo import feature_sets
+    from export.candidates import NewItems
 
     info = load_info(data_dir)
     rt = ReleaseRuntime.load(release, rankers=("student_int8",))
@@ -130,74 +149,40 @@ def _served_rows(release, data_dir: Path, since: int, until: int, cfg: StudyConf
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     items = ItemCatalog.from_table(read_items(data_dir))
     joiner = PitJoiner(used, events)
+    new = NewItems.of(rt, items)
     rng = np.random.default_rng(seed)
-    users, times = _requests(events, since, until, cfg.max_requests_per_hour, rng)
+    users, times = _requests(events, since, until, cfg.max_requests_per_hour, rng, sessions=info.kind != "movielens")
     columns = tuple(rt.inputs.columns)
     records: list[ServedRecord] = []
-    for h in np.unique(times // MS_H).tolist():
-        sel = (times // MS_H) == h
-        lists = release_lists(rt, joiner, sets[rt.inputs.user_set], events, info.kind, items, users[sel], times[sel], k=cfg.candidates)
-        picks = []
-        for ids in lists.ids:
-            ids = ids[ids >= 0]
-            picks.append(np.sort(rng.choice(ids, min(cfg.per_request, len(ids)), replace=False)) if len(ids) else ids)
-        if rt.inputs.uses_retrieval:  # list-relative columns need the whole list: compute it, keep the picks
-            X_all = teacher_matrix(rt, joiner, used, events, info.kind, items, lists)
-            off, X_parts = 0, []
-            for ids, pk in zip(lists.ids, picks):
-                pos = np.argsort(ids)
-                X_parts.append(X_all[off + pos[np.searchsorted(ids[pos], pk)]] if len(pk) else X_all[:0])
-                off += len(ids)
-            X = np.concatenate(X_parts)
-        else:
-            X = teacher_matrix(rt, joiner, used, events, info.kind, items, ReleaseLists(lists.users, lists.cut, lists.user_emb, picks))
-        scores = rt.score(X, "student_int8").reshape(-1)
-        off = 0
-        for u, t, pk, full in zip(lists.users.tolist(), lists.cut.tolist(), picks, lists.ids):
-            n = len(pk)
+    hours = times // MS_H
+    for h in np.unique(hours).tolist():
+        sel = hours == h
+        r = served_rows(rt, joiner, used, sets[rt.inputs.user_set], events, info.kind, items, users[sel], times[sel],
+                        per_request=cfg.per_request, new=new, seed=seed * 100_003 + h)
+        for q, (u, t) in enumerate(zip(r["users"].tolist(), r["ts"].tolist())):
+            pk = r["request"] == q
+            n = int(pk.sum())
             records.append(ServedRecord(
                 request_id=f"{seed}-{u}-{t}", ts_ms=int(t), user_id=int(u), release_id=release.release_id, arm="primary",
-                method="Recommend", status="ok", degraded_reason=None, latency_ms=0.0, n_candidates=int((full >= 0).sum()),
-                item_ids=pk, positions=np.full(n, -1, np.int32), scores=scores[off:off + n].astype(np.float32),
-                sources=["ann"] * n, sampled=np.ones(n, bool), features=X[off:off + n], columns=columns))
-            off += n
-    return sorted(records, key=lambda r: r.ts_ms)
-
-
-def _write_log(records: list[ServedRecord], root: Path) -> Path:
-    """The records as one served-log part (the server's layout: dt=DAY/<release>/part-*.parquet)."""
-    rid = records[0].release_id
-    day = np.datetime64(records[0].ts_ms, "ms").astype("datetime64[D]")
-    d = root / f"dt={day}" / rid
+                method="Recommend", status="ok", degraded_reason=None, latency_ms=0.0, n_candidates=int(r["n_candidates"][q]),
+                item_ids=np.arange(n, dtype=np.int64), positions=np.full(n, -1, np.int32), scores=r["scores"][pk],
+                sources=["ann"] * n, sampled=np.ones(n, bool), features=r["X"][pk], columns=columns))
+    records.sort(key=lambda x: x.ts_ms)
+    # the served log's format (the server's layout: dt=DAY/<release>/part-*.parquet), read back
+    d = log_root / f"dt={np.datetime64(records[0].ts_ms, 'ms').astype('datetime64[D]')}" / release.release_id
     d.mkdir(parents=True, exist_ok=True)
-    table = records_to_table(records)
-    table = table.replace_schema_metadata({COLUMNS_KEY: json.dumps(list(records[0].columns)).encode(), RELEASE_KEY: rid.encode()})
-    path = d / f"part-{records[0].ts_ms}-0-0.parquet"
-    pq.write_table(table, path)
-    return root
-
-
-@dataclass
-class _Rows:
-    ts: np.ndarray
-    X: np.ndarray
-    p: np.ndarray
-
-    def window(self, since: int, until: int) -> tuple[np.ndarray, np.ndarray, int]:
-        m = (self.ts >= since) & (self.ts < until)
-        return self.X[m], self.p[m], int(m.sum())
-
-
-def _read_back(root: Path) -> tuple[tuple[str, ...], _Rows]:
-    (batch,) = read_served_log(root)
+    table = records_to_table(records).replace_schema_metadata(
+        {COLUMNS_KEY: json.dumps(list(columns)).encode(), RELEASE_KEY: release.release_id.encode()})
+    pq.write_table(table, d / f"part-{records[0].ts_ms}-0-0.parquet")
+    (batch,) = read_served_log(log_root)
     t = batch.table
     mask = t.column("sampled").to_numpy(zero_copy_only=False)
-    return batch.columns, _Rows(t.column("ts_ms").to_numpy()[mask], batch.feature_matrix(mask),
-                                np.asarray(t.column("score").to_numpy(zero_copy_only=False), np.float32)[mask])
+    rows = Rows(t.column("ts_ms").to_numpy()[mask], batch.feature_matrix(mask),
+                np.asarray(t.column("score").to_numpy(zero_copy_only=False), np.float32)[mask])
+    return batch.columns, rows, len(records)
 
 
-def _truth(columns: tuple[str, ...], shifted: np.ndarray, stable: np.ndarray, p_sh: np.ndarray, p_st: np.ndarray,
-           cfg: StudyConfig) -> dict[str, dict]:
+def _truth(columns, shifted: np.ndarray, stable: np.ndarray, p_sh: np.ndarray, p_st: np.ndarray, cfg: StudyConfig) -> dict[str, dict]:
     """Per column: the shifted world's rows against the unshifted world's, same hours (same seed)."""
     ref = {"features": column_references(stable, columns), "prediction": histogram_reference(p_st, bins=20)}
     rep = drift_report(ref, columns, shifted, p_sh, DriftThresholds(min_rows=1))
@@ -210,120 +195,237 @@ def _truth(columns: tuple[str, ...], shifted: np.ndarray, stable: np.ndarray, p_
     return out
 
 
-def run_seed(seed: int, work: Path, cfg: StudyConfig | None = None, thresholds: DriftThresholds | None = None) -> dict:
-    cfg, thresholds = cfg or StudyConfig(), thresholds or DriftThresholds()
+def make_world(seed: int, work: Path, cfg: StudyConfig | None = None) -> World:
+    cfg = cfg or StudyConfig()
     from features.datasets import load_info
     from features.simulator import simulate
     from pipeline.train import train_release
 
     t0 = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
-    worlds = {}
+    dirs = {}
     for name, nd in (("shifted", cfg.n_drift_topics), ("stable", 0)):
-        simulate(work / f"data_{name}", users=cfg.users, items=cfg.items, days=cfg.days, seed=seed,
-                 drift_days=cfg.drift_days, n_drift_topics=nd, drift_boost=cfg.drift_boost)
-        worlds[name] = work / f"data_{name}"
-    info = load_info(worlds["shifted"])
+        dirs[name] = work / f"data_{name}"
+        if not dirs[name].exists():
+            simulate(dirs[name], users=cfg.users, items=cfg.items, days=cfg.days, seed=seed,
+                     drift_days=cfg.drift_days, n_drift_topics=nd, drift_boost=cfg.drift_boost)
+    info = load_info(dirs["shifted"])
     shift_ts, end_ts = int(info.params["drift_start_ts"]), int(info.end_ts)
-    train_dir = _truncate(worlds["shifted"], work / "data_train", shift_ts)
-    release = train_release(train_dir, work / "releases", profile="tiny", seed=0)
+    shutil.rmtree(work / "data_train", ignore_errors=True)
+    shutil.rmtree(work / "releases", ignore_errors=True)
+    release = train_release(_truncate(dirs["shifted"], work / "data_train", shift_ts), work / "releases", profile="tiny", seed=0)
     t_train = time.perf_counter()
-
-    rows, columns = {}, None
-    for name, d in worlds.items():
-        since = shift_ts - cfg.ref_hours * MS_H if name == "shifted" else shift_ts
-        recs = _served_rows(release, d, since, end_ts, cfg, seed)
-        columns, rows[name] = _read_back(_write_log(recs, work / f"served_{name}"))
-    names = (*columns, PREDICTION)
-
-    # ground truth over the whole shift period
-    Xs, ps, _ = rows["shifted"].window(shift_ts, end_ts)
-    Xn, pn, _ = rows["stable"].window(shift_ts, end_ts)
+    rows, columns, n_req = {}, None, {}
+    for name, d in dirs.items():
+        shutil.rmtree(work / f"served_{name}", ignore_errors=True)
+        columns, rows[name], n_req[name] = _served(release, d, shift_ts - cfg.pre_hours * MS_H, end_ts, cfg, seed, work / f"served_{name}")
+    Xs, ps = rows["shifted"].window(shift_ts, end_ts)
+    Xn, pn = rows["stable"].window(shift_ts, end_ts)
     truth = _truth(columns, Xs, Xn, ps, pn, cfg)
-
-    # the serving reference: sampled candidate rows of the last ref_hours before the shift
-    Xr, pr, n_ref = rows["shifted"].window(shift_ts - cfg.ref_hours * MS_H, shift_ts)
-    references = {"release": release.manifest["reference"],
-                  "serving": {"features": column_references(Xr, columns, sample=1000),
-                              "prediction": histogram_reference(pr, bins=20, sample=1000)}}
-    req_ts = np.unique(rows["shifted"].ts)  # one ts per request (sampled rows of a request share it)
-    out_refs = {}
-    for (ref_name, ref), w in ((r, w) for r in references.items() for w in cfg.windows_h):
-        first_alert: dict[str, int | None] = dict.fromkeys(names)
-        for end in range(shift_ts + MS_H, end_ts + 1, MS_H):
-            X, p, _ = rows["shifted"].window(end - w * MS_H, end)
-            for n in drift_report(ref, columns, X, p, thresholds).drifted:
-                if first_alert[n] is None:
-                    first_alert[n] = end
-        delays = {n: None if e is None else {"hours": (e - shift_ts) / MS_H,
-                                             "requests": int(((req_ts >= shift_ts) & (req_ts < e)).sum())}
-                  for n, e in first_alert.items()}
-        alerts_stable, windows = dict.fromkeys(names, 0), 0
-        for start in range(shift_ts, end_ts - w * MS_H + 1, w * MS_H):
-            X, p, _ = rows["stable"].window(start, start + w * MS_H)
-            windows += 1
-            for n in drift_report(ref, columns, X, p, thresholds).drifted:
-                alerts_stable[n] += 1
-        shifted_cols = [n for n in names if truth[n]["shifted"]]
-        stable_cols = [n for n in names if not truth[n]["shifted"]]
-        out_refs[f"{ref_name}/{w}h"] = {
-            "detected": sorted(n for n in shifted_cols if delays[n] is not None),
-            "missed": sorted(n for n in shifted_cols if delays[n] is None),
-            "alerted_stable_columns_in_shifted_world": sorted(n for n in stable_cols if delays[n] is not None),
-            "delays": {n: delays[n] for n in shifted_cols},
-            "false_alarms": {"alerts": int(sum(alerts_stable.values())), "windows": windows, "columns": len(names),
-                             "rate": sum(alerts_stable.values()) / (windows * len(names)) if windows else None,
-                             "by_column": {n: c for n, c in alerts_stable.items() if c}},
-        }
-    return {"seed": seed, "release_id": release.release_id, "shift_start_ms": shift_ts, "end_ms": end_ts,
-            "drift_topics": info.params["drift_topics"], "columns": len(names),
-            "rows": {"shifted": len(rows["shifted"].ts), "stable": len(rows["stable"].ts), "serving_reference": n_ref},
-            "requests_per_hour": float(len(req_ts) / ((end_ts - shift_ts + cfg.ref_hours * MS_H) / MS_H)),
-            "truth": truth, "shifted_columns": sorted(n for n in names if truth[n]["shifted"]),
-            "references": out_refs, "seconds": {"train": round(t_train - t0, 1), "total": round(time.perf_counter() - t0, 1)}}
+    for t in info.params["drift_topics"]:  # the planted mechanism is shifted by construction, however small its effect
+        c = f"user_activity.topic_affinity[{t}]"
+        if c in truth:
+            truth[c]["shifted"] = truth[c]["planted"] = True
+    meta = {"seed": seed, "release_id": release.release_id, "reference_population": release.manifest["reference"].get("population"),
+            "drift_topics": info.params["drift_topics"], "requests": n_req,
+            "rows": {k: len(v.ts) for k, v in rows.items()},
+            "requests_per_hour": n_req["shifted"] / ((end_ts - shift_ts) / MS_H + cfg.pre_hours),
+            "seconds": {"train": round(t_train - t0, 1), "total": round(time.perf_counter() - t0, 1)}}
+    return World(f"sim{seed}", columns, release_reference(release), rows, shift_ts, end_ts, truth, meta)
 
 
-def _summary(seeds: list[dict]) -> dict:
-    out = {}
-    for ref in seeds[0]["references"]:
-        alerts = sum(s["references"][ref]["false_alarms"]["alerts"] for s in seeds)
-        cells = sum(s["references"][ref]["false_alarms"]["windows"] * s["references"][ref]["false_alarms"]["columns"] for s in seeds)
-        n_shifted = sum(len(s["shifted_columns"]) for s in seeds)
-        n_detected = sum(len(s["references"][ref]["detected"]) for s in seeds)
-        n_stable = sum(s["columns"] - len(s["shifted_columns"]) for s in seeds)
-        n_stable_alert = sum(len(s["references"][ref]["alerted_stable_columns_in_shifted_world"]) for s in seeds)
-        hours = [d["hours"] for s in seeds for d in s["references"][ref]["delays"].values() if d is not None]
-        reqs = [d["requests"] for s in seeds for d in s["references"][ref]["delays"].values() if d is not None]
-        out[ref] = {"false_alarm_rate": alerts / cells if cells else None, "false_alarms": alerts, "feature_windows": cells,
-                    "shifted_detected": n_detected, "shifted_total": n_shifted,
-                    "stable_alerted_in_shifted_world": n_stable_alert, "stable_total": n_stable,
-                    "delay_hours_median": float(np.median(hours)) if hours else None,
-                    "delay_hours_max": float(np.max(hours)) if hours else None,
-                    "delay_requests_median": float(np.median(reqs)) if reqs else None}
+def cached_world(make, cache: Path) -> World:
+    """A world from its pickle under `cache` when there (a rerun reuses it), else made and kept."""
+    import pickle
+
+    if cache.exists():
+        return pickle.loads(cache.read_bytes())
+    w = make()
+    cache.write_bytes(pickle.dumps(w))
+    return w
+
+
+def movielens_world(raw_dir: Path, work: Path, weeks: int = 4, cfg: StudyConfig | None = None) -> World:
+    """MovieLens 100K: a release trained before its last `weeks` weeks, served rows over them."""
+    cfg = cfg or StudyConfig()
+    from features.datasets import load_info
+    from features.movielens import import_movielens
+    from pipeline.train import train_release
+
+    t0 = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "data"
+    if not data.exists():
+        import_movielens(raw_dir, data)
+    info = load_info(data)
+    end_ts = int(info.end_ts)
+    cut = (end_ts // MS_DAY - 7 * weeks) * MS_DAY
+    shutil.rmtree(work / "data_train", ignore_errors=True)
+    shutil.rmtree(work / "releases", ignore_errors=True)
+    release = train_release(_truncate(data, work / "data_train", cut), work / "releases", profile="tiny", seed=0)
+    t_train = time.perf_counter()
+    shutil.rmtree(work / "served", ignore_errors=True)
+    columns, rows, n_req = _served(release, data, cut, end_ts, cfg, 0, work / "served")
+    truth = {n: {"psi": 0.0, "js": 0.0, "missing_rise": 0.0, "shifted": False} for n in (*columns, PREDICTION)}
+    meta = {"release_id": release.release_id, "reference_population": release.manifest["reference"].get("population"),
+            "cut_ms": cut, "weeks": weeks, "requests": {"stable": n_req}, "rows": {"stable": len(rows.ts)},
+            "requests_per_hour": n_req / ((end_ts - cut) / MS_H),
+            "seconds": {"train": round(t_train - t0, 1), "total": round(time.perf_counter() - t0, 1)}}
+    return World("movielens", columns, release_reference(release), {"stable": rows}, cut, end_ts, truth, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics once per window, thresholds applied after.
+
+def _rolling_ref(rows: Rows, columns, since: int, hours: int, sample: int = 2000) -> dict | None:
+    X, p = rows.window(since - hours * MS_H, since)
+    if len(X) < 100:
+        return None
+    return {"features": column_references(X, columns, sample=sample), "prediction": histogram_reference(p, bins=20, sample=sample)}
+
+
+def window_stats(world: World, option: str, W: int, which: str, ends: list[int]) -> dict:
+    """Per window ending at each of `ends` (ms), over `which` world's rows: arrays (windows,
+    names) of PSI, JS, BH-adjusted p, present rows, and the missing-rate verdict (default rule)."""
+    rows = world.rows[which]
+    names = (*world.columns, PREDICTION)
+    shape = (len(ends), len(names))
+    psi, js, padj, present = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, np.int64)
+    miss = np.zeros(shape, bool)
+    reqs = np.zeros(len(ends), np.int64)
+    th = DriftThresholds(min_rows=1)
+    for i, end in enumerate(ends):
+        since = end - W * MS_H
+        ref = world.reference if option == "release" else _rolling_ref(rows, world.columns, since, int(option.split(":", 1)[1].rstrip("h")))
+        X, p = rows.window(since, end)
+        if ref is None or len(X) == 0:
+            continue
+        rep = drift_report(ref, world.columns, X, p, th)
+        for j, f in enumerate((*rep.features, rep.prediction)):
+            if f is None:
+                continue
+            psi[i, j] = np.nan if f.psi is None else f.psi
+            js[i, j] = np.nan if f.js is None else f.js
+            padj[i, j] = np.nan if f.p_adjusted is None else f.p_adjusted
+            present[i, j] = f.present
+            miss[i, j] = "missing" in f.reasons
+    return {"names": names, "ends": np.asarray(ends, np.int64), "psi": psi, "js": js, "p": padj, "present": present, "missing": miss}
+
+
+def alarms(st: dict, th: DriftThresholds, rule: str = "or") -> np.ndarray:
+    """(windows, names) bool: what `monitor.drift` decides with these thresholds (rule "or":
+    PSI or JS over its threshold; "psi"/"js": that one alone; "and": both)."""
+    with np.errstate(invalid="ignore"):
+        sig = (st["p"] < th.alpha) & (st["present"] >= th.min_rows)
+        big_psi, big_js = st["psi"] >= th.psi, st["js"] >= th.js
+    eff = {"or": big_psi | big_js, "psi": big_psi, "js": big_js, "and": big_psi & big_js}[rule]
+    return (sig & eff) | (st["missing"] & (st["present"] >= th.min_rows))
+
+
+def windows_for(world: World, W: int, step_h: int = 1) -> dict[str, list[int]]:
+    """Window ends: non-overlapping over the shift period (false alarms), sliding by `step_h`
+    hours (detection; the study slides hourly)."""
+    fa = list(range(world.start + W * MS_H, world.end + 1, W * MS_H))
+    slide = list(range(world.start + step_h * MS_H, world.end + 1, step_h * MS_H))
+    return {"fa": fa, "slide": slide}
+
+
+def world_stats(world: World, option: str, W: int, step_h: int = 1) -> dict:
+    e = windows_for(world, W, step_h)
+    out = {"fa": window_stats(world, option, W, "stable", e["fa"])}
+    if "shifted" in world.rows:
+        out["slide"] = window_stats(world, option, W, "shifted", e["slide"])
     return out
 
 
-def run_study(seeds: list[int], work: Path, cfg: StudyConfig | None = None, thresholds: DriftThresholds | None = None) -> dict:
-    cfg, thresholds = cfg or StudyConfig(), thresholds or DriftThresholds()
-    per_seed = [run_seed(s, work / f"seed{s}", cfg, thresholds) for s in seeds]
-    return {"config": cfg.to_dict(), "thresholds": thresholds.to_dict(), "seeds": per_seed, "summary": _summary(per_seed)}
+def evaluate(world: World, stats: dict, th: DriftThresholds, rule: str = "or") -> dict:
+    names = stats["fa"]["names"]
+    fa = alarms(stats["fa"], th, rule)
+    by_col = {n: int(c) for n, c in zip(names, fa.sum(axis=0)) if c}
+    out = {"false_alarms": {"alerts": int(fa.sum()), "windows": int(fa.shape[0]), "columns": len(names),
+                            "rate": float(fa.mean()) if fa.size else None, "by_column": by_col}}
+    if "slide" in stats:
+        sl = alarms(stats["slide"], th, rule)
+        ends = stats["slide"]["ends"]
+        shifted_ts = world.rows["shifted"].ts
+        req_ts = np.unique(shifted_ts)
+        shifted = [n for n in names if world.truth[n]["shifted"]]
+        delays, stable_alerted = {}, []
+        for j, n in enumerate(names):
+            hit = np.flatnonzero(sl[:, j])
+            if n in shifted:
+                delays[n] = None if not len(hit) else {
+                    "hours": float((ends[hit[0]] - world.start) / MS_H),
+                    "requests": int(((req_ts >= world.start) & (req_ts < ends[hit[0]])).sum())}
+            elif len(hit):
+                stable_alerted.append(n)
+        out.update(detected=sorted(n for n in shifted if delays[n] is not None), missed=sorted(n for n in shifted if delays[n] is None),
+                   delays=delays, alerted_stable_columns_in_shifted_world=sorted(stable_alerted))
+    return out
+
+
+def summarize(per_world: list[dict]) -> dict:
+    alerts = sum(r["false_alarms"]["alerts"] for r in per_world)
+    cells = sum(r["false_alarms"]["windows"] * r["false_alarms"]["columns"] for r in per_world)
+    out = {"false_alarm_rate": alerts / cells if cells else None, "false_alarms": alerts, "feature_windows": cells}
+    sh = [r for r in per_world if "delays" in r]
+    if sh:
+        hours = [d["hours"] for r in sh for d in r["delays"].values() if d is not None]
+        reqs = [d["requests"] for r in sh for d in r["delays"].values() if d is not None]
+        out.update(shifted_detected=sum(len(r["detected"]) for r in sh), shifted_total=sum(len(r["delays"]) for r in sh),
+                   seeds_detected=sum(bool(r["detected"]) for r in sh), seeds=len(sh),
+                   stable_alerted_in_shifted_world=sum(len(r["alerted_stable_columns_in_shifted_world"]) for r in sh),
+                   delay_hours_median=float(np.median(hours)) if hours else None, delay_hours_max=float(np.max(hours)) if hours else None,
+                   delay_requests_median=float(np.median(reqs)) if reqs else None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+def load_choice(path: Path) -> tuple[DriftThresholds, str, int, str]:
+    """(thresholds, rule, window hours, reference option) chosen by bench/drift_calibrate.py."""
+    c = json.loads(Path(path).read_text())["chosen"]
+    return DriftThresholds(**c["thresholds"]), c["rule"], int(c["window_h"]), c["reference"]
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import tempfile
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--users", type=int, default=StudyConfig.users)
+    ap.add_argument("--calibration", default="bench/results/drift_calibration.json")
+    ap.add_argument("--movielens", default=os.environ.get("PARITY_MOVIELENS"), help="raw MovieLens 100K folder (default $PARITY_MOVIELENS)")
+    ap.add_argument("--weeks", type=int, default=4)
     ap.add_argument("--out", default="bench/results/drift.json")
     ap.add_argument("--work", default=None, help="keep the worlds, releases and served logs here (default: a temporary folder)")
     a = ap.parse_args(argv)
     cfg = StudyConfig(users=a.users)
-    if a.work:
-        res = run_study(a.seeds, Path(a.work), cfg)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = run_study(a.seeds, Path(tmp), cfg)
+    th, rule, W, option = load_choice(Path(a.calibration))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        res = {"config": cfg.to_dict(), "chosen": {"thresholds": th.to_dict(), "rule": rule, "window_h": W, "reference": option},
+               "seeds": [], "alternatives": {}}
+        compare = sorted({option, "release"})
+        per_opt: dict[str, list[dict]] = {o: [] for o in compare}
+        for s in a.seeds:
+            w = cached_world(lambda: make_world(s, work / f"seed{s}", cfg), work / f"seed{s}" / "world.pkl")
+            seed_out = {**w.meta, "shifted_columns": sorted(n for n, t in w.truth.items() if t["shifted"]),
+                        "truth": {n: t for n, t in w.truth.items() if t["shifted"] or n.startswith("user_activity.topic_affinity")}}
+            for o in compare:
+                r = evaluate(w, world_stats(w, o, W), th, rule)
+                per_opt[o].append(r)
+                seed_out[o] = r
+            res["seeds"].append(seed_out)
+        res["summary"] = {o: summarize(v) for o, v in per_opt.items()}
+        if a.movielens:
+            ml = cached_world(lambda: movielens_world(Path(a.movielens), work / "movielens", a.weeks, cfg), work / "movielens" / "world.pkl")
+            res["movielens"] = {**ml.meta}
+            for o in compare:
+                for Wm in sorted({W, 24, 168}):
+                    r = evaluate(ml, world_stats(ml, o, Wm), th, rule)
+                    res["movielens"][f"{o}/{Wm}h"] = r
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
     print(json.dumps(res["summary"], sort_keys=True))
