@@ -41,6 +41,7 @@ def _th(c: dict) -> str:
 def render(res: dict, cal: dict | None = None) -> str:
     cfg, seeds, summ = res["config"], res["seeds"], res["summary"]
     chosen = res["chosen"]
+    cal = cal if cal is not None else res.get("calibration")
     lines = [BEGIN, "## Drift detection: thresholds chosen on calibration seeds, reported on held-out ones", ""]
     lines.append(
         f"Per simulator seed two worlds ({cfg['users']} users, {cfg['items']} items, {cfg['days']} days): with the shift "
@@ -140,8 +141,7 @@ def render(res: dict, cal: dict | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0] if args else "bench/results/drift.json")
-    cal_path = Path(args[1] if len(args) > 1 else path.with_name("drift_calibration.json"))
-    cal = json.loads(cal_path.read_text()) if cal_path.exists() else None
+    cal = json.loads(Path(args[1]).read_text()) if len(args) > 1 else None  # default: the summary drift.json carries
     sys.stdout.write(render(json.loads(path.read_text()), cal))
     return 0
 

@@ -388,6 +388,12 @@ def load_choice(path: Path) -> tuple[DriftThresholds, str, int, str]:
     return DriftThresholds(**c["thresholds"]), c["rule"], int(c["window_h"]), c["reference"]
 
 
+def calibration_summary(path: Path) -> dict:
+    """The calibration's choice and evidence, carried in drift.json (the report renders both)."""
+    cal = json.loads(Path(path).read_text())
+    return {k: cal[k] for k in ("seeds", "points", "feasible", "max_false_alarm_rate", "chosen", "best_per_option", "previous_defaults")}
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
     import tempfile
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         res = {"config": cfg.to_dict(), "chosen": {"thresholds": th.to_dict(), "rule": rule, "window_h": W, "reference": option},
-               "seeds": [], "alternatives": {}}
+               "seeds": [], "calibration": calibration_summary(Path(a.calibration))}
         compare = sorted({option, "release"})
         per_opt: dict[str, list[dict]] = {o: [] for o in compare}
         for s in a.seeds:
