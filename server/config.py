@@ -40,7 +40,7 @@ class ServerConfig:
     log_sample: float = 0.1  # share of OK answers logged (errors and degraded answers always are)
     log_rotate_s: float = 300.0  # a served-log part is finished after this long or ...
     log_rotate_mb: float = 64.0  # ... this many MB, whichever comes first
-    drift_window_s: float = 3600.0  # the live drift gauges' sliding window (event time)
+    drift_window_s: float = 21600.0  # the live drift gauges' sliding window (event time; 6 h, as calibrated)
     rollout_poll_s: float = 1.0  # how often a worker reads the shared rollout state
     guard_interval_s: float = 2.0  # how often the canary guard decides
     shadow_queue: int = 1000  # shadow requests waiting for an idle moment (full: dropped, counted)

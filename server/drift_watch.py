@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from export.reference import release_reference
 from monitor.drift import PREDICTION, DriftPoll, DriftThresholds, SlidingDrift
 from server.background import spawn, stop
 from server.metrics import Metrics
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DriftSettings:
-    window_ms: int = 3_600_000
+    window_ms: int = 6 * 3_600_000  # calibrated on simulator validation seeds (bench/drift_calibrate.py)
     buckets: int = 12
     interval_s: float = 30.0
     max_pending: int = 20_000  # observations buffered between folds
@@ -100,8 +101,12 @@ class DriftWatch:
             snap = self.state.arm(arm)
             if snap is None or snap.release_id != release_id:
                 return None  # the arm moved on to another release: its old rows are of no use
-            ref = snap.runtime.release.meta.reference
-            if not ref or not ref.get("features"):
+            try:
+                ref = release_reference(snap.runtime.release)  # histograms + the raw samples KS reads
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("drift: the reference of release %s is unreadable (%s); not checked", release_id, exc)
+                ref = None
+            if not ref:
                 return None  # a release without a reference cannot be checked
             s = self.settings
             w = self._windows[key] = SlidingDrift(ref, columns, window_ms=s.window_ms, buckets=s.buckets, thresholds=s.thresholds)

@@ -22,7 +22,7 @@ HOUR = 3_600_000
 
 class _State:
     def __init__(self, reference):
-        snap = SimpleNamespace(release_id="r1", runtime=SimpleNamespace(release=SimpleNamespace(meta=SimpleNamespace(reference=reference))))
+        snap = SimpleNamespace(release_id="r1", runtime=SimpleNamespace(release=SimpleNamespace(manifest={"reference": reference})))
         self._arms = {"primary": snap}
 
     def arm(self, name):
@@ -111,6 +111,7 @@ def test_a_live_server_fills_the_drift_window_from_its_requests(release_dir, sma
     assert rep.rows == 29 * 8  # 8 candidates sampled per request
     assert {f.name for f in rep.features} == set(s.service.state.current.runtime.inputs.columns)
     assert all(f.rows == rep.rows for f in rep.features)
+    assert any(f.test == "ks" for f in rep.features)  # the release's raw reference samples reached the server
 
 
 async def _step(w):
