@@ -26,6 +26,7 @@ import numpy as np
 
 from export.reference import release_reference
 from monitor.drift import PREDICTION, DriftPoll, DriftThresholds, SlidingDrift
+from monitor.rolling import RollingRows, rolling_report
 from server.background import spawn, stop
 from server.metrics import Metrics
 from server.observe import Observation
@@ -47,6 +48,8 @@ class DriftSettings:
     interval_s: float = 30.0
     max_pending: int = 20_000  # observations buffered between folds
     thresholds: DriftThresholds = DriftThresholds()
+    reference: str = "rolling"  # rolling: the served rows of the `reference_ms` before the window (the release's until there are enough)
+    reference_ms: int = 48 * 3_600_000
 
 
 class DriftWatch:
@@ -59,6 +62,9 @@ class DriftWatch:
         self.alerts_path = (Path(alerts_dir) / "drift.jsonl") if alerts_dir is not None else None
         self._pending: deque[Observation] = deque()
         self._windows: dict[tuple[str, str], SlidingDrift] = {}  # (arm, release id) -> window
+        self._rolling: dict[tuple[str, str], RollingRows] = {}
+        self._alerting: dict[tuple[str, str], frozenset[str]] = {}
+        self.using: dict[str, str] = {}  # arm -> "rolling" | "release": the reference of the latest report
         self._task: asyncio.Task | None = None
         self.dropped = 0
         self.last: dict[str, DriftPoll] = {}  # arm -> the latest poll
@@ -129,14 +135,35 @@ class DriftWatch:
             p = np.concatenate([o.sampled_scores for o in obs])
             ts = np.concatenate([np.full(len(o.sampled_inputs), o.ts_ms, dtype=np.int64) for o in obs])
             w.add(X, p, ts)
+            if self.settings.reference == "rolling":
+                r = self._rolling.get((arm, rid))
+                if r is None:
+                    r = self._rolling[(arm, rid)] = RollingRows(obs[0].columns, keep_ms=self.settings.reference_ms + self.settings.window_ms
+                                                                 + 3_600_000)
+                r.add(X, p, ts)
         serving = {(a, s.release_id) for a, s in self.state.arms().items()}
         for key in [k for k in self._windows if k not in serving]:
             del self._windows[key]  # a release no longer served
+            self._rolling.pop(key, None)
+            self._alerting.pop(key, None)
         now = self.now_ms()
         out = {}
         for (arm, rid), w in self._windows.items():
-            poll = w.poll(now)
+            rep, using = None, "release"
+            if (arm, rid) in self._rolling:
+                got = rolling_report(self._rolling[(arm, rid)], now, window_ms=self.settings.window_ms,
+                                     reference_ms=self.settings.reference_ms, thresholds=self.settings.thresholds)
+                if got is not None:
+                    rep, using = got[0], "rolling"
+            if rep is None:
+                rep = w.report(now)
+            was = self._alerting.get((arm, rid), frozenset())
+            now_set = frozenset(rep.drifted)
+            self._alerting[(arm, rid)] = now_set
+            poll = DriftPoll(rep, tuple(n for n in rep.drifted if n not in was), tuple(sorted(was - now_set)))
             out[arm] = poll
+            self.using[arm] = using
+            self.metrics.drift_rolling.labels(arm).set(1.0 if using == "rolling" else 0.0)
             self._export(arm, rid, poll, now)
         self.last = out
         self.metrics.drift_step_seconds.observe(time.perf_counter() - t)
@@ -155,7 +182,7 @@ class DriftWatch:
             m.drift_alerts.labels(arm, name).inc()
             f = rep.feature(name)
             self._alert({"event": "drift", "state": "alerting", "arm": arm, "release_id": release_id, "feature": name, "ts_ms": now_ms,
-                         "rows": rep.rows, "psi": f.psi, "js": f.js, "p_adjusted": f.p_adjusted, "missing_rate": f.missing_rate,
+                         "rows": rep.rows, "reference": self.using.get(arm, "release"), "psi": f.psi, "js": f.js, "p_adjusted": f.p_adjusted, "missing_rate": f.missing_rate,
                          "reasons": list(f.reasons), "prediction": name == PREDICTION})
         for name in poll.cleared:
             self._alert({"event": "drift", "state": "cleared", "arm": arm, "release_id": release_id, "feature": name, "ts_ms": now_ms})

@@ -73,6 +73,8 @@ class Metrics:
         self.drift_missing = Gauge("parity_drift_missing_rate", "share of served values missing (sliding window)", fl, registry=r)
         self.drift_drifted = Gauge("parity_drift_drifted", "1 while the feature (or 'prediction') crosses a drift threshold", fl, registry=r)
         self.drift_alerts = Counter("parity_drift_alerts", "drift alert events written", fl, registry=r)
+        self.drift_rolling = Gauge("parity_drift_reference_rolling", "1: drift is judged against the served rows of the 48 h before "
+                                   "the window; 0: against the release's reference (not enough history yet)", ["arm"], registry=r)
         self.drift_rows = Gauge("parity_drift_window_rows", "sampled candidate rows in the drift window", ["arm"], registry=r)
         self.drift_dropped = Counter("parity_drift_dropped", "observations the drift buffer had no room for", registry=r)
         self.drift_step_seconds = Histogram("parity_drift_step_seconds", "time to fold and test one drift interval", registry=r)
