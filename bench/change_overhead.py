@@ -5,7 +5,8 @@ server, measured in one run on this machine.
 
 Variants (each a `parity serve` child process on the memory store, the serving study's data
 and release):
-  plain      the product server as shipped;
+  plain      the product server as shipped (live drift watch on);
+  no_drift   without the live drift watch (`--drift-interval 0`): what the watch costs;
   log10      + `--served-log DIR --log-sample 0.1` (the issue's target: < 5 % capacity loss);
   log100     + every request logged (the worst case);
   shadow100  + a rollout whose shadow (a second copy of the release) runs for every request.
@@ -30,13 +31,15 @@ from bench.serving import ServerProcess, ServingBenchConfig, _measure, _prepare,
 
 __all__ = ["run", "main", "VARIANTS"]
 
-VARIANTS = ("plain", "log10", "log100", "shadow100")
+VARIANTS = ("plain", "no_drift", "log10", "log100", "shadow100")
 TOKEN = "bench-admin-token"
 
 
 def _argv(variant: str, release: Path, data: Path, work: Path) -> list[str]:
     argv = [sys.executable, "-m", "parity", "serve", "--release", str(release), "--events", str(data), "--store", "memory",
             "--admin-token", TOKEN]
+    if variant == "no_drift":
+        argv += ["--drift-interval", "0"]
     if variant.startswith("log"):
         d = work / f"served-{variant}-{time.monotonic_ns()}"
         argv += ["--served-log", str(d), "--log-sample", "0.1" if variant == "log10" else "1"]

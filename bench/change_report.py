@@ -19,7 +19,7 @@ __all__ = ["render", "main", "START", "END"]
 START = "<!-- generated:change:start -->"
 END = "<!-- generated:change:end -->"
 COMMAND = ".venv/bin/python -m bench.change_overhead --out bench/results/change_overhead.json && .venv/bin/python -m bench.change_report bench/results/change_overhead.json bench/RESULTS.md"
-LABEL = {"plain": "plain server", "log10": "+ served log, 10 % sampled", "log100": "+ served log, every request",
+LABEL = {"plain": "plain server (as shipped: live drift watch on)", "no_drift": "without the live drift watch", "log10": "+ served log, 10 % sampled", "log100": "+ served log, every request",
          "shadow100": "+ shadow on every request"}
 
 
@@ -44,7 +44,7 @@ def render(res: dict) -> str:
              f"Machine: {res['machine'].get('cores_usable', '?')} cores, load generator beside the server. Run {res.get('started_at', '?')}.", "",
              "| variant | p99 at fixed rate (ms) | p99 ratio to plain | capacity (req/s) | capacity ratio to plain |",
              "|---|---:|---:|---:|---:|"]
-    variants = [v for v in ("plain", "log10", "log100", "shadow100") if any(v in d for d in by_round.values())]
+    variants = [v for v in ("plain", "no_drift", "log10", "log100", "shadow100") if any(v in d for d in by_round.values())]
     for v in variants:
         p99 = [d[v]["fixed"]["p99_ms"] for d in by_round.values() if v in d]
         cap = [d[v]["capacity_qps"] for d in by_round.values() if v in d]

@@ -66,6 +66,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "read by `parity monitor`); default: off")
     p.add_argument("--log-sample", type=share("--log-sample"), default=0.1,
                    help="share of OK answers the served log keeps (default 0.1; errors and degraded answers are always kept)")
+    p.add_argument("--drift-interval", type=number("--drift-interval", what="a number of seconds"), default=60.0,
+                   help="how often the live drift window is tested and its gauges updated (default 60; 0: no live drift watch)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
 
 
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
         ranker=args.ranker, retrieval=args.retrieval, served_log=Path(args.served_log) if args.served_log else None,
-        log_sample=args.log_sample, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
+        log_sample=args.log_sample, drift_interval_s=args.drift_interval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
         **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )

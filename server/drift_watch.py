@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 class DriftSettings:
     window_ms: int = 6 * 3_600_000  # calibrated on simulator validation seeds (bench/drift_calibrate.py)
     buckets: int = 12
-    interval_s: float = 30.0
+    interval_s: float = 60.0
     max_pending: int = 20_000  # observations buffered between folds
+    max_requests_per_s: float = 50.0  # requests taken into the window per second: a 6 h window still holds ~8.6M rows,
+    # and the fold's CPU stays bounded at any traffic (it shares the interpreter with the requests)
     thresholds: DriftThresholds = DriftThresholds()
     reference: str = "rolling"  # rolling: the served rows of the `reference_ms` before the window (the release's until there are enough)
     reference_ms: int = 48 * 3_600_000
@@ -67,12 +69,19 @@ class DriftWatch:
         self.using: dict[str, str] = {}  # arm -> "rolling" | "release": the reference of the latest report
         self._task: asyncio.Task | None = None
         self.dropped = 0
+        self._sec, self._taken = 0, 0
         self.last: dict[str, DriftPoll] = {}  # arm -> the latest poll
 
     # -- the request side: O(1) --------------------------------------------------------------------
     def listener(self, obs: Observation) -> None:
         if obs.sampled_inputs is None or not len(obs.sampled_inputs) or obs.status.startswith("error"):
             return
+        sec = int(time.monotonic())
+        if sec != self._sec:
+            self._sec, self._taken = sec, 0
+        if self._taken >= self.settings.max_requests_per_s:
+            return  # past this second's intake: the window is a sample of the traffic anyway
+        self._taken += 1
         if len(self._pending) >= self.settings.max_pending:
             self.dropped += 1
             self.metrics.drift_dropped.inc()

@@ -44,7 +44,7 @@ def watch(tmp_path):
     reference = {"features": column_references(ref_X, COLS), "prediction": histogram_reference(rng.normal(size=5000), bins=20)}
     clock = {"now": 10 * HOUR}
     m = Metrics()
-    w = DriftWatch(m, _State(reference), lambda: clock["now"], settings=DriftSettings(window_ms=HOUR, buckets=12, max_pending=500,
+    w = DriftWatch(m, _State(reference), lambda: clock["now"], settings=DriftSettings(window_ms=HOUR, buckets=12, max_pending=500, max_requests_per_s=1e9,
                    thresholds=DriftThresholds(min_rows=200)), alerts_dir=tmp_path / "alerts")
     return w, clock, m, tmp_path / "alerts" / "drift.jsonl"
 
@@ -89,6 +89,14 @@ def test_the_request_side_only_appends_and_drops_when_full(watch):
     assert len(w._pending) == 500 and w.dropped == 100 and m.drift_dropped._value.get() == 100
     w.listener(Observation("primary", "r1", "Recommend", 1, "q", 0, "error:INTERNAL", 1.0, float("nan"), np.empty(0), None, np.empty(0), COLS))
     assert len(w._pending) == 500  # errors carry no rows
+
+
+def test_the_intake_is_capped_per_second_so_the_fold_costs_the_same_at_any_traffic(tmp_path):
+    w = DriftWatch(Metrics(), _State({"features": column_references(np.zeros((10, 2)), COLS)}), lambda: 0,
+                   settings=DriftSettings(max_requests_per_s=25))
+    for _ in range(200):  # far more than 25 within one second
+        w.listener(_obs(np.zeros((8, 2)), 0))
+    assert 25 <= len(w._pending) <= 50  # 25 per second (a second boundary may fall inside the loop)
 
 
 def test_a_release_no_longer_served_loses_its_window(watch):
