@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -371,6 +371,7 @@ class SlidingDrift:
         self._buckets: dict[int, _Bucket] = {}
         self._alerting: frozenset[str] = frozenset()
         self._needs_sample = any(self._feats[c].get("sample") for c in self.columns) or bool(self._pred_ref and self._pred_ref.get("sample"))
+        self.pace: Callable[[], None] | None = None  # called between columns: a server running this beside requests yields there
 
     def add(self, X: np.ndarray, predictions: np.ndarray | None, ts_ms: int | np.ndarray) -> None:
         """Count rows X (n, columns) with their predictions (n,) at time(s) ts_ms (one per row or one for all)."""
@@ -393,6 +394,8 @@ class SlidingDrift:
         if bk is None:
             bk = self._buckets[b] = _Bucket(len(self.columns), self._n_bins, self._n_pred_bins, self._reservoir if self._needs_sample else 0)
         for j, c in enumerate(self.columns):
+            if self.pace is not None:
+                self.pace()
             counts, miss = bin_counts(self._feats[c], X[:, j])
             bk.counts[j, :len(counts)] += counts
             bk.missing[j] += miss
@@ -427,6 +430,8 @@ class SlidingDrift:
         pooled, pred_pooled = self._pooled_sample(live)
         raw = []
         for j, c in enumerate(self.columns):
+            if self.pace is not None:
+                self.pace()
             ref = self._feats[c]
             nb = len(ref.get("shares", ()))
             counts = sum((bk.counts[j, :nb] for bk in live), np.zeros(nb, dtype=np.int64))

@@ -79,18 +79,25 @@ class RollingRows:
 
 
 def rolling_report(rows: RollingRows, now_ms: int, *, window_ms: int, reference_ms: int, thresholds: DriftThresholds,
-                   min_reference_rows: int = 2000, reference_sample: int = 1000) -> tuple[DriftReport, Mapping] | None:
+                   min_reference_rows: int = 2000, reference_sample: int = 1000,
+                   cache: dict | None = None) -> tuple[DriftReport, Mapping] | None:
     """The last `window_ms` against the `reference_ms` before it, or None while the reference
     holds fewer than `min_reference_rows` served rows. Buckets are whole: the window is the
-    buckets ending at the one holding now."""
+    buckets ending at the one holding now. `cache`: the reference is rebuilt only when the
+    window moves to the next bucket (hourly), not on every call."""
     end = (now_ms // rows.bucket_ms + 1) * rows.bucket_ms
     start = end - window_ms
-    Xr, pr, seen_ref = rows.rows(start - reference_ms, start)
-    if seen_ref < min_reference_rows or len(Xr) < 2:
-        return None
+    ref = cache.get(start) if cache is not None else None
+    if ref is None:
+        Xr, pr, seen_ref = rows.rows(start - reference_ms, start)
+        if seen_ref < min_reference_rows or len(Xr) < 2:
+            return None
+        ref = {"features": column_references(Xr, rows.columns, sample=reference_sample),
+               "prediction": histogram_reference(pr, bins=20, sample=reference_sample)}
+        if cache is not None:
+            cache.clear()
+            cache[start] = ref
     X, p, _ = rows.rows(start, end)
     if not len(X):
         return None
-    ref = {"features": column_references(Xr, rows.columns, sample=reference_sample),
-           "prediction": histogram_reference(pr, bins=20, sample=reference_sample)}
     return drift_report(ref, list(rows.columns), X, p, thresholds), ref

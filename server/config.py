@@ -44,6 +44,7 @@ class ServerConfig:
     rollout_poll_s: float = 1.0  # how often a worker reads the shared rollout state
     guard_interval_s: float = 2.0  # how often the canary guard decides
     shadow_queue: int = 1000  # shadow requests waiting for an idle moment (full: dropped, counted)
+    shadow_cpu_share: float = 0.2  # at most this share of each second runs shadow requests (past it: dropped, counted)
     drift_interval_s: float = 60.0  # how often the drift window is folded and tested (0: no live drift watch)
 
     # Request limits (INVALID_ARGUMENT beyond them).

@@ -129,7 +129,8 @@ class RecommenderService:
                       if not isinstance(store, MemoryStore) else None)
         self._watch_task: asyncio.Task | None = None
         self.inflight = 0  # Recommend/Rank requests being answered (the shadow waits for 0)
-        self.shadow = ShadowRunner(cfg, busy=lambda: self.inflight > 0, read_records=self.records.read, queue_max=cfg.shadow_queue)
+        self.shadow = ShadowRunner(cfg, busy=lambda: self.inflight > 0, read_records=self.records.read, queue_max=cfg.shadow_queue,
+                                   cpu_share=cfg.shadow_cpu_share)
         self.rollouts = RolloutManager(cfg, write_store, state, self.releases, metrics, clock, run_io=lambda fn, *a: self._run(self.io, fn, *a),
                                        shadow=self.shadow)
         self.observer.add_listener(self.rollouts.on_observation)

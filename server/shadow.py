@@ -2,7 +2,9 @@
 
 A shadow job never changes an answer and must add nothing to its latency, so it waits in a
 bounded queue (full: dropped and counted) and a background task runs it only while no
-primary request is in flight, one at a time, on the records the primary read (no second
+primary request is in flight, one at a time, within `cpu_share` of each second (past it,
+dropped and counted: measured, an unbudgeted shadow on every request took the capacity from
+380 to 225 req/s and, in one of two runs, the p99 at 200 req/s from 6.5 to 22 ms), on the records the primary read (no second
 store round trip when the two releases read the same feature plan). What it measures,
 against the primary's answer to the same request: the top-k overlap, the rank correlation of
 the two releases' scores over the candidates both ranked, its own compute time and errors.
@@ -83,7 +85,7 @@ class ShadowStats:
 
 class ShadowRunner:
     def __init__(self, cfg: ServerConfig, *, busy: Callable[[], bool], read_records: Callable[[Snapshot, int, float], Awaitable[RecordRead]],
-                 queue_max: int = 1000) -> None:
+                 queue_max: int = 1000, cpu_share: float = 0.2) -> None:
         self.cfg = cfg
         self._busy = busy
         self._read = read_records
@@ -92,6 +94,15 @@ class ShadowRunner:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.stats = ShadowStats()
+        self.cpu_share = cpu_share  # at most this share of each second goes to shadow work; the rest is dropped, counted
+        self._sec = 0
+        self._spent = 0.0  # seconds of shadow work in the current second
+
+    def _over_budget(self) -> bool:
+        sec = int(time.monotonic())
+        if sec != self._sec:
+            self._sec, self._spent = sec, 0.0
+        return self._spent >= self.cpu_share
 
     def reset(self) -> None:
         """A new shadow release: fresh figures, nothing queued for the old one."""
@@ -126,6 +137,10 @@ class ShadowRunner:
             while self._busy():
                 await asyncio.sleep(0.001)
             job = self._q.popleft()
+            if self._over_budget():
+                self.stats.dropped += 1  # the answer path keeps the interpreter: a shadow is a sample anyway
+                continue
+            t = time.perf_counter()
             try:
                 await self.run_one(job)
             except asyncio.CancelledError:
@@ -133,6 +148,7 @@ class ShadowRunner:
             except Exception:  # noqa: BLE001 - a broken shadow release is measured, never fatal
                 self.stats.errors += 1
                 log.debug("shadow request failed", exc_info=True)
+            self._spent += time.perf_counter() - t
             await asyncio.sleep(0)
 
     async def run_one(self, job: ShadowJob) -> None:

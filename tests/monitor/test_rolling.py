@@ -56,3 +56,16 @@ def test_hours_are_pooled_in_proportion_to_what_they_served_and_old_hours_expire
     assert seen == 1100 and (X[:, 0] == 0).sum() == 10 * (X[:, 0] == 1).sum()
     rows.add(np.ones((1, 2)), np.ones(1), np.array([12 * H]))
     assert rows.rows(0, 2 * H)[2] == 0  # gone after keep_ms
+
+
+def test_the_rolling_reference_is_rebuilt_only_when_the_window_moves_a_bucket():
+    rng = np.random.default_rng(3)
+    rows = RollingRows(COLS)
+    _feed(rows, rng, 0, 60, 500, 0.0)
+    cache: dict = {}
+    _, a = rolling_report(rows, 59 * H + 10, window_ms=6 * H, reference_ms=48 * H, thresholds=TH, cache=cache)
+    _, b = rolling_report(rows, 59 * H + 20 * 60_000, window_ms=6 * H, reference_ms=48 * H, thresholds=TH, cache=cache)
+    assert a is b  # same hour: the same reference object
+    _feed(rows, rng, 60, 1, 500, 0.0)
+    _, c = rolling_report(rows, 60 * H + 10, window_ms=6 * H, reference_ms=48 * H, thresholds=TH, cache=cache)
+    assert c is not a and list(cache) == [61 * H - 6 * H]

@@ -124,3 +124,21 @@ def test_a_live_server_fills_the_drift_window_from_its_requests(release_dir, sma
 
 async def _step(w):
     return w.step()
+
+
+def test_the_pacer_keeps_a_background_thread_to_its_share():
+    import time as _t
+
+    from server.drift_watch import Pacer
+
+    p = Pacer(0.25)
+    t0 = _t.perf_counter()
+    busy = 0.0
+    for _ in range(10):
+        s = _t.perf_counter()
+        while _t.perf_counter() - s < 0.005:  # 5 ms of work
+            pass
+        busy += _t.perf_counter() - s
+        p()
+    share = busy / (_t.perf_counter() - t0)
+    assert 0.15 < share < 0.3

@@ -32,7 +32,7 @@ def _wait(pred, timeout=10.0):
 
 def test_a_shadow_never_changes_an_answer_and_an_identical_copy_agrees(releases, small_sim, server_config, admin_token):
     primary, shadow = releases
-    cfg = server_config(primary, small_sim, drift_interval_s=0, response_cache_ttl_s=0.0)
+    cfg = server_config(primary, small_sim, drift_interval_s=0, response_cache_ttl_s=0.0, shadow_cpu_share=1.0)
     with BackgroundServer(cfg) as s, ParityClient(f"127.0.0.1:{s.port}", timeout_s=10.0, admin_token=admin_token) as c:
         before = {u: c.recommend(u, k=5) for u in range(1, 21)}
         st = s.run(s.service.set_rollout(RolloutSpec(shadow=str(shadow), shadow_percent=100.0, salt="t")))
@@ -50,7 +50,7 @@ def test_a_shadow_never_changes_an_answer_and_an_identical_copy_agrees(releases,
 
 def test_a_shadow_share_shadows_about_that_share_of_requests(releases, small_sim, server_config, admin_token):
     primary, shadow = releases
-    cfg = server_config(primary, small_sim, drift_interval_s=0)
+    cfg = server_config(primary, small_sim, drift_interval_s=0, shadow_cpu_share=1.0)
     with BackgroundServer(cfg) as s, ParityClient(f"127.0.0.1:{s.port}", timeout_s=10.0, admin_token=admin_token) as c:
         s.run(s.service.set_rollout(RolloutSpec(shadow=str(shadow), shadow_percent=50.0, salt="half")))
         for u in range(1, 201):
@@ -59,3 +59,19 @@ def test_a_shadow_share_shadows_about_that_share_of_requests(releases, small_sim
         m = s.service.rollout_status()["shadow"]
         assert 60 <= m["requests"] <= 140  # about half of the requests are shadowed
         assert m["requests"] + m["dropped"] < 200
+
+
+def test_shadow_work_stays_within_its_share_of_each_second_and_the_rest_is_dropped(releases, small_sim, server_config, admin_token):
+    primary, shadow = releases
+    cfg = server_config(primary, small_sim, drift_interval_s=0, response_cache_ttl_s=0.0, shadow_cpu_share=0.01)  # 10 ms a second
+    with BackgroundServer(cfg) as s, ParityClient(f"127.0.0.1:{s.port}", timeout_s=10.0, admin_token=admin_token) as c:
+        s.run(s.service.set_rollout(RolloutSpec(shadow=str(shadow), shadow_percent=100.0, salt="t")))
+        t0 = time.monotonic()
+        for u in range(1, 151):
+            c.recommend(u, k=5)
+        st = s.service.shadow.stats
+        assert _wait(lambda: st.requests + st.dropped == 150)
+        seconds = time.monotonic() - t0 + 1
+        m = s.service.rollout_status()["shadow"]
+        assert m["requests"] + m["dropped"] == 150 and m["dropped"] > 0
+        assert m["requests"] <= (seconds + 1) * 5  # a few ms each: 10 ms in each started second allows only a few
