@@ -63,10 +63,20 @@ def run(out: Path, cfg: ServingBenchConfig, rounds: int, work: Path | None = Non
     tmp = tempfile.TemporaryDirectory(prefix="parity-change-bench-") if work is None else None
     work = Path(tmp.name) if tmp else Path(work)
     try:
-        _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
-        data, release, setup = _prepare(work, cfg)
+        done = work / "prepared.json"
+        if done.exists():  # --work of an earlier run: the same data and release (the figures stay comparable)
+            import json
+
+            setup = json.loads(done.read_text())
+            data, release = work / "data", work / "releases" / setup["release_id"]
+            _say(f"reusing the data and release {release.name} in {work}")
+        else:
+            _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
+            data, release, setup = _prepare(work, cfg)
+            write_json(done, setup)
         shadow = release.parent / f"{release.name}-shadow"
-        shutil.copytree(release, shadow)  # the same models under another folder: a second snapshot to run
+        if not shadow.exists():
+            shutil.copytree(release, shadow)  # the same models under another folder: a second snapshot to run
         user_ids = UserMix.from_data_dir(data).sample(int(max(cfg.fixed_qps * cfg.fixed_seconds, 100_000)), seed=cfg.seed)
         result: dict = {"config": asdict(cfg), "rounds": rounds, "setup": setup, "machine": machine(),
                         "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
