@@ -63,6 +63,7 @@ class RolloutManager:
         # credited to the arm that actually served the item, never to the next rollout's
         self._served: OrderedDict[str, tuple[str, int]] = OrderedDict()
         self._served_max = 200_000
+        self._events_seen: OrderedDict[int, None] = OrderedDict()  # feedback event ids counted (a redelivery counts once)
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,7 +117,13 @@ class RolloutManager:
             return
         r = self.current
         per: dict[Any, list] = {}  # one entry per request: [arm, impressions, plays, watch seconds]
-        for u, ts, t, v, rid in zip(events.user_id.tolist(), events.ts.tolist(), events.type.tolist(), events.value.tolist(), request_ids):
+        for eid, u, ts, t, v, rid in zip(events.event_id.tolist(), events.user_id.tolist(), events.ts.tolist(), events.type.tolist(),
+                                         events.value.tolist(), request_ids):
+            if eid in self._events_seen:
+                continue  # the ingest path hands over what it was given: a resent event is the same event
+            self._events_seen[eid] = None
+            if len(self._events_seen) > self._served_max:
+                self._events_seen.popitem(last=False)
             served = self._served.get(rid) if rid else None
             if served is not None:
                 arm, version = served

@@ -13,6 +13,8 @@ import numpy as np
 
 __all__ = ["QuantizedRows", "quantize_rows", "dequantize_rows", "int8_round_trip"]
 
+TINY = np.float32(1e-30)  # rows below this magnitude quantise as zero rows
+
 
 @dataclass(frozen=True)
 class QuantizedRows:
@@ -28,7 +30,9 @@ def quantize_rows(e: np.ndarray) -> QuantizedRows:
     if not np.all(np.isfinite(e)):
         raise ValueError("embeddings must be finite to quantise (a missing embedding is no row, not a NaN row)")
     m = np.abs(e).max(axis=1) if e.shape[1] else np.zeros(len(e), np.float32)
-    scale = np.where(m > 0, m / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    # a row whose largest |value| is below TINY counts as all-zero: its scale would be subnormal,
+    # where float32 loses the precision the round trip promises (hypothesis found 1.2e-42)
+    scale = np.where(m > TINY, m / np.float32(127.0), np.float32(1.0)).astype(np.float32)
     q = np.clip(np.round(e / scale[:, None]), -127, 127).astype(np.int8)
     return QuantizedRows(q, scale)
 

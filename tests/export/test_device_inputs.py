@@ -113,11 +113,18 @@ def test_int8_round_trip_is_within_half_a_step(e):
     r = quantize_rows(e)
     assert r.q.dtype == np.int8 and r.scale.dtype == np.float32 and np.all(np.abs(r.q.astype(int)) <= 127)
     m = np.abs(e).max(axis=1)
-    np.testing.assert_array_equal(r.scale, np.where(m > 0, m / np.float32(127), 1).astype(np.float32))
+    np.testing.assert_array_equal(r.scale, np.where(m > 1e-30, m / np.float32(127), 1).astype(np.float32))
     deq = dequantize_rows(r.q, r.scale)
     err = np.abs(deq.astype(np.float64) - e)
     assert np.all(err <= r.scale[:, None] / 2 * (1 + 1e-5) + 1e-30)
-    assert np.all(np.abs(r.q[m > 0]).max(axis=1) == 127)
+    assert np.all(np.abs(r.q[m > 1e-30]).max(axis=1) == 127)
+
+
+def test_a_row_too_small_for_a_float32_scale_is_a_zero_row():
+    """Hypothesis found it: max |e| = 1.2e-42 made a subnormal scale and a largest q of 121."""
+    r = quantize_rows(np.array([[1.19e-42, 0.0], [1e-3, -2e-3]], dtype=np.float32))
+    assert r.scale[0] == 1.0 and not r.q[0].any()
+    assert np.abs(r.q[1]).max() == 127
 
 
 def test_zero_rows_have_scale_one_and_missing_rows_stay_missing():

@@ -55,9 +55,20 @@ def test_feedback_is_credited_to_the_arm_that_served_and_not_to_a_later_rollout(
     _feedback(c, s, answers)
     snap = _wait_feedback(s, 60)
     assert {a: snap[a].feedback_requests for a in ("primary", "canary")} == by_arm
+    s.service.rollouts._record_feedback(*_resend(s, answers))  # a redelivery of the same events counts once
+    snap = s.service.rollouts.guard.snapshot(s.service.clock.now_ms())
+    assert {a: snap[a].feedback_requests for a in ("primary", "canary")} == by_arm
     # a new rollout (another salt) starts from nothing: late feedback of the old one is not its business
     s.run(s.service.set_rollout(RolloutSpec(canary=str(canary), canary_percent=40.0, salt="B")))
     _feedback(c, s, answers, base=8_000_000)
     time.sleep(0.5)
     snap = s.service.rollouts.guard.snapshot(s.service.clock.now_ms())
     assert snap["primary"].feedback_requests == 0 and snap["canary"].feedback_requests == 0
+
+
+def _resend(s, answers):
+    from features.events import EventBatch, EventType
+
+    rows = [{"event_id": 7_000_000 + 2 * n, "ts": 0, "user_id": r.user, "item_id": int(r.items[0].item_id), "type": EventType.IMPRESSION,
+             "value": 1.0} for n, r in enumerate(answers)]
+    return EventBatch.from_rows(rows), [r.request_id for r in answers]
