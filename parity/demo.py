@@ -139,7 +139,7 @@ def _safe_change(srv, client, canary: Path, user: int, live, served: Path, ws) -
     from features.events import EventBatch, EventType
     from server.rollout import RolloutSpec
 
-    st = srv.run(srv.service.set_rollout(RolloutSpec(canary=str(canary), canary_percent=50.0, salt="demo")))
+    st = srv.run(srv.service.set_rollout(RolloutSpec(canary=canary.name, canary_percent=50.0, salt="demo")))
     arms = [client.recommend(u, k=5).arm for u in range(1, 41)]
     print(f"  rollout v{st['version']}: canary {canary.name[:28]} for 50 % of users -> {arms.count('canary')} of 40 users answered "
           f"by the canary, each always by the same arm")
