@@ -35,7 +35,7 @@ from features.events import EventBatch
 from features.pit import PitJoiner
 from monitor.served_log import ServedBatch
 
-__all__ = ["RTOL", "ATOL", "EXCLUDED_PREFIXES", "SetSkew", "SkewReport", "check_skew", "batch_matrix", "feature_group"]
+__all__ = ["RTOL", "ATOL", "EXCLUDED_PREFIXES", "SetSkew", "SkewReport", "check_skew", "feature_group"]
 
 RTOL = 1e-6  # a few float32 ulps: features verify's 1e-9 is for float64 on both sides
 ATOL = 1e-6
@@ -120,12 +120,6 @@ def _spec(columns: Sequence[str], sets: Sequence[FeatureSet], release_id: str) -
     return RankerInputs(base.user_set, base.item_set, base.pair_sets, base.affinity, tuple(columns))
 
 
-def batch_matrix(spec: RankerInputs, joiner: PitJoiner, sets: Sequence[FeatureSet], items: ItemCatalog, user_ids: np.ndarray,
-                 item_ids: np.ndarray, ts: np.ndarray) -> np.ndarray:
-    """The batch path's ranker inputs for (user, item, t) rows, built as training builds them."""
-    return point_in_time_matrix(spec, joiner, sets, items, user_ids, item_ids, ts)
-
-
 def _compare(served: np.ndarray, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(differ, missing mismatch, |a - b| where both present) elementwise."""
     a, b = served.astype(np.float64), batch.astype(np.float32).astype(np.float64)
@@ -166,7 +160,7 @@ def check_skew(batches: Sequence[ServedBatch], events: EventBatch, sets: Sequenc
         item_ids = sel.column("item_id").to_numpy()
         ts = sel.column("ts_ms").to_numpy()
         rids = sel.column("request_id").to_pylist()
-        batch = batch_matrix(spec, joiner, sets, items, users, item_ids, ts)
+        batch = point_in_time_matrix(spec, joiner, sets, items, users, item_ids, ts)
         differ, miss, diff = _compare(served, batch)
         rows += len(ts)
         after += int((ts > log_end).sum())

@@ -260,6 +260,8 @@ class RecommenderService:
             raise
         finally:
             self.inflight -= 1
+            if self.inflight == 0:
+                self.shadow.notify_idle()
         self._observe_done(req, "Recommend", q.user_id, q.request_id, out.degraded, missing, ranked, top)
         shadow = self.rollouts.shadow_for(q.request_id)
         if shadow is not None and req.records is not None and req.arm == "primary":
@@ -312,6 +314,8 @@ class RecommenderService:
             raise
         finally:
             self.inflight -= 1
+            if self.inflight == 0:
+                self.shadow.notify_idle()
         self._observe_done(req, "Rank", q.user_id, q.request_id, out.degraded, missing, ranked, np.arange(len(ranked.ids)))
         return out
 

@@ -92,6 +92,7 @@ class ShadowRunner:
         self._q: deque[ShadowJob] = deque()
         self._max = queue_max
         self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.stats = ShadowStats()
         self.cpu_share = cpu_share  # at most this share of each second goes to shadow work; the rest is dropped, counted
@@ -118,8 +119,14 @@ class ShadowRunner:
             self._wake.set()
         return True
 
+    def notify_idle(self) -> None:
+        """The service's last request in flight finished."""
+        if self._idle is not None:
+            self._idle.set()
+
     def start(self) -> None:
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._task = spawn(self._run(), "parity-shadow")
 
     async def close(self) -> None:
@@ -133,9 +140,14 @@ class ShadowRunner:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            # only while no primary request is in flight: the answer path always goes first
+            # only while no primary request is in flight: the answer path always goes first. Waits
+            # on an event the service sets when its last request finishes (polling every
+            # millisecond cost the loop a wake-up per ms exactly when it was busiest)
             while self._busy():
-                await asyncio.sleep(0.001)
+                self._idle.clear()
+                if not self._busy():
+                    break
+                await self._idle.wait()
             job = self._q.popleft()
             if self._over_budget():
                 self.stats.dropped += 1  # the answer path keeps the interpreter: a shadow is a sample anyway
