@@ -62,6 +62,8 @@ class ShadowStats:
         self.requests = 0
         self.errors = 0
         self.dropped = 0
+        self.busy_s = 0.0  # wall time spent running shadow jobs (the budgeted quantity)
+        self.max_job_s = 0.0  # the longest one: a second's budget can be overrun by at most one job
         self._overlap: deque[float] = deque(maxlen=keep)
         self._corr: deque[float] = deque(maxlen=keep)
         self._ms: deque[float] = deque(maxlen=keep)
@@ -72,6 +74,10 @@ class ShadowStats:
         if np.isfinite(corr):
             self._corr.append(corr)
         self._ms.append(ms)
+
+    def spent(self, seconds: float) -> None:
+        self.busy_s += seconds
+        self.max_job_s = max(self.max_job_s, seconds)
 
     def as_map(self) -> dict[str, float]:
         def mean(d):
@@ -160,7 +166,9 @@ class ShadowRunner:
             except Exception:  # noqa: BLE001 - a broken shadow release is measured, never fatal
                 self.stats.errors += 1
                 log.debug("shadow request failed", exc_info=True)
-            self._spent += time.perf_counter() - t
+            took = time.perf_counter() - t
+            self._spent += took
+            self.stats.spent(took)
             await asyncio.sleep(0)
 
     async def run_one(self, job: ShadowJob) -> None:

@@ -71,7 +71,9 @@ def test_shadow_work_stays_within_its_share_of_each_second_and_the_rest_is_dropp
             c.recommend(u, k=5)
         st = s.service.shadow.stats
         assert _wait(lambda: st.requests + st.dropped == 150)
-        seconds = time.monotonic() - t0 + 1
+        started = int(time.monotonic()) - int(t0) + 1  # budget windows are whole monotonic seconds
         m = s.service.rollout_status()["shadow"]
         assert m["requests"] + m["dropped"] == 150 and m["dropped"] > 0
-        assert m["requests"] <= (seconds + 1) * 5  # a few ms each: 10 ms in each started second allows only a few
+        assert m["requests"] >= 1  # the budget admits work, it does not starve the shadow
+        # the budget is checked before a job starts, so each second may overrun it by at most one job
+        assert st.busy_s <= started * (0.01 + st.max_job_s) + 1e-9
