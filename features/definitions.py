@@ -75,6 +75,13 @@ class Entity:
             return str(code)
         return f"{code >> PAIR_SHIFT}|{code & ((1 << PAIR_SHIFT) - 1)}"
 
+    def key_ids(self, codes: np.ndarray) -> list[str]:
+        """`key_id` of many codes at once (the request path builds hundreds per read)."""
+        c = np.asarray(codes, dtype=np.int64)
+        if not self.is_pair:
+            return list(map(str, c.tolist()))
+        return [f"{a}|{b}" for a, b in zip((c >> PAIR_SHIFT).tolist(), (c & ((1 << PAIR_SHIFT) - 1)).tolist())]
+
     def parse_key_id(self, key_id: str) -> int:
         parts = key_id.split("|")
         try:

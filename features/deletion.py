@@ -20,7 +20,8 @@ from features.eventlog import EventLog
 from features.lookup import record_keys
 from features.materialize import is_retired, retired_key, stored_watermark
 from features.offline import OfflineStore
-from features.online.base import OnlineStore, Write
+from features.online.base import OnlineStore
+from features.served_values import VALUES_SUFFIX, state_writes, values_keys
 from features.state import StateLayout
 
 __all__ = ["delete_user", "UserDeletion", "retire_feature_set", "retired_key", "is_retired"]
@@ -60,7 +61,7 @@ def delete_user(
             if fs.entity.is_pair:
                 deleted += store.delete_matching(fs.name, entity_type=fs.entity.name, entity_prefix=f"{uid}|")
             else:
-                deleted += store.delete(record_keys(fs, [uid]))
+                deleted += store.delete(record_keys(fs, [uid]) + values_keys(record_keys(fs, [uid])))  # keys, values records included
             continue
         touched = np.unique(fs.entity.codes(theirs.take(np.flatnonzero(fs.event_mask(theirs))))[0])
         if len(touched) == 0:
@@ -75,8 +76,9 @@ def delete_user(
         states = BatchEngine(lay, cleaned).states_asof(touched, np.full(len(touched), until, dtype=np.int64))
         has = states["feature_ts"] >= 0
         keys = record_keys(fs, touched)
-        store.delete([k for k, h in zip(keys, has) if not h])
-        store.commit([Write(k, v, fs.ttl_ms) for k, v in zip([k for k, h in zip(keys, has) if h], lay.encode(states[has]))])
+        gone = [k for k, h in zip(keys, has) if not h]
+        store.delete(gone + values_keys(gone))
+        store.commit(state_writes(lay, [k for k, h in zip(keys, has) if h], states[has]))
         recomputed += int(has.sum())
     return UserDeletion(uid, report.rows_removed, list(report.partitions_rewritten), offline_removed, deleted, recomputed)
 
@@ -85,6 +87,7 @@ def retire_feature_set(fs: FeatureSet, store: OnlineStore, offline: OfflineStore
     """Stop materialising a set version and delete its keys; returns keys deleted."""
     store.set_meta(retired_key(fs), json.dumps({"at_ms": int(time.time() * 1000)}))
     n = store.delete_matching(fs.name, version=fs.version)
+    store.delete_matching(fs.name, version=fs.version + VALUES_SUFFIX)
     if offline is not None:
         offline.retire(fs)
     return n

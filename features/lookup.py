@@ -12,8 +12,10 @@ from typing import Sequence
 import numpy as np
 
 from features.definitions import FeatureSet
-from features.online.base import OnlineStore, RecordKey
-from features.state import FeatureFrame, StateLayout, read_features
+from features.online.base import KeyGroup, OnlineStore, RecordKey
+from features.served_values import VALUES_SUFFIX, merge_states, served_values
+from features.served_values import repair as served_repair
+from features.state import FeatureFrame, StateLayout
 
 __all__ = ["FeatureLookup", "LookupResult", "LookupRequest", "record_keys", "freshness", "FreshnessReport"]
 
@@ -51,22 +53,38 @@ class FeatureLookup:
         lay = self._layout(name)
         return lay.decode(self.store.get_many(record_keys(lay.feature_set, codes)))
 
-    def read_many(self, requests: Sequence[LookupRequest], now_ms: int) -> list[LookupResult]:
-        """All requests in ONE store round trip."""
-        keys: list[RecordKey] = []
-        spans = []
+    def read_many(self, requests: Sequence[LookupRequest], now_ms: int, *, repair: bool = False) -> list[LookupResult]:
+        """All requests in one store round trip of served-values records (features/served_values.py),
+        plus one more, for the state records of entities whose values record cannot answer at
+        now_ms (none when every record is inside its exact interval). `repair` then rewrites
+        those values records as of now_ms (one optimistic transaction per set), so the next read
+        of a quiet entity is a values-only read again."""
+        groups, spans = [], []
+        n = 0
         for req in requests:
             lay = self._layout(req.feature_set)
-            ks = record_keys(lay.feature_set, req.codes)
-            spans.append((lay, len(keys), len(keys) + len(ks)))
-            keys += ks
-        raw = self.store.get_many(keys) if keys else []
+            fs = lay.feature_set
+            ids = fs.entity.key_ids(req.codes)
+            groups.append(KeyGroup(fs.name, fs.version + VALUES_SUFFIX, fs.entity.name, ids))
+            spans.append((lay, ids, n))
+            n += len(ids)
+        raw = self.store.get_groups(groups) if n else []
+        got = [served_values(lay).read(raw[a : a + len(ids)], now_ms) for lay, ids, a in spans]
+        stale = [[RecordKey(lay.feature_set.name, lay.feature_set.version, lay.feature_set.entity.name, ids[i]) for i in np.flatnonzero(g.expired).tolist()]
+                 for (lay, ids, _), g in zip(spans, got)]
+        flat = [k for ks in stale for k in ks]
+        states = self.store.get_many(flat) if flat else []
         out = []
-        for lay, a, b in spans:
-            states, found = lay.decode(raw[a:b])
-            frame = read_features(lay, states, now_ms)
-            stale = np.where(frame.feature_ts >= 0, now_ms - frame.feature_ts, -1)
-            out.append(LookupResult(lay.feature_set.name, lay.feature_set.version, frame, found, stale))
+        pos = 0
+        for (lay, ks, _), g, sk in zip(spans, got, stale):
+            frame = merge_states(lay, g, states[pos : pos + len(sk)], now_ms)
+            found = g.found.copy()
+            found[g.expired] = [v is not None for v in states[pos : pos + len(sk)]]
+            pos += len(sk)
+            if repair and sk:
+                served_repair(self.store, lay, sk, now_ms)
+            stale_ms = np.where(frame.feature_ts >= 0, now_ms - frame.feature_ts, -1)
+            out.append(LookupResult(lay.feature_set.name, lay.feature_set.version, frame, found, stale_ms))
         return out
 
     def read(self, name: str, codes: Sequence[int] | np.ndarray, now_ms: int) -> LookupResult:

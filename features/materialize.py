@@ -27,7 +27,8 @@ from features.definitions import FeatureSet
 from features.eventlog import EventLog
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
-from features.online.base import OnlineStore, Write
+from features.online.base import OnlineStore
+from features.served_values import state_writes
 from features.state import StateLayout
 
 __all__ = ["materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
@@ -121,7 +122,7 @@ def materialize(
             states = engine.states_asof(chunk, np.full(len(chunk), until_ts, dtype=np.int64))
             alive = states["feature_ts"] >= until_ts - fs.ttl_ms  # expired state: nothing to serve
             keys = record_keys(fs, chunk[alive])
-            writes = [Write(k, v, fs.ttl_ms) for k, v in zip(keys, lay.encode(states[alive]))]
+            writes = state_writes(lay, keys, states[alive])  # values as of each newest event: the bytes depend on the state only
             last = a + _CHUNK >= len(codes)
             store.commit(writes, meta=meta if last else None)  # watermark moves with the last chunk
             written += len(writes)

@@ -37,6 +37,7 @@ from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.online.base import Commit, OnlineStore, Snapshot, Write
+from features.served_values import state_writes
 from features.state import StateLayout, apply_events
 
 __all__ = ["StreamingIngestor", "IngestResult", "DeadLetterSink", "MemoryDeadLetters", "IngestStats"]
@@ -189,7 +190,7 @@ class StreamingIngestor:
                 touched = np.unique(rows)
                 states, _ = lay.decode([snap.values[k0 + r] for r in touched.tolist()])
                 apply_events(lay, states, np.searchsorted(touched, rows).astype(np.int64), sub)
-                writes += [Write(keys[k0 + r], v, fs.ttl_ms) for r, v in zip(touched.tolist(), lay.encode(states))]
+                writes += state_writes(lay, [keys[k0 + r] for r in touched.tolist()], states)
             accepted = int(applied.sum())
             wm = max(wm0, int(batch.ts[applied].max())) if accepted else wm0
             dups = in_batch_dups + int(seen.sum())

@@ -38,7 +38,9 @@ class AdminServicer(pb_grpc.AdminServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         async def work(budget):
             _check_parsed(request)
-            return pb.StatusResponse(**self.service.status())
+            st = self.service.status()
+            st["feature_sets"] = {k: pb.FeatureSetServing(**v) for k, v in st["feature_sets"].items()}
+            return pb.StatusResponse(**st)
 
         return await self.h.call("GetStatus", context, work, lane="admin", capped=False, guard=lambda: self._auth(context))
 

@@ -54,6 +54,11 @@ class Metrics:
                                  buckets=(0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0), registry=r)
         self.staleness = Histogram("parity_feature_staleness_seconds", "age of the user features served", buckets=_STALENESS, registry=r)
         self.degraded = Counter("parity_degraded_responses", "responses served from fallbacks", ["reason"], registry=r)
+        self.served_staleness = Histogram("parity_served_staleness_seconds", "per request and feature set: median age of the values served",
+                                          ["feature_set"], buckets=_STALENESS, registry=r)
+        self.store_bytes = Counter("parity_store_bytes_read", "bytes the request path read from the online store", ["feature_set"], registry=r)
+        self.serving_mode = Gauge("parity_serving_mode", "how each feature set is kept online (1 for its mode)", ["feature_set", "mode"], registry=r)
+        self.values_fallbacks = Counter("parity_values_fallbacks", "served-values records read past their exact interval (their state read instead)", registry=r)
         self.store_errors = Counter("parity_store_errors", "online store failures on the request path", ["op", "kind"], registry=r)
         self.ingest = Counter("parity_ingest_events", "live events by outcome", ["outcome"], registry=r)
         self.release_loads = Counter("parity_release_loads", "LoadRelease outcomes", ["result"], registry=r)

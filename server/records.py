@@ -16,8 +16,10 @@ from typing import Awaitable, Callable, Mapping
 
 import numpy as np
 
-from features.online.base import OnlineStore, StoreUnavailable
+from features.online.base import OnlineStore, RecordKey, StoreUnavailable
+from features.state import StateLayout
 from server import pipeline
+from server.freshness import FreshnessBook
 from server.caches import Breaker, FeatureCache, Generations, StaleRecords
 from server.config import ServerConfig
 from server.metrics import Metrics
@@ -49,13 +51,16 @@ class UserRecords:
     runs a blocking store call off the event loop; `lost()` says whether the store lost its data."""
 
     def __init__(self, cfg: ServerConfig, store: OnlineStore, metrics: Metrics, *, run_io: Callable[..., Awaitable],
-                 inline: bool, lost: Callable[[], str | None]) -> None:
+                 inline: bool, lost: Callable[[], str | None], repair: Callable[[StateLayout, list[RecordKey]], None] | None = None,
+                 freshness: FreshnessBook | None = None) -> None:
         self.cfg = cfg
         self.store = store
         self.metrics = metrics
         self._run_io = run_io
         self.inline = inline  # an in-process store (memory): no thread hop, no timeout
         self._lost = lost
+        self._repair = repair  # told which served-values records needed their state (server/values_repair.py)
+        self._freshness = freshness  # told the bytes read per feature set
         self.feature_cache = FeatureCache(cfg.feature_cache_ttl_s, metrics.cache_result("features"))
         self.stale = StaleRecords(cfg.stale_feature_users)
         self.generations = Generations()
@@ -85,14 +90,17 @@ class UserRecords:
         self.breaker.success()
         return out
 
-    async def read(self, snap: Snapshot, user: int, budget_s: float) -> RecordRead:
+    async def read(self, snap: Snapshot, user: int, budget_s: float, now_ms: int) -> RecordRead:
         """The user's records for this snapshot's key plan. The one place a store-wide loss
         marks an answer degraded, whatever the records came from."""
         key = f"{snap.plan.plan_id}:{user}"
         lost = self._lost()
         raw = await self.feature_cache.get(key)
         if raw is not None:
-            return RecordRead(raw, "cache", lost)
+            raw, reason = await self._states_for_expired(snap, user, raw, now_ms, budget_s)
+            if reason is None:
+                await self.feature_cache.set(key, raw)  # keeps the states it now holds
+            return RecordRead(raw, "cache", lost or reason)
         gen = self.generations.get(user)
         if lost is not None:  # the store lost its data: the user's last good records beat its "not found"
             stale = self.stale.get(key)
@@ -103,12 +111,38 @@ class UserRecords:
         except StoreFault as f:
             stale = self.stale.get(key)
             return RecordRead(stale, "stale" if stale is not None else "default", lost or f.reason)
-        if lost is not None:
-            return RecordRead(raw, "store", lost)  # not cached: it is what an emptied store says
+        if self._freshness is not None:
+            self._freshness.read(snap.plan.bytes_by_set(raw))
+        raw, reason = await self._states_for_expired(snap, user, raw, now_ms, budget_s)
+        if lost is not None or reason is not None:
+            return RecordRead(raw, "store", lost or reason)  # not cached: an emptied store's answer, or half of one
         if self.generations.get(user) == gen:  # no live event for this user arrived meanwhile
             await self.feature_cache.set(key, raw)
             self.stale.put(key, raw)
         return RecordRead(raw, "store", None)
+
+    async def _states_for_expired(self, snap: Snapshot, user: int, raw: list, now_ms: int, budget_s: float) -> tuple[list, str | None]:
+        """Served-values records that cannot answer at now_ms are replaced by their state
+        records (a second round trip, only for those) and queued for repair."""
+        pos = snap.plan.expired(raw, now_ms)
+        if len(pos) == 0:
+            return raw, None
+        state_keys = snap.plan.state_keys(user)
+        keys = [state_keys[p] for p in pos.tolist()]
+        self.metrics.values_fallbacks.inc(len(keys))
+        try:
+            states = await self.store_read("get_many_states", self.store.get_many, keys, budget_s=budget_s)
+        except StoreFault as f:
+            return raw, f.reason  # decoded as missing (unresolved), the answer degraded
+        raw = list(raw)
+        for p, st in zip(pos.tolist(), states):
+            raw[p] = st
+        if self._freshness is not None:
+            self._freshness.read(snap.plan.bytes_by_set(states, pos.tolist()))
+        if self._repair is not None:
+            for lay, ks in snap.plan.layouts_of(keys):
+                self._repair(lay, ks)
+        return raw, None
 
     async def deferred_pairs(self, snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int,
                              budget_s: float) -> tuple[Mapping[str, PairTable], str | None]:
@@ -127,6 +161,27 @@ class UserRecords:
             reason = None
         except StoreFault as f:
             raw, reason = [None] * len(keys), f.reason
+        if self._freshness is not None:
+            for name, _, a, b in spans:
+                got = [r for r in raw[a:b] if r is not None]
+                self._freshness.read({name: (len(got), sum(map(len, got)))})
+        # served-values records past their interval: their states, in one more round trip
+        fix: list[tuple[int, RecordKey]] = []
+        for name, vals, a, b in spans:
+            states = snap.plan.pair_state_keys(sets[name], uf.user_id, vals)
+            fix += [(a + p, states[p]) for p in snap.plan.pairs_expired(sets[name], raw[a:b], now_ms).tolist()]
+        if fix:
+            self.metrics.values_fallbacks.inc(len(fix))
+            try:
+                got = await self.store_read("get_many_pair_states", self.store.get_many, [k for _, k in fix], budget_s=budget_s)
+                raw = list(raw)
+                for (p, _), st in zip(fix, got):
+                    raw[p] = st
+                if self._repair is not None:
+                    for lay, ks in snap.plan.layouts_of([k for _, k in fix]):
+                        self._repair(lay, ks)
+            except StoreFault as f:
+                reason = reason or f.reason
         return {name: snap.plan.decode_pairs(sets[name], vals, raw[a:b], now_ms) for name, vals, a, b in spans}, reason
 
     async def forget_users(self, plan_ids: list[str], users: np.ndarray) -> int:

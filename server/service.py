@@ -31,6 +31,8 @@ from server import heap, pipeline
 from server.background import spawn, stop
 from server.caches import ResponseCache
 from server.clock import Clock
+from server.freshness import FreshnessBook
+from server.values_repair import ValuesRepair
 from server.config import ServerConfig
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
@@ -111,8 +113,11 @@ class RecommenderService:
         self.cpu = ThreadPoolExecutor(cfg.cpu_threads, thread_name_prefix="parity-cpu")
         self.io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="parity-io")
         self.response_cache = ResponseCache(cfg.response_cache_ttl_s, metrics.cache_result("response"))
+        self.freshness = FreshnessBook(metrics, lambda name: "streaming")
+        self.values_repair = ValuesRepair(write_store, run_io=lambda fn, *a: self._run(self.io, fn, *a), clock_ms=clock.now_ms)
         self.records = UserRecords(cfg, store, metrics, run_io=lambda fn, *a: self._run(self.io, fn, *a),
-                                   inline=isinstance(store, MemoryStore), lost=lambda: self.store_lost)
+                                   inline=isinstance(store, MemoryStore), lost=lambda: self.store_lost, repair=self.values_repair.offer,
+                                   freshness=self.freshness)
         self.releases = ReleaseManager(cfg, state, self.sets_by_name, store, clock, metrics,
                                        run_io=lambda fn, *a, **kw: self._run(self.io, fn, *a, **kw),
                                        run_cpu=lambda fn, *a, **kw: self._run(self.cpu, fn, *a, **kw))
@@ -146,6 +151,7 @@ class RecommenderService:
     async def start(self) -> None:
         self.releases.start()
         self.shadow.start()
+        self.values_repair.start()
         await self.rollouts.start()
         feedback_log = self.live.on_feedback
         self.live.on_feedback = (self.rollouts.on_feedback if feedback_log is None
@@ -161,6 +167,7 @@ class RecommenderService:
         self._watch_task = None
         await self.rollouts.close()
         await self.shadow.close()
+        await self.values_repair.close()
         await self.releases.close()
         if self.drift is not None:
             await self.drift.close()
@@ -219,6 +226,9 @@ class RecommenderService:
         if degraded:
             self.metrics.degraded.labels(req.reason or "bad_record").inc()
         self.metrics.missing.observe(uf.missing_rate)
+        self.freshness.served(req.snap.plan.user_set.name, req.now_ms, np.array([uf.feature_ts]))
+        for name, table in uf.pairs.items():
+            self.freshness.served(name, req.now_ms, table.frame.feature_ts[:-1])
         if uf.feature_ts >= 0:
             self.metrics.staleness.observe(max(0, req.now_ms - uf.feature_ts) / 1000.0)
         self.metrics.observe_stages(req.timer.stages)
@@ -282,7 +292,7 @@ class RecommenderService:
             out = RecommendOutcome(hit, snap.release_id, False, req.timer.stages if q.include_latency else [], q.request_id, req.arm)
             return out, float("nan"), ranked, np.arange(len(hit))
         with req.timer.stage("features"):
-            req.records = await self.records.read(snap, q.user_id, req.left())
+            req.records = await self.records.read(snap, q.user_id, req.left(), req.now_ms)
         reason = req.reason
         if snap.plan.deferred:  # a pair set with too many values to prefetch: a second round trip
             uf, cand = await self._compute(req, self._retrieve_job, req, q)
@@ -321,7 +331,7 @@ class RecommenderService:
 
     async def _rank(self, req: RequestContext, q: RankQuery):
         snap = req.snap
-        req.records = await self.records.read(snap, q.user_id, req.left())
+        req.records = await self.records.read(snap, q.user_id, req.left(), req.now_ms)
         reason = req.reason
         uf, ranked = await self._compute(req, self._rank_job, req, q, not snap.plan.deferred)
         if ranked is None:
@@ -457,6 +467,9 @@ class RecommenderService:
             "now_ms": self.clock.now_ms(),
             "clock": self.clock.mode,
             "catalogue_items": snap.n_items,
+            "feature_sets": self.freshness.summary(),
+            "values_repairs_pending": self.values_repair.pending(),
+            "values_repairs_done": self.values_repair.rewritten,
         }
 
 

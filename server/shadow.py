@@ -90,7 +90,7 @@ class ShadowStats:
 
 
 class ShadowRunner:
-    def __init__(self, cfg: ServerConfig, *, busy: Callable[[], bool], read_records: Callable[[Snapshot, int, float], Awaitable[RecordRead]],
+    def __init__(self, cfg: ServerConfig, *, busy: Callable[[], bool], read_records: Callable[[Snapshot, int, float, int], Awaitable[RecordRead]],
                  queue_max: int = 1000, cpu_share: float = 0.2) -> None:
         self.cfg = cfg
         self._busy = busy
@@ -174,7 +174,7 @@ class ShadowRunner:
     async def run_one(self, job: ShadowJob) -> None:
         t = time.perf_counter()
         snap = job.snap
-        records = job.records if snap.plan.plan_id == job.plan_id else await self._read(snap, job.user_id, 0.05)
+        records = job.records if snap.plan.plan_id == job.plan_id else await self._read(snap, job.user_id, 0.05, job.now_ms)
         uf = snap.plan.decode(job.user_id, records.raw, job.now_ms, source=records.source, degraded=records.reason is not None)
         ranked, top = pipeline.recommend(snap, uf, job.exclude, job.k, job.now_ms, self.cfg, Timer())
         ms = (time.perf_counter() - t) * 1000.0

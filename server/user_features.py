@@ -24,7 +24,8 @@ from features.assemble import RankerInputs, columns_from_frame
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.lookup import record_keys
-from features.online.base import RecordKey
+from features.online.base import OnlineStore, RecordKey
+from features.served_values import expired, read_mixed, values_keys
 from features.state import FeatureFrame, StateLayout, read_features
 from server.seen import decode_seen, seen_key
 
@@ -77,15 +78,22 @@ class UserFeatures:
 
 
 def _read(lay: StateLayout, raw: Sequence[bytes | None], now_ms: int, extra_empty: bool) -> tuple[FeatureFrame, np.ndarray, str | None]:
+    """Values from served-values records (or, where those could not answer, the state records
+    the reader put in their place: features/served_values.py)."""
     problem = None
     try:
-        states, found = lay.decode(list(raw))
+        got = read_mixed(lay, list(raw), now_ms)
+        frame, found = got.frame, got.found
+        if got.unresolved.any():
+            problem = f"{lay.feature_set.name}: {int(got.unresolved.sum())} values record(s) past their exact interval and no state read"
     except ValueError as exc:  # a record of another layout: serve it as missing, loudly
         problem = f"{lay.feature_set.name}: {exc}"
-        states, found = lay.empty(len(raw)), np.zeros(len(raw), dtype=bool)
+        frame, found = read_features(lay, lay.empty(len(raw)), now_ms), np.zeros(len(raw), dtype=bool)
     if extra_empty:
-        states = np.concatenate([states, lay.empty(1)])
-    return read_features(lay, states, now_ms), found, problem
+        e = read_features(lay, lay.empty(1), now_ms)
+        frame = FeatureFrame(frame.columns, np.concatenate([frame.values, e.values]), np.concatenate([frame.missing, e.missing]),
+                             np.concatenate([frame.feature_ts, e.feature_ts]))
+    return frame, found, problem
 
 
 def empty_pair_table(fs: FeatureSet, now_ms: int) -> PairTable:
@@ -108,6 +116,8 @@ class UserFeaturePlan:
             vals = vals[(vals >= 0) & (vals < (1 << 31))]
             if len(vals) <= prefetch_limit:
                 self.prefetch[fs.name] = vals
+        self.position_sets = [self.user_set.name] + [fs.name for fs, _ in self.pair_sets if fs.name in self.prefetch
+                                                     for _ in range(len(self.prefetch[fs.name]))]  # per position of state_keys
         h = hashlib.blake2b(digest_size=8)
         h.update(self.user_set.version.encode())
         for fs, _ in self.pair_sets:
@@ -120,16 +130,71 @@ class UserFeaturePlan:
         """Pair sets read after retrieval, for the candidates' values only."""
         return [(fs, col) for fs, col in self.pair_sets if fs.name not in self.prefetch]
 
-    def keys(self, user_id: int) -> list[RecordKey]:
+    def state_keys(self, user_id: int) -> list[RecordKey]:
+        """The state records of the user set and the prefetched pair sets, in `keys` order."""
         keys = record_keys(self.user_set, [user_id])
         for fs, _ in self.pair_sets:
             if fs.name in self.prefetch:
                 keys += record_keys(fs, (int(user_id) << 32) | self.prefetch[fs.name])
-        keys.append(seen_key(user_id))
         return keys
 
+    def keys(self, user_id: int) -> list[RecordKey]:
+        """One round trip's keys: the served-values records beside `state_keys`, then the seen record."""
+        return [*values_keys(self.state_keys(user_id)), seen_key(user_id)]
+
+    def expired(self, raw: Sequence[bytes | None], now_ms: int) -> np.ndarray:
+        """Positions in `raw` (of `keys`) whose values record cannot answer at now_ms: the reader
+        puts the state record of `state_keys()[pos]` there instead."""
+        out = [np.flatnonzero(expired(self.user_layout, raw[:1], now_ms))]
+        pos = 1
+        for fs, _ in self.pair_sets:
+            vals = self.prefetch.get(fs.name)
+            if vals is None:
+                continue
+            out.append(pos + np.flatnonzero(expired(self.pair_layouts[fs.name], raw[pos : pos + len(vals)], now_ms)))
+            pos += len(vals)
+        return np.concatenate(out)
+
     def pair_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
+        """Served-values keys of (user, v) pairs; `pair_state_keys` are the states beside them."""
+        return values_keys(self.pair_state_keys(fs, user_id, values))
+
+    def pair_state_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
         return record_keys(fs, (int(user_id) << 32) | np.asarray(values, dtype=np.int64))
+
+    def read_records(self, store: OnlineStore, user_id: int, now_ms: int) -> list[bytes | None]:
+        """The records `decode` takes, read synchronously with no budget or cache: `keys`, then
+        the states of the values records that cannot answer at now_ms (what server/records.py
+        does on the request path; for tools and tests)."""
+        raw = store.get_many(self.keys(user_id))
+        pos = self.expired(raw, now_ms)
+        if len(pos):
+            sk = self.state_keys(user_id)
+            for p, st in zip(pos.tolist(), store.get_many([sk[p] for p in pos.tolist()])):
+                raw[p] = st
+        return raw
+
+    def bytes_by_set(self, raw: Sequence[bytes | None], positions: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
+        """(records found, bytes) per feature set in `raw` (of `keys`, or of `positions` of it)."""
+        out: dict[str, list[int]] = {}
+        pos = range(len(self.position_sets)) if positions is None else positions
+        for p, r in zip(pos, raw):
+            if r is not None:
+                c = out.setdefault(self.position_sets[p], [0, 0])
+                c[0] += 1
+                c[1] += len(r)
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
+    def layouts_of(self, keys: list[RecordKey]) -> list[tuple[StateLayout, list[RecordKey]]]:
+        """State keys grouped by the layout of their feature set (for the values repair)."""
+        by: dict[str, list[RecordKey]] = {}
+        for k in keys:
+            by.setdefault(k.feature_set, []).append(k)
+        lays = {self.user_set.name: self.user_layout, **self.pair_layouts}
+        return [(lays[name], ks) for name, ks in by.items()]
+
+    def pairs_expired(self, fs: FeatureSet, raw: Sequence[bytes | None], now_ms: int) -> np.ndarray:
+        return np.flatnonzero(expired(self.pair_layouts[fs.name], raw, now_ms))
 
     def decode(self, user_id: int, raw: Sequence[bytes | None] | None, now_ms: int, *, source: str = "store", degraded: bool = False) -> UserFeatures:
         """UserFeatures from the raw records of `keys(user_id)`; raw None: every feature missing."""

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["RecordKey", "Write", "OnlineStore", "StoreUnavailable", "format_key", "Commit", "Snapshot", "TransactionConflict"]
+__all__ = ["RecordKey", "KeyGroup", "Write", "OnlineStore", "StoreUnavailable", "format_key", "Commit", "Snapshot", "TransactionConflict"]
 
 
 class StoreUnavailable(RuntimeError):
@@ -33,6 +33,20 @@ class RecordKey:
     version: str
     entity_type: str
     entity_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyGroup:
+    """Records of one feature set version and entity type, by entity id: the request path's
+    shape of a read, which a backend can turn into keys without a RecordKey per entity."""
+
+    feature_set: str
+    version: str
+    entity_type: str
+    entity_ids: Sequence[str]
+
+    def keys(self) -> list[RecordKey]:
+        return [RecordKey(self.feature_set, self.version, self.entity_type, i) for i in self.entity_ids]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +102,10 @@ class OnlineStore(abc.ABC):
     @abc.abstractmethod
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         """Values in key order; None where absent or expired. One round trip."""
+
+    def get_groups(self, groups: Sequence[KeyGroup]) -> list[bytes | None]:
+        """`get_many` of every group's keys, concatenated, in one round trip."""
+        return self.get_many([k for g in groups for k in g.keys()])
 
     @abc.abstractmethod
     def commit(

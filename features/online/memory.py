@@ -7,13 +7,13 @@ one backend is a bug in the contract, not in a test double.
 from __future__ import annotations
 
 import functools
-
+import re
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from features.online.base import OnlineStore, RecordKey, Snapshot, Write, _check_part
+from features.online.base import KeyGroup, OnlineStore, RecordKey, Snapshot, Write, _check_part
 
 __all__ = ["MemoryStore"]
 
@@ -41,6 +41,21 @@ def check_record_key(key: RecordKey) -> None:
     """base.validate_key plus the reserved-name rule; shared by both backends so they agree."""
     _check_key_prefix(key.feature_set, key.version, key.entity_type)
     _check_part("entity_id", key.entity_id)
+
+
+_BAD_ID = re.compile(r"[\s:{}]")  # what an entity id may not hold (base._PART's complement)
+
+
+def check_group(g: KeyGroup) -> None:
+    """check_record_key for a whole KeyGroup: the prefix once, the ids in one regex pass."""
+    _check_key_prefix(g.feature_set, g.version, g.entity_type)
+    try:
+        joined = "\x00".join(g.entity_ids)
+    except TypeError:
+        raise ValueError(f"entity ids of {g.feature_set} must be strings") from None
+    if g.entity_ids and ("" in g.entity_ids or _BAD_ID.search(joined)):
+        bad = next(i for i in g.entity_ids if not i or _BAD_ID.search(i))
+        raise ValueError(f"entity_id {bad!r} must be a non-empty string without ':', braces or whitespace")
 
 
 def check_namespace(namespace: str) -> None:
@@ -159,6 +174,18 @@ class MemoryStore(OnlineStore):
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         for key in keys:
             check_record_key(key)
+        with self._lock:
+            now = self.clock()
+            out: list[bytes | None] = []
+            for key in keys:
+                entry = self._live(key, now)
+                out.append(None if entry is None else entry.value)
+            return out
+
+    def get_groups(self, groups: Sequence[KeyGroup]) -> list[bytes | None]:
+        for g in groups:
+            check_group(g)
+        keys = [RecordKey(g.feature_set, g.version, g.entity_type, i) for g in groups for i in g.entity_ids]
         with self._lock:
             now = self.clock()
             out: list[bytes | None] = []

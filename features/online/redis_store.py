@@ -31,9 +31,10 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
         "the redis online store needs the redis package: pip install redis (or pip install -e .)"
     ) from exc
 
-from features.online.base import OnlineStore, RecordKey, Snapshot, StoreUnavailable, TransactionConflict, Write, format_key
+from features.online.base import KeyGroup, OnlineStore, RecordKey, Snapshot, StoreUnavailable, TransactionConflict, Write, format_key
 from features.online.memory import (
     RESERVED_FEATURE_SETS,
+    check_group,
     check_counters,
     check_feature_set,
     check_filter,
@@ -195,6 +196,25 @@ class RedisStore(OnlineStore):
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
                 pipe.get(self._key(key))
+            return list(pipe.execute())
+
+    def get_groups(self, groups: Sequence[KeyGroup]) -> list[bytes | None]:
+        """`get_many` without a RecordKey per entity: each group's key prefix is checked once
+        and its ids in one regex pass (building and checking 1,000 RecordKeys was half the time
+        of reading 1 user + 500 items)."""
+        names: list[str] = []
+        for g in groups:
+            check_group(g)
+            prefix = f"{self.namespace}:{g.feature_set}:{g.version}:{g.entity_type}:"
+            names += [prefix + i for i in g.entity_ids]
+        if not names:
+            return []
+        with self._guard("get_many"):
+            if not self._cluster:
+                return list(self._client.mget(names))
+            pipe = self._client.pipeline(transaction=False)
+            for n in names:
+                pipe.get(n)
             return list(pipe.execute())
 
     def commit(

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from features.online.base import OnlineStore, RecordKey, StoreUnavailable, Write, format_key
+from features.online.base import KeyGroup, OnlineStore, RecordKey, StoreUnavailable, Write, format_key
 from features.online.memory import MemoryStore
 from features.online.registry import open_store
 
@@ -69,6 +69,28 @@ def test_get_many_keeps_order_and_reports_absent_as_none(online_store: OnlineSto
     keys = [rk("b"), rk("missing"), rk("a"), rk("a", version="v2"), rk("b")]
     assert online_store.get_many(keys) == [b"B", None, b"A", None, b"B"]
     assert online_store.get_many([]) == []
+
+
+def test_get_groups_reads_what_get_many_reads_for_the_same_keys_in_one_call(online_store: OnlineStore) -> None:
+    online_store.commit([Write(rk("a"), b"A", HOUR_MS), Write(rk("7", version="v2", entity_type="item"), b"I", HOUR_MS)])
+    groups = [KeyGroup("clicks", "v1", "user", ["a", "missing", "a"]), KeyGroup("clicks", "v2", "item", ["7", "8"]), KeyGroup("clicks", "v1", "user", [])]
+    assert online_store.get_groups(groups) == online_store.get_many([k for g in groups for k in g.keys()]) == [b"A", None, b"A", b"I", None]
+    assert online_store.get_groups([]) == []
+
+
+@pytest.mark.parametrize("field", ["feature_set", "version", "entity_type", "entity_id"])
+@pytest.mark.parametrize("bad", ["", "a:b", "a b", "{a}"])
+def test_get_groups_refuses_a_bad_key_part_naming_it(online_store: OnlineStore, field: str, bad: str) -> None:
+    parts = {"feature_set": "clicks", "version": "v1", "entity_type": "user"}
+    ids = ["1", "2"]
+    if field == "entity_id":
+        ids = ["1", bad]
+    else:
+        parts[field] = bad
+    with pytest.raises(ValueError, match=field):
+        online_store.get_groups([KeyGroup(**parts, entity_ids=ids)])
+    with pytest.raises(ValueError, match="strings"):
+        online_store.get_groups([KeyGroup("clicks", "v1", "user", [1, 2])])
 
 
 def test_later_commit_overwrites(online_store: OnlineStore) -> None:

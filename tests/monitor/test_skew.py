@@ -37,7 +37,7 @@ def _served(service, user: int, k: int, request_id: str) -> ServedRecord:
     the top k and a few sampled candidates, with the matrix the ranker was actually given."""
     snap = service.state.current
     now = service.clock.now_ms()
-    uf = snap.plan.decode(user, service.store.get_many(snap.plan.keys(user)), now)
+    uf = snap.plan.decode(user, snap.plan.read_records(service.store, user, now), now)
     seen: list[np.ndarray] = []
     score = snap.runtime.score
     snap.runtime.score = lambda X, *a, **kw: (seen.append(np.array(X, copy=True)), score(X, *a, **kw))[1]

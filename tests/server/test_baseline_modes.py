@@ -34,7 +34,7 @@ def test_the_release_keeps_a_torch_teacher_that_scores_as_its_onnx_export(releas
     svc = services["product"]
     snap = svc.state.current
     now = svc.clock.now_ms()
-    uf = snap.plan.decode(3, svc.store.get_many(snap.plan.keys(3)), now)
+    uf = snap.plan.decode(3, snap.plan.read_records(svc.store, 3, now), now)
     X = pipeline.feature_matrix(snap, uf, snap.items.rows(snap.items.catalog.item_id), now)
     torch_scores = services["baseline"].state.current.runtime.score(X)
     onnx_scores = services["onnx_teacher"].state.current.runtime.score(X)
@@ -48,7 +48,7 @@ def test_the_baseline_recommends_what_the_product_recommends_with_the_teacher(se
     now = base.clock.now_ms()
     checked = 0
     for user in range(0, 150, 17):
-        ufs = [s.state.current.plan.decode(user, s.store.get_many(s.state.current.plan.keys(user)), now) for s in (base, teacher)]
+        ufs = [s.state.current.plan.decode(user, s.state.current.plan.read_records(s.store, user, now), now) for s in (base, teacher)]
         got = [pipeline.recommend(s.state.current, uf, np.empty(0, np.int64), 10, now, s.cfg, Timer()) for s, uf in zip((base, teacher), ufs)]
         (ranked_b, top_b), (ranked_t, top_t) = got
         assert len(top_b) == 10
@@ -64,7 +64,7 @@ def test_exact_retrieval_finds_the_index_candidates(services):
     snap = prod.state.current
     now = prod.clock.now_ms()
     for user in (0, 5, 77):
-        uf = snap.plan.decode(user, prod.store.get_many(snap.plan.keys(user)), now)
+        uf = snap.plan.decode(user, snap.plan.read_records(prod.store, user, now), now)
         a = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, prod.cfg, Timer())
         b = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, base.cfg, Timer())
         np.testing.assert_array_equal(a.ids, b.ids)

@@ -41,7 +41,7 @@ def test_online_ranker_inputs_equal_the_training_point_in_time_join(service, sma
     joiner = PitJoiner(sets, events)
     catalog = ItemCatalog.from_table(read_items(small_sim))
     for user in users.tolist():
-        uf = snap.plan.decode(user, service.store.get_many(snap.plan.keys(user)), now)
+        uf = snap.plan.decode(user, snap.plan.read_records(service.store, user, now), now)
         items = catalog.item_id
         online = pipeline.feature_matrix(snap, uf, snap.items.rows(items), now)
         offline = feature_matrix(snap.runtime.inputs, joiner, sets, catalog, np.full(len(items), user), items, now)
@@ -54,7 +54,7 @@ def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
     now = service.clock.now_ms()
     events = EventLog(small_sim / "events").read()
     user = int(np.bincount(events.user_id).argmax())
-    uf = snap.plan.decode(user, service.store.get_many(snap.plan.keys(user)), now)
+    uf = snap.plan.decode(user, snap.plan.read_records(service.store, user, now), now)
     engaged = (events.type == 1) | (events.type == 2)
     seen = set(events.item_id[engaged & (events.user_id == user)].tolist())
     assert set(uf.seen.tolist()) == seen
@@ -198,7 +198,7 @@ def test_a_candidate_list_rankers_inputs_online_equal_the_offline_evaluations(ca
     base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
                         tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
     for user in np.bincount(events.user_id).argsort()[-2:].tolist():
-        uf = snap.plan.decode(user, svc.store.get_many(snap.plan.keys(user)), now)
+        uf = snap.plan.decode(user, snap.plan.read_records(svc.store, user, now), now)
         timer = Timer()
         cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, svc.cfg, timer)
         ranked = pipeline.rank(snap, uf, cand, now, timer)
