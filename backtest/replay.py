@@ -91,7 +91,7 @@ class BacktestResult:
     dataset: str
     users: int
     k: int
-    targets: tuple[str, ...]  # what was varied one at a time: the release's sets and the seen record
+    targets: tuple[str, ...]  # what was varied one at a time: sets the release reads and the seen record
     results: list[ConditionResult]
     seconds: float
     per_creator_cap: int
@@ -280,7 +280,8 @@ class Replay:
         share = None
         if self.latency is not None:
             share = self.latency.share_over(1000.0 * store_wait_s(self.cfg.store_budget_s, self.budget_s))
-        return BacktestResult(self.runtime.release_id, self.kind, len(ho.users), self.k, self.targets, results, time.perf_counter() - t0,
+        varied = tuple(x for x in self.targets if any(c.target == x for c in conditions))
+        return BacktestResult(self.runtime.release_id, self.kind, len(ho.users), self.k, varied, results, time.perf_counter() - t0,
                               self.cfg.per_creator_cap, self.budget_ms, self.latency.description if self.latency else None, share)
 
 
