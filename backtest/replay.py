@@ -33,7 +33,7 @@ networked store: the memory store answers inline and never times out.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -136,7 +136,9 @@ class Replay:
     """A release and its data dir, ready to replay the held-out requests under conditions."""
 
     def __init__(self, release_dir: str | Path, data_dir: str | Path, *, max_users: int | None = None, seed: int = 0,
-                 per_creator_cap: int = 0, budget_ms: float | None = None, latency: LatencyModel | None = None, k: int = 10) -> None:
+                 per_creator_cap: int = 0, budget_ms: float | None = None, latency: LatencyModel | None = None, k: int = 10,
+                 server: Mapping[str, object] | None = None) -> None:
+        """`server`: other ServerConfig fields to replay with (e.g. pair_prefetch_limit)."""
         data_dir = Path(data_dir)
         info = load_info(data_dir)
         self.kind = info.kind
@@ -145,7 +147,8 @@ class Replay:
         # --budget-ms is the store budget and the store client's socket timeout together, as an
         # operator choosing a budget would set them (the shipped 0.15 s budget sits above a 0.1 s
         # socket timeout, so a Redis read is really cut at 0.1 s)
-        self.cfg = ServerConfig(release=Path(release_dir), data_dir=data_dir, metrics_port=None, per_creator_cap=per_creator_cap, **store_s)
+        self.cfg = ServerConfig(release=Path(release_dir), data_dir=data_dir, metrics_port=None,
+                                **{**dict(server or {}), "per_creator_cap": per_creator_cap, **store_s})
         self.k, self.seed, self.latency, self.budget_ms = k, seed, latency, budget_ms
         self.runtime = load_runtime(self.cfg.release, self.sets, ort_threads=self.cfg.ort_threads, ranker=self.cfg.ranker, seen_cap=self.cfg.seen_cap)
         events = EventLog(data_dir / EVENTS_DIR).read(must_exist=True).deduplicated()

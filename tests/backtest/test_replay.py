@@ -111,3 +111,17 @@ def test_every_record_of_a_set_dropped_reads_as_that_set_missing(replay):
     fresh, gone = res.results
     assert gone.user_missing == 1.0 and fresh.user_missing < 1.0
     assert gone.degraded == 0.0  # an absent record is "not found", not a store fault
+
+
+def test_pair_sets_read_in_a_second_round_trip_give_the_same_answers(release_dir, small_sim):
+    """With nothing prefetched (pair_prefetch_limit 0) the server reads pair sets after retrieval
+    for the candidates only; fresh, the answers are the prefetched ones. When the first read
+    fails, the breaker it opened refuses the second: the same answers as every record missing."""
+    conds = [Condition(FRESH, "fresh"), Condition(USER_RECORD, "missing", missing=1.0), Condition("user_topic", "staleness", staleness_ms=24 * HOUR)]
+    pre = Replay(release_dir, small_sim, max_users=10).run(conds).results
+    rp = Replay(release_dir, small_sim, max_users=10, server={"pair_prefetch_limit": 0})
+    assert rp.base.plan.deferred
+    two = rp.run(conds).results
+    for a, b in zip(pre, two):
+        assert (a.ndcg, a.recall, a.auc, a.user_missing) == (b.ndcg, b.recall, b.auc, b.user_missing), a.condition.label
+    assert two[1].degraded == 1.0
