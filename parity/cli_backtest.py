@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction, positive: Callable, nonneg: Callab
         "record decoding, retrieval, ranking) with each feature set's records as of t - staleness (read at t), with "
         "records dropped at random, and with store reads that miss their budget served as the server serves them. One "
         "set varies at a time, then all together. Reports NDCG@10, recall@10 and AUC per condition and, per set, the "
-        "largest staleness and missing rate within 1 %% of the fresh NDCG@10. Last line: JSON.")
+        "largest staleness and missing rate within 1 % of the fresh NDCG@10. Last line: JSON.")
     p.add_argument("--release", required=True, help="release folder")
     p.add_argument("--events", required=True, help="data dir the release was trained on (or its events/ folder)")
     p.add_argument("--staleness", type=staleness_list("--staleness"), default=staleness_list("--staleness")(DEFAULT_STALENESS),
