@@ -22,7 +22,7 @@ def test_features_server_and_mobile_sdk_import_without_torch():
 def test_the_backtest_imports_without_torch():
     mods = sorted({f"backtest.{p.stem}" for p in (ROOT / "backtest").glob("*.py")} | {"parity.cli_backtest"})
     code = BLOCK_TORCH + "".join(f"import {m}\n" for m in mods)
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr
 
 
