@@ -98,7 +98,6 @@ class BacktestResult:
     budget_ms: float | None = None
     latency: str | None = None  # the latency model's description
     latency_share_over_budget: float | None = None  # the model's expected share of reads past the wait
-    extra: dict = field(default_factory=dict)
 
     @property
     def fresh(self) -> ConditionResult:
