@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -61,6 +61,11 @@ bench-change: setup
 	$(PY) -m bench.drift_study --out bench/results/drift.json
 	$(PY) -m bench.change_overhead --out bench/results/change_overhead.json $(CHANGE_ARGS)
 	$(PY) -m bench.change_report bench/results/change_overhead.json bench/RESULTS.md
+
+# Freshness (issue 12): parity backtest on the demo-size simulator (seeds 0-2) and MovieLens 100K
+# (bench/backtest_study.py, ~10 min): the per-set tolerance of staleness and missing records.
+bench-backtest: setup
+	$(PY) -m bench.backtest_study --seeds 0 1 2 --out bench/results/backtest.json --results bench/RESULTS.md
 
 # The device path (bench/device.py: bundle sizes, export throughput at 10k and 100k users, delta,
 # on-device rank vs the server's Recommend, sync, hybrid mode behind bench/delay_proxy.py, quality;

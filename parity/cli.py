@@ -26,7 +26,7 @@ _positive, _nonneg = positive, nonneg  # the register() functions receive these
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from parity import cli_bench, cli_data, cli_export, cli_features, cli_models, cli_monitor, cli_privacy, cli_rollout, cli_serve
+    from parity import cli_backtest, cli_bench, cli_data, cli_export, cli_features, cli_models, cli_monitor, cli_privacy, cli_rollout, cli_serve
 
     p = argparse.ArgumentParser(prog="parity", description="Parity: features, models and serving that never disagree with themselves.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_privacy.register(sub, _positive, _nonneg)
     cli_rollout.register(sub, _positive, _nonneg)
     cli_bench.register(sub, _positive, _nonneg)
+    cli_backtest.register(sub, _positive, _nonneg)
     return p
 
 

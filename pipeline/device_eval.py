@@ -27,8 +27,8 @@ from features.datasets import load_info, read_items
 from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.repo import feature_sets
-from models.data import SPLIT_FRACTIONS, label_rows, split_cuts
-from pipeline.evaluate import EvalResult, evaluate_release, topk_metrics
+from pipeline.evaluate import EvalResult, evaluate_release
+from pipeline.heldout import held_out, topk_metrics
 
 __all__ = ["evaluate_device"]
 
@@ -45,27 +45,13 @@ def evaluate_device(release_dir: str | Path, data_dir: str | Path, model: Device
     if server is None:  # `server`: evaluate_release's result for the same arguments, when the caller has it
         server = evaluate_release(release_dir, data_dir, retrieve_k=retrieve_k, k=k, max_users=max_users, seed=seed)
     rt = ReleaseRuntime.load(rel, rankers=("student_int8",))
-    m = rel.manifest
-    td_meta = m["training_data"]
-    mode = td_meta.get("split_mode", "time")
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     items = ItemCatalog.from_table(read_items(data_dir))
-    # the held-out users and cuts, chosen exactly as evaluate_release chooses them
-    rows = label_rows(info.kind, events, items, seed=int(m["seed"]))
-    _, cut = split_cuts(rows.user_id, rows.ts, mode, tuple(td_meta.get("split_fractions", SPLIT_FRACTIONS)))
-    if mode == "time" and "split_ts" in td_meta:
-        cut = np.full(len(rows.ts), int(td_meta["split_ts"][1]), dtype=np.int64)
-    test = (rows.ts >= cut) & (rows.label > 0)
-    truth: dict[int, set[int]] = {}
-    for u, i in zip(rows.user_id[test].tolist(), rows.item_id[test].tolist()):
-        truth.setdefault(u, set()).add(i)
-    t_of = dict(zip(rows.user_id.tolist(), cut.tolist()))
-    users = np.asarray(sorted(truth), dtype=np.int64)
-    if max_users is not None and len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    # the held-out users and cuts, chosen exactly as evaluate_release chooses them (pipeline.heldout)
+    ho = held_out(rel, info.kind, events, items, max_users=max_users, seed=seed)
+    users, t_user, truth = ho.users, ho.cut, ho.truth
     if len(users) != server.users:
         raise RuntimeError(f"device evaluation picked {len(users)} users, evaluate_release {server.users}: the selection drifted")
-    t_user = np.asarray([t_of[u] for u in users.tolist()], dtype=np.int64)
     sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
     used = [sets[n] for n in rt.inputs.sets]
     joiner = PitJoiner(used, events)

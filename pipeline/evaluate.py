@@ -27,21 +27,14 @@ from features.eventlog import EventLog
 from features.history import history_at
 from features.pit import PitJoiner
 from features.repo import feature_sets
-from models.data import SPLIT_FRACTIONS, feature_matrix, label_rows, split_cuts
+from models.data import feature_matrix
 from models.metrics import auc, logloss
 from models.popularity import engagement_mask, popularity
+from pipeline.heldout import held_out, topk_metrics
 
 __all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
 
 _POLICY = CandidatePolicy()  # the server's candidate quotas (ServerConfig takes its defaults from the same class)
-
-
-def topk_metrics(top: np.ndarray, truth: set[int], k: int = 10) -> tuple[float, float]:
-    """(NDCG@k, recall@k) of one ranked id list against a set of relevant ids (binary gain)."""
-    disc = 1.0 / np.log2(np.arange(2, k + 2))
-    rel = np.fromiter((1.0 if int(x) in truth else 0.0 for x in top[:k]), dtype=np.float64, count=min(k, len(top)))
-    ideal = disc[: min(len(truth), k)].sum()
-    return float((rel * disc[: len(rel)]).sum() / ideal), float(rel.sum() / len(truth))
 
 
 @dataclass(frozen=True)
@@ -71,32 +64,14 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
             have = sets[name].version if name in sets else "absent"
             raise ReleaseError(f"release {rel.release_id} was trained on {name} {v}; this data dir defines {have}")
     rt = ReleaseRuntime.load(rel)
-    m = rel.manifest
-    td_meta = m["training_data"]
-    mode = td_meta.get("split_mode", "time")
-    fractions = tuple(td_meta.get("split_fractions", SPLIT_FRACTIONS))
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     items = ItemCatalog.from_table(read_items(data_dir))
     used = [sets[n] for n in rt.inputs.sets]
     joiner = PitJoiner(used, events)
 
-    # The held-out slice, cut exactly as training cut it (globally or per user).
-    rows = label_rows(info.kind, events, items, seed=int(m["seed"]))
-    _, cut = split_cuts(rows.user_id, rows.ts, mode, fractions)
-    if mode == "time" and "split_ts" in td_meta:
-        cut = np.full(len(rows.ts), int(td_meta["split_ts"][1]), dtype=np.int64)
-    trow = rows.ts >= cut
-    test = trow & (rows.label > 0)
-    truth: dict[int, set[int]] = {}
-    for u, i in zip(rows.user_id[test].tolist(), rows.item_id[test].tolist()):
-        truth.setdefault(u, set()).add(i)
-    t_of = dict(zip(rows.user_id.tolist(), cut.tolist()))  # each user's test start
-    users = np.asarray(sorted(truth), dtype=np.int64)
-    if max_users is not None and len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    if len(users) == 0:
-        raise ValueError("the held-out slice has no positives to evaluate")
-    t_user = np.asarray([t_of[u] for u in users.tolist()], dtype=np.int64)
+    # The held-out slice, cut exactly as training cut it (globally or per user): pipeline.heldout.
+    ho = held_out(rel, info.kind, events, items, max_users=max_users, seed=seed)
+    rows, trow, truth, t_of, users, t_user = ho.rows, ho.test_rows, ho.truth, ho.cut_of, ho.users, ho.cut
     ev_cut = np.asarray([t_of.get(u, -1) for u in events.user_id.tolist()], dtype=np.int64)
     eng = engagement_mask(events, info.kind) & (events.ts < ev_cut)
     seen: dict[int, set[int]] = {}

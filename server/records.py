@@ -26,11 +26,12 @@ from server.metrics import Metrics
 from server.state import Snapshot
 from server.user_features import PairTable, UserFeatures
 
-__all__ = ["RecordRead", "UserRecords", "StoreFault", "COMPUTE_RESERVE_S"]
+__all__ = ["RecordRead", "UserRecords", "StoreFault", "COMPUTE_RESERVE_S", "STORE_TIMEOUT", "store_wait_s", "fallback_read"]
 
 log = logging.getLogger(__name__)
 
 COMPUTE_RESERVE_S = 0.02  # left for ranking when the store stage takes its share of a deadline
+STORE_TIMEOUT = "store_timeout"  # the reason of a read that did not answer within its wait
 
 
 class StoreFault(Exception):
@@ -44,6 +45,23 @@ class RecordRead:
     raw: list | None  # the plan's records, or None (defaults)
     source: str  # cache | store | stale | default
     reason: str | None  # why the answer is degraded, or None
+
+
+# The policy itself, as pure functions: the request path below calls them, and so does the
+# backtest (backtest/replay.py), which replays held-out requests with simulated store latency
+# and must decide what the server would have decided.
+def store_wait_s(store_budget_s: float, request_left_s: float) -> float:
+    """How long a request-path store call may take before the request gives up on it: the
+    store's budget, but never so long that the request's own deadline leaves less than
+    COMPUTE_RESERVE_S for ranking; at least 1 ms. A read slower than this misses (STORE_TIMEOUT)."""
+    return max(0.001, min(store_budget_s, request_left_s - COMPUTE_RESERVE_S))
+
+
+def fallback_read(stale: list | None, reason: str, lost: str | None = None) -> RecordRead:
+    """What a request gets when the store did not answer (timeout, error, open breaker): the
+    user's last good records if this server kept them, else defaults; degraded either way,
+    with the store-wide loss (`lost`) named first when there is one."""
+    return RecordRead(stale, "stale" if stale is not None else "default", lost or reason)
 
 
 class UserRecords:
@@ -70,13 +88,13 @@ class UserRecords:
         """A request-path store call: breaker, budget, errors turned into StoreFault (counted)."""
         if not self.breaker.allow():
             raise StoreFault("store_breaker_open")
-        wait = max(0.001, min(self.cfg.store_budget_s, budget_s - COMPUTE_RESERVE_S))
+        wait = store_wait_s(self.cfg.store_budget_s, budget_s)
         try:
             out = fn(*args) if self.inline else await asyncio.wait_for(self._run_io(fn, *args), timeout=wait)
         except TimeoutError:
             self.breaker.failure()
             self.metrics.store_errors.labels(op, "timeout").inc()
-            raise StoreFault("store_timeout") from None
+            raise StoreFault(STORE_TIMEOUT) from None
         except StoreUnavailable as exc:
             self.breaker.failure()
             self.metrics.store_errors.labels(op, "unavailable").inc()
@@ -109,8 +127,7 @@ class UserRecords:
         try:
             raw = await self.store_read("get_many", self.store.get_many, snap.plan.keys(user), budget_s=budget_s)
         except StoreFault as f:
-            stale = self.stale.get(key)
-            return RecordRead(stale, "stale" if stale is not None else "default", lost or f.reason)
+            return fallback_read(self.stale.get(key), f.reason, lost)
         if self._freshness is not None:
             self._freshness.read(snap.plan.bytes_by_set(raw))
         raw, reason = await self._states_for_expired(snap, user, raw, now_ms, budget_s)
