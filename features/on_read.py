@@ -2,12 +2,14 @@
 
 An on_read record holds, for one entity of one feature-set version,
   * a 32-byte header: magic 0x50524157 ("PRAW", distinct from the state record's 0x50525459
-    "PRTY", so neither is ever mistaken for the other), a format version, flags, a fingerprint of the set version, the feature
-    timestamp (the newest event held or folded) and the number of raw events;
+    "PRTY", so neither is ever mistaken for the other), a format version, flags, a
+    fingerprint of the set version, the feature timestamp (the newest event held or folded)
+    and the number of raw events;
   * a BASE STATE, the set's own StateLayout record, into which the events that no longer fit
     were folded (absent until the first overflow: most entities never hold `cap` events, and
     a base is ~2 KB for user_activity against 29 bytes per raw event);
-  * up to `cap` raw events, oldest first by (ts, event_id), fixed-width little-endian,
+  * up to `cap` raw events, fixed-width little-endian, sorted by (ts, event_id) at the last
+    fold and appended as they came since (an append within the cap copies bytes only),
     holding only the event columns the set's features read (ts, event_id, type, the value if
     a feature reads values, and index columns such as topic). Entity keys are not kept: the
     record is per entity. A COUNT-only source does not keep `value`: the base state's sums
@@ -79,6 +81,13 @@ def _event_columns(fs: FeatureSet) -> list[str]:
 
 
 @dataclass(frozen=True)
+class _Parsed:
+    present: np.ndarray  # (n,) bool
+    raw: np.ndarray  # (n,) bool: an on_read record (else absent or a state record)
+    head: np.ndarray  # (n,) _HEADER, checked; zeros (feature_ts -1) where not raw
+
+
+@dataclass(frozen=True)
 class _Decoded:
     states: np.ndarray  # (n,) base states (empty where none), writable copies
     has_base: np.ndarray  # (n,) bool
@@ -98,6 +107,7 @@ class OnReadLayout:
             raise ValueError(f"cap must be in [1, {MAX_CAP}], got {cap}")
         self.feature_set = fs
         self.cap = cap
+        self.keep = cap - cap // 2  # raw events left after an overflow
         self.state = StateLayout(fs)
         self.columns = _event_columns(fs)
         self.event_dtype = np.dtype([(c, _schema_dtype(c)) for c in self.columns])
@@ -130,8 +140,10 @@ class OnReadLayout:
     def append_many(self, records: Sequence[bytes | None], rows: np.ndarray, events: EventBatch) -> list[bytes]:
         """Every record with its new events (`rows[i]` = record of event i), in one pass.
 
-        Per record, when more than `cap` events would be held, the oldest by (ts, event_id)
-        are folded into its base state (one apply_events call for all records).
+        A record that stays within its cap is appended to as bytes: new header, its base
+        and events as they were, the new events after them (no decoding, no sorting). One
+        that would hold more than `cap` events has its oldest by (ts, event_id) folded into
+        its base state until `keep` remain (one apply_events call for all such records).
         """
         fs = self.feature_set
         n = len(records)
@@ -146,27 +158,54 @@ class OnReadLayout:
                 f"{int(outside.sum())} events are not {fs.name}'s (no source of the set, or no valid "
                 f"{fs.entity.name}); filter with FeatureSet.event_mask first"
             )
+        p = self._parse(records)
+        by_row = np.argsort(rows, kind="stable")
+        new, new_rows = self._pack(events)[by_row], rows[by_row]
+        new_counts = np.bincount(new_rows, minlength=n)
+        fts = p.head["feature_ts"].copy()
+        if len(events):
+            np.maximum.at(fts, rows, events.ts)
+        total = p.head["n_events"].astype(np.int64) + new_counts
+        slow = (total > self.cap) | (p.present & ~p.raw)  # overflowing, or a state record to convert
+        head = p.head.copy()
+        head["magic"], head["format"], head["set_version"] = RAW_MAGIC, FORMAT_VERSION, self._set_version
+        head["feature_ts"], head["n_events"] = fts, total
+        hb, nb, es = head.tobytes(), new.tobytes(), self.event_dtype.itemsize
+        ends = (np.cumsum(new_counts) * es).tolist()
+        starts = [0, *ends[:-1]]
+        out: list = [None] * n
+        for i in np.flatnonzero(~slow).tolist():
+            old = records[i]
+            out[i] = b"".join((hb[i * HEADER_SIZE : (i + 1) * HEADER_SIZE], bytes(old[HEADER_SIZE:]) if old is not None else b"",
+                               nb[starts[i] : ends[i]]))
+        sl = np.flatnonzero(slow)
+        if len(sl):
+            local = np.full(n, -1, dtype=np.int64)
+            local[sl] = np.arange(len(sl))
+            mine = local[new_rows] >= 0
+            for i, rec in zip(sl.tolist(), self._refold([records[i] for i in sl.tolist()], new[mine], local[new_rows[mine]], fts[sl])):
+                out[i] = rec
+        return out
+
+    def _refold(self, records: list, new: np.ndarray, new_rows: np.ndarray, fts: np.ndarray) -> list[bytes]:
+        """Records rebuilt whole: base and held events decoded, the new ones merged in order,
+        the oldest beyond the cap folded into the base."""
         d = self._decode(records)
-        new = self._pack(events)
+        n = len(records)
         ev = np.concatenate([d.events, new])
-        ev_rows = np.concatenate([d.rows, rows])
+        ev_rows = np.concatenate([d.rows, new_rows])
         order = np.lexsort((ev["event_id"], ev["ts"], ev_rows))
         ev, ev_rows = ev[order], ev_rows[order]
         counts = np.bincount(ev_rows, minlength=n)
-        over = np.maximum(counts - self.cap, 0)
+        over = np.where(counts > self.cap, counts - self.keep, 0)
         rank = np.arange(len(ev_rows)) - (np.cumsum(counts) - counts)[ev_rows]
-        fold = rank < over[ev_rows]  # the oldest events of each record beyond the cap
+        fold = rank < over[ev_rows]  # the oldest events of each overflowing record
         states, has_base = d.states, d.has_base | (over > 0)
         if fold.any():
             apply_events(self.state, states, ev_rows[fold], self._unpack(ev[fold]))
-        fts = d.feature_ts.copy()
-        if len(events):
-            np.maximum.at(fts, rows, events.ts)
         head = np.zeros(n, dtype=_HEADER)
-        head["magic"] = RAW_MAGIC
-        head["format"] = FORMAT_VERSION
+        head["magic"], head["format"], head["set_version"] = RAW_MAGIC, FORMAT_VERSION, self._set_version
         head["flags"] = np.where(has_base, _HAS_BASE, 0)
-        head["set_version"] = self._set_version
         head["feature_ts"] = fts
         head["n_events"] = counts - over
         return self._encode(head, states, has_base, np.ascontiguousarray(ev[~fold]), counts - over)
@@ -198,13 +237,16 @@ class OnReadLayout:
         return read_features(self.state, states, t), present
 
     def feature_ts(self, records: Sequence[bytes | None]) -> np.ndarray:
-        """Newest event time per record (-1 where absent), from the headers: for staleness
-        reports that need no values."""
+        """Newest event time per record (-1 where absent), from the headers (state records:
+        from the state): for staleness reports that need no values."""
+        if all(r is None or is_on_read_record(r) for r in records):
+            return self._parse(records).head["feature_ts"].copy()
         return self._decode(records).feature_ts
 
     def held_events(self, record: bytes) -> EventBatch:
-        """The events a record keeps raw, oldest first (columns it does not keep read -1, or
-        0.0 for value): for audits, erasure checks and tests."""
+        """The events a record keeps raw, in the order kept: sorted by (ts, event_id) at the
+        last fold, then as appended (columns it does not keep read -1, or 0.0 for value):
+        for audits, erasure checks and tests."""
         d = self._decode([record])
         return self._unpack(d.events)
 
@@ -225,53 +267,63 @@ class OnReadLayout:
                 cols[f.name] = np.broadcast_to(np.asarray(_FILL.get(f.name, -1), dtype=f.type.to_pandas_dtype()), (n,))
         return EventBatch(**cols)
 
-    def _decode(self, records: Sequence[bytes | None]) -> _Decoded:
-        fs = self.feature_set
+    def _parse(self, records: Sequence[bytes | None]) -> _Parsed:
+        """Headers of every record, checked; state records are only recognised (raw False)."""
         n = len(records)
         present = np.fromiter((r is not None for r in records), dtype=bool, count=n)
-        states = self.state.empty(n)
-        has_base = np.zeros(n, dtype=bool)
-        fts = np.full(n, -1, dtype=np.int64)
+        head = np.zeros(n, dtype=_HEADER)
+        head["feature_ts"] = -1
+        raw = np.zeros(n, dtype=bool)
         idx = np.flatnonzero(present)
+        if len(idx) == 0:
+            return _Parsed(present, raw, head)
         blobs = [records[i] for i in idx.tolist()]
         for b in blobs:
             if not isinstance(b, (bytes, bytearray, memoryview)):
                 raise TypeError(f"records are bytes or None, got {type(b).__name__}")
-        no_events = _Decoded(states, has_base, fts, present, np.empty(0, dtype=self.event_dtype), np.empty(0, dtype=np.int64))
-        if not blobs:
-            return no_events
-        head = np.frombuffer(b"".join(bytes(b[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0") for b in blobs), dtype=_HEADER)
-        lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
-        raw = head["magic"] == RAW_MAGIC
-        other = np.flatnonzero(~raw)
+        h = np.frombuffer(b"".join(bytes(b[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0") for b in blobs), dtype=_HEADER)
+        mine = h["magic"] == RAW_MAGIC
+        if mine.any():
+            lens = np.fromiter(map(len, blobs), dtype=np.int64, count=len(blobs))
+            self._check_headers(h[mine], lens[mine])
+            head[idx[mine]] = h[mine]
+            raw[idx[mine]] = True
+        return _Parsed(present, raw, head)
+
+    def _decode(self, records: Sequence[bytes | None]) -> _Decoded:
+        """Base states and held events of every record (state records become bases)."""
+        fs = self.feature_set
+        p = self._parse(records)
+        n = len(records)
+        states = self.state.empty(n)
+        has_base = np.zeros(n, dtype=bool)
+        fts = p.head["feature_ts"].copy()
+        other = np.flatnonzero(p.present & ~p.raw)
         if len(other):  # not ours: a state record of this layout, or an error
             try:
-                st, _ = self.state.decode([bytes(blobs[i]) for i in other.tolist()])
+                st, _ = self.state.decode([bytes(records[i]) for i in other.tolist()])
             except ValueError as exc:
                 raise ValueError(f"{fs.name} {fs.version}: record is neither on_read (magic PRAW) nor this set's state record: {exc}") from None
-            states[idx[other]] = st
-            has_base[idx[other]] = True
-            fts[idx[other]] = st["feature_ts"]
-        mine = np.flatnonzero(raw)
+            states[other] = st
+            has_base[other] = True
+            fts[other] = st["feature_ts"]
+        mine = np.flatnonzero(p.raw)
         if len(mine) == 0:
-            return no_events
-        h, ln = head[mine], lens[mine]
-        self._check_headers(h, ln)
+            return _Decoded(states, has_base, fts, p.present, np.empty(0, dtype=self.event_dtype), np.empty(0, dtype=np.int64))
+        h = p.head[mine]
         with_base = (h["flags"] & _HAS_BASE) != 0
-        n_ev = h["n_events"].astype(np.int64)
         rs = self.state.record_size
         based = mine[with_base]
         if len(based):
             try:
-                st, _ = self.state.decode([bytes(blobs[i][HEADER_SIZE : HEADER_SIZE + rs]) for i in based.tolist()])
+                st, _ = self.state.decode([bytes(records[i][HEADER_SIZE : HEADER_SIZE + rs]) for i in based.tolist()])
             except ValueError as exc:
                 raise ValueError(f"{fs.name} {fs.version}: on_read record has a corrupt base state: {exc}") from None
-            states[idx[based]] = st
-            has_base[idx[based]] = True
-        fts[idx[mine]] = h["feature_ts"]
+            states[based] = st
+            has_base[based] = True
         starts = (HEADER_SIZE + with_base * rs).tolist()
-        events = np.frombuffer(b"".join(bytes(blobs[i][s:]) for i, s in zip(mine.tolist(), starts)), dtype=self.event_dtype)
-        return _Decoded(states, has_base, fts, present, events, np.repeat(idx[mine], n_ev))
+        events = np.frombuffer(b"".join(bytes(records[i][s:]) for i, s in zip(mine.tolist(), starts)), dtype=self.event_dtype)
+        return _Decoded(states, has_base, fts, p.present, events, np.repeat(mine, h["n_events"].astype(np.int64)))
 
     def _check_headers(self, h: np.ndarray, lens: np.ndarray) -> None:
         fs = self.feature_set

@@ -140,19 +140,22 @@ def test_a_record_keeps_only_the_event_columns_its_features_read():
     assert OnReadLayout(USER_ACTIVITY).event_dtype.itemsize == 29 and OnReadLayout(USER_CREATOR).event_dtype.itemsize == 17
 
 
-def test_overflow_folds_the_oldest_events_into_the_base_and_keeps_the_newest_raw():
+def test_overflow_folds_the_oldest_events_into_the_base_down_to_half_the_cap():
     fs = USER_ACTIVITY
     lay = OnReadLayout(fs, cap=3)
     rows = [{"event_id": 10 + i, "ts": T0 + ts, "user_id": 7, "item_id": 1, "topic": 2, "type": EventType.PLAY, "value": 1.0}
-            for i, ts in enumerate([50, 10, 40, 10, 30])]
+            for i, ts in enumerate([50, 10, 40, 40, 30])]
     rec = lay.append(None, EventBatch.from_rows(rows[:3]))
     assert len(rec) == lay.record_size(3, with_base=False) == HEADER_SIZE + 3 * 29  # no base until the first overflow
-    rec = lay.append(rec, EventBatch.from_rows(rows[3:]))
-    assert len(rec) == lay.record_size(3, with_base=True)
+    rec = lay.append(rec, EventBatch.from_rows(rows[3:]))  # 5 > cap 3: fold down to keep = 2
+    assert lay.keep == 2 and len(rec) == lay.record_size(2, with_base=True)
     held = lay.held_events(rec)
-    assert held.ts.tolist() == [T0 + 30, T0 + 40, T0 + 50]  # ties broken by event_id: (10, id 11) and (10, id 13) folded
+    assert held.ts.tolist() == [T0 + 40, T0 + 50]
+    assert held.event_id.tolist() == [13, 10]  # the tie at ts 40 is broken by event_id: 12 was folded
+    rec = lay.append(rec, EventBatch.from_rows([{**rows[0], "event_id": 20, "ts": T0 + 45}]))  # 3: within the cap
+    assert lay.held_events(rec).event_id.tolist() == [13, 10, 20]  # appended as bytes, not re-sorted
     assert lay.feature_ts([rec]).tolist() == [T0 + 50]
-    assert lay.read([rec], T0 + 51)[0].column("plays_1d").tolist() == [5.0]  # folded, not lost
+    assert lay.read([rec], T0 + 51)[0].column("plays_1d").tolist() == [6.0]  # folded, not lost
 
 
 def test_a_state_record_is_read_as_a_base_so_switching_to_on_read_needs_no_rewrite():
@@ -215,7 +218,7 @@ def test_a_smaller_cap_folds_down_at_the_next_append():
     mine = ev.take(np.flatnonzero(USER_CREATOR.entity.codes(ev)[0] == code))
     big, small = OnReadLayout(USER_CREATOR, 64), OnReadLayout(USER_CREATOR, 2)
     rec = small.append(big.append(None, mine.take(np.arange(len(mine) - 1))), mine.take([len(mine) - 1]))
-    assert len(small.held_events(rec)) == 2
+    assert len(small.held_events(rec)) == 1  # over its cap of 2: folded down to keep = 1
     t = int(mine.ts.max()) + 1
     _same(small.read([rec], t)[0], _one_go(USER_CREATOR, mine, np.array([code]), t), "refolded")
 
@@ -239,8 +242,8 @@ def _flip(rec: bytes, at: int, value: bytes) -> bytes:
         (lambda r: b"\x00" * len(r), "neither on_read .* nor this set's state record"),
         (lambda r: b"junk", "neither on_read .* nor this set's state record"),
         (lambda r: r[:20], "truncated: 20 bytes, shorter than its 32-byte header"),
-        (lambda r: r[:-1], "is 289 bytes but its header describes 290 .*truncated or corrupt"),
-        (lambda r: r + b"\x00", "is 291 bytes but its header describes 290"),
+        (lambda r: r[:-1], "is 264 bytes but its header describes 265 .*truncated or corrupt"),
+        (lambda r: r + b"\x00", "is 266 bytes but its header describes 265"),
         (lambda r: _flip(r, 4, (2).to_bytes(2, "little")), "has format 2; this reader knows format 1"),
         (lambda r: _flip(r, 6, (4).to_bytes(2, "little")), "unknown flags 0x4"),
         (lambda r: _flip(r, 8, b"\x01" * 8), "written for another version of the set"),
@@ -249,7 +252,7 @@ def _flip(rec: bytes, at: int, value: bytes) -> bytes:
 )
 def test_a_foreign_or_corrupt_record_fails_loudly(good, corrupt, says):
     lay, rec = good
-    assert len(rec) == lay.record_size(2, with_base=True) == 290
+    assert len(rec) == lay.record_size(1, with_base=True) == 265
     with pytest.raises(ValueError, match=says):
         lay.read([None, corrupt(rec)], T0)
 
