@@ -270,3 +270,22 @@ def test_a_record_of_another_set_version_is_refused():
 def test_records_are_bytes():
     with pytest.raises(TypeError, match="records are bytes or None, got str"):
         OnReadLayout(USER_TOPIC).read(["PRAW"], T0)
+
+
+def test_records_round_trip_through_either_store_and_read_the_same(online_store):
+    from features.lookup import record_keys
+    from features.online.base import Write
+
+    fs = USER_CREATOR
+    ev = _in_set(fs, _random_events(500, seed=4))
+    ents = np.unique(fs.entity.codes(ev)[0])
+    lay = OnReadLayout(fs, cap=4)
+    records = _append_in_batches(lay, ev, ents, np.arange(len(ev)), [0, 200, len(ev)])
+    keys = record_keys(fs, ents)
+    online_store.commit([Write(k, r, fs.ttl_ms) for k, r in zip(keys, records)])
+    back = online_store.get_many(keys + record_keys(fs, [ents.max() + 1]))
+    assert back[:-1] == records and back[-1] is None
+    t = int(ev.ts.max()) + 1
+    frame, found = lay.read(back, t)
+    assert found.tolist() == [True] * len(ents) + [False]
+    _same(FeatureFrame(frame.columns, frame.values[:-1], frame.missing[:-1], frame.feature_ts[:-1]), _one_go(fs, ev, ents, t), "via the store")
