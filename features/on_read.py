@@ -70,7 +70,9 @@ def _schema_dtype(column: str) -> np.dtype:
 
 
 def _event_columns(fs: FeatureSet) -> list[str]:
-    """The event columns apply_events reads for this set's features, and nothing else."""
+    """The event columns apply_events reads for this set's features, and nothing else.
+
+    Part of the record format: a change to this rule needs a new FORMAT_VERSION."""
     cols = ["ts", "event_id", "type"]
     if any(f.agg is not Agg.COUNT and fs.source(f.source).value == "value" for f in fs.features):
         cols.append("value")
@@ -93,7 +95,7 @@ class _Decoded:
     has_base: np.ndarray  # (n,) bool
     feature_ts: np.ndarray  # (n,) int64 from the headers (-1: none)
     present: np.ndarray  # (n,) bool
-    events: np.ndarray  # held raw events of all records, record by record, oldest first
+    events: np.ndarray  # held raw events of all records, record by record, in the order kept
     rows: np.ndarray  # (len(events),) record of each held event
 
 
@@ -206,7 +208,7 @@ class OnReadLayout:
         head = np.zeros(n, dtype=_HEADER)
         head["magic"], head["format"], head["set_version"] = RAW_MAGIC, FORMAT_VERSION, self._set_version
         head["flags"] = np.where(has_base, _HAS_BASE, 0)
-        head["feature_ts"] = fts
+        head["feature_ts"] = np.maximum(fts, d.feature_ts)  # a state record's own feature_ts counts too
         head["n_events"] = counts - over
         return self._encode(head, states, has_base, np.ascontiguousarray(ev[~fold]), counts - over)
 

@@ -39,12 +39,16 @@ def _in_set(fs: FeatureSet, ev: EventBatch) -> EventBatch:
     return ev.take(np.flatnonzero(fs.event_mask(ev)))
 
 
-def _one_go(fs: FeatureSet, ev: EventBatch, ents: np.ndarray, t: int) -> FeatureFrame:
-    """Every event through apply_events at once into empty states, then read."""
+def _one_go_states(fs: FeatureSet, ev: EventBatch, ents: np.ndarray) -> np.ndarray:
+    """Every event through apply_events at once into empty states."""
     lay = StateLayout(fs)
     states = lay.empty(len(ents))
     apply_events(lay, states, np.searchsorted(ents, fs.entity.codes(ev)[0]), ev)
-    return read_features(lay, states, t)
+    return states
+
+
+def _one_go(fs: FeatureSet, ev: EventBatch, ents: np.ndarray, t: int) -> FeatureFrame:
+    return read_features(StateLayout(fs), _one_go_states(fs, ev, ents), t)
 
 
 def _append_in_batches(lay: OnReadLayout, ev: EventBatch, ents: np.ndarray, order: np.ndarray, cuts: list[int]) -> list:
@@ -79,6 +83,7 @@ def test_values_equal_one_go_apply_and_the_batch_path_for_any_cap_arrival_and_re
     if len(ents) == 0:
         return
     t_end = int(ev.ts.max()) + 1
+    assert (lay.feature_ts(records) == _one_go_states(fs, ev, ents)["feature_ts"]).all()  # the newest event, TTL or not
     after = [t_end, t_end + fs.ttl_ms + 1] + data.draw(st.lists(st.integers(t_end, t_end + 150 * MS_PER_HOUR), max_size=3))
     engine = BatchEngine(lay.state, ev)
     for t in after:
@@ -174,6 +179,8 @@ def test_a_state_record_is_read_as_a_base_so_switching_to_on_read_needs_no_rewri
     assert all(is_on_read_record(r) for r in records) and not any(is_on_read_record(r) for r in streamed)
     t = int(ev.ts.max()) + 1
     _same(lay.read(records, t)[0], _one_go(fs, ev, ents, t), "switched to on_read")
+    assert (lay.feature_ts(records) == _one_go_states(fs, ev, ents)["feature_ts"]).all()
+    assert (lay.feature_ts(streamed) == states["feature_ts"]).all()
     _same(lay.read(streamed, t)[0], read_features(state_lay, states, t), "state records read as they are")
     back, _ = lay.states(records)  # and back to streaming: the folded state, encoded as today
     _same(read_features(state_lay, state_lay.decode(state_lay.encode(back))[0], t), _one_go(fs, ev, ents, t), "switched back")
