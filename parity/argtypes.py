@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
-__all__ = ["integer", "positive", "nonneg", "number", "share"]
+from features.durations import parse_duration_ms
+
+__all__ = ["duration", "integer", "nonneg", "number", "positive", "share"]
 
 
 def integer(name: str, minimum: int) -> Callable[[str], int]:
@@ -54,6 +56,21 @@ def share(name: str) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(f"{name} must be a share between 0 and 1, got {text!r}") from None
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
             raise argparse.ArgumentTypeError(f"{name} must be a share between 0 and 1, got {text}")
+        return v
+
+    return parse
+
+
+def duration(name: str, *, minimum_ms: int = 1) -> Callable[[str], int]:
+    """A duration like 30s, 15m, 1h, 1d (features.durations: the grammar serving modes use
+    too), as integer milliseconds >= minimum_ms (0 allows a bare '0')."""
+    def parse(text: str) -> int:
+        try:
+            v = parse_duration_ms(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{name}: {exc}") from None
+        if v < minimum_ms:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum_ms} ms, got {text!r}")
         return v
 
     return parse
