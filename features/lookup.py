@@ -13,6 +13,8 @@ import numpy as np
 
 from features.definitions import FeatureSet
 from features.online.base import KeyGroup, OnlineStore, RecordKey
+from features.modes import ModePlan, ServingMode, load_modes
+from features.on_read import OnReadLayout, is_on_read_record
 from features.served_values import VALUES_SUFFIX, merge_states, served_values
 from features.served_values import repair as served_repair
 from features.state import FeatureFrame, StateLayout
@@ -45,44 +47,58 @@ class LookupResult:
 
 
 class FeatureLookup:
-    def __init__(self, store: OnlineStore, sets: Sequence[FeatureSet]) -> None:
+    """Reads feature values the way each set is served (features/modes.py, kept in the store):
+    served-values records for streaming and materialized sets, raw events computed on read
+    for on_read sets. `modes` defaults to what the store says at construction."""
+
+    def __init__(self, store: OnlineStore, sets: Sequence[FeatureSet], modes: ModePlan | None = None) -> None:
         self.store = store
         self.layouts = {fs.name: StateLayout(fs) for fs in sets}
+        self.modes = modes if modes is not None else load_modes(store, list(sets))
 
     def states(self, name: str, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         lay = self._layout(name)
-        return lay.decode(self.store.get_many(record_keys(lay.feature_set, codes)))
+        raw = self.store.get_many(record_keys(lay.feature_set, codes))
+        if any(is_on_read_record(r) for r in raw):
+            return OnReadLayout.cached(lay.feature_set).states(raw)
+        return lay.decode(raw)
 
     def read_many(self, requests: Sequence[LookupRequest], now_ms: int, *, repair: bool = False) -> list[LookupResult]:
-        """All requests in one store round trip of served-values records (features/served_values.py),
-        plus one more, for the state records of entities whose values record cannot answer at
-        now_ms (none when every record is inside its exact interval). `repair` then rewrites
-        those values records as of now_ms (one optimistic transaction per set), so the next read
-        of a quiet entity is a values-only read again."""
+        """All requests in one store round trip of served-values records (features/served_values.py)
+        or, for on_read sets, of raw-event records, plus one more for the state records of
+        entities whose values record cannot answer at now_ms (none when every record is
+        inside its exact interval). `repair` then rewrites those values records as of now_ms
+        (one optimistic transaction per set), so the next read of a quiet entity is a
+        values-only read again."""
         groups, spans = [], []
         n = 0
         for req in requests:
             lay = self._layout(req.feature_set)
             fs = lay.feature_set
             ids = fs.entity.key_ids(req.codes)
-            groups.append(KeyGroup(fs.name, fs.version + VALUES_SUFFIX, fs.entity.name, ids))
-            spans.append((lay, ids, n))
+            on_read = self.modes.of(fs.name).mode is ServingMode.ON_READ
+            groups.append(KeyGroup(fs.name, fs.version if on_read else fs.version + VALUES_SUFFIX, fs.entity.name, ids))
+            spans.append((lay, ids, n, on_read))
             n += len(ids)
         raw = self.store.get_groups(groups) if n else []
-        got = [served_values(lay).read(raw[a : a + len(ids)], now_ms) for lay, ids, a in spans]
-        stale = [[RecordKey(lay.feature_set.name, lay.feature_set.version, lay.feature_set.entity.name, ids[i]) for i in np.flatnonzero(g.expired).tolist()]
-                 for (lay, ids, _), g in zip(spans, got)]
+        got = [None if on_read else served_values(lay).read(raw[a : a + len(ids)], now_ms) for lay, ids, a, on_read in spans]
+        stale = [[] if g is None else
+                 [RecordKey(lay.feature_set.name, lay.feature_set.version, lay.feature_set.entity.name, ids[i]) for i in np.flatnonzero(g.expired).tolist()]
+                 for (lay, ids, _, _), g in zip(spans, got)]
         flat = [k for ks in stale for k in ks]
         states = self.store.get_many(flat) if flat else []
         out = []
         pos = 0
-        for (lay, ks, _), g, sk in zip(spans, got, stale):
-            frame = merge_states(lay, g, states[pos : pos + len(sk)], now_ms)
-            found = g.found.copy()
-            found[g.expired] = [v is not None for v in states[pos : pos + len(sk)]]
-            pos += len(sk)
-            if repair and sk:
-                served_repair(self.store, lay, sk, now_ms)
+        for (lay, ids, a, on_read), g, sk in zip(spans, got, stale):
+            if g is None:
+                frame, found = OnReadLayout.cached(lay.feature_set).read(raw[a : a + len(ids)], now_ms)
+            else:
+                frame = merge_states(lay, g, states[pos : pos + len(sk)], now_ms)
+                found = g.found.copy()
+                found[g.expired] = [v is not None for v in states[pos : pos + len(sk)]]
+                pos += len(sk)
+                if repair and sk:
+                    served_repair(self.store, lay, sk, now_ms)
             stale_ms = np.where(frame.feature_ts >= 0, now_ms - frame.feature_ts, -1)
             out.append(LookupResult(lay.feature_set.name, lay.feature_set.version, frame, found, stale_ms))
         return out
@@ -116,7 +132,12 @@ def freshness(store: OnlineStore, sets: Sequence[FeatureSet], now_ms: int, batch
         keys = [k for k in store.iter_keys(fs.name) if k.version == fs.version]
         fts = []
         for a in range(0, len(keys), batch):
-            states, found = lay.decode(store.get_many(keys[a : a + batch]))
+            raw = store.get_many(keys[a : a + batch])
+            if any(is_on_read_record(r) for r in raw):  # an on_read set: the headers say it
+                ts = OnReadLayout.cached(fs).feature_ts(raw)
+                fts.append(ts[ts >= 0])
+                continue
+            states, found = lay.decode(raw)
             fts.append(states["feature_ts"][found])
         ts = np.concatenate(fts) if fts else np.empty(0, dtype=np.int64)
         stale = now_ms - ts

@@ -27,11 +27,12 @@ from features.definitions import FeatureSet
 from features.eventlog import EventLog
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
-from features.online.base import OnlineStore
-from features.served_values import state_writes
+from features.modes import ServingMode, SetMode, load_mode, save_mode
+from features.online.base import OnlineStore, Write
+from features.served_values import VALUES_SUFFIX, state_writes
 from features.state import StateLayout
 
-__all__ = ["materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
+__all__ = ["switch_mode", "materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
 
 _CHUNK = 2_000  # records per store commit: a few MB, well inside socket timeouts
 _MARK_CHUNK = 20_000  # dedupe markers per store commit
@@ -113,6 +114,7 @@ def materialize(
             ecodes = fs.entity.codes(history)[0]
             events = history.take(np.flatnonzero(np.isin(ecodes, codes)))
         lay = StateLayout(fs)
+        on_read = load_mode(store, fs).mode is ServingMode.ON_READ
         engine = BatchEngine(lay, events)
         written = 0
         meta = {watermark_key(fs): json.dumps({"until_ts": int(until_ts), "marked_from": int(until_ts - mark_window_ms),
@@ -122,7 +124,10 @@ def materialize(
             states = engine.states_asof(chunk, np.full(len(chunk), until_ts, dtype=np.int64))
             alive = states["feature_ts"] >= until_ts - fs.ttl_ms  # expired state: nothing to serve
             keys = record_keys(fs, chunk[alive])
-            writes = state_writes(lay, keys, states[alive])  # values as of each newest event: the bytes depend on the state only
+            if on_read:  # a state reads as an on_read record's base; readers compute
+                writes = [Write(k, v, fs.ttl_ms) for k, v in zip(keys, lay.encode(states[alive]))]
+            else:
+                writes = state_writes(lay, keys, states[alive])  # values as of each newest event: the bytes depend on the state only
             last = a + _CHUNK >= len(codes)
             store.commit(writes, meta=meta if last else None)  # watermark moves with the last chunk
             written += len(writes)
@@ -136,3 +141,19 @@ def _mark_recent(store: OnlineStore, history: EventBatch, since_ts: int, ttl_ms:
     for a in range(0, len(ids), _MARK_CHUNK):
         store.commit((), dedupe_ids=ids[a : a + _MARK_CHUNK], dedupe_ttl_ms=ttl_ms)
     return len(ids)
+
+
+def switch_mode(log: EventLog, store: OnlineStore, fs: FeatureSet, mode: SetMode) -> str:
+    """Serve `fs` in `mode` from now on, for every worker and ingestor (the mode lives in the
+    store), leaving the store readable in it: to on_read, the served-values records go (a
+    state record reads as an on_read record's base); from on_read, the set is materialised in
+    full (its records hold raw events, which a streaming reader cannot use). Returns what was done."""
+    old = load_mode(store, fs)
+    save_mode(store, fs, mode)
+    if mode.mode is ServingMode.ON_READ:
+        n = store.delete_matching(fs.name, version=fs.version + VALUES_SUFFIX)
+        return f"{old.spec} -> {mode.spec}: {n} served-values records deleted"
+    if old.mode is ServingMode.ON_READ:
+        r = materialize(log, store, [fs], full=True)[0]
+        return f"{old.spec} -> {mode.spec}: materialised in full, {r.entities_written} entities"
+    return f"{old.spec} -> {mode.spec}: records kept"

@@ -57,6 +57,7 @@ _HEADER = np.dtype(
     ]
 )
 HEADER_SIZE = _HEADER.itemsize  # 32
+_LAYOUTS: dict[tuple[str, str, int], "OnReadLayout"] = {}
 _FILL = {"value": 0.0}  # columns a set does not keep read as this (ids as -1: unknown)
 
 
@@ -119,7 +120,16 @@ class OnReadLayout:
     def for_mode(cls, fs: FeatureSet, mode: SetMode) -> OnReadLayout:
         if mode.mode is not ServingMode.ON_READ:
             raise ValueError(f"feature set {fs.name} is served {mode.mode.value}, not on_read")
-        return cls(fs, mode.cap)
+        return cls.cached(fs, mode.cap)
+
+    @classmethod
+    def cached(cls, fs: FeatureSet, cap: int = DEFAULT_CAP) -> OnReadLayout:
+        """One layout per (set version, cap): writers and readers ask per batch and per request."""
+        key = (fs.name, fs.version, int(cap))
+        lay = _LAYOUTS.get(key)
+        if lay is None:
+            lay = _LAYOUTS[key] = cls(fs, cap)
+        return lay
 
     # -- sizes ---------------------------------------------------------------------------
     def record_size(self, n_events: int, *, with_base: bool) -> int:

@@ -37,6 +37,8 @@ from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.online.base import Commit, OnlineStore, Snapshot, Write
+from features.modes import ServingMode, mode_from_meta, mode_key
+from features.on_read import OnReadLayout, is_on_read_record
 from features.served_values import state_writes
 from features.state import StateLayout, apply_events
 
@@ -152,7 +154,8 @@ class StreamingIngestor:
             plan.append((lay, m, codes, uniq, len(keys)))
             keys += record_keys(fs, uniq)
         mat_names = [f"materialized:{lay.feature_set.name}:{lay.feature_set.version}" for lay in self.layouts]
-        meta_names = [self._meta_key(), *mat_names]
+        mode_names = [mode_key(lay.feature_set) for lay in self.layouts]
+        meta_names = [self._meta_key(), *mat_names, *mode_names]
         ids = batch.event_id.tolist()
         outcome: dict = {}
 
@@ -160,7 +163,10 @@ class StreamingIngestor:
             raw = snap.meta[self._meta_key()]
             d = json.loads(raw) if raw else {}
             wm0 = int(d.get("watermark", -1))
-            horizon = max([self._horizon(snap.meta[n]) for n in mat_names] + [-1])
+            # each set's serving mode, read in this transaction: a mode change meanwhile makes it retry
+            modes = [mode_from_meta(snap.meta[n], key=n) for n in mode_names]
+            # a set materialised on a cadence is left to its runs: its watermark says nothing about the others' events
+            horizon = max([self._horizon(snap.meta[n]) for n, m in zip(mat_names, modes) if m.mode is not ServingMode.MATERIALIZED] + [-1])
             seen = np.asarray(snap.seen, dtype=bool)
             fresh_idx = np.flatnonzero(~seen)
             fresh = batch.take(fresh_idx)
@@ -180,17 +186,27 @@ class StreamingIngestor:
             applied = np.zeros(len(batch), dtype=bool)
             applied[ok_idx] = True
             writes: list[Write] = []
-            for lay, m, codes, uniq, k0 in plan:
+            for (lay, m, codes, uniq, k0), mode in zip(plan, modes):
                 fs = lay.feature_set
                 sel = np.flatnonzero(m & applied)
-                if len(sel) == 0:
-                    continue
+                if len(sel) == 0 or mode.mode is ServingMode.MATERIALIZED:
+                    continue  # materialised sets read the event log on their cadence
                 sub = batch.take(sel)
                 rows = np.searchsorted(uniq, codes[sel])
                 touched = np.unique(rows)
-                states, _ = lay.decode([snap.values[k0 + r] for r in touched.tolist()])
-                apply_events(lay, states, np.searchsorted(touched, rows).astype(np.int64), sub)
-                writes += state_writes(lay, [keys[k0 + r] for r in touched.tolist()], states)
+                old = [snap.values[k0 + r] for r in touched.tolist()]
+                touched_keys = [keys[k0 + r] for r in touched.tolist()]
+                at = np.searchsorted(touched, rows).astype(np.int64)
+                if mode.mode is ServingMode.ON_READ:  # keep the raw events; readers compute (features/on_read.py)
+                    recs = OnReadLayout.for_mode(fs, mode).append_many(old, at, sub)
+                    writes += [Write(k, v, fs.ttl_ms) for k, v in zip(touched_keys, recs)]
+                    continue
+                if any(is_on_read_record(r) for r in old):  # switched back from on_read: its events fold into a state
+                    states, _ = OnReadLayout.cached(fs).states(old)
+                else:
+                    states, _ = lay.decode(old)
+                apply_events(lay, states, at, sub)
+                writes += state_writes(lay, touched_keys, states)
             accepted = int(applied.sum())
             wm = max(wm0, int(batch.ts[applied].max())) if accepted else wm0
             dups = in_batch_dups + int(seen.sum())

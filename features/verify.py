@@ -18,7 +18,10 @@ from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, EventBatch
 from features.lookup import FeatureLookup
 from features.online.base import OnlineStore
-from features.state import StateLayout
+from features.lookup import record_keys
+from features.modes import ModePlan, ServingMode, save_mode
+from features.served_values import state_writes
+from features.state import StateLayout, read_features
 from features.streaming import StreamingIngestor
 
 __all__ = ["verify_parity", "VerifyReport", "SetReport", "values_match"]
@@ -71,8 +74,15 @@ def verify_parity(
     probes: int = 10,
     seed: int = 0,
     max_examples: int = 5,
+    modes: ModePlan | None = None,
 ) -> VerifyReport:
-    """`store` must be empty (a fresh namespace): the replay starts from nothing."""
+    """`store` must be empty (a fresh namespace): the replay starts from nothing.
+
+    `modes` (default: all streaming) says how each set is served; they are saved to the store
+    so the ingestor and the reads follow them. Streaming and on_read sets must read exactly the
+    batch value as of each probe time; a materialized set is written at each probe by what a
+    cadence run writes (the batch state as of the last cadence boundary) and must read exactly
+    the batch path as of that run, read at the probe time."""
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     if len(events) == 0:
@@ -83,8 +93,11 @@ def verify_parity(
     engines = {fs.name: BatchEngine(StateLayout(fs), events) for fs in sets}
     reports = {fs.name: SetReport(fs.name, fs.version, len(engines[fs.name].entities)) for fs in sets}
     # An in-order replay is never late, so zero lateness also proves no event is dead-lettered.
+    modes = modes if modes is not None else ModePlan({})
+    for fs in sets:
+        save_mode(store, fs, modes.of(fs.name))
     ingestor = StreamingIngestor(store, sets, name=f"verify-{uuid.uuid4().hex[:8]}", allowed_lateness_ms=0, dedupe_ttl_ms=MS_PER_DAY)
-    lookup = FeatureLookup(store, sets)
+    lookup = FeatureLookup(store, sets, modes=modes)
     pos = 0
     for t in times:
         end = int(np.searchsorted(events.ts, t, side="left"))
@@ -96,8 +109,16 @@ def verify_parity(
             codes = eng.entities
             if len(codes) == 0:
                 continue
+            m = modes.of(fs.name)
+            if m.mode is ServingMode.MATERIALIZED:  # the cadence run before t wrote the state as of its boundary
+                run = (int(t) // m.every_ms) * m.every_ms
+                states = eng.states_asof(codes, np.full(len(codes), run, dtype=np.int64))
+                alive = states["feature_ts"] >= run - fs.ttl_ms
+                store.commit(state_writes(eng.layout, record_keys(fs, codes[alive]), states[alive]))
+                batch = read_features(eng.layout, np.where(alive, states, eng.layout.empty(len(codes))), int(t))
+            else:
+                batch = eng.features_asof(codes, np.full(len(codes), t, dtype=np.int64))
             online = lookup.read(fs.name, codes, int(t)).frame
-            batch = eng.features_asof(codes, np.full(len(codes), t, dtype=np.int64))
             ok = values_match(online.values, batch.values) & (online.missing == batch.missing)
             ok &= (online.feature_ts == batch.feature_ts)[:, None]
             diff = np.abs(online.values - batch.values)

@@ -34,7 +34,34 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--full", action="store_true", help="recompute every entity instead of those with events since the watermark")
     p.add_argument("--until", type=nonneg("--until"), default=None, help="materialise events with ts < UNTIL (ms); default: the whole log")
     p.add_argument("--no-offline", action="store_true", help="skip rebuilding the offline views")
-    p.set_defaults(func=_materialize, outputs=lambda a: [] if a.no_offline else _in_data_dir(a, "offline"))
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--due", action="store_true",
+                   help="one scheduling step for sets served materialized:EVERY (see `features mode`): run those whose cadence "
+                        "boundary has passed, claimed so two schedulers never both run one; for cron or an orchestrator")
+    g.add_argument("--every", action="store_true", help="keep running: materialise each materialized set at its cadence until stopped")
+    p.set_defaults(func=_materialize, outputs=lambda a: [] if a.no_offline or a.due or a.every else _in_data_dir(a, "offline"))
+
+    p = f.add_parser("mode", help="show or set how each feature set is kept online (streaming, materialized:EVERY, on_read)",
+                     description="Without assignments: each set's serving mode as stored. With SET=MODE,...: saves the modes "
+                     "to the store (every server worker and ingestor reads them there) and leaves the store readable in them.")
+    p.add_argument("assign", nargs="?", default="", help="e.g. user_activity=on_read,user_creator=materialized:15m")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--store", default="memory", help=STORE_HELP)
+    p.add_argument("--namespace", default="parity", help="key namespace in the store (default parity)")
+    p.set_defaults(func=_mode)
+
+    p = f.add_parser("plan", help="recommend a serving mode per feature set from measured costs and a backtest",
+                     description="Reads the event log for each set's event rate and the entities a cadence window touches, "
+                     "the benchmark's measured costs per mode (bench/results/freshness_trade.json) and a backtest's staleness "
+                     "tolerance (`parity backtest --json`), and picks per set the cheapest mode that keeps NDCG@10 within 1 %% "
+                     "and the request p99 inside the budget. Table, then a JSON last line.")
+    p.add_argument("--events", required=True, help="data dir (or its events/ folder)")
+    p.add_argument("--qps", type=positive("--qps"), required=True, help="requests per second the servers answer")
+    p.add_argument("--trade", default="bench/results/freshness_trade.json", help="measured costs per set and mode (default %(default)s)")
+    p.add_argument("--backtest", default=None, help="`parity backtest --json` output (its tolerance per set); without it no staleness is tolerated")
+    p.add_argument("--latency-budget-ms", type=positive("--latency-budget-ms"), default=5.0,
+                   help="request p99 a set's read may add (default 5)")
+    p.set_defaults(func=_plan)
 
     p = f.add_parser(
         "verify",
@@ -47,6 +74,8 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--probes", type=positive("--probes"), default=10, help="probe times per entity (default 10)")
     p.add_argument("--store", default="memory", help=STORE_HELP + "; a fresh namespace is used and removed")
     p.add_argument("--seed", type=nonneg("--seed"), default=0, help="seed for the probe times (default 0)")
+    p.add_argument("--modes", default="", help="serve sets this way during the replay: SET=MODE,... (streaming, materialized:EVERY, "
+                   "on_read[:cap=N]); a materialized set must equal the batch path as of its last cadence run")
     p.set_defaults(func=_verify)
 
     p = f.add_parser("stream", help="consume events from a Redis Stream (consumer group) into the online store")
@@ -181,6 +210,8 @@ def _lineage(args: argparse.Namespace) -> int:
 def _materialize(args: argparse.Namespace) -> int:
     from features.materialize import materialize
 
+    if args.due or args.every:
+        return _cadence(args)
     ws = open_workspace(args.events)
     t = time.perf_counter()
     if not args.no_offline:
@@ -197,18 +228,24 @@ def _materialize(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from features.modes import ModePlan
     from features.verify import verify_parity
 
     ws = open_workspace(args.events)
+    try:
+        modes = ModePlan.parse(args.modes, [fs.name for fs in ws.sets]) if args.modes else None
+    except ValueError as exc:
+        raise SystemExit(f"parity features verify: error: --modes: {exc}") from None
     t = time.perf_counter()
     events = ws.log.read(must_exist=True)
     ns = f"verify-{uuid.uuid4().hex[:10]}"
     with _store(args.store, ns) as store:
         try:
-            rep = verify_parity(events, ws.sets, store, probes=args.probes, seed=args.seed)
+            rep = verify_parity(events, ws.sets, store, probes=args.probes, seed=args.seed, modes=modes)
         finally:
             store.clear_namespace()  # the scratch namespace: records, dedupe markers, metadata
-    print(f"replayed {rep.events} events through the streaming path; {rep.probes} probe times ({time.perf_counter() - t:.1f} s)")
+    how = f" (modes {args.modes})" if args.modes else ""
+    print(f"replayed {rep.events} events through the streaming path{how}; {rep.probes} probe times ({time.perf_counter() - t:.1f} s)")
     for s in rep.sets:
         print(f"  {s.feature_set:<16} {s.version}  entities={s.entities:<7} checked={s.checked:<9} mismatches={s.mismatches}  max_abs_diff={s.max_abs_diff:.3g}")
         for e in s.examples:
@@ -313,4 +350,95 @@ def _retire(args: argparse.Namespace) -> int:
     with _store(args.store, args.namespace) as store:
         n = retire_feature_set(fs, store, ws.offline)
     print(f"retired {fs.name} {fs.version}: {n} online keys deleted; materialisation will skip it")
+    return 0
+
+
+def _cadence(args: argparse.Namespace) -> int:
+    """--due / --every: the materialized sets, each at its cadence (features/cadence.py). Markers
+    are not written (mark window 0): a cadence run must not mark other sets' events as applied."""
+    import signal
+    import threading
+
+    from features.cadence import run_every, tick
+    from features.materialize import materialize
+
+    ws = open_workspace(args.events)
+
+    def report(r) -> None:
+        print(json.dumps({"until_ts": r.until_ts, "ran": list(r.ran), "claimed_elsewhere": list(r.skipped),
+                          "seconds": round((r.finished_ms - r.started_ms) / 1000.0, 3)}), flush=True)
+
+    with _store(args.store, args.namespace) as store:
+        def run(sets, until):
+            return materialize(ws.log, store, sets, until_ts=until, mark_window_ms=0)
+
+        if args.due:
+            runs = tick(store, ws.sets, run)
+            for r in runs:
+                report(r)
+            if not runs:
+                print(json.dumps({"ran": [], "why": "no materialized set is due"}))
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        n = run_every(store, ws.sets, run, stop=stop, on_run=report)  # the modes are re-read from the store each step
+    print(json.dumps({"runs": n}))
+    return 0
+
+
+def _mode(args: argparse.Namespace) -> int:
+    from features.materialize import switch_mode
+    from features.modes import load_modes, parse_overrides
+
+    ws = open_workspace(args.events)
+    by_name = {fs.name: fs for fs in ws.sets}
+    try:
+        assign = parse_overrides(args.assign, by_name) if args.assign else {}
+    except ValueError as exc:
+        raise SystemExit(f"parity features mode: error: {exc}") from None
+    with _store(args.store, args.namespace) as store:
+        for name, mode in assign.items():
+            print(f"{name}: {switch_mode(ws.log, store, by_name[name], mode)}")
+        plan = load_modes(store, ws.sets)
+    print(json.dumps({fs.name: plan.of(fs.name).spec for fs in ws.sets}))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from features.durations import format_duration_ms
+    from features.freshness_plan import CADENCES_MS, SetLoad, as_json, load_tolerance, load_trade, plan_modes
+
+    ws = open_workspace(args.events)
+    for opt, path in (("--trade", args.trade), ("--backtest", args.backtest)):
+        if path is not None and not Path(path).is_file():
+            raise SystemExit(f"parity features plan: error: {opt}: no such file {path}")
+    try:
+        costs = load_trade(json.loads(Path(args.trade).read_text()))
+        tolerance = load_tolerance(json.loads(Path(args.backtest).read_text())) if args.backtest else {}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"parity features plan: error: cannot read {args.trade} / {args.backtest}: {exc!r}") from None
+    events = ws.log.read()
+    span_s = max((int(events.ts.max()) - int(events.ts.min())) / 1000.0, 1.0) if len(events) else 1.0
+    loads = {}
+    for fs in ws.sets:
+        m = fs.event_mask(events)
+        codes, ts = fs.entity.codes(events)[0][m], events.ts[m]
+        per = {}
+        for c in CADENCES_MS:
+            win = ts // c
+            pairs = np.unique(np.stack([win, codes]), axis=1) if len(ts) else np.empty((2, 0))
+            per[c] = float(pairs.shape[1]) / max(len(np.unique(win)), 1)  # distinct entities per window that had events
+        tol = tolerance.get(fs.name, (0.0, 0.0))
+        loads[fs.name] = SetLoad(float(m.sum()) / span_s, per, tol[0], tol[1])
+    choices = plan_modes(costs, loads, qps=args.qps, latency_budget_ms=args.latency_budget_ms)
+    print(f"{'feature set':<16} {'mode':<22} {'CPU-s/s':>9} {'p99 added':>10} {'bytes/entity':>13}  why")
+    for c in choices:
+        spec = c.mode if c.every_ms is None else f"{c.mode}:{format_duration_ms(c.every_ms)}"
+        print(f"{c.feature_set:<16} {spec:<22} {c.cpu_s_per_s:>9.4g} {c.read_p99_added_ms:>8.2f}ms {c.bytes_per_entity:>13.0f}  {c.why}")
+        for mode, why in sorted(c.rejected.items()):
+            print(f"{'':<16}   not {mode}: {why}")
+    print(as_json(choices))
     return 0

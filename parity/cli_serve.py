@@ -50,6 +50,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="event time to read features as of: wall, data (start at the log's end), auto (data when the log ended > 1 day ago)")
     p.add_argument("--materialize", choices=MATERIALIZE_MODES, default="auto",
                    help="fill the store from the event log at start-up: auto (memory store, or a store never materialised), always, never")
+    p.add_argument("--modes", type=_modes, default="",
+                   help="how feature sets are kept online, saved to the store for every worker: SET=MODE,... with MODE streaming, "
+                        "materialized:EVERY (e.g. 15m; runs come from `parity features materialize --every`) or on_read[:cap=N]")
     p.add_argument("--drain-notice", type=number("--drain-notice", what="a number of seconds"), default=0.0, help="on SIGTERM, seconds of NOT_SERVING before refusing RPCs (default 0)")
     p.add_argument("--drain-grace", type=number("--drain-grace", what="a number of seconds"), default=10.0, help="seconds to wait for RPCs in flight when stopping (default 10)")
     p.add_argument("--ranker", default="student_int8",
@@ -78,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         release=Path(args.release), data_dir=Path(args.events), host=args.host, port=args.port, store=args.store, namespace=args.namespace,
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, ops_port=args.ops_port, ingest_token=ingest,
         releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
-        materialize=args.materialize, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
+        materialize=args.materialize, modes=args.modes, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
         ranker=args.ranker, retrieval=args.retrieval, served_log=Path(args.served_log) if args.served_log else None,
         log_sample=args.log_sample, drift_interval_s=args.drift_interval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
         **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
@@ -124,3 +127,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _modes(text: str) -> str:
+    """--modes: the syntax is checked here, the set names when the data dir is read."""
+    import argparse
+
+    from features.modes import parse_overrides
+
+    if not text.strip():
+        return ""  # argparse runs the default through here too
+    try:
+        parse_overrides(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from features.datasets import EVENTS_DIR, INFO_FILE, load_info
 from features.eventlog import EventLog
-from features.materialize import materialize, stored_watermark
+from features.materialize import materialize, stored_watermark, switch_mode
+from features.modes import parse_overrides
 from features.online import open_store
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
@@ -64,6 +65,10 @@ def _bootstrap_store(cfg: ServerConfig, store: OnlineStore, sets, kind: str, log
     is_memory = isinstance(store, MemoryStore)
     patient = store if is_memory else _open(cfg, _PATIENT_TIMEOUT_S)
     try:
+        if cfg.modes:  # saved to the store, where every worker and ingestor reads them (features/modes.py)
+            by_name = {fs.name: fs for fs in sets}
+            for name, mode in parse_overrides(cfg.modes, by_name).items():
+                log.info("serving mode of %s: %s", name, switch_mode(elog, patient, by_name[name], mode))
         mx = elog.max_ts()
         until = (mx + 1) if mx is not None else 0
         need = force or cfg.materialize == "always" or is_memory or any(stored_watermark(patient, fs) is None for fs in sets)
@@ -107,7 +112,7 @@ def build_service(cfg: ServerConfig, metrics: Metrics | None = None) -> Recommen
     catalog = load_catalog(data_dir)
     item_set = by_name[runtime.inputs.item_set]
     try:
-        items = load_item_table(store if store_ok else None, item_set, catalog, frame_cache=cfg.item_frame_cache)
+        items = load_item_table(store if store_ok else None, item_set, catalog, frame_cache=cfg.item_frame_cache, sets=sets)
     except StoreUnavailable as exc:
         log.warning("item features unavailable at start-up: %s", exc)
         items = load_item_table(None, item_set, catalog, frame_cache=cfg.item_frame_cache)

@@ -92,6 +92,7 @@ class ServerConfig:
     drain_grace_s: float = 10.0  # then wait this long for RPCs in flight
     clock: str = "auto"
     materialize: str = "auto"  # auto: when the store is memory or has no watermark for a served set
+    modes: str = ""  # serving-mode overrides saved to the store at start, e.g. "user_activity=on_read,user_creator=materialized:15m"
     request_compute: str = "inline"  # a request's decode/retrieve/rank: on the event loop (inline) or the cpu pool (thread)
     cpu_threads: int = 2  # executor for release loads and item-table rebuilds (and request work when request_compute=thread)
     io_threads: int = 8  # executor for store round trips

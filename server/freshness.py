@@ -50,9 +50,14 @@ class FreshnessBook:
 
     def _set(self, name: str) -> SetFreshness:
         s = self.sets.get(name)
+        mode = self._mode_of(name)
         if s is None:
-            s = self.sets[name] = SetFreshness(self._mode_of(name), self.keep, deque(maxlen=self.keep))
-            self.metrics.serving_mode.labels(name, s.mode).set(1)
+            s = self.sets[name] = SetFreshness(mode, self.keep, deque(maxlen=self.keep))
+            self.metrics.serving_mode.labels(name, mode).set(1)
+        elif s.mode != mode:  # the mode changed while serving: figures start again under the new one
+            self.metrics.serving_mode.labels(name, s.mode).set(0)
+            s = self.sets[name] = SetFreshness(mode, self.keep, deque(maxlen=self.keep))
+            self.metrics.serving_mode.labels(name, mode).set(1)
         return s
 
     def served(self, name: str, now_ms: int, feature_ts: np.ndarray) -> None:

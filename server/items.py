@@ -14,6 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -22,6 +23,8 @@ from features.datasets import ITEMS_FILE, read_items
 from features.definitions import FeatureSet
 from features.lookup import record_keys
 from features.materialize import watermark_key
+from features.modes import ModePlan, load_modes, mode_key
+from features.on_read import OnReadLayout, is_on_read_record
 from features.online.base import OnlineStore
 from features.state import FeatureFrame, StateLayout, read_features
 
@@ -50,6 +53,7 @@ class ItemTable:
     token: str  # the store's change token when read
     frame_cache: bool = True  # False (baseline): compute only the requested rows, every time
     _frames: dict = field(default_factory=dict, compare=False, repr=False)  # as-of time -> whole-catalogue frame (one entry)
+    modes: ModePlan = field(default_factory=lambda: ModePlan({}))  # every set's serving mode, read with this table (same token)
 
     @property
     def unknown_row(self) -> int:
@@ -86,22 +90,29 @@ class ItemTable:
                 np.where(known, c.duration_s[r], 0.0), np.where(known, c.publish_ts[r], 0).astype(np.int64))
 
 
-def change_token(store: OnlineStore, item_set: FeatureSet) -> str:
-    """Changes whenever a materialisation or a streaming commit may have changed item states."""
-    return json.dumps([store.get_meta(watermark_key(item_set)), store.get_meta(f"stream:{INGEST_NAME}")])
+def change_token(store: OnlineStore, item_set: FeatureSet, sets: Sequence[FeatureSet] = ()) -> str:
+    """Changes whenever a materialisation or a streaming commit may have changed item states,
+    or any set's serving mode changed (the key plan reads each set the way it is served)."""
+    return json.dumps([store.get_meta(watermark_key(item_set)), store.get_meta(f"stream:{INGEST_NAME}"),
+                       *[store.get_meta(mode_key(fs)) for fs in sets]])
 
 
-def load_item_table(store: OnlineStore | None, item_set: FeatureSet, catalog: ItemCatalog, *, frame_cache: bool = True) -> ItemTable:
-    """Read every catalogue item's state in bulk (store None: an empty table, all missing)."""
+def load_item_table(store: OnlineStore | None, item_set: FeatureSet, catalog: ItemCatalog, *, frame_cache: bool = True,
+                    sets: Sequence[FeatureSet] = ()) -> ItemTable:
+    """Read every catalogue item's state in bulk (store None: an empty table, all missing), and
+    the serving modes of `sets` (an on_read item set's records fold into states here)."""
     lay = StateLayout(item_set)
     if store is None:
         return ItemTable(catalog, lay, lay.empty(len(catalog) + 1), np.zeros(len(catalog), dtype=bool), "none", frame_cache)
-    token = change_token(store, item_set)
+    token = change_token(store, item_set, sets)
+    modes = load_modes(store, list(sets)) if sets else ModePlan({})
     parts, found = [], []
     for a in range(0, len(catalog), _CHUNK):
         ids = catalog.item_id[a : a + _CHUNK]
-        st, f = lay.decode(store.get_many(record_keys(item_set, ids)))
+        raw = store.get_many(record_keys(item_set, ids))
+        st, f = OnReadLayout.cached(item_set).states(raw) if any(is_on_read_record(r) for r in raw) else lay.decode(raw)
         parts.append(st)
         found.append(f)
     parts.append(lay.empty(1))
-    return ItemTable(catalog, lay, np.concatenate(parts), np.concatenate(found) if found else np.zeros(0, dtype=bool), token, frame_cache)
+    return ItemTable(catalog, lay, np.concatenate(parts), np.concatenate(found) if found else np.zeros(0, dtype=bool), token, frame_cache,
+                     modes=modes)

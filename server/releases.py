@@ -44,6 +44,7 @@ class ReleaseManager:
         self.cfg = cfg
         self.state = state
         self.sets_by_name = sets_by_name
+        self._sets = tuple(sets_by_name.values())  # every set the server reads: their serving modes ride with the item table
         self.store = store
         self.clock = clock
         self.metrics = metrics
@@ -113,7 +114,7 @@ class ReleaseManager:
         stamp = await self._io(catalog_stamp, self.cfg.data_dir)
         if stamp != snap.catalog_stamp:
             catalog = await self._io(load_catalog, self.cfg.data_dir)
-            items = await self._io(load_item_table, self.store, item_set, catalog, frame_cache=self.cfg.item_frame_cache)
+            items = await self._io(load_item_table, self.store, item_set, catalog, frame_cache=self.cfg.item_frame_cache, sets=self._sets)
             rebuilt = {}
             for arm, s in self.state.arms().items():
                 if s.items.layout.feature_set != item_set:
@@ -124,13 +125,19 @@ class ReleaseManager:
                 return False  # a release swap won the race; the next round rebuilds on it
             log.info("catalogue reloaded: %d items (%d new to the release)", len(catalog), len(rebuilt["primary"].new.ids))
             return True
-        token = await self._io(change_token, self.store, item_set)
+        token = await self._io(change_token, self.store, item_set, self._sets)
         if not force and token == snap.items.token:
             return False
-        items = await self._io(load_item_table, self.store, item_set, snap.items.catalog, frame_cache=self.cfg.item_frame_cache)
+        items = await self._io(load_item_table, self.store, item_set, snap.items.catalog, frame_cache=self.cfg.item_frame_cache, sets=self._sets)
         cur = self.state.current
         if cur.items.catalog is not items.catalog:
             return False
+        if items.modes != cur.items.modes:  # a set's serving mode changed: every arm's key plan is rebuilt
+            log.info("serving modes changed: %s", items.modes.to_json())
+            rebuilt = {arm: await self._cpu(build_snapshot, s.runtime, items, self.sets_by_name, s.catalog_stamp,
+                                            prefetch_limit=self.cfg.pair_prefetch_limit)
+                       for arm, s in self.state.arms().items() if s.items.layout.feature_set == item_set}
+            return self.state.replace_all(cur.runtime, rebuilt)
         return self.state.replace_all(cur.runtime, {arm: replace(s, items=items) for arm, s in self.state.arms().items()
                                                     if s.items.layout.feature_set == item_set})
 

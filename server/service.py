@@ -109,11 +109,11 @@ class RecommenderService:
         self.clock = clock
         self.state = state
         self.metrics = metrics
-        self.lookup = FeatureLookup(store, sets)
+        self.lookup = FeatureLookup(store, sets, modes=state.current.items.modes)
         self.cpu = ThreadPoolExecutor(cfg.cpu_threads, thread_name_prefix="parity-cpu")
         self.io = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="parity-io")
         self.response_cache = ResponseCache(cfg.response_cache_ttl_s, metrics.cache_result("response"))
-        self.freshness = FreshnessBook(metrics, lambda name: "streaming")
+        self.freshness = FreshnessBook(metrics, lambda name: self.state.current.items.modes.of(name).spec)
         self.values_repair = ValuesRepair(write_store, run_io=lambda fn, *a: self._run(self.io, fn, *a), clock_ms=clock.now_ms)
         self.records = UserRecords(cfg, store, metrics, run_io=lambda fn, *a: self._run(self.io, fn, *a),
                                    inline=isinstance(store, MemoryStore), lost=lambda: self.store_lost, repair=self.values_repair.offer,
@@ -374,6 +374,7 @@ class RecommenderService:
         reqs = [LookupRequest(fs.name, np.asarray([code], dtype=np.int64)) for fs in sets]
         wait = max(0.001, self._budget(budget_s) - 0.005)
         try:
+            self.lookup.modes = self.state.current.items.modes  # the modes this server serves (they ride with the item table)
             res = await asyncio.wait_for(self._run(self.io, self.lookup.read_many, reqs, now), timeout=wait)
         except (StoreUnavailable, TimeoutError) as exc:
             self.metrics.store_errors.labels("read_many", type(exc).__name__).inc()

@@ -134,7 +134,7 @@ def build_snapshot(runtime: ReleaseRuntime, items: ItemTable, sets: Mapping[str,
     if items.layout.feature_set.name != runtime.inputs.item_set or items.layout.feature_set.version != sets[runtime.inputs.item_set].version:
         raise FailedPrecondition(f"item table holds {items.layout.feature_set.name}, the release ranks with {runtime.inputs.item_set}")
     vocab_rows = catalog.index(runtime.vocab) if len(catalog) else np.full(len(runtime.vocab), -1, dtype=np.int64)
-    plan = UserFeaturePlan(runtime.inputs, sets, catalog, prefetch_limit)
+    plan = UserFeaturePlan(runtime.inputs, sets, catalog, prefetch_limit, items.modes)
     return Snapshot(runtime, items, plan, vocab_rows, NewItems.of(runtime, catalog), catalog_stamp, time.time())
 
 

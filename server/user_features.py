@@ -25,7 +25,9 @@ from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.lookup import record_keys
 from features.online.base import OnlineStore, RecordKey
-from features.served_values import expired, read_mixed, values_keys
+from features.modes import ModePlan, ServingMode
+from features.on_read import OnReadLayout
+from features.served_values import expired, read_mixed, values_key, values_keys
 from features.state import FeatureFrame, StateLayout, read_features
 from server.seen import decode_seen, seen_key
 
@@ -77,14 +79,19 @@ class UserFeatures:
     problems: tuple[str, ...] = field(default=())
 
 
-def _read(lay: StateLayout, raw: Sequence[bytes | None], now_ms: int, extra_empty: bool) -> tuple[FeatureFrame, np.ndarray, str | None]:
+def _read(lay: StateLayout, raw: Sequence[bytes | None], now_ms: int, extra_empty: bool, on_read: bool = False) -> tuple[FeatureFrame, np.ndarray, str | None]:
     """Values from served-values records (or, where those could not answer, the state records
-    the reader put in their place: features/served_values.py)."""
+    the reader put in their place: features/served_values.py), or for an on_read set from its
+    raw-event records (features/on_read.py)."""
     problem = None
     try:
-        got = read_mixed(lay, list(raw), now_ms)
-        frame, found = got.frame, got.found
-        if got.unresolved.any():
+        if on_read:
+            frame, found = OnReadLayout.cached(lay.feature_set).read(list(raw), now_ms)
+            got = None
+        else:
+            got = read_mixed(lay, list(raw), now_ms)
+            frame, found = got.frame, got.found
+        if got is not None and got.unresolved.any():
             problem = f"{lay.feature_set.name}: {int(got.unresolved.sum())} values record(s) past their exact interval and no state read"
     except ValueError as exc:  # a record of another layout: serve it as missing, loudly
         problem = f"{lay.feature_set.name}: {exc}"
@@ -104,8 +111,11 @@ def empty_pair_table(fs: FeatureSet, now_ms: int) -> PairTable:
 class UserFeaturePlan:
     """The keys a request reads for a user, fixed for one release + catalogue."""
 
-    def __init__(self, inputs: RankerInputs, sets: Mapping[str, FeatureSet], catalog: ItemCatalog, prefetch_limit: int) -> None:
+    def __init__(self, inputs: RankerInputs, sets: Mapping[str, FeatureSet], catalog: ItemCatalog, prefetch_limit: int,
+                 modes: ModePlan | None = None) -> None:
         self.inputs = inputs
+        self.modes = modes if modes is not None else ModePlan({})
+        self.on_read = {name for name in sets if self.modes.of(name).mode is ServingMode.ON_READ}  # read raw events, compute
         self.user_set = sets[inputs.user_set]
         self.user_layout = StateLayout(self.user_set)
         self.pair_sets = [(sets[name], col) for name, col in inputs.pair_sets]
@@ -120,6 +130,7 @@ class UserFeaturePlan:
                                                      for _ in range(len(self.prefetch[fs.name]))]  # per position of state_keys
         h = hashlib.blake2b(digest_size=8)
         h.update(self.user_set.version.encode())
+        h.update(",".join(sorted(self.on_read)).encode())  # cached records are of the modes they were read under
         for fs, _ in self.pair_sets:
             h.update(fs.version.encode())
             h.update(self.prefetch[fs.name].tobytes() if fs.name in self.prefetch else b"-")
@@ -140,24 +151,32 @@ class UserFeaturePlan:
 
     def keys(self, user_id: int) -> list[RecordKey]:
         """One round trip's keys: the served-values records beside `state_keys`, then the seen record."""
-        return [*values_keys(self.state_keys(user_id)), seen_key(user_id)]
+        return [*self._read_keys(self.state_keys(user_id)), seen_key(user_id)]
+
+    def _read_keys(self, state_keys: list[RecordKey]) -> list[RecordKey]:
+        """What a request reads for these states: the values record beside each, or the record
+        itself for an on_read set."""
+        if not self.on_read:
+            return values_keys(state_keys)
+        return [k if k.feature_set in self.on_read else values_key(k) for k in state_keys]
 
     def expired(self, raw: Sequence[bytes | None], now_ms: int) -> np.ndarray:
         """Positions in `raw` (of `keys`) whose values record cannot answer at now_ms: the reader
         puts the state record of `state_keys()[pos]` there instead."""
-        out = [np.flatnonzero(expired(self.user_layout, raw[:1], now_ms))]
+        out = [np.empty(0, dtype=np.int64) if self.user_set.name in self.on_read else np.flatnonzero(expired(self.user_layout, raw[:1], now_ms))]
         pos = 1
         for fs, _ in self.pair_sets:
             vals = self.prefetch.get(fs.name)
             if vals is None:
                 continue
-            out.append(pos + np.flatnonzero(expired(self.pair_layouts[fs.name], raw[pos : pos + len(vals)], now_ms)))
+            if fs.name not in self.on_read:
+                out.append(pos + np.flatnonzero(expired(self.pair_layouts[fs.name], raw[pos : pos + len(vals)], now_ms)))
             pos += len(vals)
         return np.concatenate(out)
 
     def pair_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
         """Served-values keys of (user, v) pairs; `pair_state_keys` are the states beside them."""
-        return values_keys(self.pair_state_keys(fs, user_id, values))
+        return self._read_keys(self.pair_state_keys(fs, user_id, values))
 
     def pair_state_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
         return record_keys(fs, (int(user_id) << 32) | np.asarray(values, dtype=np.int64))
@@ -194,6 +213,8 @@ class UserFeaturePlan:
         return [(lays[name], ks) for name, ks in by.items()]
 
     def pairs_expired(self, fs: FeatureSet, raw: Sequence[bytes | None], now_ms: int) -> np.ndarray:
+        if fs.name in self.on_read:
+            return np.empty(0, dtype=np.int64)
         return np.flatnonzero(expired(self.pair_layouts[fs.name], raw, now_ms))
 
     def decode(self, user_id: int, raw: Sequence[bytes | None] | None, now_ms: int, *, source: str = "store", degraded: bool = False) -> UserFeatures:
@@ -201,7 +222,7 @@ class UserFeaturePlan:
         if raw is None:
             raw = [None] * len(self.keys(user_id))
         problems = []
-        frame, found, p = _read(self.user_layout, raw[:1], now_ms, extra_empty=False)
+        frame, found, p = _read(self.user_layout, raw[:1], now_ms, extra_empty=False, on_read=self.user_set.name in self.on_read)
         if p:
             problems.append(p)
         pos = 1
@@ -210,7 +231,7 @@ class UserFeaturePlan:
             vals = self.prefetch.get(fs.name)
             if vals is None:
                 continue
-            fr, _, p = _read(self.pair_layouts[fs.name], raw[pos : pos + len(vals)], now_ms, extra_empty=True)
+            fr, _, p = _read(self.pair_layouts[fs.name], raw[pos : pos + len(vals)], now_ms, extra_empty=True, on_read=fs.name in self.on_read)
             if p:
                 problems.append(p)
             pairs[fs.name] = PairTable(fs, vals, fr)
@@ -224,7 +245,7 @@ class UserFeaturePlan:
         vals = np.asarray(values, dtype=np.int64)
         if raw is None:
             raw = [None] * len(vals)
-        fr, _, p = _read(self.pair_layouts[fs.name], raw, now_ms, extra_empty=True)
+        fr, _, p = _read(self.pair_layouts[fs.name], raw, now_ms, extra_empty=True, on_read=fs.name in self.on_read)
         if p:
             log.warning("pair features: %s", p)
         return PairTable(fs, vals, fr)
