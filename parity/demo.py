@@ -132,7 +132,9 @@ def _train_and_serve(out: Path, ws, user: int) -> dict:
         gone = not (set(top) & {int(it.item_id) for it in after.items})
         print(f"  the items just watched left the list: {gone}")
         for name, f in sorted(client.status().feature_sets.items()):
-            print(f"  {name:<14} served {f['mode']}: staleness p50 {f['staleness_p50_ms'] / 1000:.0f} s, "
+            age = f["staleness_p50_ms"] / 1000
+            age_s = f"{age / 3600:.1f} h" if age >= 3600 else f"{age:.0f} s"
+            print(f"  {name:<14} served {f['mode']}: staleness p50 {age_s}, "
                   f"{f['bytes_per_record']:.0f} bytes per record read ({f['records_read']} records)")
         users, counts = np.unique(ws.log.read().user_id, return_counts=True)
         other = int(next(u for u in users[np.argsort(-counts)].tolist() if u != user))  # the demo's user stays for the device step
