@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from features.durations import format_duration_ms
+
 __all__ = ["ALL", "FRESH", "USER_RECORD", "Condition", "format_ms", "grid"]
 
 ALL = "all"
@@ -88,14 +90,6 @@ def grid(targets: Sequence[str], staleness_ms: Sequence[int], missing: Sequence[
     return out
 
 
-_UNITS = ((86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1000, "s"))
-
-
 def format_ms(ms: int) -> str:
-    """0, 1m, 15m, 1h, 6h, 1d, 90s, 250ms: the shortest exact form."""
-    if ms == 0:
-        return "0"
-    for unit, name in _UNITS:
-        if ms % unit == 0:
-            return f"{ms // unit}{name}"
-    return f"{ms}ms"
+    """0, 1m, 15m, 1h, 6h, 1d, 90s, 250ms: the shortest exact form (features.durations's)."""
+    return format_duration_ms(int(ms))

@@ -174,18 +174,14 @@ class MemoryStore(OnlineStore):
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         for key in keys:
             check_record_key(key)
-        with self._lock:
-            now = self.clock()
-            out: list[bytes | None] = []
-            for key in keys:
-                entry = self._live(key, now)
-                out.append(None if entry is None else entry.value)
-            return out
+        return self._values(keys)
 
     def get_groups(self, groups: Sequence[KeyGroup]) -> list[bytes | None]:
         for g in groups:
             check_group(g)
-        keys = [RecordKey(g.feature_set, g.version, g.entity_type, i) for g in groups for i in g.entity_ids]
+        return self._values([RecordKey(g.feature_set, g.version, g.entity_type, i) for g in groups for i in g.entity_ids])
+
+    def _values(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         with self._lock:
             now = self.clock()
             out: list[bytes | None] = []
