@@ -88,7 +88,8 @@ class ServedValues:
         # (ring field, tile ms, ring tiles, window tiles): each distinct window a feature reads
         self._windows = sorted({(layout.ring_for(f).field, f.window.tile_ms, layout.ring_for(f).n_tiles, f.window.n_tiles)
                                 for f in fs.features if f.window is not None})
-        self._empty = FeatureFrame(list(self.columns), self.defaults[None, :].copy(), np.ones((1, n), dtype=bool), np.full(1, -1, dtype=np.int64))
+        # an entity with no record reads as this at any time (no feature timestamp: every value missing, its default)
+        self.empty_row = FeatureFrame(list(self.columns), self.defaults[None, :].copy(), np.ones((1, n), dtype=bool), np.full(1, -1, dtype=np.int64))
 
     @property
     def record_size(self) -> int:

@@ -168,16 +168,16 @@ class UserRecords:
         if not need:
             return {}, None
         sets = {fs.name: fs for fs, _ in snap.plan.pair_sets}
-        keys, spans = [], []
+        groups, spans, n = [], [], 0
         for name, vals in need.items():
-            ks = snap.plan.pair_keys(sets[name], uf.user_id, vals)
-            spans.append((name, vals, len(keys), len(keys) + len(ks)))
-            keys += ks
+            groups.append(snap.plan.pair_group(sets[name], uf.user_id, vals))
+            spans.append((name, vals, n, n + len(vals)))
+            n += len(vals)
         try:
-            raw = await self.store_read("get_many_pairs", self.store.get_many, keys, budget_s=budget_s)
+            raw = await self.store_read("get_many_pairs", self.store.get_groups, groups, budget_s=budget_s)
             reason = None
         except StoreFault as f:
-            raw, reason = [None] * len(keys), f.reason
+            raw, reason = [None] * n, f.reason
         if self._freshness is not None:
             for name, _, a, b in spans:
                 got = [r for r in raw[a:b] if r is not None]
@@ -185,8 +185,9 @@ class UserRecords:
         # served-values records past their interval: their states, in one more round trip
         fix: list[tuple[int, RecordKey]] = []
         for name, vals, a, b in spans:
-            states = snap.plan.pair_state_keys(sets[name], uf.user_id, vals)
-            fix += [(a + p, states[p]) for p in snap.plan.pairs_expired(sets[name], raw[a:b], now_ms).tolist()]
+            pos = snap.plan.pairs_expired(sets[name], raw[a:b], now_ms)
+            if len(pos):
+                fix += list(zip((a + pos).tolist(), snap.plan.pair_state_keys(sets[name], uf.user_id, vals[pos])))
         if fix:
             self.metrics.values_fallbacks.inc(len(fix))
             try:

@@ -24,10 +24,10 @@ from features.assemble import RankerInputs, columns_from_frame
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.lookup import record_keys
-from features.online.base import OnlineStore, RecordKey
+from features.online.base import KeyGroup, OnlineStore, RecordKey
 from features.modes import ModePlan, ServingMode
 from features.on_read import OnReadLayout
-from features.served_values import expired, read_mixed, values_key, values_keys
+from features.served_values import VALUES_SUFFIX, expired, read_mixed, served_values, values_key, values_keys
 from features.state import FeatureFrame, StateLayout, read_features
 from server.seen import decode_seen, seen_key
 
@@ -97,7 +97,7 @@ def _read(lay: StateLayout, raw: Sequence[bytes | None], now_ms: int, extra_empt
         problem = f"{lay.feature_set.name}: {exc}"
         frame, found = read_features(lay, lay.empty(len(raw)), now_ms), np.zeros(len(raw), dtype=bool)
     if extra_empty:
-        e = read_features(lay, lay.empty(1), now_ms)
+        e = served_values(lay).empty_row  # the same at every time: no state, every value its default
         frame = FeatureFrame(frame.columns, np.concatenate([frame.values, e.values]), np.concatenate([frame.missing, e.missing]),
                              np.concatenate([frame.feature_ts, e.feature_ts]))
     return frame, found, problem
@@ -177,6 +177,11 @@ class UserFeaturePlan:
     def pair_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
         """Served-values keys of (user, v) pairs; `pair_state_keys` are the states beside them."""
         return self._read_keys(self.pair_state_keys(fs, user_id, values))
+
+    def pair_group(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> KeyGroup:
+        """`pair_keys` as one KeyGroup (no RecordKey per pair: a request reads ~100-200 of them)."""
+        ids = fs.entity.key_ids((int(user_id) << 32) | np.asarray(values, dtype=np.int64))
+        return KeyGroup(fs.name, fs.version if fs.name in self.on_read else fs.version + VALUES_SUFFIX, fs.entity.name, ids)
 
     def pair_state_keys(self, fs: FeatureSet, user_id: int, values: np.ndarray) -> list[RecordKey]:
         return record_keys(fs, (int(user_id) << 32) | np.asarray(values, dtype=np.int64))
