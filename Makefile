@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -66,6 +66,13 @@ bench-change: setup
 # (bench/backtest_study.py, ~10 min): the per-set tolerance of staleness and missing records.
 bench-backtest: setup
 	$(PY) -m bench.backtest_study --seeds 0 1 2 --out bench/results/backtest.json --results bench/RESULTS.md
+
+# The freshness trade (bench/freshness_trade.py): write, read, bytes and served staleness per
+# serving mode for a light and a heavy feature set, and the serving study per mode (~20 min).
+FRESHNESS_ARGS ?= --servers --rounds 2
+bench-freshness: setup
+	$(PY) -m bench.freshness_trade --out bench/results/freshness_trade.json $(FRESHNESS_ARGS)
+	$(PY) -m bench.freshness_trade --render bench/results/freshness_trade.json bench/RESULTS.md
 
 # The device path (bench/device.py: bundle sizes, export throughput at 10k and 100k users, delta,
 # on-device rank vs the server's Recommend, sync, hybrid mode behind bench/delay_proxy.py, quality;
