@@ -128,7 +128,8 @@ class ReleaseManager:
         token = await self._io(change_token, self.store, item_set, self._sets)
         if not force and token == snap.items.token:
             return False
-        items = await self._io(load_item_table, self.store, item_set, snap.items.catalog, frame_cache=self.cfg.item_frame_cache, sets=self._sets)
+        items = await self._io(load_item_table, self.store, item_set, snap.items.catalog, frame_cache=self.cfg.item_frame_cache,
+                               sets=self._sets, previous=snap.items)
         cur = self.state.current
         if cur.items.catalog is not items.catalog:
             return False
