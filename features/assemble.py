@@ -8,6 +8,7 @@ from online FeatureFrames; both end in `assemble`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -24,11 +25,28 @@ if TYPE_CHECKING:
     from features.pit import PitJoiner
 
 __all__ = ["point_in_time_matrix", "RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
-           "RETRIEVAL_COLUMNS", "retrieval_columns"]
+           "RETRIEVAL_COLUMNS", "retrieval_columns", "Block", "DERIVED_COLUMNS", "prefixed"]
 
 RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap", "retrieval.item_item")
+DERIVED_COLUMNS = ("cross.topic_affinity", "request.item_age_h", "item.duration_s")  # computed by `assemble` itself
 
 Columns = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, missing)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Several ranker inputs already in the matrix's form: (1 or n, len(names)) float32, NaN where
+    missing. The same numbers as the (values, missing) columns they come from (`Block.of`); the
+    server keeps its item block per as-of time and writes a block with one assignment."""
+
+    names: tuple[str, ...]
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, names: Sequence[str], values: np.ndarray, missing: np.ndarray) -> "Block":
+        """From (rows, k) values and missing flags (or (k,) for one row)."""
+        v = np.where(missing, np.nan, values).astype(np.float32)
+        return cls(tuple(names), v.reshape(1, -1) if v.ndim == 1 else v)
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,12 @@ def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:
     return RankerInputs(user, item, pairs, aff, tuple(cols))
 
 
+@functools.lru_cache(maxsize=256)
+def prefixed(prefix: str, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The ranker's names of a feature set's columns ("set.column"), as `columns_from_frame` names them."""
+    return tuple(f"{prefix}.{c}" for c in columns)
+
+
 def columns_from_frame(prefix: str, frame: FeatureFrame, fs: FeatureSet) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for j, c in enumerate(frame.columns):
@@ -131,18 +155,27 @@ def assemble(
     item_publish_ts: np.ndarray,
     item_duration_s: np.ndarray,
     request_ts: np.ndarray | int,
+    blocks: Sequence[Block] = (),
 ) -> np.ndarray:
     """(n, len(spec.columns)) float32, NaN where missing. Columns broadcast to n rows.
 
-    Columns with one value (the user's, at serving time) are written as one row in a single
+    Inputs come from `blocks` (each written with one assignment; a one-row block broadcasts),
+    then from `cols`; `DERIVED_COLUMNS` are computed here (the affinity from `cols`). Columns
+    with one value (the user's, at serving time) are written as one row in a single
     assignment; per-row columns one by one. Same numbers as np.where(m, nan, v) per column,
     without a broadcast_to per column (that was the largest cost of a served request)."""
     n = len(item_topic)
     X = np.empty((n, len(spec.columns)), dtype=np.float32)
+    plan = _plan(spec.columns, tuple(b.names for b in blocks))
+    for b, (dest, take) in zip(blocks, plan.blocks):
+        if take is not None:
+            X[:, dest] = b.values[:, take]
+        elif dest is not None:
+            X[:, dest] = b.values
     derived = _derived(spec, cols, np.asarray(item_topic), np.asarray(item_publish_ts), np.asarray(item_duration_s), request_ts, n)
     one_j: list[int] = []
     one_v: list[float] = []
-    for j, name in enumerate(spec.columns):
+    for j, name in plan.rest:
         if name in derived:
             v, m = derived[name]
         else:
@@ -165,19 +198,55 @@ def assemble(
     return X
 
 
+@dataclass(frozen=True)
+class _Plan:
+    blocks: tuple  # per block (destination columns: slice | index array | None, block columns taken: index array | None = all)
+    rest: tuple[tuple[int, str], ...]  # (j, name) of the columns not in any block
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(columns: tuple[str, ...], block_names: tuple[tuple[str, ...], ...]) -> _Plan:
+    """Where each block's columns go (fixed per ranker inputs and block layout: computed once).
+    A name in two blocks is written by the later one; derived columns never come from a block."""
+    pos = {c: j for j, c in enumerate(columns)}
+    owner: dict[int, tuple[int, int]] = {}
+    for bi, names in enumerate(block_names):
+        for k, c in enumerate(names):
+            j = pos.get(c)
+            if j is not None and c not in DERIVED_COLUMNS:
+                owner[j] = (bi, k)
+    out = []
+    for bi, names in enumerate(block_names):
+        mine = sorted((k, j) for j, (b, k) in owner.items() if b == bi)
+        if not mine:
+            out.append((None, None))
+            continue
+        ks = np.array([k for k, _ in mine], dtype=np.intp)
+        js = np.array([j for _, j in mine], dtype=np.intp)
+        take = None if len(ks) == len(names) and (ks == np.arange(len(names))).all() else ks
+        dest = slice(int(js[0]), int(js[-1]) + 1) if (np.diff(js) == 1).all() else js
+        out.append((dest, take))
+    return _Plan(tuple(out), tuple((j, c) for j, c in enumerate(columns) if j not in owner))
+
+
+@functools.lru_cache(maxsize=256)
+def _affinity_keys(prefix: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The affinity vector's columns among `names`, by dimension."""
+    return tuple(k for _, k in sorted((int(k[len(prefix) : -1]), k) for k in names if k.startswith(prefix)))
+
+
 def _derived(spec, cols, topic, publish_ts, duration_s, request_ts, n):
-    prefix = spec.affinity + "["
-    dims = sorted((int(k[len(prefix) : -1]), k) for k in cols if k.startswith(prefix))
-    if dims:
-        ok = (topic >= 0) & (topic < len(dims))
-        t = np.clip(topic, 0, len(dims) - 1)
-        vals = [np.asarray(cols[k][0]) for _, k in dims]
+    keys = _affinity_keys(spec.affinity + "[", tuple(cols))
+    if keys:
+        ok = (topic >= 0) & (topic < len(keys))
+        t = np.clip(topic, 0, len(keys) - 1)
+        vals = [np.asarray(cols[k][0]) for k in keys]
         if all(v.size == 1 for v in vals):  # one user's vector (serving): index it, no (n, d) matrix
-            aff = np.where(ok, np.array([v.item() for v in vals], dtype=np.float64)[t], 0.0)
+            aff = np.where(ok, np.concatenate([v.reshape(1) for v in vals]).astype(np.float64, copy=False)[t], 0.0)
         else:
             A = np.stack([np.broadcast_to(v, (n,)) for v in vals], axis=1)
             aff = np.where(ok, A[np.arange(n), t], 0.0)
-        aff_m = np.broadcast_to(cols[dims[0][1]][1], (n,)) | ~ok
+        aff_m = np.broadcast_to(cols[keys[0]][1], (n,)) | ~ok
     else:
         aff, aff_m = np.zeros(n), np.ones(n, dtype=bool)
     age, age_m = item_age_hours(publish_ts, request_ts)

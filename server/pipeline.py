@@ -1,7 +1,8 @@
 """The request path's computation, pure: user features in, ranked items out.
 
-Nothing here awaits or touches the network: `retrieve` and `rank` run in a worker thread
-(ONNX Runtime and ScaNN release the GIL) on a `Snapshot` and the user's decoded features.
+Nothing here awaits or touches the network: `retrieve` and `rank` run on the event loop (by
+default; `request_compute=thread` moves them to a worker) on a `Snapshot` and the user's
+decoded features.
 The stages follow the offline evaluation (pipeline.evaluate) exactly: user features and the
 seen record's last items (the engagement history) → user tower → ANN candidates (seen, excluded and unpublished items removed, `retrieve_k` kept) →
 every candidate's ranker inputs through `features.assemble.assemble` (for rankers trained on
@@ -13,6 +14,7 @@ embedding, then a per-creator cap.
 """
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,13 +24,13 @@ import numpy as np
 
 from export.candidates import SOURCES, candidate_union
 from export.candidates import candidate_scores as shared_candidate_scores
-from features.assemble import assemble, columns_from_frame, retrieval_columns
+from features.assemble import Block, assemble, retrieval_columns
 from features.history import history_row
 from server.config import ServerConfig
 from server.state import Snapshot
 from server.user_features import PairTable, UserFeatures, empty_pair_table
 
-__all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "retrieve", "feature_matrix", "rank", "post_process",
+__all__ = ["SOURCES", "Timer", "Candidates", "Ranked", "user_matrix", "user_block", "retrieve", "feature_matrix", "rank", "post_process",
            "recommend", "score_items", "missing_pair_values", "user_history", "candidate_scores"]
 
 
@@ -69,10 +71,25 @@ class Ranked:
 
 def user_matrix(snap: Snapshot, uf: UserFeatures) -> np.ndarray:
     """The user tower's input row: the user set's columns, NaN where missing (as in training)."""
-    cols = uf.columns
-    row = [float("nan") if bool(np.asarray(cols[c][1]).reshape(-1)[0]) else float(np.asarray(cols[c][0]).reshape(-1)[0])
-           for c in snap.runtime.user_columns]
-    return np.asarray([row], dtype=np.float32)
+    b = user_block(uf)
+    return np.ascontiguousarray(b.values[:, _positions(b.names, tuple(snap.runtime.user_columns))])
+
+
+def user_block(uf: UserFeatures) -> Block:
+    """The user set's columns (one value each) as one ranker-input row."""
+    names = tuple(uf.columns)
+    pairs = [uf.columns[c] for c in names]
+    v = np.concatenate([a for a, _ in pairs]).astype(np.float64, copy=False)
+    m = np.concatenate([b for _, b in pairs]).astype(bool, copy=False)
+    if v.shape != (len(names),) or m.shape != (len(names),):
+        raise ValueError(f"a user's features hold one value per column; got {len(v)} values for {len(names)} columns")
+    return Block.of(names, v, m)
+
+
+@functools.lru_cache(maxsize=64)
+def _positions(names: tuple[str, ...], wanted: tuple[str, ...]) -> np.ndarray:
+    pos = {c: j for j, c in enumerate(names)}
+    return np.array([pos[c] for c in wanted], dtype=np.intp)
 
 
 def user_history(uf: UserFeatures, n: int) -> np.ndarray:
@@ -112,21 +129,19 @@ def candidate_scores(snap: Snapshot, user_emb: np.ndarray, ids: np.ndarray) -> n
 
 def feature_matrix(snap: Snapshot, uf: UserFeatures, rows: np.ndarray, now_ms: int, extra_pairs: Mapping[str, PairTable] | None = None,
                    retrieval: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
-    """Raw ranker inputs (n, F) for the user and item rows, through the shared `assemble`.
-    `retrieval`: the candidate list's retrieval columns, when the ranker reads them."""
-    rt = snap.runtime
-    spec = rt.inputs
+    """Raw ranker inputs (n, F) for the user and item rows, through the shared `assemble`:
+    the user's row, the item table's block (kept per as-of time) and each pair table's block
+    are written a block at a time. `retrieval`: the candidate list's retrieval columns, when
+    the ranker reads them."""
+    spec = snap.runtime.inputs
     topic, creator, duration, publish = snap.items.content(rows)
-    cols = dict(uf.columns)
-    if retrieval:
-        cols.update(retrieval)
-    frame = snap.items.features(rows, now_ms)
-    cols.update(columns_from_frame(spec.item_set, frame, snap.items.layout.feature_set))
+    cols = {**uf.columns, **retrieval} if retrieval else uf.columns
+    blocks = [user_block(uf), snap.items.block(rows, now_ms)]
     by_col = {"topic": topic, "creator_id": creator}
     for fs, col in snap.plan.pair_sets:
         table = (extra_pairs or {}).get(fs.name) or uf.pairs.get(fs.name) or empty_pair_table(fs, now_ms)
-        cols.update(table.columns(by_col[col]))
-    return assemble(spec, cols, item_topic=topic, item_publish_ts=publish, item_duration_s=duration, request_ts=now_ms)
+        blocks.append(table.block(by_col[col]))
+    return assemble(spec, cols, item_topic=topic, item_publish_ts=publish, item_duration_s=duration, request_ts=now_ms, blocks=blocks)
 
 
 def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer: Timer, extra_pairs: Mapping[str, PairTable] | None = None) -> Ranked:

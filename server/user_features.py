@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from features.assemble import RankerInputs, columns_from_frame
+from features.assemble import Block, RankerInputs, columns_from_frame, prefixed
 from features.catalog import ItemCatalog
 from features.definitions import FeatureSet
 from features.lookup import record_keys
@@ -46,18 +46,27 @@ class PairTable:
     values: np.ndarray  # sorted int64
     frame: FeatureFrame
 
-    def columns(self, keys: np.ndarray) -> Columns:
-        """Per-candidate columns for the candidates' second keys (topic / creator id; -1 unknown)."""
+    def rows(self, keys: np.ndarray) -> np.ndarray:
+        """The frame's row of each second key (topic / creator id; -1 unknown); the 'missing' row for keys not held."""
         keys = np.asarray(keys, dtype=np.int64)
         n = len(self.values)
-        if n:
-            pos = np.clip(np.searchsorted(self.values, keys), 0, n - 1)
-            rows = np.where((self.values[pos] == keys) & (keys >= 0), pos, n)
-        else:
-            rows = np.zeros(len(keys), dtype=np.int64)
+        if not n:
+            return np.zeros(len(keys), dtype=np.int64)
+        pos = np.clip(np.searchsorted(self.values, keys), 0, n - 1)
+        return np.where((self.values[pos] == keys) & (keys >= 0), pos, n)
+
+    def columns(self, keys: np.ndarray) -> Columns:
+        """Per-candidate columns for the candidates' second keys (topic / creator id; -1 unknown)."""
+        rows = self.rows(keys)
         fr = self.frame
         sub = FeatureFrame(fr.columns, fr.values[rows], fr.missing[rows], fr.feature_ts[rows])
         return columns_from_frame(self.feature_set.name, sub, self.feature_set)
+
+    def block(self, keys: np.ndarray) -> Block:
+        """`columns(keys)` as one ranker-input block."""
+        rows = self.rows(keys)
+        fr = self.frame
+        return Block.of(prefixed(self.feature_set.name, tuple(fr.columns)), fr.values[rows], fr.missing[rows])
 
     def covers(self, keys: np.ndarray) -> bool:
         k = np.asarray(keys, dtype=np.int64)
