@@ -85,12 +85,21 @@ def fresh_ids(catalog: ItemCatalog, now_ms: int, window_ms: int) -> np.ndarray:
     return catalog.item_id[rows]
 
 
+def _member(ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
+    """np.isin(ids, sorted_unique) for a sorted array of distinct ids (one binary search each)."""
+    if not len(sorted_unique):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_unique, ids), len(sorted_unique) - 1)
+    return sorted_unique[pos] == ids
+
+
 def _eligible(catalog: ItemCatalog, ids: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
+    """`blocked` sorted and distinct (candidate_union makes it so)."""
     rows = catalog.index(ids) if len(catalog) else np.full(len(ids), -1, dtype=np.int64)
     known = rows >= 0
     ok = known & (np.where(known, catalog.publish_ts[np.maximum(rows, 0)], now_ms) < now_ms) if len(catalog) else known
     if len(blocked):
-        ok &= ~np.isin(ids, blocked)
+        ok &= ~_member(ids, blocked)
     return ok
 
 
@@ -109,21 +118,22 @@ def candidate_union(rt: ReleaseRuntime, user_emb: np.ndarray, catalog: ItemCatal
     stage = stage or (lambda _name: nullcontext())
     emb = np.asarray(user_emb, dtype=np.float32).reshape(1, -1)
     blocked = np.asarray(blocked, dtype=np.int64)
+    lookup = np.unique(blocked)  # sorted and distinct: _eligible's lookups are binary searches
     parts: list[tuple[np.ndarray, int]] = []
     with stage("ann"):
         if ann_ids is None:
             want = ann_want(rt, policy, len(blocked))
             ann_ids = (rt.retrieve_exact(emb, want) if exact else rt.retrieve(emb, want))[0][0]
-        parts.append((_take(catalog, ann_ids, blocked, now_ms, policy.retrieve_k), 0))
+        parts.append((_take(catalog, ann_ids, lookup, now_ms, policy.retrieve_k), 0))
     with stage("cold_start"):
         if policy.n_content and len(new.ids):
             order = np.argsort(-(new.emb @ emb[0]), kind="stable")
-            parts.append((_take(catalog, new.ids[order], blocked, now_ms, policy.n_content), 1))
+            parts.append((_take(catalog, new.ids[order], lookup, now_ms, policy.n_content), 1))
         if policy.n_fresh:
-            parts.append((_take(catalog, fresh_ids(catalog, now_ms, policy.fresh_window_ms), blocked, now_ms, policy.n_fresh), 2))
+            parts.append((_take(catalog, fresh_ids(catalog, now_ms, policy.fresh_window_ms), lookup, now_ms, policy.n_fresh), 2))
         if policy.n_popular:
             pop = rt.popular[: policy.n_popular + len(blocked) + 50]
-            parts.append((_take(catalog, pop, blocked, now_ms, policy.n_popular), 3))
+            parts.append((_take(catalog, pop, lookup, now_ms, policy.n_popular), 3))
     ids = np.concatenate([p for p, _ in parts]).astype(np.int64)
     src = np.concatenate([np.full(len(p), s, dtype=np.int8) for p, s in parts])
     _, first = np.unique(ids, return_index=True)  # the first source listed wins
