@@ -14,6 +14,7 @@ streaming ingestor's progress moved) and whenever this server ingested events it
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from features.assemble import Block, prefixed
 from features.catalog import ItemCatalog
 from features.datasets import ITEMS_FILE, read_items
 from features.definitions import FeatureSet
@@ -57,7 +59,7 @@ class ItemTable:
     found: np.ndarray  # (n,) a record existed in the store
     token: str  # the store's change token when read
     frame_cache: bool = True  # False (baseline): compute only the requested rows, every time
-    _frames: dict = field(default_factory=dict, compare=False, repr=False)  # as-of time -> whole-catalogue frame (one entry)
+    _frames: dict = field(default_factory=dict, compare=False, repr=False)  # as-of time -> whole-catalogue (frame, block) (one entry)
     modes: ModePlan = field(default_factory=lambda: ModePlan({}))  # every set's serving mode, read with this table (same token)
     _values: dict = field(default_factory=dict, compare=False, repr=False)  # "records": served-values records of `states`
 
@@ -75,14 +77,32 @@ class ItemTable:
     def features(self, rows: np.ndarray, now_ms: int) -> FeatureFrame:
         """Item features of `rows` as of now_ms. The whole catalogue is read once per as-of time
         (requests share it: the server quantises its as-of time) and requests index into it."""
-        frame = self._frames.get(now_ms)
-        if frame is None:
-            if len(self.states) > _WHOLE_TABLE_MAX or not self.frame_cache:
-                return read_features(self.layout, self.states[rows], now_ms)
-            frame = self._catalogue_frame(now_ms)
-            self._frames.clear()  # concurrent writers at worst recompute; values are identical
-            self._frames[now_ms] = frame
+        whole = self._whole(now_ms)
+        if whole is None:
+            return read_features(self.layout, self.states[rows], now_ms)
+        frame = whole[0]
         return FeatureFrame(frame.columns, frame.values[rows], frame.missing[rows], frame.feature_ts[rows])
+
+    def block(self, rows: np.ndarray, now_ms: int) -> Block:
+        """The ranker's item inputs of `rows` as of now_ms ("set.column", float32, NaN where
+        missing): `Block.of` the `features` of the rows, indexed out of the catalogue's block."""
+        whole = self._whole(now_ms)
+        if whole is None:
+            fr = self.features(rows, now_ms)
+            return Block.of(prefixed(self.layout.feature_set.name, tuple(fr.columns)), fr.values, fr.missing)
+        return Block(whole[1].names, whole[1].values[rows])
+
+    def _whole(self, now_ms: int) -> tuple[FeatureFrame, Block] | None:
+        """The whole catalogue's (frame, block) as of now_ms; None without the frame cache."""
+        got = self._frames.get(now_ms)
+        if got is None:
+            if len(self.states) > _WHOLE_TABLE_MAX or not self.frame_cache:
+                return None
+            frame = self._catalogue_frame(now_ms)
+            got = (frame, Block.of(prefixed(self.layout.feature_set.name, tuple(frame.columns)), frame.values, frame.missing))
+            self._frames.clear()  # concurrent writers at worst recompute; values are identical
+            self._frames[now_ms] = got
+        return got
 
     def _catalogue_frame(self, now_ms: int) -> FeatureFrame:
         """`read_features(layout, states, now_ms)`, from the kept served-values records where they
@@ -117,15 +137,17 @@ class ItemTable:
         self._values["records"] = _unwritten(self.states, ~(a == b).all(axis=1), recs)
 
     def content(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(topic, creator_id, duration_s, publish_ts) per row; unknown rows get the unknown values."""
+        """(topic, creator_id, duration_s, publish_ts) per row (of `rows()`); the unknown row gets
+        the unknown values (-1, -1, 0.0, 0)."""
+        topic, creator, duration, publish = self._content
+        return topic[rows], creator[rows], duration[rows], publish[rows]
+
+    @functools.cached_property
+    def _content(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The catalogue's content columns with the unknown row's values appended (row n)."""
         c = self.catalog
-        known = rows < len(c)
-        r = np.where(known, rows, 0)
-        if len(c) == 0:
-            n = len(rows)
-            return np.full(n, -1, np.int64), np.full(n, -1, np.int64), np.zeros(n), np.zeros(n, np.int64)
-        return (np.where(known, c.topic[r], -1).astype(np.int64), np.where(known, c.creator_id[r], -1).astype(np.int64),
-                np.where(known, c.duration_s[r], 0.0), np.where(known, c.publish_ts[r], 0).astype(np.int64))
+        return (np.append(c.topic.astype(np.int64), -1), np.append(c.creator_id.astype(np.int64), -1),
+                np.append(c.duration_s.astype(np.float64), 0.0), np.append(c.publish_ts.astype(np.int64), 0))
 
 
 def _unwritten(states: np.ndarray, changed: np.ndarray, records: list) -> list:

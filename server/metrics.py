@@ -92,6 +92,8 @@ class Metrics:
         self.store_refills = Counter("parity_store_refills", "re-fills of an online store found empty", ["result"], registry=r)
         self._release_id: str | None = None
         self._http = None
+        self._stage_children: dict = {}  # stage name -> its parity_stage_seconds child
+        self._request_children: dict = {}  # (rpc, code) -> (parity_requests_total child, parity_request_seconds child)
 
     def cache_result(self, cache: str):
         hit, miss = self.cache.labels(cache, "hit"), self.cache.labels(cache, "miss")
@@ -104,8 +106,21 @@ class Metrics:
         self._release_id = release_id
 
     def observe_stages(self, stages) -> None:
+        children = self._stage_children
         for name, ms in stages:
-            self.stage.labels(name).observe(ms / 1000.0)
+            child = children.get(name)
+            if child is None:
+                child = children[name] = self.stage.labels(name)  # ~10 per request: look each stage's child up once
+            child.observe(ms / 1000.0)
+
+    def request_done(self, rpc: str, code: str, seconds: float) -> None:
+        """An RPC finished: parity_requests_total{rpc,code} and parity_request_seconds{rpc}."""
+        key = (rpc, code)
+        pair = self._request_children.get(key)
+        if pair is None:
+            pair = self._request_children[key] = (self.requests.labels(rpc, code), self.latency.labels(rpc))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def on_admission(self, lane: str, outcome: str) -> None:
         self.admission.labels(lane, outcome).inc()

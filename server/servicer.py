@@ -109,8 +109,7 @@ class Handler:
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {rpc} ({type(exc).__name__}); incident {incident} is in the server log"
         finally:
             self.metrics.inflight.dec()
-            self.metrics.requests.labels(rpc, code.name).inc()
-            self.metrics.latency.labels(rpc).observe(time.perf_counter() - t0)
+            self.metrics.request_done(rpc, code.name, time.perf_counter() - t0)
         await context.abort(code, message)
 
 

@@ -87,3 +87,17 @@ def test_a_refreshed_table_keeps_the_records_of_unchanged_items_and_rereads_the_
     want = read_features(fresh.layout, states, t + 100)
     assert np.array_equal(got.values.view(np.int64), want.values.view(np.int64))
     assert np.array_equal(got.missing, want.missing) and np.array_equal(got.feature_ts, want.feature_ts)
+
+
+def test_content_gives_the_catalogues_columns_and_the_unknown_values_for_the_unknown_row(item_table):
+    table, _ = item_table
+    c = table.catalog
+    rows = table.rows(np.array([c.item_id[3], 10**12, c.item_id[0], c.item_id[3]]))
+    topic, creator, duration, publish = table.content(rows)
+    assert topic.tolist() == [c.topic[3], -1, c.topic[0], c.topic[3]] and topic.dtype == np.int64
+    assert creator.tolist() == [c.creator_id[3], -1, c.creator_id[0], c.creator_id[3]] and creator.dtype == np.int64
+    assert duration.tolist() == [c.duration_s[3], 0.0, c.duration_s[0], c.duration_s[3]] and duration.dtype == np.float64
+    assert publish.tolist() == [c.publish_ts[3], 0, c.publish_ts[0], c.publish_ts[3]] and publish.dtype == np.int64
+    empty = load_item_table(None, table.layout.feature_set, replace(c, **{f: getattr(c, f)[:0] for f in ("item_id", "topic", "creator_id",
+                                                                                                        "duration_s", "publish_ts")}))
+    assert [x.tolist() for x in empty.content(empty.rows(np.array([5, 6])))] == [[-1, -1], [-1, -1], [0.0, 0.0], [0, 0]]
