@@ -86,8 +86,13 @@ class ServedValues:
                 self._decayed.append(_Decayed(j, w, d.field, d.half_life_ms))
             j += w
         # (ring field, tile ms, ring tiles, window tiles): each distinct window a feature reads
-        self._windows = sorted({(layout.ring_for(f).field, f.window.tile_ms, layout.ring_for(f).n_tiles, f.window.n_tiles)
-                                for f in fs.features if f.window is not None})
+        windows = sorted({(layout.ring_for(f).field, f.window.tile_ms, layout.ring_for(f).n_tiles, f.window.n_tiles)
+                          for f in fs.features if f.window is not None})
+        self._rings: list[tuple[tuple[str, int, int], list[int]]] = []  # (ring field, tile ms, ring tiles) -> its window lengths
+        for field, tile_ms, n, k in windows:
+            if not self._rings or self._rings[-1][0] != (field, tile_ms, n):
+                self._rings.append(((field, tile_ms, n), []))
+            self._rings[-1][1].append(k)
         # an entity with no record reads as this at any time (no feature timestamp: every value missing, its default)
         self.empty_row = FeatureFrame(list(self.columns), self.defaults[None, :].copy(), np.ones((1, n), dtype=bool), np.full(1, -1, dtype=np.int64))
 
@@ -105,19 +110,18 @@ class ServedValues:
         dead_at = fts + 1 + ttl  # alive while t - fts <= ttl
         start = fts + 1
         until = np.full(len(states), _NEVER, dtype=np.int64)
-        for field, tile_ms, n, k in self._windows:
+        for (field, tile_ms, n), ks in self._rings:
             head = states[f"{field}_head"].astype(np.int64)
-            slots = np.arange(n, dtype=np.int64)
-            slot_tile = head[:, None] - ((head[:, None] - slots[None, :]) % n)
-            c = (t_ref // tile_ms)[:, None]
-            filled = (states[f"{field}_count"] > 0) & (head[:, None] != NO_TILE)
-            inside = filled & (slot_tile <= c) & (slot_tile >= c - k + 1)
-            # the window ending in tile c' holds tiles c'-k+1..c': tile j leaves it when c' = j + k
-            oldest = np.where(inside, slot_tile, _NEVER).min(axis=1)
-            until = np.minimum(until, np.where(oldest == _NEVER, _NEVER, (oldest + k) * tile_ms))
-            gone = filled & (slot_tile < c - k + 1)
-            newest_gone = np.where(gone, slot_tile, -_NEVER).max(axis=1)
-            start = np.maximum(start, np.where(newest_gone == -_NEVER, start, (newest_gone + k) * tile_ms))
+            slot_tile = head[:, None] - ((head[:, None] - np.arange(n, dtype=np.int64)[None, :]) % n)
+            # a ring's filled tiles, by how far below the current tile they lie (the same for all its windows)
+            below = np.where((states[f"{field}_count"] > 0) & (head[:, None] != NO_TILE), (t_ref // tile_ms)[:, None] - slot_tile, -1)
+            for k in ks:
+                # the window ending in tile c holds tiles c-k+1..c: a tile `d` below c leaves it k - d tiles on
+                inside = (below >= 0) & (below < k)
+                d_max = np.where(inside, below, -1).max(axis=1)
+                until = np.minimum(until, np.where(d_max >= 0, ((t_ref // tile_ms) - d_max + k) * tile_ms, _NEVER))
+                d_gone = np.where(below >= k, below, _NEVER).min(axis=1)  # the newest tile that already left
+                start = np.maximum(start, np.where(d_gone < _NEVER, ((t_ref // tile_ms) - d_gone + k) * tile_ms, start))
         alive = t_ref < dead_at
         until = np.where(alive, np.minimum(until, dead_at), _NEVER)  # once expired it stays missing
         start = np.where(alive, start, dead_at)
@@ -161,9 +165,12 @@ class ServedValues:
         values[:] = self.defaults
         missing = np.ones((n, ncol), dtype=bool)
         fts_out = np.full(n, -1, dtype=np.int64)
-        idx = np.flatnonzero(lens == size)
+        whole = lens == size
+        idx = np.flatnonzero(whole)
         if len(idx):
-            rec = np.frombuffer(b"".join([records[i] for i in idx.tolist()]), dtype=self.dtype)
+            # the common case, every record present and of this format, joins the list as it is
+            blob = b"".join(records) if len(idx) == n else b"".join([records[i] for i in idx.tolist()])
+            rec = np.frombuffer(blob, dtype=self.dtype)
             good = (rec["magic"] == _MAGIC) & (rec["ncol"] == ncol) & (rec["valid_from"] <= t) & (t < rec["valid_until"])
             if not good.all():
                 expired[idx[~good]] = True
