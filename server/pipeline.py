@@ -175,8 +175,7 @@ def post_process(ranked: Ranked, creators: np.ndarray, k: int, per_creator_cap: 
     if per_creator_cap <= 0:
         return order[:k]
     taken, skipped, count = [], [], {}
-    for i in order.tolist():
-        c = int(creators[i])
+    for i, c in zip(order.tolist(), np.asarray(creators)[order].tolist()):
         if c >= 0 and count.get(c, 0) >= per_creator_cap:
             skipped.append(i)
             continue

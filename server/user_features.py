@@ -69,9 +69,14 @@ class PairTable:
         return Block.of(prefixed(self.feature_set.name, tuple(fr.columns)), fr.values[rows], fr.missing[rows])
 
     def covers(self, keys: np.ndarray) -> bool:
+        """Whether every known key (>= 0) has its own row (`values` is sorted and distinct)."""
         k = np.asarray(keys, dtype=np.int64)
         k = k[k >= 0]
-        return bool(np.isin(k, self.values).all())
+        if not len(k):
+            return True
+        if not len(self.values):
+            return False
+        return bool((self.values[np.minimum(np.searchsorted(self.values, k), len(self.values) - 1)] == k).all())
 
 
 @dataclass(frozen=True)

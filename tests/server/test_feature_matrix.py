@@ -98,3 +98,16 @@ def test_with_retrieval_columns_block_assembly_equals_column_assembly(small_sim,
     finally:
         svc.cpu.shutdown()
         svc.io.shutdown()
+
+
+def test_a_pair_table_covers_keys_exactly_when_isin_says_so(services):
+    snap = services["prefetched"].state.current
+    fs = snap.plan.pair_sets[0][0]
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 5, 40):
+        table = empty_pair_table(fs, 0)
+        table = type(table)(fs, np.unique(rng.integers(0, 60, n)).astype(np.int64), table.frame)
+        for _ in range(50):
+            keys = rng.integers(-3, 70, rng.integers(0, 12))
+            k = keys[keys >= 0]
+            assert table.covers(keys) == bool(np.isin(k, table.values).all())
