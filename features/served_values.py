@@ -89,9 +89,9 @@ class ServedValues:
         windows = sorted({(layout.ring_for(f).field, f.window.tile_ms, layout.ring_for(f).n_tiles, f.window.n_tiles)
                           for f in fs.features if f.window is not None})
         self._rings: list[tuple[tuple[str, int, int], list[int]]] = []  # (ring field, tile ms, ring tiles) -> its window lengths
-        for field, tile_ms, n, k in windows:
-            if not self._rings or self._rings[-1][0] != (field, tile_ms, n):
-                self._rings.append(((field, tile_ms, n), []))
+        for field, tile_ms, tiles, k in windows:
+            if not self._rings or self._rings[-1][0] != (field, tile_ms, tiles):
+                self._rings.append(((field, tile_ms, tiles), []))
             self._rings[-1][1].append(k)
         # an entity with no record reads as this at any time (no feature timestamp: every value missing, its default)
         self.empty_row = FeatureFrame(list(self.columns), self.defaults[None, :].copy(), np.ones((1, n), dtype=bool), np.full(1, -1, dtype=np.int64))
