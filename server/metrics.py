@@ -54,7 +54,7 @@ class Metrics:
                                  buckets=(0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0), registry=r)
         self.staleness = Histogram("parity_feature_staleness_seconds", "age of the user features served", buckets=_STALENESS, registry=r)
         self.degraded = Counter("parity_degraded_responses", "responses served from fallbacks", ["reason"], registry=r)
-        self.served_staleness = Histogram("parity_served_staleness_seconds", "per request and feature set: median age of the values served",
+        self.served_staleness = Histogram("parity_served_staleness_seconds", "per request and feature set: age of the freshest value served",
                                           ["feature_set"], buckets=_STALENESS, registry=r)
         self.store_bytes = Counter("parity_store_bytes_read", "bytes the request path read from the online store", ["feature_set"], registry=r)
         self.serving_mode = Gauge("parity_serving_mode", "how each feature set is kept online (1 for its mode)", ["feature_set", "mode"], registry=r)
