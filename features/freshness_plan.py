@@ -91,7 +91,9 @@ def plan_modes(costs: Mapping[str, Mapping[str, ModeCost]], loads: Mapping[str, 
             if mode == "materialized":
                 fits = [e for e in cadences_ms if e <= load.staleness_tolerance_ms]
                 if not fits:
-                    rejected[mode] = (f"quality drops by more than 1 % past {load.staleness_tolerance_ms / MINUTE_MS:g} min of staleness, "
+                    rejected[mode] = ("no staleness tolerated (no backtest given, or NDCG@10 fell by more than 1 % at its smallest staleness)"
+                                      if load.staleness_tolerance_ms <= 0 else
+                                      f"quality drops by more than 1 % past {load.staleness_tolerance_ms / MINUTE_MS:g} min of staleness, "
                                       f"shorter than the shortest cadence ({min(cadences_ms) / MINUTE_MS:g} min)")
                     continue
                 every = max(fits)
@@ -130,5 +132,10 @@ def load_tolerance(doc: Mapping) -> dict[str, tuple[float, float]]:
     return {name: (float(t["max_staleness_ms"]), float(t.get("max_missing", 0.0))) for name, t in doc["tolerance"].items()}
 
 
+def _finite(v: object) -> object:
+    return None if isinstance(v, float) and v != v else v  # JSON has no NaN: an unmeasured figure is null
+
+
 def as_json(choices: Sequence[SetChoice]) -> str:
-    return json.dumps({"plan": [asdict(c) | {"rejected": dict(c.rejected)} for c in choices]}, sort_keys=True, default=str)
+    rows = [{k: _finite(v) for k, v in (asdict(c) | {"rejected": dict(c.rejected)}).items()} for c in choices]
+    return json.dumps({"plan": rows}, sort_keys=True, default=str, allow_nan=False)
