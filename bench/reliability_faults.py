@@ -689,7 +689,7 @@ def _ingest_batches(target: str, batches: Sequence[Sequence], stop: threading.Ev
                     timeout_s: float = 30.0, progress: list[int] | None = None) -> tuple[int, np.ndarray, list[str]]:
     """Send each batch as one IngestEvents stream; (batches acknowledged, totals [accepted,
     duplicates, late, invalid, limited], errors). Stops at the first error or when `stop` is set;
-    `progress` ([events acknowledged, seconds per batch], read by another thread) is kept up to date."""
+    `progress` ([events acknowledged, seconds the last batch took], read by another thread) is kept up to date."""
     from server.client import ParityClient, ParityRpcError
 
     done, totals, errors = 0, np.zeros(5, dtype=np.int64), []
@@ -706,8 +706,10 @@ def _ingest_batches(target: str, batches: Sequence[Sequence], stop: threading.Ev
             done += 1
             totals += (r.accepted, r.duplicates, r.late, r.invalid, r.limited)
             if progress is not None:
+                now = time.monotonic()
                 progress[0] += len(b)
-                progress[1] = (time.monotonic() - t0) / done  # seconds per batch so far
+                progress[1] = now - t0  # the last batch's time (an average over the first, slower ones overshot the next batch)
+                t0 = now
     return done, totals, errors
 
 
@@ -729,7 +731,7 @@ def server_kill9_during_ingest(ws: Workspace, cfg: FaultsConfig) -> Row:
                 time.sleep(0.002)
             # Late into the next batch: the server commits a stream's events once they have arrived,
             # so the kill most likely lands during that commit or just before its acknowledgement.
-            time.sleep(0.8 * acked[1])
+            time.sleep(0.5 * acked[1])
             proc = srv.proc
             proc.send_signal(signal.SIGKILL)
             t_kill = time.monotonic()
