@@ -114,6 +114,26 @@ def test_stream_memory(benchmark, dataset: Dataset) -> None:
     _finish(benchmark, work=n, unit="events", events=n, batch_size=STREAM_BATCH, feature_sets=len(dataset.sets))
 
 
+@pytest.mark.benchmark(group="streaming")
+def test_stream_memory_state_only(benchmark, dataset: Dataset, monkeypatch) -> None:
+    """Diagnostic: the same ingest writing each state alone, without the served-values record
+    beside it (features/served_values.py): what the values records cost the write path."""
+    import features.streaming as streaming
+    from features.online.base import Write
+
+    monkeypatch.setattr(streaming, "state_writes",
+                        lambda lay, keys, states, t_ref=None: [Write(k, v, lay.feature_set.ttl_ms) for k, v in zip(keys, lay.encode(states))])
+    batches = _stream_batches(dataset)
+    n = sum(len(b) for b in batches)
+
+    def setup():
+        return (StreamingIngestor(MemoryStore("bench"), dataset.sets), batches), {}
+
+    accepted = benchmark.pedantic(_ingest_all, setup=setup, rounds=3, iterations=1)
+    assert accepted == n
+    _finish(benchmark, work=n, unit="events", events=n, batch_size=STREAM_BATCH, baseline="test_stream_memory")
+
+
 @pytest.mark.redis
 @pytest.mark.benchmark(group="streaming")
 def test_stream_redis(benchmark, dataset: Dataset, redis_url: str) -> None:
