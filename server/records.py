@@ -125,7 +125,7 @@ class UserRecords:
             if stale is not None:
                 return RecordRead(stale, "stale", lost)
         try:
-            raw = await self.store_read("get_many", self.store.get_many, snap.plan.keys(user), budget_s=budget_s)
+            raw = await self.store_read("get_many", self.store.get_groups, snap.plan.groups(user), budget_s=budget_s)
         except StoreFault as f:
             return fallback_read(self.stale.get(key), f.reason, lost)
         if self._freshness is not None:

@@ -29,7 +29,7 @@ from features.modes import ModePlan, ServingMode
 from features.on_read import OnReadLayout
 from features.served_values import VALUES_SUFFIX, expired, read_mixed, served_values, values_key, values_keys
 from features.state import FeatureFrame, StateLayout, read_features
-from server.seen import decode_seen, seen_key
+from server.seen import SEEN_SET, SEEN_VERSION, decode_seen
 
 __all__ = ["PairTable", "UserFeatures", "UserFeaturePlan", "empty_pair_table"]
 
@@ -140,6 +140,7 @@ class UserFeaturePlan:
             vals = vals[(vals >= 0) & (vals < (1 << 31))]
             if len(vals) <= prefetch_limit:
                 self.prefetch[fs.name] = vals
+        self._prefetch_ids = {name: [str(v) for v in vals.tolist()] for name, vals in self.prefetch.items()}
         self.position_sets = [self.user_set.name] + [fs.name for fs, _ in self.pair_sets if fs.name in self.prefetch
                                                      for _ in range(len(self.prefetch[fs.name]))]  # per position of state_keys
         h = hashlib.blake2b(digest_size=8)
@@ -163,9 +164,24 @@ class UserFeaturePlan:
                 keys += record_keys(fs, (int(user_id) << 32) | self.prefetch[fs.name])
         return keys
 
+    def groups(self, user_id: int) -> list[KeyGroup]:
+        """One round trip's keys, as the store takes them on the request path (no RecordKey per
+        key): the served-values records beside `state_keys` (an on_read set's records
+        themselves), then the seen record."""
+        u = str(int(user_id))
+        out = [KeyGroup(self.user_set.name, self._read_version(self.user_set), self.user_set.entity.name, [u])]
+        for fs, _ in self.pair_sets:
+            if fs.name in self.prefetch:
+                out.append(KeyGroup(fs.name, self._read_version(fs), fs.entity.name, [f"{u}|{v}" for v in self._prefetch_ids[fs.name]]))
+        out.append(KeyGroup(SEEN_SET, SEEN_VERSION, "user", [u]))
+        return out
+
+    def _read_version(self, fs: FeatureSet) -> str:
+        return fs.version if fs.name in self.on_read else fs.version + VALUES_SUFFIX
+
     def keys(self, user_id: int) -> list[RecordKey]:
-        """One round trip's keys: the served-values records beside `state_keys`, then the seen record."""
-        return [*self._read_keys(self.state_keys(user_id)), seen_key(user_id)]
+        """`groups` as RecordKeys (for tools and tests)."""
+        return [k for g in self.groups(user_id) for k in g.keys()]
 
     def _read_keys(self, state_keys: list[RecordKey]) -> list[RecordKey]:
         """What a request reads for these states: the values record beside each, or the record
@@ -204,7 +220,7 @@ class UserFeaturePlan:
         """The records `decode` takes, read synchronously with no budget or cache: `keys`, then
         the states of the values records that cannot answer at now_ms (what server/records.py
         does on the request path; for tools and tests)."""
-        raw = store.get_many(self.keys(user_id))
+        raw = store.get_groups(self.groups(user_id))
         pos = self.expired(raw, now_ms)
         if len(pos):
             sk = self.state_keys(user_id)

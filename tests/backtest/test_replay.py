@@ -82,6 +82,7 @@ def test_a_dropped_user_record_is_exactly_the_servers_degraded_answer(release_di
             raise StoreUnavailable("the test took the store down")
 
         monkeypatch.setattr(srv.service.records.store, "get_many", down)
+        monkeypatch.setattr(srv.service.records.store, "get_groups", down)  # the request path's reads
         users = (3, 10**9)  # a known user and one the log never saw
         served = {u: c.recommend(u, k=10) for u in users}
     until = int(EventLog(small_sim / "events").max_ts()) + 1  # the server materialised its store at the log's end
