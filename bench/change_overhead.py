@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.report import machine, write_json
-from bench.serving import ServerProcess, ServingBenchConfig, _measure, _prepare, _say, capacity_search
+from bench.serving import ServerProcess, ServingBenchConfig, _measure, _say, capacity_search, prepared
 
 __all__ = ["run", "main", "VARIANTS"]
 
@@ -63,17 +63,7 @@ def run(out: Path, cfg: ServingBenchConfig, rounds: int, work: Path | None = Non
     tmp = tempfile.TemporaryDirectory(prefix="parity-change-bench-") if work is None else None
     work = Path(tmp.name) if tmp else Path(work)
     try:
-        done = work / "prepared.json"
-        if done.exists():  # --work of an earlier run: the same data and release (the figures stay comparable)
-            import json
-
-            setup = json.loads(done.read_text())
-            data, release = work / "data", work / "releases" / setup["release_id"]
-            _say(f"reusing the data and release {release.name} in {work}")
-        else:
-            _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
-            data, release, setup = _prepare(work, cfg)
-            write_json(done, setup)
+        data, release, setup = prepared(work, cfg)
         shadow = release.parent / f"{release.name}-shadow"
         if not shadow.exists():
             shutil.copytree(release, shadow)  # the same models under another folder: a second snapshot to run

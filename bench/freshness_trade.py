@@ -234,15 +234,9 @@ def run_servers(cfg, work: Path, rounds: int) -> list[dict]:
 
 
 def _prepared(work: Path, cfg) -> tuple[Path, Path]:
-    from bench.serving import _prepare
+    from bench.serving import prepared
 
-    done = work / "prepared.json"
-    if done.exists():
-        setup = json.loads(done.read_text())
-        return work / "data", work / "releases" / setup["release_id"]
-    _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
-    data, release, setup = _prepare(work, cfg)
-    write_json(done, setup)
+    data, release, _ = prepared(work, cfg)
     return data, release
 
 

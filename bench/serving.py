@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -265,6 +266,23 @@ def _prepare(work: Path, cfg: ServingBenchConfig) -> tuple[Path, Path, dict]:
                                 "items": release.manifest["retrieval"]["items"], "index": release.manifest["retrieval"]["index"]}
 
 
+def prepared(work: Path, cfg: ServingBenchConfig) -> tuple[Path, Path, dict]:
+    """The data and release in `work`: an earlier run's (its prepared.json, made with the same
+    simulation and profile, so figures from several runs stay comparable), else new ones."""
+    done = work / "prepared.json"
+    if done.exists():
+        setup = json.loads(done.read_text())
+        if setup.get("sim") != cfg.sim or setup.get("profile") != cfg.profile:
+            raise SystemExit(f"{work} was prepared with {setup.get('sim')} / {setup.get('profile')}, not {cfg.sim} / {cfg.profile}: "
+                             "use a new --work folder")
+        _say(f"reusing the data and release {setup['release_id']} in {work}")
+        return work / "data", work / "releases" / setup["release_id"], {**setup, "reused": True}
+    _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
+    data, release, setup = _prepare(work, cfg)
+    write_json(done, setup)
+    return data, release, setup
+
+
 def _measure(server: ServerProcess, user_ids: list[str], cfg: ServingBenchConfig, qps: float, seconds: float, *, window_s: float | None = None,
              keep_latencies: bool = False) -> dict:
     from bench.latency import run_latency
@@ -286,8 +304,7 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="parity-serving-bench-") if work is None else None
     work = Path(tmp.name) if tmp else Path(work)
     try:
-        _say(f"simulating {cfg.sim} and training a {cfg.profile} release in {work}")
-        data, release, setup = _prepare(work, cfg)
+        data, release, setup = prepared(work, cfg)
         n_ids = int(max(cfg.fixed_qps * cfg.fixed_seconds, 100_000))
         user_ids = UserMix.from_data_dir(data).sample(n_ids, seed=cfg.seed)
         result: dict = {"config": asdict(cfg), "setup": setup, "machine": machine(), "started_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
