@@ -72,6 +72,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drift-interval", type=number("--drift-interval", what="a number of seconds"), default=60.0,
                    help="how often the live drift window is tested and its gauges updated (default 60; 0: no live drift watch)")
     p.add_argument("--no-caches", action="store_true", help="turn off the response cache, the user-feature cache and the shared item frame (baseline)")
+    p.add_argument("--workers", type=integer("--workers", 1), default=1,
+                   help="server processes sharing the port (SO_REUSEPORT), one per core; worker i serves metrics on --metrics-port + i; "
+                        "rollouts and LoadRelease reach every worker through a shared (redis) store (default 1)")
+    p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # set by the supervisor for its workers
+    p.add_argument("--worker-index", type=integer("--worker-index", 0), default=None, help=argparse.SUPPRESS)
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -83,7 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         releases_root=Path(args.releases_root) if args.releases_root else None, admin_token=token, tls_cert=args.tls_cert, tls_key=args.tls_key, clock=args.clock,
         materialize=args.materialize, modes=args.modes, drain_notice_s=args.drain_notice, drain_grace_s=args.drain_grace,
         ranker=args.ranker, retrieval=args.retrieval, served_log=Path(args.served_log) if args.served_log else None,
-        log_sample=args.log_sample, drift_interval_s=args.drift_interval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
+        log_sample=args.log_sample, reuse_port=args.reuse_port, worker_index=args.worker_index, drift_interval_s=args.drift_interval, serve_max_running=args.serve_concurrency, **_core_pending(args.core_pending),
         **({"serve_max_wait_s": args.max_queue_wait_ms / 1000.0} if args.max_queue_wait_ms is not None else {}),
         **({"response_cache_ttl_s": 0.0, "feature_cache_ttl_s": 0.0, "item_frame_cache": False} if args.no_caches else {}),
     )
@@ -106,6 +111,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         for f in (cfg.tls_cert, cfg.tls_key):
             if f is not None and not Path(f).is_file():
                 raise FileNotFoundError(f"TLS file {f} does not exist")
+        if args.workers > 1:
+            return _run_fleet(args, cfg)
         from server.app import serve
 
         return asyncio.run(serve(cfg))
@@ -114,6 +121,81 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def worker_argv(args: argparse.Namespace, **overrides) -> list[str]:
+    """`parity serve` arguments that rebuild `args` (with `overrides` by dest) for a worker."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_serve_arguments(p)
+    values = {**vars(args), **overrides}
+    out = [sys.executable, "-m", "parity", *(["-v"] if values.get("verbose") else []), "serve"]
+    for a in p._actions:
+        if not a.option_strings or a.dest == "workers":
+            continue
+        v = values.get(a.dest)
+        if isinstance(a, argparse._StoreTrueAction):
+            out += [a.option_strings[-1]] if v else []
+        elif v is not None and v != "":
+            out += [a.option_strings[-1], str(v)]
+    return out
+
+
+def _run_fleet(args: argparse.Namespace, cfg: ServerConfig) -> int:
+    """The supervisor of `--workers N` (server/workers.py)."""
+    import time
+
+    from server.workers import reserve_port, run_fleet
+
+    def reserve(port: int, flag: str):
+        try:
+            return reserve_port(cfg.host, port)
+        except OSError as exc:
+            raise OSError(f"cannot listen on {cfg.host}:{port} ({flag}; in use?): {exc.strerror or exc}") from None
+
+    reserved = [reserve(cfg.port, "--port")]
+    port = reserved[0].getsockname()[1]
+    ops = None
+    if cfg.ops_port is not None:
+        reserved.append(reserve(cfg.ops_port, "--ops-port"))
+        ops = reserved[-1].getsockname()[1]
+    if cfg.store == "memory":
+        print(f"parity serve: warning: {args.workers} workers on the memory store share nothing: each fills its own store from the "
+              "event log, and IngestEvents, rollouts and LoadRelease reach only the worker that receives them (use --store redis://...)",
+              file=sys.stderr)
+    else:
+        try:
+            _declare_primary(cfg, int(time.time() * 1000))
+        except Exception as exc:  # noqa: BLE001 - a store down at start: workers serve --release and follow the store once it is back
+            print(f"parity serve: warning: could not record {cfg.release} as the fleet's primary in the store ({exc})", file=sys.stderr)
+    base = cfg.metrics_port
+
+    def argv_for(i: int) -> list[str]:
+        return worker_argv(args, port=port, ops_port=ops, metrics_port=(base + i) if base else 0, reuse_port=True, worker_index=i)
+
+    def announce(pids: list[int]) -> None:
+        metrics = f"; metrics on ports {base}-{base + args.workers - 1}" if base else ""
+        print(f"parity serve: {args.workers} workers on {cfg.host}:{port} (pids {', '.join(map(str, pids))}){metrics}", file=sys.stderr, flush=True)
+
+    return run_fleet(argv_for, args.workers, reserved, kill_after_s=cfg.drain_notice_s + cfg.drain_grace_s + 30.0, announce=announce)
+
+
+def _declare_primary(cfg: ServerConfig, now_ms: int) -> None:
+    """The fleet's --release becomes the primary in the shared rollout state, so every worker (and
+    one restarted later) serves it rather than what an earlier fleet left there."""
+    from features.online import open_store
+    from server.rollout import RolloutStore
+    from server.state import release_ref
+
+    ref = release_ref(str(cfg.release), cfg.releases_dir)
+    store = open_store(cfg.store, namespace=cfg.namespace)
+    try:
+        rollouts = RolloutStore(store)
+        if rollouts.load().primary != ref:
+            rollouts.update(lambda cur: cur.serve(ref, now_ms))
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,7 +69,7 @@ class ParityServer:
 
     def _grpc_server(self, *, shed: bool) -> grpc.aio.Server:
         cfg = self.cfg
-        options = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 << 20),
+        options = [("grpc.so_reuseport", 1 if cfg.reuse_port else 0), ("grpc.max_receive_message_length", 16 << 20),
                    ("grpc.max_concurrent_streams", cfg.max_streams_per_connection)]
         if shed:  # C-core sheds calls Python has not picked up yet (server/admission.py)
             options += [("grpc.server.max_pending_requests", cfg.core_pending_soft),

@@ -31,6 +31,8 @@ class ServerConfig:
     metrics_port: int | None = 9100  # None or 0: no metrics endpoint
     metrics_host: str | None = None  # None: the same address as `host`
     ops_port: int | None = None  # a second port with health and Admin only, never shed by request floods (0: pick one)
+    reuse_port: bool = False  # bind with SO_REUSEPORT: one of `parity serve --workers N` on a shared port (server/workers.py)
+    worker_index: int | None = None  # which worker of a fleet this process is (None: a lone server)
     admin_token: str | None = None  # None: every Admin RPC is refused
     ingest_token: str | None = None  # IngestEvents bearer token; None: the admin token; neither: ingest refused
     releases_root: Path | None = None  # LoadRelease only loads folders under it; None: the parent of `release`

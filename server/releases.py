@@ -25,7 +25,7 @@ from server.errors import FailedPrecondition, ServingError
 from server.items import catalog_stamp, change_token, load_catalog, load_item_table
 from server.metrics import Metrics
 from server.pipeline import Timer
-from server.state import ServingState, Snapshot, build_snapshot, load_runtime, release_path_under
+from server.state import ServingState, Snapshot, build_snapshot, load_runtime, release_path_under, release_ref
 
 __all__ = ["ReleaseManager", "warm"]
 
@@ -87,14 +87,19 @@ class ReleaseManager:
             raise FailedPrecondition(f"release refused: {type(exc).__name__}: {str(exc)[:200]}") from None
         return snap
 
-    async def load_release(self, path: str) -> tuple[str, str, float]:
-        """Load, check, warm, then swap the primary. Returns (new id, previous id, ms)."""
+    async def load_release(self, path: str, install: Callable[[str, Snapshot], Awaitable[object]] | None = None) -> tuple[str, str, float]:
+        """Load, check, warm, then swap the primary. Returns (new id, previous id, ms).
+        `install(ref, snap)`, when given, does the swap (the rollout manager: it records `ref`,
+        the folder relative to the releases root, in the shared state first)."""
         assert self._lock is not None, "service not started"
         async with self._lock:
             t = time.perf_counter()
             old = self.state.current
             snap = await self.prepare(path)
-            self.install(snap)
+            if install is None:
+                self.install(snap)
+            else:
+                await install(release_ref(path, self.cfg.releases_dir), snap)
             ms = (time.perf_counter() - t) * 1000
             log.info("release %s loaded in %.0f ms (was %s)", snap.release_id, ms, old.release_id)
             return snap.release_id, old.release_id, ms

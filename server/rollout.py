@@ -245,6 +245,11 @@ class Rollout:
                           shadow=spec.shadow, shadow_percent=spec.shadow_percent, salt=salt, auto_promote=spec.auto_promote,
                           thresholds=spec.thresholds, started_ms=int(now_ms), last_decision="")
 
+    def serve(self, primary: str, now_ms: int) -> Rollout:
+        """LoadRelease: `primary` answers from now on, on every worker (each worker's poll loads
+        it); a running canary or shadow goes on beside it."""
+        return self._next(now_ms, self.state, "serve", primary=_release("primary", primary))
+
     def _require_canary(self, action: str) -> None:
         if not self.active or not self.canary:
             raise FailedPrecondition(f"cannot {action}: no canary is running (rollout state {self.state!r}, version {self.version})")

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Sequence
 
 import numpy as np
@@ -27,13 +28,13 @@ from server.canary_guard import CanaryGuard, Decision, PredictionReference, Stor
 from server.background import spawn, stop
 from server.clock import Clock
 from server.config import ServerConfig
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, ServingError, Unavailable
 from server.metrics import Metrics
 from server.observe import Observation
 from server.releases import ReleaseManager
 from server.rollout import Rollout, RolloutSpec, RolloutStore
 from server.shadow import ShadowRunner
-from server.state import ServingState, Snapshot
+from server.state import ServingState, Snapshot, release_path_under
 
 __all__ = ["RolloutManager"]
 
@@ -180,8 +181,8 @@ class RolloutManager:
         prev = self.current
         if r.state == "promoted" and prev.canary and r.primary == prev.canary and self.state.arm("canary") is not None:
             self.releases.install(self.state.arm("canary"))  # the canary's warm snapshot becomes everyone's
-        elif r.primary and r.primary not in (self.state.current.release_id, prev.primary) and r.state == "promoted":
-            self.releases.install(await self._snapshot(r.primary))  # another worker promoted: load it here too
+        elif r.primary and r.primary != prev.primary and not self._serving(r.primary):
+            self.releases.install(await self._snapshot(r.primary))  # another worker promoted or loaded it: load it here too
         canary = await self._snapshot(r.canary) if r.active and r.canary else None
         shadow = await self._snapshot(r.shadow) if r.active and r.shadow else None
         self.state.set_arm("canary", canary)
@@ -203,6 +204,35 @@ class RolloutManager:
         self.metrics.rollout_canary_percent.set(r.canary_percent if canary is not None else 0.0)
         log.info("rollout v%d: %s (canary %s %.1f %%, shadow %s %.1f %%)", r.version, r.state, r.canary or "-", r.canary_percent,
                  r.shadow or "-", r.shadow_percent)
+
+    def _serving(self, ref: str) -> bool:
+        """Whether the primary snapshot is the release `ref` names (its id, or its folder)."""
+        cur = self.state.current
+        if ref == cur.release_id:
+            return True
+        try:
+            return release_path_under(ref, self.cfg.releases_dir) == Path(cur.runtime.release.path).resolve()
+        except ServingError:
+            return False
+
+    async def serve_primary(self, ref: str, snap: Snapshot) -> Rollout:
+        """LoadRelease on this worker: record `ref` as the primary in the shared rollout state,
+        then install the prepared `snap` here; every other worker's poll loads it too. Recorded
+        first: if the store is down nothing is swapped anywhere (Unavailable), so the fleet never
+        serves two primaries because one worker could not tell the others."""
+        assert self._lock is not None, "rollouts not started"
+        async with self._lock:
+            now = self.clock.now_ms()
+            try:
+                r = await self._io(self.rollouts.update, lambda cur: cur.serve(ref, now))
+            except ServingError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the store's own errors
+                raise Unavailable(f"the release was checked but the shared rollout state could not record it ({exc}); "
+                                  "no worker swapped: retry when the store is back") from None
+            self.releases.install(snap)
+            await self._apply_locked(r)
+            return r
 
     async def _poll_loop(self) -> None:
         while True:

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -450,7 +451,7 @@ class RecommenderService:
 
     # -- releases ---------------------------------------------------------------------------------
     async def load_release(self, path: str) -> tuple[str, str, float]:
-        return await self.releases.load_release(path)
+        return await self.releases.load_release(path, self.rollouts.serve_primary)
 
     async def refresh_items(self, *, force: bool = False) -> bool:
         return await self.releases.refresh_items(force=force)
@@ -471,6 +472,8 @@ class RecommenderService:
             "feature_sets": self.freshness.summary(),
             "values_repairs_pending": self.values_repair.pending(),
             "values_repairs_done": self.values_repair.rewritten,
+            "worker": 0 if self.cfg.worker_index is None else self.cfg.worker_index + 1,
+            "pid": os.getpid(),
         }
 
 

@@ -27,7 +27,7 @@ from server.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from server.items import ItemTable
 from server.user_features import UserFeaturePlan
 
-__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot", "register_ranker", "RANKER", "release_path_under"]
+__all__ = ["Snapshot", "ServingState", "check_skew", "load_runtime", "build_snapshot", "register_ranker", "RANKER", "release_path_under", "release_ref"]
 
 _MAX_PATH_CHARS = 1024
 
@@ -98,6 +98,15 @@ def release_path_under(path: str, root: Path) -> Path:
         raise PermissionDenied(f"path: {shown!r} is outside the releases root {base}; LoadRelease only loads releases under it "
                                "(start the server with --releases-root to choose it)")
     return target
+
+
+def release_ref(path: str, root: Path) -> str:
+    """How the shared rollout state names a release LoadRelease loaded: its folder relative to
+    the releases root (the release id in the usual layout), so every worker, whatever its
+    working directory, resolves it to the same folder."""
+    target = release_path_under(path, root)
+    base = Path(root).resolve()
+    return target.relative_to(base).as_posix() if target != base else str(target)
 
 
 def load_runtime(path: str | Path, sets: Mapping[str, FeatureSet], *, ort_threads: int = 1, ranker: str = RANKER,
