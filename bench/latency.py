@@ -19,6 +19,7 @@ Percentiles are over successful responses; errors are counted by status code bes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import math
@@ -192,8 +193,12 @@ def _pct(lat: np.ndarray, q: float) -> float:
 # -- the run -----------------------------------------------------------------------------------
 def run_latency(target: str, qps: float, seconds: float, *, user_ids: Sequence[str | int] | None = None, k: int = 10, timeout_s: float = 1.0,
                 concurrency_cap: int = 1000, warmup: int = 20, connect_timeout_s: float = 5.0, seed: int = 0,
-                window_s: float | None = None) -> LatencyReport:
+                window_s: float | None = None, channels: int = 1) -> LatencyReport:
     """Offer `qps` Recommend requests per second for `seconds` to `target` (loopback only).
+
+    `channels` > 1 spreads the requests round-robin over that many connections (each its own
+    TCP connection), so a fleet of workers sharing the port with SO_REUSEPORT, which the
+    kernel balances per connection, all get load.
 
     `user_ids` are cycled through in order (default: a synthetic 70/10/20 mix over ids 0..999);
     `warmup` requests are sent one by one first and not counted. With `window_s`, the report
@@ -217,11 +222,13 @@ def run_latency(target: str, qps: float, seconds: float, *, user_ids: Sequence[s
         raise ValueError(f"concurrency_cap must be >= 1, got {concurrency_cap}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
     ids = [str(u) for u in (user_ids if user_ids is not None else UserMix.synthetic().sample(max(n, 1), seed=seed))]
     if not ids:
         raise ValueError("user_ids must not be empty")
     return asyncio.run(_run(target_n, float(qps), float(seconds), n, ids, int(k), float(timeout_s), int(concurrency_cap), int(warmup),
-                            float(connect_timeout_s), window_s))
+                            float(connect_timeout_s), window_s, channels))
 
 
 def window_figures(lat: np.ndarray, qps: float, window_s: float) -> tuple[dict, ...]:
@@ -237,7 +244,7 @@ def window_figures(lat: np.ndarray, qps: float, window_s: float) -> tuple[dict, 
 
 
 async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], k: int, timeout_s: float, cap: int, warmup: int,
-               connect_timeout_s: float, window_s: float | None = None) -> LatencyReport:
+               connect_timeout_s: float, window_s: float | None = None, channels: int = 1) -> LatencyReport:
     from parity_api.v1 import recommender_pb2 as pb
 
     reqs = [pb.RecommendRequest(user_id=ids[i % len(ids)], k=k) for i in range(n)]
@@ -247,11 +254,11 @@ async def _run(target: str, qps: float, seconds: float, n: int, ids: list[str], 
     # objects are still freed by reference counting.
     gc.collect()
     gc.freeze()
-    return await _offer(target, qps, seconds, n, reqs, timeout_s, cap, warmup, connect_timeout_s, window_s)
+    return await _offer(target, qps, seconds, n, reqs, timeout_s, cap, warmup, connect_timeout_s, window_s, channels)
 
 
 async def _offer(target: str, qps: float, seconds: float, n: int, reqs: list, timeout_s: float, cap: int, warmup: int,
-                 connect_timeout_s: float, window_s: float | None) -> LatencyReport:
+                 connect_timeout_s: float, window_s: float | None, channels: int = 1) -> LatencyReport:
     import grpc
 
     from parity_api.v1 import recommender_pb2_grpc as pb_grpc
@@ -261,15 +268,19 @@ async def _offer(target: str, qps: float, seconds: float, n: int, reqs: list, ti
     lag_max = 0.0
     in_flight = 0
 
-    async with grpc.aio.insecure_channel(target) as channel:
+    # one subchannel pool per channel: otherwise gRPC shares one connection among them
+    opts = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else None
+    async with contextlib.AsyncExitStack() as stack:
+        chans = [await stack.enter_async_context(grpc.aio.insecure_channel(target, options=opts)) for _ in range(channels)]
         try:
-            await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
+            for channel in chans:
+                await asyncio.wait_for(channel.channel_ready(), connect_timeout_s)
         except asyncio.TimeoutError:
             raise ConnectionError(f"cannot reach a gRPC server at {target} within {connect_timeout_s:g} s") from None
-        stub = pb_grpc.RecommenderStub(channel)
+        stubs = [pb_grpc.RecommenderStub(c) for c in chans]
         for i in range(warmup):
             try:
-                await stub.Recommend(reqs[i % n], timeout=max(timeout_s, 5.0))
+                await stubs[i % channels].Recommend(reqs[i % n], timeout=max(timeout_s, 5.0))
             except grpc.aio.AioRpcError:
                 pass
 
@@ -278,7 +289,7 @@ async def _offer(target: str, qps: float, seconds: float, n: int, reqs: list, ti
         async def one(i: int, due: float) -> None:
             nonlocal in_flight
             try:
-                await stub.Recommend(reqs[i], timeout=timeout_s)
+                await stubs[i % channels].Recommend(reqs[i], timeout=timeout_s)
                 lat[i] = (clock() - due) * 1000.0
             except grpc.aio.AioRpcError as exc:
                 name = exc.code().name

@@ -60,7 +60,8 @@ class ServingBenchConfig:
     rss_every_s: float = 5.0
     stores: tuple[str, ...] = ("memory", "redis")
     soak_stores: tuple[str, ...] = ("memory",)
-    variants: tuple[str, ...] = ("parity", "baseline")
+    variants: tuple[str, ...] = ("parity", "baseline")  # and "parity_wN": `parity serve --workers N` (see fleet_channels)
+    fleet_channels: int = 8  # connections the load generator spreads a parity_wN variant's requests over
     profile: str = "default"  # the release trained for the run
     sim: dict = field(default_factory=lambda: {"users": 10_000, "items": 3_000, "days": 14, "seed": 1})
     k: int = 10
@@ -144,12 +145,14 @@ def _free_port() -> int:
 class ServerProcess:
     """`parity serve` (or the baseline server) as a child process on a free loopback port."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path) -> None:
+    def __init__(self, argv: Sequence[str], log_path: Path, *, channels: int = 1) -> None:
         self.port = _free_port()
         self.argv = [*argv, "--port", str(self.port), "--host", "127.0.0.1", "--metrics-port", "0", "--drain-grace", "2"]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
         self.started_s = 0.0
+        self.channels = channels  # connections the load generator uses (a fleet: several, so every worker gets some)
+        self.workers = int(argv[list(argv).index("--workers") + 1]) if "--workers" in argv else 1
 
     @property
     def target(self) -> str:
@@ -167,7 +170,7 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.argv)}\n{self._tail()}")
             try:
                 with ParityClient(self.target, timeout_s=1.0, retries=0) as c:
-                    if c.health() == "SERVING":
+                    if c.health() == "SERVING" and self._fleet_ready():
                         self.started_s = time.perf_counter() - t0
                         return self
             except (ParityRpcError, OSError):
@@ -176,6 +179,38 @@ class ServerProcess:
         self.stop()
         raise RuntimeError(f"server not SERVING within {timeout_s:.0f} s\n{self._tail()}")
 
+    def _fleet_ready(self, tries: int = 64) -> bool:
+        """Every worker of a fleet answers GetStatus (fresh connections reach random workers)."""
+        if self.workers <= 1:
+            return True
+        from server.client import ParityClient, ParityRpcError
+
+        seen = set()
+        for _ in range(tries):
+            try:
+                with ParityClient(self.target, timeout_s=2.0, retries=0, admin_token=FLEET_TOKEN,
+                                  options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+                    seen.add(c.status().worker)
+            except (ParityRpcError, OSError):
+                return False
+            if len(seen) == self.workers:
+                return True
+        return False
+
+    def _pids(self) -> list[int]:
+        """The server's process and, for a fleet, its workers."""
+        if self.proc is None:
+            return []
+        pids = [self.proc.pid]
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                pids.append(int(stat.parent.name))
+        return pids
+
     def _tail(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-3000:]
@@ -183,13 +218,17 @@ class ServerProcess:
             return ""
 
     def rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        except (OSError, AttributeError):
-            pass
-        return float("nan")
+        """Resident memory of the server (a fleet: the supervisor and every worker)."""
+        total, found = 0.0, False
+        for pid in self._pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) / 1024.0
+                        found = True
+            except OSError:
+                pass
+        return total if found else float("nan")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -236,10 +275,23 @@ class RssSampler:
 
 
 # -- the run ---------------------------------------------------------------------------------
+FLEET_TOKEN = "bench-fleet-token"
+
+
+def fleet_size(variant: str) -> int | None:
+    """N of a "parity_wN" variant (the product with --workers N), else None."""
+    if variant.startswith("parity_w") and variant[len("parity_w"):].isdigit() and int(variant[len("parity_w"):]) >= 1:
+        return int(variant[len("parity_w"):])
+    return None
+
+
 def _variant_argv(variant: str, release: Path, data: Path, store: str) -> list[str]:
     common = ["--release", str(release), "--events", str(data), "--store", store, "--namespace", "bench"]
     if variant == "parity":
         return [sys.executable, "-m", "parity", "serve", *common]
+    n = fleet_size(variant)
+    if n is not None:  # the same server; N > 1 under the supervisor. Metrics off: N fixed ports could collide
+        return [sys.executable, "-m", "parity", "serve", *common, "--workers", str(n), "--admin-token", FLEET_TOKEN]
     if variant == "baseline":
         from bench.baseline_server import BASELINE_FLAGS
 
@@ -288,7 +340,8 @@ def _measure(server: ServerProcess, user_ids: list[str], cfg: ServingBenchConfig
     from bench.latency import run_latency
 
     time.sleep(cfg.cooldown_s)
-    rep = run_latency(server.target, qps, seconds, user_ids=user_ids, k=cfg.k, timeout_s=cfg.timeout_s, window_s=window_s)
+    rep = run_latency(server.target, qps, seconds, user_ids=user_ids, k=cfg.k, timeout_s=cfg.timeout_s, window_s=window_s,
+                      channels=server.channels)
     out = rep.summary()
     if window_s:
         out["windows"] = list(rep.windows)
@@ -314,7 +367,8 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
                 for variant in cfg.variants:
                     scen = {"store": store, "variant": variant}
                     _say(f"{store} / {variant}: starting the server")
-                    with ServerProcess(_variant_argv(variant, release, data, store_url), work / f"server-{store}-{variant}.log") as srv:
+                    with ServerProcess(_variant_argv(variant, release, data, store_url), work / f"server-{store}-{variant}.log",
+                                       channels=cfg.fleet_channels if fleet_size(variant) else 1) as srv:
                         scen["startup_s"] = round(srv.started_s, 1)
                         scen["rss_mb_idle"] = round(srv.rss_mb(), 1)
                         if cfg.warmup_seconds:
@@ -362,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--soak-seconds", type=float, default=None, help="soak duration (default 600; quick 20)")
     p.add_argument("--stores", default=None, help="comma-separated: memory,redis (default both)")
     p.add_argument("--work", default=None, help="keep the data, release and server logs here (default: a temporary dir)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated: parity, baseline, parity_wN (`--workers N`, load over several connections); default parity,baseline")
     a = p.parse_args(argv)
     cfg = ServingBenchConfig.quick() if a.quick else ServingBenchConfig()
     if a.soak_seconds is not None:
@@ -374,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad or not stores:
             p.error(f"--stores: expected memory and/or redis, got {a.stores!r}")
         cfg = replace(cfg, stores=stores)
+    if a.variants:
+        variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
+        bad = [v for v in variants if v not in ("parity", "baseline") and fleet_size(v) is None]
+        if bad or not variants:
+            p.error(f"--variants: expected parity, baseline or parity_wN, got {a.variants!r}")
+        cfg = replace(cfg, variants=variants)
     run(Path(a.out), cfg, Path(a.work) if a.work else None)
     return 0
 

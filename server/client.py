@@ -164,6 +164,8 @@ class Status:
     feature_sets: dict[str, dict] = field(default_factory=dict)  # per set: mode, served, missing, staleness p50/p99 ms, bytes read
     values_repairs_pending: int = 0
     values_repairs_done: int = 0
+    worker: int = 0  # 1..N under `parity serve --workers N`, 0 for a lone server
+    pid: int = 0
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ class ParityClient:
         r = self._call("GetStatus", lambda t: self._adm.GetStatus(pb.GetStatusRequest(), timeout=t, metadata=self._admin), timeout_s)
         sets = {k: {f.name: getattr(v, f.name) for f in v.DESCRIPTOR.fields} for k, v in r.feature_sets.items()}
         return Status(r.release_id, r.store, dict(r.feature_set_versions), r.requests_served, r.uptime_s, r.serving, r.now_ms, r.clock, r.catalogue_items,
-                      sets, r.values_repairs_pending, r.values_repairs_done)
+                      sets, r.values_repairs_pending, r.values_repairs_done, r.worker, r.pid)
 
     def delete_user(self, user_id: int | str, reason: str, *, timeout_s: float = 300.0) -> dict:
         """Erase the user everywhere the server reaches; the counts and the audit id."""

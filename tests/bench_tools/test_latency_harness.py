@@ -85,6 +85,34 @@ def test_latency_is_measured_from_the_intended_send_time() -> None:
     assert rep.qps_achieved < 25  # the server's capacity, not the offered rate
 
 
+def test_channels_spread_requests_over_that_many_connections() -> None:
+    """A fleet sharing a port is balanced per connection by the kernel: `channels` must mean
+    that many TCP connections (gRPC would otherwise share one subchannel), used round-robin."""
+    peers: list[str] = []
+
+    class Echo(pb_grpc.RecommenderServicer):
+        def Recommend(self, request, context):
+            peers.append(context.peer())
+            return pb.RecommendResponse(release_id="echo")
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_RecommenderServicer_to_server(Echo(), srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        rep = run_latency(f"127.0.0.1:{port}", qps=60, seconds=1, user_ids=["1"], timeout_s=5.0, warmup=0, channels=3)
+        one = len(peers)
+        run_latency(f"127.0.0.1:{port}", qps=30, seconds=1, user_ids=["1"], timeout_s=5.0, warmup=0)
+    finally:
+        srv.stop(0)
+    assert rep.ok == 60 and one == 60
+    counts = {p: peers[:one].count(p) for p in set(peers[:one])}
+    assert len(counts) == 3 and sorted(counts.values()) == [20, 20, 20]
+    assert len(set(peers[one:])) == 1  # the default: one connection
+    with pytest.raises(ValueError, match="channels"):
+        run_latency(f"127.0.0.1:{port}", qps=10, seconds=1, channels=0)
+
+
 @pytest.mark.parametrize("bad", ["10.0.0.1:50051", "example.com:50051", "0.0.0.0:50051", "[2001:db8::1]:50051", "192.168.1.5:1"])
 def test_non_loopback_targets_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="only target this machine"):

@@ -117,3 +117,21 @@ def test_the_serving_report_draws_one_plot_per_scenario(tmp_path: Path) -> None:
     made = plot(_result(), tmp_path / "results", tmp_path)
     assert set(made.values()) == {"results/latency_memory.png", "results/soak_memory.png", "results/latency_redis.png"}
     assert all((tmp_path / p).stat().st_size > 1000 for p in made.values())
+
+
+def test_fleet_variants_and_their_report() -> None:
+    from bench.serving import fleet_size
+    from bench.workers_report import render
+
+    assert [fleet_size(v) for v in ("parity_w1", "parity_w2", "parity_w12", "parity", "baseline", "parity_w", "parity_w0")] == [1, 2, 12, None, None, None, None]
+    argv = _variant_argv("parity_w2", Path("r"), Path("d"), "memory")
+    assert argv[argv.index("--workers") + 1] == "2" and "--admin-token" in argv
+    cfg = {**ServingBenchConfig().__dict__, "stores": ("memory", "redis"), "variants": ("parity_w1", "parity_w2")}
+    step = {"qps": 100.0, "p99_ms": 9.0, "passed": True}
+    scen = [{"store": "memory", "variant": "parity_w1", "capacity_qps": 300.0, "fixed": {"p99_ms": 5.0, "errors": 0}, "capacity_steps": [step]},
+            {"store": "memory", "variant": "parity_w2", "capacity_qps": 450.0, "fixed": {"p99_ms": 4.0, "errors": 0}, "capacity_steps": [step]},
+            {"store": "redis", "variant": "parity_w2", "capacity_qps": 200.0, "fixed": {"p99_ms": 7.0, "errors": 0}, "capacity_steps": []}]
+    text = render({"config": cfg, "machine": {"cpu": "x", "cores": 2}, "scenarios": scen}, "cmd")
+    rows = [r for r in text.splitlines() if r.startswith("| memory") or r.startswith("| redis")]
+    assert rows[0].startswith("| memory | 1 | 5.00 | 0 | 300 | **1.00×**") and rows[1].startswith("| memory | 2 | 4.00 | 0 | 450 | **1.50×**")
+    assert rows[2].startswith("| redis | 2 | 7.00 | 0 | 200 | —")  # no one-worker run on redis: no ratio
