@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-workers loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -66,6 +66,12 @@ bench-change: setup
 # (bench/backtest_study.py, ~10 min): the per-set tolerance of staleness and missing records.
 bench-backtest: setup
 	$(PY) -m bench.backtest_study --seeds 0 1 2 --out bench/results/backtest.json --results bench/RESULTS.md
+
+# Worker fleets (issue 14): the serving study's fixed rate and capacity for `parity serve --workers 1`
+# and `--workers 2` on both stores, the load over 8 connections (bench/workers_report.py; ~15 min).
+bench-workers: setup $(BENCH_STAMP)
+	$(PY) -m bench.serving --variants parity_w1,parity_w2 --no-soak --out bench/results/serving_workers.json
+	$(PY) -m bench.workers_report bench/results/serving_workers.json bench/RESULTS.md
 
 # The freshness trade (bench/freshness_trade.py): write, read, bytes and served staleness per
 # serving mode for a light and a heavy feature set, and the serving study per mode (~20 min).

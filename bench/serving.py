@@ -416,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--soak-seconds", type=float, default=None, help="soak duration (default 600; quick 20)")
     p.add_argument("--stores", default=None, help="comma-separated: memory,redis (default both)")
     p.add_argument("--work", default=None, help="keep the data, release and server logs here (default: a temporary dir)")
+    p.add_argument("--no-soak", action="store_true", help="skip the soak (fixed rate and capacity only)")
     p.add_argument("--variants", default=None,
                    help="comma-separated: parity, baseline, parity_wN (`--workers N`, load over several connections); default parity,baseline")
     a = p.parse_args(argv)
@@ -430,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad or not stores:
             p.error(f"--stores: expected memory and/or redis, got {a.stores!r}")
         cfg = replace(cfg, stores=stores)
+    if a.no_soak:
+        cfg = replace(cfg, soak_stores=())
     if a.variants:
         variants = tuple(v.strip() for v in a.variants.split(",") if v.strip())
         bad = [v for v in variants if v not in ("parity", "baseline") and fleet_size(v) is None]
