@@ -10,6 +10,7 @@ silently.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +34,23 @@ class LogErasure:
 
 
 def _rewrite(path: Path, user_id: int) -> tuple[int, bool | None]:
-    """(rows removed, True: rewritten / False: removed / None: untouched)."""
-    pf = pq.ParquetFile(path)
-    t = pf.read()
+    """(rows removed, True: rewritten / False: removed / None: untouched). Several workers may
+    erase the same user at once (server/erasure_notices.py): a part another one removed is done,
+    and each writes its own temporary file before the atomic replace."""
+    try:
+        pf = pq.ParquetFile(path)
+        t = pf.read()
+    except FileNotFoundError:
+        return 0, None
     hit = pc.equal(t["user_id"], pa.scalar(user_id, pa.int64()))
     n = pc.sum(hit).as_py() or 0
     if not n:
         return 0, None
     keep = t.filter(pc.invert(hit))
     if keep.num_rows == 0:
-        path.unlink()
+        path.unlink(missing_ok=True)
         return n, False
-    tmp = path.with_name(path.name + ".erase")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.erase")
     pq.write_table(keep.replace_schema_metadata(pf.schema_arrow.metadata), tmp)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())

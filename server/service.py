@@ -28,6 +28,7 @@ from features.offline import OfflineStore
 from features.lookup import FeatureLookup, LookupRequest
 from features.online.base import OnlineStore, StoreUnavailable
 from features.online.memory import MemoryStore
+from monitor.erase import erase_user_from_logs
 from server import heap, pipeline
 from server.background import spawn, stop
 from server.caches import ResponseCache
@@ -35,6 +36,7 @@ from server.clock import Clock
 from server.freshness import FreshnessBook
 from server.values_repair import ValuesRepair
 from server.config import ServerConfig
+from server.erasure_notices import ErasureNotices
 from server.errors import DeadlineExceeded, InvalidArgument, ServingError, Unavailable
 from server.metrics import Metrics
 from server.erasure import ErasureReport, erase_user, write_audit
@@ -134,6 +136,10 @@ class RecommenderService:
                                  on_refilled=self._store_refilled, on_state=metrics.set_store_state, interval_s=cfg.store_check_s)
                       if not isinstance(store, MemoryStore) else None)
         self._watch_task: asyncio.Task | None = None
+        # A DeleteUser another worker ran: forget the user here too (server/erasure_notices.py)
+        self.erasures = ErasureNotices(write_store)
+        self._erasure_seq = 0
+        self._erasure_task: asyncio.Task | None = None
         self.inflight = 0  # Recommend/Rank requests being answered (the shadow waits for 0)
         self.shadow = ShadowRunner(cfg, busy=lambda: self.inflight > 0, read_records=self.records.read, queue_max=cfg.shadow_queue,
                                    cpu_share=cfg.shadow_cpu_share)
@@ -161,11 +167,16 @@ class RecommenderService:
             self.drift.start()
         if self.watch is not None:
             self._watch_task = spawn(self.watch.run(), "parity-store-watch")
+        try:  # nothing is cached yet: only later notices concern this worker
+            self._erasure_seq = (await self._run(self.io, self.erasures.since, 0)).seq
+        except Exception as exc:  # noqa: BLE001 - a store down at start-up: the poll catches up
+            log.warning("erasure notices unavailable at start-up: %s", exc)
+        self._erasure_task = spawn(self._erasure_loop(), "parity-erasure-notices")
         log.info("heap settled before serving: %s", heap.settle())
 
     async def close(self) -> None:
-        await stop(self._watch_task)
-        self._watch_task = None
+        await stop(self._watch_task, self._erasure_task)
+        self._watch_task = self._erasure_task = None
         await self.rollouts.close()
         await self.shadow.close()
         await self.values_repair.close()
@@ -437,9 +448,48 @@ class RecommenderService:
         dropped = await self.records.forget_users(self._plan_ids(), np.asarray([user_id]))
         self.releases.mark_dirty()  # item aggregates were recomputed without them
         rep = replace(rep, cache_entries_dropped=dropped)
+        try:
+            seq = await self._run(self.io, self.erasures.publish, user_id)
+            if seq == self._erasure_seq + 1:
+                self._erasure_seq = seq  # nobody else's notice in between: this one is applied already
+        except Exception as exc:  # noqa: BLE001 - the store's own errors
+            raise Unavailable(f"the user was erased from the store, logs and this worker, but the notice to the other workers failed "
+                              f"({exc}): retry DeleteUser (it is idempotent)") from None
         await self._run(self.io, write_audit, log_, rep, reason, actor)
         log.info("user erased everywhere (audit %s)", rep.audit_id)
         return rep
+
+    async def _erasure_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.rollout_poll_s)
+            try:
+                await self.apply_erasure_notices()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep serving; the next poll retries from the same number
+                log.warning("erasure notices poll failed: %s", exc)
+
+    async def apply_erasure_notices(self) -> int:
+        """Forget the users other workers erased since the last poll: caches, last-good records,
+        and rows in the served-log part this worker is still writing. Returns users forgotten."""
+        n = await self._run(self.io, self.erasures.since, self._erasure_seq)
+        if n.seq == self._erasure_seq:
+            return 0
+        users = sorted(set(n.users))
+        if n.missed_some:
+            await self.records.forget_all()
+        else:
+            await self.records.forget_users(self._plan_ids(), np.asarray(users, dtype=np.int64))
+        if self.cfg.served_log is not None and users:
+            for w in (self.observer.served_log, self.observer.feedback):
+                if w is not None:
+                    await self._run(self.io, w.flush, 30.0, finish_parts=True)
+            for u in users:
+                await self._run(self.io, erase_user_from_logs, self.cfg.served_log, u)
+        self.releases.mark_dirty()
+        self._erasure_seq = n.seq
+        log.info("erasure notices up to %d applied (%s)", n.seq, "every user forgotten" if n.missed_some else f"{len(users)} users")
+        return len(users)
 
     # -- rollouts -----------------------------------------------------------------------------------
     async def set_rollout(self, spec: RolloutSpec | None = None, *, promote: bool = False, abort: bool = False) -> dict:

@@ -3,6 +3,7 @@ user, the audit says what went, and their next request is answered as a new user
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -77,3 +78,52 @@ def test_a_deleted_user_is_nowhere_and_is_served_as_new(backend, request, sim_co
 
 async def _has_seen(svc, user):
     return svc.write_store.get_many([seen_key(user)])[0] is not None
+
+
+@pytest.mark.redis
+def test_an_erasure_on_one_worker_reaches_the_memory_of_the_others(sim_copy, release_dir, server_config, admin_token, redis_url, tmp_path):
+    """Two workers of a fleet share the Redis store and the served-log folder. Worker B holds the
+    user in its caches (kept for 10 minutes here) and in the served-log part it is writing;
+    DeleteUser runs on A; within a poll B forgets them: its answer is a new user's and its part
+    has none of their rows."""
+    data = sim_copy
+    user, stranger = _heavy_user(data), 98_765_433
+    common = dict(store=redis_url, namespace=f"fleet-{uuid.uuid4().hex[:8]}", served_log=tmp_path / "served", log_sample=1.0,
+                  drift_interval_s=0, rollout_poll_s=0.2, feature_cache_ttl_s=600.0, response_cache_ttl_s=600.0)
+    with BackgroundServer(server_config(release_dir, data, **common)) as a, BackgroundServer(server_config(release_dir, data, **common)) as b, \
+            ParityClient(f"127.0.0.1:{a.port}", timeout_s=10.0, admin_token=admin_token) as ca, \
+            ParityClient(f"127.0.0.1:{b.port}", timeout_s=10.0, admin_token=admin_token) as cb:
+        before = cb.recommend(user, k=5)
+        assert cb.recommend(user, k=5).items == before.items  # cached in B
+        assert any(k.endswith(f":{user}") for k in b.service.records.stale._d)
+        ca.delete_user(user, "user asked to be forgotten")
+        deadline = time.monotonic() + 10
+        while b.service._erasure_seq < 1:  # B's poll (every 0.2 s here)
+            assert time.monotonic() < deadline, "worker B never applied the erasure notice"
+            time.sleep(0.05)
+        assert not any(k.endswith(f":{user}") for k in b.service.records.stale._d)
+        assert rows_of_user(tmp_path / "served", user) == 0  # B's part was finished and rewritten too
+        b.run(b.service.refresh_items(force=True))
+        again, fresh = cb.recommend(user, k=5), cb.recommend(stranger, k=5)
+        assert [i.item_id for i in again.items] == [i.item_id for i in fresh.items]
+        assert a.service._erasure_seq == 1 and b.service.erasures.since(0).users == (user,)
+
+
+def test_erasure_notices_keep_the_recent_ones_and_say_when_a_worker_missed_some():
+    from features.online.memory import MemoryStore
+    from server import erasure_notices
+    from server.erasure_notices import ErasureNotices
+
+    n = ErasureNotices(MemoryStore())
+    assert n.since(0).seq == 0 and n.since(0).users == ()
+    assert [n.publish(u) for u in (7, 8, 7)] == [1, 2, 3]
+    assert n.since(1).users == (8, 7) and not n.since(1).missed_some and n.since(3).users == ()
+    old = erasure_notices.KEEP
+    erasure_notices.KEEP = 2
+    try:
+        n.publish(9)
+        got = n.since(1)
+        assert got.seq == 4 and got.users == (7, 9) and got.missed_some  # notice 2 (user 8) is gone: forget everyone
+        assert not n.since(2).missed_some
+    finally:
+        erasure_notices.KEEP = old
