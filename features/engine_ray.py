@@ -1,7 +1,7 @@
 """The batch path on Ray: each feature set's events split by entity hash over worker actors.
 
 `RayEngine` connects to a cluster (joins `address`, or starts a local one) and starts one
-actor per worker (one CPU each, spread over the nodes). `batch_engine(layout, events)`
+actor per worker (default: one per CPU, spread over the nodes). `batch_engine(layout, events)`
 deduplicates the log on the driver (first occurrence of an event id, as `BatchEngine` does:
 it must see the whole log), keeps the set's events, and splits them with
 `features.partition` into P = workers x k partitions; partition p's `BatchEngine` is built on
@@ -74,7 +74,7 @@ class RayEngine:
     address: join this running cluster (`ray start --head` prints it); None starts a local
     cluster with `num_cpus` CPUs (shut down again on close). If Ray is already initialised in
     this process (a test's cluster), that connection is used and left open on close.
-    workers: actors to start (default: every CPU of the cluster), one CPU each.
+    workers: actors to start (default: one per CPU of the cluster), spread over the nodes.
     partitions_per_worker: k in P = workers x k."""
 
     name = "ray"
@@ -105,10 +105,12 @@ class RayEngine:
             workers = max(cpus, 1)
         elif workers > max(cpus, 1):
             self.close()
-            raise ValueError(f"workers must be <= the cluster's {cpus} CPUs (one actor per CPU), got {workers}")
+            raise ValueError(f"workers must be <= the cluster's {cpus} CPUs, got {workers}")
         self.workers = workers
         self.n_partitions = workers * partitions_per_worker
-        actor = ray.remote(num_cpus=1)(_Partitions)
+        # Ray's default for actors: a CPU to be placed, none held while alive, so the engine's
+        # idle actors never starve other work (or a second engine) on a shared cluster
+        actor = ray.remote(_Partitions)
         self._actors = [actor.options(scheduling_strategy="SPREAD").remote() for _ in range(workers)]
         self._ids = itertools.count()
 
