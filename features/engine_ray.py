@@ -97,8 +97,9 @@ class RayEngine:
                 if address is not None:
                     ray.init(address=address, runtime_env={"py_modules": [root]}, configure_logging=False, log_to_driver=False)
                 else:
+                    # no dashboard, so no metrics agent: without the flag each worker logs that it cannot reach one
                     ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=_LOCAL_OBJECT_STORE_BYTES,
-                             configure_logging=False, log_to_driver=False,
+                             configure_logging=False, log_to_driver=False, _system_config={"enable_metrics_collection": False},
                              runtime_env={"env_vars": {"PYTHONPATH": str(Path(root).parent)}})
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if workers is None:
