@@ -104,9 +104,7 @@ def _pit(inp: _PitInputs, engine) -> tuple[float, dict]:
     joiner = PitJoiner(inp.needed, inp.events, engine)
     X = feature_matrix(inp.inputs, joiner, inp.needed, inp.items, inp.rows.user_id, inp.rows.item_id, inp.rows.ts)
     s = time.perf_counter() - t
-    for e in joiner.engines.values():
-        if hasattr(e, "close"):
-            e.close()
+    joiner.close()
     return s, {"events": int(len(inp.events)), "rows": int(len(X)), "digest": hashlib.sha256(X.tobytes()).hexdigest()[:16]}
 
 

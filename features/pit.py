@@ -45,6 +45,12 @@ class PitJoiner:
             fs.name: engine.batch_engine(StateLayout(fs), events[fs.name] if isinstance(events, Mapping) else events) for fs in self.sets
         }
 
+    def close(self) -> None:
+        """Free the engines' partitions where they live remotely (Ray); nothing to do locally."""
+        for e in self.engines.values():
+            if hasattr(e, "close"):
+                e.close()
+
     def join(self, spine: pa.Table, ts_column: str = "ts", only: Sequence[str] | None = None) -> pa.Table:
         """Append every set's features (or only the named sets') as of each row's time."""
         if ts_column not in spine.column_names:

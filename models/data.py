@@ -193,7 +193,11 @@ def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | 
         rows = LabelledRows(rows.user_id[keep], rows.item_id[keep], rows.ts[keep], rows.label[keep])
     inputs = ranker_inputs(sets)
     needed = [fs for fs in sets if fs.name in inputs.sets]
-    X = feature_matrix(inputs, PitJoiner(needed, events, engine), needed, items, rows.user_id, rows.item_id, rows.ts)
+    joiner = PitJoiner(needed, events, engine)
+    try:
+        X = feature_matrix(inputs, joiner, needed, items, rows.user_id, rows.item_id, rows.ts)
+    finally:
+        joiner.close()  # on Ray: the partitions' engines would otherwise stay on the workers through training
     H = history_at(events, info.kind, rows.user_id, rows.ts, history_len)
     mode = split_mode_for(info.kind)
     c1, c2 = split_cuts(rows.user_id, rows.ts, mode, split)
