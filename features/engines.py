@@ -17,7 +17,7 @@ from features.batch import BatchEngine
 from features.events import EventBatch
 from features.state import FeatureFrame, StateLayout
 
-__all__ = ["ENGINES", "Engine", "EngineUnavailable", "LocalEngine", "LOCAL", "open_engine"]
+__all__ = ["ENGINES", "Engine", "SetEngine", "EngineUnavailable", "LocalEngine", "LOCAL", "open_engine"]
 
 ENGINES = ("local", "ray")
 
