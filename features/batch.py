@@ -166,6 +166,16 @@ class BatchEngine:
             st[f"{last.field}_v"] = _gather(s.v, li, 0.0)
         return st
 
+    def map_chunks(self, fn, codes: np.ndarray, chunk: int):
+        """Yield fn(self, codes[a : a + chunk]) for consecutive chunks, at least one (maybe empty).
+
+        The shape in which a caller asks for per-entity work it can consume chunk by chunk
+        (materialisation: records → store commits): the Ray engine (features.engine_ray) runs
+        the same `fn` where each partition's engine lives and yields its chunks in order."""
+        codes = np.asarray(codes, dtype=np.int64)
+        for a in range(0, max(len(codes), 1), chunk):
+            yield fn(self, codes[a : a + chunk])
+
     def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 32_768) -> FeatureFrame:
         """Feature values per (entity, t) row.
 

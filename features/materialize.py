@@ -18,18 +18,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import numpy as np
 
-from features.batch import BatchEngine
 from features.definitions import FeatureSet
+from features.engines import LOCAL, Engine
 from features.eventlog import EventLog
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.modes import ServingMode, SetMode, load_mode, save_mode
 from features.online.base import OnlineStore, Write
-from features.served_values import VALUES_SUFFIX, state_writes
+from features.served_values import VALUES_SUFFIX, state_records, writes_of
 from features.state import StateLayout
 
 __all__ = ["switch_mode", "materialize", "MaterializeReport", "watermark_key", "stored_watermark", "retired_key", "is_retired"]
@@ -82,8 +83,11 @@ def materialize(
     full: bool = False,
     mark_window_ms: int = DEFAULT_MARK_WINDOW_MS,
     mark_ttl_ms: int = DEFAULT_MARK_TTL_MS,
+    engine: Engine | None = None,
 ) -> list[MaterializeReport]:
-    """Retired feature-set versions are skipped (reported with mode "retired")."""
+    """Retired feature-set versions are skipped (reported with mode "retired"). `engine`
+    (features.engines; default: this process) computes the records: on Ray, each partition's
+    on its actor; this process always writes them (the same bytes either way)."""
     if not 0 <= mark_window_ms < mark_ttl_ms:
         raise ValueError(f"mark_window_ms must be in [0, mark_ttl_ms), got {mark_window_ms} (ttl {mark_ttl_ms})")
     if until_ts is None:
@@ -115,24 +119,34 @@ def materialize(
             events = history.take(np.flatnonzero(np.isin(ecodes, codes)))
         lay = StateLayout(fs)
         on_read = load_mode(store, fs).mode is ServingMode.ON_READ
-        engine = BatchEngine(lay, events)
+        set_engine = (engine or LOCAL).batch_engine(lay, events)
         written = 0
         meta = {watermark_key(fs): json.dumps({"until_ts": int(until_ts), "marked_from": int(until_ts - mark_window_ms),
                                                "at_ms": int(time.time() * 1000), "mode": mode})}
-        for a in range(0, max(len(codes), 1), _CHUNK):
-            chunk = codes[a : a + _CHUNK]
-            states = engine.states_asof(chunk, np.full(len(chunk), until_ts, dtype=np.int64))
-            alive = states["feature_ts"] >= until_ts - fs.ttl_ms  # expired state: nothing to serve
-            keys = record_keys(fs, chunk[alive])
-            if on_read:  # a state reads as an on_read record's base; readers compute
-                writes = [Write(k, v, fs.ttl_ms) for k, v in zip(keys, lay.encode(states[alive]))]
-            else:
-                writes = state_writes(lay, keys, states[alive])  # values as of each newest event: the bytes depend on the state only
-            last = a + _CHUNK >= len(codes)
-            store.commit(writes, meta=meta if last else None)  # watermark moves with the last chunk
-            written += len(writes)
+        pending: list[Write] | None = None
+        try:
+            for alive, state_recs, values_recs in set_engine.map_chunks(partial(_records, lay, on_read, until_ts), codes, _CHUNK):
+                if pending is not None:
+                    store.commit(pending)
+                pending = writes_of(lay, record_keys(fs, alive), state_recs, values_recs)
+                written += len(pending)
+        finally:
+            if hasattr(set_engine, "close"):  # a Ray set engine frees its partitions
+                set_engine.close()
+        store.commit(pending, meta=meta)  # the watermark moves with the last chunk
         reports.append(MaterializeReport(fs.name, fs.version, mode, from_ts, int(until_ts), written, len(events)))
     return reports
+
+
+def _records(lay: StateLayout, on_read: bool, until_ts: int, engine, codes: np.ndarray) -> tuple[np.ndarray, list[bytes], list[bytes] | None]:
+    """What materialisation stores for `codes` as of `until_ts`: (entities alive, their state
+    records, their served-values records or None for an on_read set). Runs where the engine
+    is: in this process, or on the Ray actor holding the codes' partition."""
+    states = engine.states_asof(codes, np.full(len(codes), until_ts, dtype=np.int64))
+    alive = states["feature_ts"] >= until_ts - lay.feature_set.ttl_ms  # expired state: nothing to serve
+    if on_read:  # a state reads as an on_read record's base; readers compute
+        return codes[alive], lay.encode(states[alive]), None
+    return codes[alive], *state_records(lay, states[alive])  # values as of each newest event: the bytes depend on the state only
 
 
 def _mark_recent(store: OnlineStore, history: EventBatch, since_ts: int, ttl_ms: int) -> int:

@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from features.batch import BatchEngine
 from features.definitions import FeatureSet
+from features.engines import LOCAL, Engine
 from features.events import EventBatch
 from features.state import StateLayout
 
@@ -36,11 +36,20 @@ def spine_codes(fs: FeatureSet, spine: pa.Table) -> np.ndarray:
 class PitJoiner:
     """Holds one batch engine per feature set so many spines can be joined cheaply."""
 
-    def __init__(self, sets: Sequence[FeatureSet], events: EventBatch | Mapping[str, EventBatch]) -> None:
+    def __init__(self, sets: Sequence[FeatureSet], events: EventBatch | Mapping[str, EventBatch], engine: Engine | None = None) -> None:
+        """`engine` (features.engines; default: this process) builds each set's batch engine: on
+        Ray, partitions of the set's events by entity hash, and the same joined rows."""
         self.sets = list(sets)
+        engine = engine or LOCAL
         self.engines = {
-            fs.name: BatchEngine(StateLayout(fs), events[fs.name] if isinstance(events, Mapping) else events) for fs in self.sets
+            fs.name: engine.batch_engine(StateLayout(fs), events[fs.name] if isinstance(events, Mapping) else events) for fs in self.sets
         }
+
+    def close(self) -> None:
+        """Free the engines' partitions where they live remotely (Ray); nothing to do locally."""
+        for e in self.engines.values():
+            if hasattr(e, "close"):
+                e.close()
 
     def join(self, spine: pa.Table, ts_column: str = "ts", only: Sequence[str] | None = None) -> pa.Table:
         """Append every set's features (or only the named sets') as of each row's time."""
@@ -62,5 +71,6 @@ class PitJoiner:
         return out
 
 
-def point_in_time_join(spine: pa.Table, sets: Sequence[FeatureSet], events: EventBatch, ts_column: str = "ts") -> pa.Table:
-    return PitJoiner(sets, events).join(spine, ts_column)
+def point_in_time_join(spine: pa.Table, sets: Sequence[FeatureSet], events: EventBatch, ts_column: str = "ts",
+                       engine: Engine | None = None) -> pa.Table:
+    return PitJoiner(sets, events, engine).join(spine, ts_column)

@@ -27,7 +27,7 @@ from features.definitions import Agg, FeatureSet
 from features.online.base import Commit, OnlineStore, RecordKey, Snapshot, Write
 from features.state import NO_TILE, FeatureFrame, StateLayout, decay_factor, read_features
 
-__all__ = ["ServedValues", "ValuesRead", "VALUES_SUFFIX", "values_key", "values_keys", "served_values", "state_writes", "repair", "merge_states", "read_mixed", "MixedRead", "expired"]
+__all__ = ["ServedValues", "ValuesRead", "VALUES_SUFFIX", "values_key", "values_keys", "served_values", "state_writes", "state_records", "writes_of", "repair", "merge_states", "read_mixed", "MixedRead", "expired"]
 
 VALUES_SUFFIX = ".v"
 _MAGIC = np.uint32(0x50525456)  # "PRTV"
@@ -257,10 +257,21 @@ def served_values(layout: StateLayout) -> ServedValues:
 def state_writes(layout: StateLayout, keys: Sequence[RecordKey], states: np.ndarray, t_ref: int | np.ndarray | None = None) -> list[Write]:
     """The writes that store states: each state record and, beside it, its served-values record.
     Every writer of states goes through here, so a reader never finds one without the other."""
+    return writes_of(layout, keys, *state_records(layout, states, t_ref))
+
+
+def state_records(layout: StateLayout, states: np.ndarray, t_ref: int | np.ndarray | None = None) -> tuple[list[bytes], list[bytes]]:
+    """The bytes `state_writes` stores, without keys: (state records, served-values records).
+    The batch path on Ray (features.engine_ray) computes these where a partition's states are."""
+    return layout.encode(states), served_values(layout).encode(states, t_ref)
+
+
+def writes_of(layout: StateLayout, keys: Sequence[RecordKey], state_recs: Sequence[bytes], values_recs: Sequence[bytes] | None) -> list[Write]:
+    """The writes of `state_records` under their keys (`values_recs` None: state records only)."""
     ttl = layout.feature_set.ttl_ms
-    vals = served_values(layout).encode(states, t_ref)
-    out = [Write(k, v, ttl) for k, v in zip(keys, layout.encode(states))]
-    out += [Write(values_key(k), v, ttl) for k, v in zip(keys, vals)]
+    out = [Write(k, v, ttl) for k, v in zip(keys, state_recs)]
+    if values_recs is not None:
+        out += [Write(values_key(k), v, ttl) for k, v in zip(keys, values_recs)]
     return out
 
 

@@ -21,6 +21,7 @@ from features.catalog import ItemCatalog
 from features.assemble import point_in_time_matrix, RankerInputs, ranker_inputs
 from features.datasets import DatasetInfo, load_info, read_items
 from features.definitions import FeatureSet
+from features.engines import Engine
 from features.eventlog import EventLog
 from features.history import HISTORY_LEN, history_at
 from features.events import EventBatch, EventType
@@ -176,9 +177,11 @@ def split_cuts(user_id: np.ndarray, ts: np.ndarray, mode: str, fractions=SPLIT_F
 
 
 def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | None = None, split=SPLIT_FRACTIONS,
-                        history_len: int = HISTORY_LEN) -> TrainingData:
+                        history_len: int = HISTORY_LEN, engine: Engine | None = None) -> TrainingData:
     """Rows, labels and point-in-time features for a data dir, split by time (see split_mode_for).
-    Each row also carries the user's engagement history as of its time (`history_len` items)."""
+    Each row also carries the user's engagement history as of its time (`history_len` items).
+    `engine` (features.engines) runs the point-in-time join: this process by default, or Ray
+    (the same rows either way)."""
     info = load_info(data_dir)
     sets = feature_sets(info.kind, info.n_topics)
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
@@ -190,7 +193,11 @@ def build_training_data(data_dir: str | Path, *, seed: int = 0, max_rows: int | 
         rows = LabelledRows(rows.user_id[keep], rows.item_id[keep], rows.ts[keep], rows.label[keep])
     inputs = ranker_inputs(sets)
     needed = [fs for fs in sets if fs.name in inputs.sets]
-    X = feature_matrix(inputs, PitJoiner(needed, events), needed, items, rows.user_id, rows.item_id, rows.ts)
+    joiner = PitJoiner(needed, events, engine)
+    try:
+        X = feature_matrix(inputs, joiner, needed, items, rows.user_id, rows.item_id, rows.ts)
+    finally:
+        joiner.close()  # on Ray: the partitions' engines would otherwise stay on the workers through training
     H = history_at(events, info.kind, rows.user_id, rows.ts, history_len)
     mode = split_mode_for(info.kind)
     c1, c2 = split_cuts(rows.user_id, rows.ts, mode, split)

@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 
+from parity.engine_args import add_engine_args, engine_from_args
 from parity.output import Output
 from parity.workspace import existing_data_dir, open_workspace
 
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--full", action="store_true", help="recompute every entity instead of those with events since the watermark")
     p.add_argument("--until", type=nonneg("--until"), default=None, help="materialise events with ts < UNTIL (ms); default: the whole log")
     p.add_argument("--no-offline", action="store_true", help="skip rebuilding the offline views")
+    add_engine_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--due", action="store_true",
                    help="one scheduling step for sets served materialized:EVERY (see `features mode`): run those whose cadence "
@@ -217,8 +219,11 @@ def _materialize(args: argparse.Namespace) -> int:
     if not args.no_offline:
         for v in ws.offline.build(ws.log, ws.sets, until_ts=args.until):
             print(f"offline {v.feature_set} {v.version}: {v.rows} events -> {ws.offline.root / v.feature_set / v.version}")
-    with _store(args.store, args.namespace) as store:
-        for r in materialize(ws.log, store, ws.sets, until_ts=args.until, full=args.full):
+    # On Ray the partitions compute the records and this process writes them (features/engine_ray.py says why)
+    with engine_from_args(args, "parity features materialize") as engine, _store(args.store, args.namespace) as store:
+        if engine.name != "local":
+            print(f"engine {engine.name}: {engine.workers} workers, {engine.n_partitions} partitions")
+        for r in materialize(ws.log, store, ws.sets, until_ts=args.until, full=args.full, engine=engine):
             if r.mode == "retired":
                 print(f"online {r.feature_set} {r.version}: retired, skipped")
             else:
@@ -363,14 +368,15 @@ def _cadence(args: argparse.Namespace) -> int:
     from features.materialize import materialize
 
     ws = open_workspace(args.events)
+    engine = engine_from_args(args, "parity features materialize")
 
     def report(r) -> None:
         print(json.dumps({"until_ts": r.until_ts, "ran": list(r.ran), "claimed_elsewhere": list(r.skipped),
                           "seconds": round((r.finished_ms - r.started_ms) / 1000.0, 3)}), flush=True)
 
-    with _store(args.store, args.namespace) as store:
+    with engine, _store(args.store, args.namespace) as store:
         def run(sets, until):
-            return materialize(ws.log, store, sets, until_ts=until, mark_window_ms=0)
+            return materialize(ws.log, store, sets, until_ts=until, mark_window_ms=0, engine=engine)
 
         if args.due:
             runs = tick(store, ws.sets, run)

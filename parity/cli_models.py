@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from parity.engine_args import add_engine_args, engine_from_args
 from parity.output import Output
 
 
@@ -17,6 +18,7 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--out", required=True, help="releases folder; the release is written to OUT/<release id>")
     p.add_argument("--profile", default="default", choices=("tiny", "small", "default"), help="model sizes and data cap (default: default)")
     p.add_argument("--seed", type=nonneg("--seed"), default=0, help="random seed (default 0)")
+    add_engine_args(p)  # the point-in-time join of the training rows
     p.set_defaults(func=_train, outputs=lambda a: [Output.of(a.out)])
 
     r = sub.add_parser("releases", help="list and inspect releases").add_subparsers(dest="releases_command", required=True, metavar="ACTION")
@@ -44,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
 
     ws = open_workspace(args.events)
     logging.getLogger("pipeline.train").setLevel(logging.INFO)  # step timings to stderr
-    rel = train_release(ws.data_dir, args.out, profile=args.profile, seed=args.seed)
+    with engine_from_args(args, "parity train") as engine:
+        rel = train_release(ws.data_dir, args.out, profile=args.profile, seed=args.seed, engine=engine)
     m = rel.manifest["metrics"]
     rt = m["ranking_test"]
     print(f"release {rel.release_id}: {rel.manifest['training_data']['rows']} rows, fingerprint {rel.manifest['training_data']['fingerprint']}")

@@ -135,10 +135,11 @@ def _serving_reference(staged: Path, manifest: dict, td, rd, valid_pred: np.ndar
 
 
 def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
-                  keep: dict | None = None, ranker_rows: str | None = None) -> Release:
+                  keep: dict | None = None, ranker_rows: str | None = None, engine=None) -> Release:
     """Train, check and write a release. `keep`, if given, receives the torch models, the
     training data and step timings (benchmarks compare torch with the exported files).
-    `ranker_rows` overrides the dataset's default ("labelled" or "candidates")."""
+    `ranker_rows` overrides the dataset's default ("labelled" or "candidates"). `engine`
+    (features.engines) runs the training rows' point-in-time join (default: this process)."""
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -159,7 +160,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             raise ValueError(f"ranker_rows must be 'labelled' or 'candidates', got {ranker_rows!r}")
         cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows,
                                   item_item_l2=(cfg.item_item_l2 or DEFAULT_L2) if ranker_rows == "candidates" else None)
-    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
+    td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len, engine=engine)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
     fingerprint = td.fingerprint()
