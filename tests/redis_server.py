@@ -17,7 +17,7 @@ from typing import Sequence
 
 import pytest
 
-__all__ = ["RedisServer", "RedisClusterServers", "redis_required", "require_redis_server_binary"]
+__all__ = ["RedisServer", "RedisClusterServers", "raw_client", "redis_required", "require_redis_server_binary"]
 
 START_TIMEOUT_S = 10.0
 
@@ -325,3 +325,15 @@ def _owns_slots(admin) -> bool:
         if "myself" in f[2]:
             return "master" in f[2] and len(f) > 8
     return False
+
+
+def raw_client(url: str):
+    """A plain redis-py client for a store's url, to inspect raw keys: redis.Redis for
+    redis:// and rediss://, RedisCluster for redis+cluster:// and rediss+cluster://."""
+    import redis
+    from redis.cluster import RedisCluster
+
+    scheme, rest = url.split("://", 1)
+    if scheme.endswith("+cluster"):
+        return RedisCluster.from_url(scheme[: -len("+cluster")] + "://" + rest)
+    return redis.Redis.from_url(url)

@@ -187,6 +187,11 @@ class RedisStore(OnlineStore):
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"redis online store at {self.url} unavailable during {op}: {exc}") from exc
 
+    def key_name(self, key: RecordKey) -> str:
+        """The Redis key that holds a record (hash-tagged on a cluster), for audits and tools."""
+        check_record_key(key)
+        return self._key(key)
+
     def _key(self, key: RecordKey) -> str:
         if self._layout is not None:
             return self._layout.record(key)
@@ -419,8 +424,10 @@ class RedisStore(OnlineStore):
                         if rk:
                             pipe.watch(*rk)
                         vals = pipe.mget(rk) if rk else []
-                        snap = Snapshot(list(vals[:n_k]), [v is not None for v in vals[n_k : n_k + n_e]],
-                                        {n: (None if v is None else v.decode("utf-8")) for n, v in zip(meta_names, vals[n_k + n_e :])})
+                        seen = [v is not None for v in vals[n_k : n_k + n_e]]
+                        snap = Snapshot(list(vals[:n_k]), seen,
+                                        {n: (None if v is None else v.decode("utf-8")) for n, v in zip(meta_names, vals[n_k + n_e :])},
+                                        seen_pairs_of(seen, touches))
                         c = fn(snap)
                         meta_items = check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms, c.meta)
                         pipe.multi()
