@@ -43,6 +43,7 @@ from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.online.base import Commit, OnlineStore, Snapshot, Write
+from features.online.memory import check_meta_name
 from features.modes import ServingMode, mode_from_meta, mode_key
 from features.on_read import OnReadLayout, is_on_read_record
 from features.served_values import state_writes
@@ -103,6 +104,7 @@ class StreamingIngestor:
             raise ValueError(f"allowed_lateness_ms must be >= 0, got {allowed_lateness_ms}")
         if dedupe_ttl_ms <= allowed_lateness_ms:
             raise ValueError("dedupe_ttl_ms must exceed allowed_lateness_ms, or a redelivered late-but-allowed event could count twice")
+        check_meta_name(f"stream:{name}")  # here, not at the first batch (where it would refuse every event as poison)
         self.store = store
         self.layouts = [StateLayout(fs) for fs in sets]
         self.name = name

@@ -80,6 +80,7 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._keep_port: int | None = None
+        self._bus_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -91,7 +92,8 @@ class RedisServer:
         if self._proc is not None:
             return self
         path = require_redis_server_binary(self.binary)
-        self._dir = tempfile.TemporaryDirectory(prefix="parity-redis-")
+        if self._dir is None:  # kill() keeps it, so revive() finds its cluster config again
+            self._dir = tempfile.TemporaryDirectory(prefix="parity-redis-")
         self.port = self._keep_port or _free_port()
         log_path = Path(self._dir.name) / "redis.log"
         cmd = [
@@ -107,7 +109,8 @@ class RedisServer:
         ]
         if "--cluster-enabled" in self.extra_args and "--cluster-port" not in self.extra_args:
             # The bus port defaults to port + 10000, which does not exist for ports > 55535.
-            cmd += ["--cluster-port", str(_free_port())]
+            self._bus_port = self._bus_port or _free_port()
+            cmd += ["--cluster-port", str(self._bus_port)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -124,6 +127,7 @@ class RedisServer:
         raise RuntimeError(f"private redis-server on port {self.port} {state}\nstderr: {stderr}\nlog: {log}")
 
     def stop(self) -> None:
+        self._bus_port = None
         proc, self._proc = self._proc, None
         if proc is not None:
             if proc.poll() is None:
@@ -142,6 +146,24 @@ class RedisServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine: no shutdown, no final write. Its directory (and a
+        cluster node's nodes.conf) stays for revive()."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
+
+    def revive(self) -> "RedisServer":
+        """Start again after kill(), on the same ports and directory (no data: no persistence)."""
+        self._keep_port = self.port
+        try:
+            return self.start()
+        finally:
+            self._keep_port = None
 
     def restart_empty(self) -> "RedisServer":
         """Stop and start again on the same port, with no data (as a Redis without persistence does)."""

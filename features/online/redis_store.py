@@ -20,7 +20,7 @@ try:
     from redis.backoff import ExponentialWithJitterBackoff
     from redis.cluster import RedisCluster
     from redis.connection import SSLConnection
-    from redis.exceptions import ClusterDownError, NoScriptError
+    from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.exceptions import WatchError
@@ -52,13 +52,20 @@ __all__ = ["RedisStore"]
 # request. ClusterDownError is a ResponseError subclass but means the same thing to callers.
 _UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ClusterDownError)
 
+# Error replies of a node that cannot take writes now (no in-sync replicas under
+# min-replicas-to-write, a replica or a loading node, a slot in migration): the group was not
+# written, and the caller may try again later.
+_REFUSED = frozenset({"NOREPLICAS", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
+
 _SCHEMES = ("redis", "rediss")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # a spec's scheme -> redis-py's
-# A cluster client's retry budget: a command that meets a dead node, a MOVED or CLUSTERDOWN is
-# retried up to CLUSTER_RETRIES times after sleeps drawn from [0, min(cap, base * 2^n)]: at most
-# 0.1+0.2+0.4+0.8+1+1 = 3.5 s in all, meant to outlast a failover with cluster-node-timeout
-# ~1 s (detection plus election; tests/features/test_redis_cluster.py measures it). A cluster
-# with the default 15 s node timeout needs a larger budget or lets readers fall back meanwhile.
+# A cluster client's retry budget, as redis-py 8.1 spends it: a command that meets a dead node,
+# a MOVED or CLUSTERDOWN is tried again up to CLUSTER_RETRIES times, after refreshing the slot
+# table; a refused connection is retried at once, CLUSTERDOWN / an uncovered slot after 0.25 s
+# (the backoff object below is not consulted on those paths). So while a master is down and
+# not yet replaced, a read either rides the failover out or raises StoreUnavailable within
+# ~0.1 s; tests/features/test_redis_cluster.py measures how long reads fail after a kill -9
+# (failover = cluster-node-timeout + election). Callers on the request path fall back meanwhile.
 CLUSTER_RETRIES = 6
 CLUSTER_RETRY_BASE_S = 0.1
 CLUSTER_RETRY_CAP_S = 1.0
@@ -344,9 +351,12 @@ class RedisStore(OnlineStore):
             nodes: dict = {}
             for i in todo:
                 keys, args = groups[i].script_args()
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)  # (pipe.evalsha is blocked in cluster mode)
+                # Routed by our own slot lookup: redis-py finds an EVALSHA's keys (movable) with a
+                # COMMAND GETKEYS round trip per call to its default node. (pipe.evalsha is blocked
+                # in cluster mode.) A MOVED reply is retried through redis-py's own routing.
+                node = self._client.get_node_from_key(keys[0])
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, target_nodes=node)
                 if self.wait_replicas:
-                    node = self._client.get_node_from_key(keys[0])
                     nodes[node.name] = node
             for node in nodes.values():
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
@@ -355,6 +365,8 @@ class RedisStore(OnlineStore):
             for i, r in zip(todo, res):
                 if isinstance(r, NoScriptError):
                     missing.append(i)
+                elif isinstance(r, _UNAVAILABLE) or (isinstance(r, ResponseError) and str(r).split(" ", 1)[0] in _REFUSED):
+                    raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {r}") from r
                 elif isinstance(r, Exception):
                     raise r
                 else:
@@ -451,9 +463,6 @@ class RedisStore(OnlineStore):
         pair_groups = sorted({(e, tags[k]) for e, k in zip(t_ev, t_key)})  # one group marker per (event, slot group)
         marker_names = [lay.group_marker(tag, event_ids[e]) for e, tag in pair_groups]
         pair_of = {p: j for j, p in enumerate(pair_groups)}
-        marker_tags: dict[int, list[str]] = {}
-        for e, tag in pair_groups:
-            marker_tags.setdefault(event_ids[e], []).append(tag)
         commit_names = [lay.commit_marker(i) for i in event_ids]
         meta_keys = [lay.meta(n) for n in meta_names]
         reads = names + marker_names + commit_names + meta_keys
@@ -468,6 +477,10 @@ class RedisStore(OnlineStore):
                 seen_pairs = [seen[e] or markers[pair_of[(e, tags[k])]] is not None for e, k in zip(t_ev, t_key)]
                 meta = {n: (None if v is None else v.decode("utf-8")) for n, v in zip(meta_names, vals[n_k + n_m + n_c :])}
                 c = fn(Snapshot(values, seen, meta, seen_pairs))
+                marker_tags: dict[int, list[str]] = {}  # group markers still missing (one already there is not rewritten)
+                for (e, tag), v in zip(pair_groups, markers):
+                    if v is None:
+                        marker_tags.setdefault(event_ids[e], []).append(tag)
                 meta_items = check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms, c.meta)
                 groups, meta_group = split_commit(lay, c.writes, c.dedupe_ids, c.dedupe_ttl_ms, meta_items, marker_tags)
                 # each written group checks what was read in its slot: its records, its markers
