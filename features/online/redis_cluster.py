@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 
 from features.online.base import RecordKey, Write
 
-__all__ = ["ClusterLayout", "GroupCommit", "CAS_SCRIPT", "ABSENT", "digest"]
+__all__ = ["ClusterLayout", "GroupCommit", "CAS_SCRIPT", "READ_SCRIPT", "ABSENT", "digest"]
 
 ABSENT = b"-"  # the expected digest of a key that was absent when read
 
@@ -66,6 +66,18 @@ for i = n + 1, #KEYS do
   a = a + 2
 end
 return 1
+"""
+
+
+# Reads: GET of every key named in ARGV, in order (an absent key reads as nil). The keys go in
+# ARGV, not KEYS: declared keys must share a slot, while a script flagged allow-cross-slot-keys
+# (Redis >= 7) may read undeclared keys of any slot its node serves; the caller groups by node.
+READ_SCRIPT = """#!lua flags=no-writes,allow-cross-slot-keys
+local r = {}
+for i = 1, #ARGV do
+  r[i] = redis.call('GET', ARGV[i])
+end
+return r
 """
 
 
