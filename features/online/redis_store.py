@@ -21,7 +21,7 @@ try:
     from redis.cluster import RedisCluster
     from redis.connection import SSLConnection
     from redis.crc import key_slot
-    from redis.exceptions import ClusterDownError, NoScriptError, ResponseError
+    from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, RedisError, ResponseError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.exceptions import WatchError
@@ -115,7 +115,9 @@ class RedisStore(OnlineStore):
     holding opaque bytes with a PX expiry; dedupe markers are `{ns}:__dedupe__:{event_id}`,
     metadata is `{ns}:__meta__:{name}` and counters (incr_many) are `{ns}:__count__:{name}`.
     Redis Cluster: the same names with hash tags that put each entity's records and markers
-    in one slot (features/online/redis_cluster.py), so a commit is atomic per entity.
+    in one slot (features/online/redis_cluster.py), so a commit is atomic per entity. A
+    cluster store written before the tags (plain names) reads as empty until
+    `migrate_untagged_keys()` moved it; a single node's names are unchanged.
 
     Pass `client=` to reuse a configured `redis.Redis` or `redis.cluster.RedisCluster`
     (it must use decode_responses=False, since values are bytes); the caller then owns it
@@ -130,7 +132,10 @@ class RedisStore(OnlineStore):
     it a master killed right after acknowledging a commit can take the commit with it when
     its replica is promoted (the stream consumer has acked the events by then: lost). With
     it, a commit that returns is on a replica too; if the WAIT times out, StoreUnavailable is
-    raised and the caller redelivers (deduplicated if the commit did survive).
+    raised and the caller redelivers (deduplicated if the commit did survive). LIMIT: a
+    master whose replica was promoted runs alone until the failed node rejoins; commits that
+    touch it raise StoreUnavailable meanwhile, although their writes are applied there, and
+    a redelivery that finds such a group already applied completes without waiting for it.
     """
 
     def __init__(
@@ -140,7 +145,7 @@ class RedisStore(OnlineStore):
         socket_timeout_s: float = 0.5,
         client: "redis.Redis | RedisCluster | None" = None,
         wait_replicas: int = 0,
-        wait_timeout_ms: int = 1000,
+        wait_timeout_ms: int = 250,
     ) -> None:
         check_namespace(namespace)
         if socket_timeout_s <= 0:
@@ -149,6 +154,9 @@ class RedisStore(OnlineStore):
             raise ValueError(f"wait_replicas must be an int >= 0, got {wait_replicas!r}")
         if not isinstance(wait_timeout_ms, int) or wait_timeout_ms <= 0:
             raise ValueError(f"wait_timeout_ms must be a positive int, got {wait_timeout_ms!r}")
+        if wait_replicas and client is None and wait_timeout_ms >= socket_timeout_s * 1000:
+            # the WAIT's reply must arrive before the socket gives up on it
+            raise ValueError(f"wait_timeout_ms ({wait_timeout_ms}) must be below socket_timeout_s ({socket_timeout_s} s)")
         self.namespace = namespace
         self._prefix = f"{namespace}:"
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
@@ -339,53 +347,113 @@ class RedisStore(OnlineStore):
         return self._cas_sha
 
     def _run_groups(self, groups: Sequence[GroupCommit]) -> list[bool]:
-        """Each group's CAS script, in one pipeline (one round trip per node); True where a
-        group wrote, False where a key it checks had changed. A node that does not know the
-        script (a replica promoted since it was loaded) gets it and those groups are sent
-        again. With wait_replicas, a WAIT per node written follows its scripts in the same
-        pipeline, so it goes out on the connection that wrote (WAIT counts that
-        connection's writes)."""
+        """Each group's CAS script; True where a group wrote, False where a key it checks had
+        changed. Groups are sent per node on one connection of that node (every node's
+        requests written before any reply is read: one round trip), routed by the client's
+        slot table, with no redis-py retry in between: a retry on another connection would
+        make a WAIT count that connection's writes (none) and acknowledge nothing real.
+        With wait_replicas a WAIT follows each node's scripts on the same connection. A node
+        that does not know the script yet (a replica promoted since) gets it and its groups
+        are sent again. A node that cannot be reached or answers with an error (a slot moved,
+        no in-sync replica under min-replicas-to-write, ...) fails the commit with
+        StoreUnavailable after the slot table is refreshed; groups other nodes wrote stay
+        written (see `commit` and `transact` for why that is safe)."""
         if not groups:
             return []
         out: list[bool | None] = [None] * len(groups)
         todo = list(range(len(groups)))
         for _ in range(3):
             sha = self._cas()
-            pipe = self._client.pipeline(transaction=False)
-            nodes: dict = {}
+            nodes = self._client.nodes_manager
+            by_node: dict[str, tuple] = {}
             for i in todo:
-                keys, args = groups[i].script_args()
-                # Routed by our own slot lookup: redis-py finds an EVALSHA's keys (movable) with a
-                # COMMAND GETKEYS round trip per call to its default node. (pipe.evalsha is blocked
-                # in cluster mode.) A MOVED reply is retried through redis-py's own routing.
-                node = self._client.get_node_from_key(keys[0])
-                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args, target_nodes=node)
-                if self.wait_replicas:
-                    nodes[node.name] = node
-            for node in nodes.values():
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, target_nodes=node)
-            res = pipe.execute(raise_on_error=False)
-            missing = []
-            for i, r in zip(todo, res):
-                if isinstance(r, NoScriptError):
-                    missing.append(i)
-                elif isinstance(r, _UNAVAILABLE) or (isinstance(r, ResponseError) and str(r).split(" ", 1)[0] in _REFUSED):
-                    raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {r}") from r
-                elif isinstance(r, Exception):
-                    raise r
-                else:
-                    out[i] = bool(r)
-            for node, acked in zip(nodes.values(), res[len(todo):]):
-                if isinstance(acked, Exception):
-                    raise acked
-                if int(acked) < self.wait_replicas:
-                    raise StoreUnavailable(f"redis cluster node {node.name}: a commit reached {acked} of {self.wait_replicas} "
-                                           f"replicas within {self.wait_timeout_ms} ms")
+                keys, _ = groups[i].script_args()
+                slot = key_slot(keys[0].encode())
+                owners = nodes.slots_cache.get(slot)
+                node = owners[0] if owners else nodes.get_node_from_slot(slot)
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+            replies = self._send_per_node(
+                [(node, [("EVALSHA", sha, len(k), *k, *a) for k, a in (groups[i].script_args() for i in idx)]) for node, idx in by_node.values()])
+            missing: list[int] = []
+            failure: BaseException | None = None
+            for (node, idx), got in zip(by_node.values(), replies):
+                if isinstance(got, BaseException):
+                    failure = failure or got
+                    continue
+                for i, r in zip(idx, got):
+                    if isinstance(r, NoScriptError):
+                        missing.append(i)
+                    elif isinstance(r, BaseException):
+                        failure = failure or r
+                    else:
+                        out[i] = bool(r)
+                if self.wait_replicas and len(got) > len(idx):
+                    acked = got[len(idx)]
+                    if isinstance(acked, BaseException) or int(acked) < self.wait_replicas:
+                        failure = failure or StoreUnavailable(
+                            f"redis cluster node {node.name}: a commit reached {acked} of {self.wait_replicas} replicas within {self.wait_timeout_ms} ms")
+            if failure is not None:
+                self._refresh_slots()
+                if isinstance(failure, StoreUnavailable):
+                    raise failure
+                if isinstance(failure, _UNAVAILABLE) or (isinstance(failure, ResponseError) and str(failure).split(" ", 1)[0] in _REFUSED):
+                    raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {failure}") from failure
+                raise failure
             if not missing:
                 return out  # type: ignore[return-value]
             self._cas_sha = None  # load it again, on every primary
             todo = missing
         raise StoreUnavailable(f"redis cluster at {self.url} kept answering NOSCRIPT for the commit script")
+
+    def _send_per_node(self, batches: list[tuple]) -> list:
+        """Send each (node, commands) batch on one connection of its node -- plus a WAIT when
+        wait_replicas is set -- writing every batch before reading any reply. Per batch: the
+        replies in order (an error reply as its exception), or the exception that lost the
+        connection."""
+        results: list = [None] * len(batches)
+        held: list[tuple] = []
+        try:
+            for j, (node, commands) in enumerate(batches):
+                if self.wait_replicas:
+                    commands = [*commands, ("WAIT", self.wait_replicas, self.wait_timeout_ms)]
+                pool = node.redis_connection.connection_pool
+                try:
+                    conn = pool.get_connection()
+                except _UNAVAILABLE as exc:
+                    results[j] = exc
+                    continue
+                held.append((j, pool, conn, len(commands)))
+                try:
+                    conn.send_packed_command(conn.pack_commands(commands))
+                except _UNAVAILABLE as exc:
+                    results[j] = exc
+            for j, _, conn, n in held:
+                if results[j] is not None:
+                    continue
+                replies: list = []
+                try:
+                    for _ in range(n):
+                        try:
+                            replies.append(conn.read_response())
+                        except ResponseError as exc:
+                            replies.append(exc)
+                    results[j] = replies
+                except _UNAVAILABLE as exc:
+                    results[j] = exc
+        finally:
+            for j, pool, conn, _ in held:
+                if not isinstance(results[j], list):
+                    conn.disconnect()  # replies may still be in flight: never hand them to the next user
+                pool.release(conn)
+        return results
+
+    def _refresh_slots(self) -> None:
+        """Re-read the slot table after a node failed us (best effort: if no node answers,
+        the next call fails the same way and tries again)."""
+        try:
+            self._client.nodes_manager.initialize()
+        except (RedisError, RedisClusterException, OSError):  # every node down: nothing to refresh from now
+            pass
 
     def _queue_records(self, pipe: "redis.client.Pipeline", writes: Sequence[Write], meta: Mapping[str, str]) -> None:
         for w in writes:
@@ -702,6 +770,50 @@ class RedisStore(OnlineStore):
         for raw in raw_keys:
             pipe.unlink(raw)
         return sum(int(n) for n in pipe.execute())
+
+    def migrate_untagged_keys(self) -> int:
+        """Move a cluster store written before hash tags (records, commit markers, metadata under
+        their single-node names) to the tagged names, keeping each key's value and expiry;
+        returns how many keys moved. Without this such a store reads as empty on a cluster.
+
+        Per key: DUMP, RESTORE under the new name with its remaining TTL (never over a key the
+        tagged layout already holds: that one is newer), UNLINK the old. Idempotent; run it with
+        writers stopped (a write to an old name meanwhile would be left behind)."""
+        if self._layout is None:
+            raise ValueError("migrate_untagged_keys is for Redis Cluster stores: a single node keeps the untagged layout")
+        lay = self._layout
+        dedupe, meta = f"{self.namespace}:__dedupe__:", f"{self.namespace}:__meta__:"
+        moved = 0
+        with self._guard("migrate_untagged_keys"):
+            for raw in list(self._scan(escape_glob(self.namespace) + ":*")):
+                old = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+                if "{" in old:
+                    continue  # already tagged
+                if old.startswith(dedupe) and old[len(dedupe):].isdigit():
+                    new = lay.commit_marker(int(old[len(dedupe):]))
+                elif old.startswith(meta):
+                    new = lay.meta(old[len(meta):])
+                else:
+                    parts = old[len(self._prefix):].split(":")
+                    if len(parts) != 4 or parts[0] in RESERVED_FEATURE_SETS:
+                        continue  # counters keep their names; anything else is not ours
+                    key = RecordKey(*parts)
+                    try:
+                        check_record_key(key)
+                    except ValueError:
+                        continue
+                    new = lay.record(key)
+                dump, ttl = self._client.dump(raw), self._client.pttl(raw)
+                if dump is None:
+                    continue  # expired meanwhile
+                try:
+                    self._client.restore(new, max(int(ttl), 0), dump)
+                except ResponseError as exc:
+                    if "BUSYKEY" not in str(exc):
+                        raise
+                self._client.unlink(raw)
+                moved += 1
+        return moved
 
     def iter_keys(self, feature_set: str | None = None) -> Iterable[RecordKey]:
         """Lazily SCAN the namespace (every primary on a cluster), yielding record keys.
