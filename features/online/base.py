@@ -2,8 +2,9 @@
 
 A backend stores opaque bytes: packing and unpacking feature state is a pure function in
 features.codec, tested without a server. Keys follow
-`{namespace}:{feature_set}:{version}:{entity_type}:{entity_id}` and never need a multi-key
-command that spans hash slots, so the same code works against Redis Cluster.
+`{namespace}:{feature_set}:{version}:{entity_type}:{entity_id}` (on Redis Cluster with the
+entity id as a hash tag, so one entity's records share a slot and commit together:
+features/online/redis_cluster.py).
 
 Expiry: every record is written with a TTL (the store reclaims space); readers also check
 the record's own feature timestamp against the feature set's TTL, so an expired value

@@ -17,8 +17,8 @@ change together into one slot:
   `ns:meta` never equals an entity's.
 Counters (`{ns}:__count__:{name}`) keep their untagged names: each is one key.
 
-A commit is one Lua script per slot group (atomic there), all sent in one pipeline (one round
-trip per node), the meta group last: records and their group markers land together, and the
+A commit is one Lua script per slot group (atomic there), sent per node on one connection (one
+round trip for all nodes), the meta group last: records and their group markers land together, and the
 commit marker -- what `seen()` reports -- only after every group is in. A crash between
 groups leaves some groups applied with their markers and the rest untouched; a redelivered
 event is then skipped exactly by the groups that hold its marker and applied by the others

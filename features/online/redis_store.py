@@ -314,7 +314,7 @@ class RedisStore(OnlineStore):
 
         Redis Cluster: a transaction must stay within one hash slot, so the commit is cut
         into slot groups (features/online/redis_cluster.py): one Lua script per entity id
-        writes that entity's records (atomic there), all in one pipeline, then -- only after
+        writes that entity's records (atomic there), sent per node in one round trip, then -- only after
         every one of them succeeded -- one script writes the metadata and the commit markers
         (what `seen()` reads) together. Markers LAST means a failure never marks an event
         applied whose records are missing (no lost updates). LIMITS: a reader may see one
@@ -574,7 +574,8 @@ class RedisStore(OnlineStore):
         """GET of every name: one read script per node (GETs of all its keys in one command).
 
         redis-py's cluster pipeline routes and packs each GET in Python: 1 user + 500 items took
-        ~37 ms that way against ~3 ms on one node. Here keys are grouped by node with the
+        ~18-37 ms that way on this machine (~1-3 ms on one node with MGET); this way ~4 ms
+        (bench/results/cluster_store.json). Here keys are grouped by node with the
         client's slot table and each group is one EVALSHA of READ_SCRIPT (Redis >= 7: a script
         flagged allow-cross-slot-keys may read any keys its node serves). A group whose node
         answers with an error (a slot moved in a failover or a migration) or cannot be reached
