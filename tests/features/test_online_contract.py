@@ -18,7 +18,6 @@ from features.online.registry import open_store
 redis = pytest.importorskip("redis")
 
 from features.online.redis_store import RedisStore  # noqa: E402  (needs the redis package)
-from redis_server import RedisServer  # noqa: E402
 
 HOUR_MS = 3_600_000
 
