@@ -21,7 +21,7 @@ try:
     from redis.cluster import RedisCluster
     from redis.connection import SSLConnection
     from redis.crc import key_slot
-    from redis.exceptions import ClusterDownError, NoScriptError, RedisClusterException, RedisError, ResponseError
+    from redis.exceptions import AskError, ClusterDownError, NoScriptError, ReadOnlyError, RedisClusterException, RedisError, ResponseError, TryAgainError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
     from redis.exceptions import WatchError
@@ -58,7 +58,14 @@ _NO_SHA = "0" * 40  # a script sha no node knows: the first read on a node gets 
 # Error replies of a node that cannot take writes now (no in-sync replicas under
 # min-replicas-to-write, a replica or a loading node, a slot in migration): the group was not
 # written, and the caller may try again later.
-_REFUSED = frozenset({"NOREPLICAS", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN"})
+_REFUSED = frozenset({"NOREPLICAS", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK"})
+
+
+def _refused(exc: BaseException) -> bool:
+    """A node's answer that means "not here, not now" (redis-py strips MOVED/ASK from the text
+    and gives them, TRYAGAIN and READONLY their own classes)."""
+    return isinstance(exc, (*_UNAVAILABLE, AskError, TryAgainError, ReadOnlyError)) or (
+        isinstance(exc, ResponseError) and str(exc).split(" ", 1)[0] in _REFUSED)
 
 _SCHEMES = ("redis", "rediss")
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}  # a spec's scheme -> redis-py's
@@ -396,8 +403,8 @@ class RedisStore(OnlineStore):
                 self._refresh_slots()
                 if isinstance(failure, StoreUnavailable):
                     raise failure
-                if isinstance(failure, _UNAVAILABLE) or (isinstance(failure, ResponseError) and str(failure).split(" ", 1)[0] in _REFUSED):
-                    raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {failure}") from failure
+                if _refused(failure):
+                    raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {type(failure).__name__}: {failure}") from failure
                 raise failure
             if not missing:
                 return out  # type: ignore[return-value]

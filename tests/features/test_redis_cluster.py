@@ -208,6 +208,31 @@ def test_writers_racing_on_the_same_entities_lose_no_update(store, small_sim):
     assert _ingestor(store, name="racing").stats().accepted == len(events)
 
 
+def test_after_a_manual_failover_a_commit_is_refused_once_then_lands_and_reads_follow(store, cluster):
+    """CLUSTER FAILOVER on a replica swaps it with its master; the store's slot table still
+    names the old master. The first commit meets MOVED there: those groups are refused whole
+    (StoreUnavailable), the other masters' groups land, the slot table is refreshed, and the
+    retry lands everywhere. Reads follow the move at once (their fallback follows MOVED)."""
+    from features.online.base import RecordKey, Write
+
+    keys = [RecordKey("f", "v1", "item", str(i)) for i in range(60)]
+    store.commit([Write(k, b"a", 3_600_000) for k in keys])
+    old = cluster.masters()[0]
+    new = cluster.replica_of(old)
+    with RedisCluster(host="127.0.0.1", port=new) as admin:
+        moved = {k for k in keys if _master_of(admin, store.key_name(k)) == old}
+    assert moved and len(moved) < len(keys)
+    with redis.Redis(port=new) as r:
+        r.execute_command("CLUSTER", "FAILOVER")
+    RedisClusterServers._wait(lambda: new in cluster.masters() and old not in cluster.masters(), "the manual failover")
+    cluster.wait_healthy()
+    with pytest.raises(StoreUnavailable, match="refused a commit group"):
+        store.commit([Write(k, b"b", 3_600_000) for k in keys])
+    assert store.get_many(keys) == [b"a" if k in moved else b"b" for k in keys]
+    store.commit([Write(k, b"b", 3_600_000) for k in keys])
+    assert store.get_many(keys) == [b"b"] * len(keys)
+
+
 # -- a consumer per master, a master killed mid-ingest -----------------------------------------
 
 
