@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from features.contribution import ContributionLimiter
 from features.event_rules import IMPLAUSIBLE, MALFORMED, OUT_OF_RANGE, RATE_LIMITED, EventRules, Rejection
@@ -155,6 +156,11 @@ class RedisStreamConsumer:
     `rules` validate each message (default: dataset-agnostic EventRules(); the CLI builds
     them from the data dir); `limiter` caps each user's contribution (default: none; the CLI
     turns it on); `clock` is the wall clock in seconds for the rules' future bound.
+
+    `client` may be a RedisCluster: the stream is one key, so it lives on one master; to
+    spread ingest over a cluster run one stream (and one consumer) per master, each stream
+    named with a hash tag that lands on its master (the dead letters, `{stream}:dead`, share
+    the tag, so their MULTI/EXEC with the XACK stays in one slot).
     """
 
     def __init__(
@@ -329,6 +335,12 @@ class RedisStreamConsumer:
             except _OUTAGES as exc:
                 self.stats.outages += 1
                 recover = True
+                if isinstance(self.client, RedisCluster):
+                    # redis-py 8.1 finds XREADGROUP's stream (a movable key) by COMMAND GETKEYS on
+                    # the client's default node and, when that node is the master that died, never
+                    # replaces it: the consumer would fail forever after a failover. Move it to
+                    # another primary (the slot table itself is refreshed by the failed command).
+                    self.client.replace_default_node()
                 log.warning("stream %s: unavailable (%s: %s); nothing acknowledged, retrying in %.1f s",
                             self.stream, type(exc).__name__, exc, delay)
                 if self._stop.wait(delay):

@@ -21,8 +21,14 @@ event log and re-materialise to count it).
 Several ingestors (server replicas, consumers) may write one store at once: each batch is
 one optimistic store transaction (read states, markers and the watermark; decide; write
 only if none of them changed meanwhile, else retry), so no update is lost and no event is
-applied twice. On Redis Cluster the transaction is not isolated (keys span hash slots):
-there, partition entities so that one writer owns each.
+applied twice. On Redis Cluster the transaction commits per slot group (one entity id's
+records and its markers), each group checked and written atomically, the watermark and
+stats last (features/online/redis_cluster.py): every entity still gets each event exactly
+once, also after a crash between groups, since the transaction names which key each event
+changes (`touches`) and a redelivered event is applied only where its group marker is
+missing. What a cluster does not give: one instant at which all entities of a batch change
+together (a reader may see the user updated and the item not yet), and the stats' counts
+are per completed commit as everywhere.
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ from features.definitions import FeatureSet
 from features.events import MS_PER_DAY, MS_PER_HOUR, EventBatch
 from features.lookup import record_keys
 from features.online.base import Commit, OnlineStore, Snapshot, Write
+from features.online.memory import check_meta_name
 from features.modes import ServingMode, mode_from_meta, mode_key
 from features.on_read import OnReadLayout, is_on_read_record
 from features.served_values import state_writes
@@ -97,6 +104,7 @@ class StreamingIngestor:
             raise ValueError(f"allowed_lateness_ms must be >= 0, got {allowed_lateness_ms}")
         if dedupe_ttl_ms <= allowed_lateness_ms:
             raise ValueError("dedupe_ttl_ms must exceed allowed_lateness_ms, or a redelivered late-but-allowed event could count twice")
+        check_meta_name(f"stream:{name}")  # here, not at the first batch (where it would refuse every event as poison)
         self.store = store
         self.layouts = [StateLayout(fs) for fs in sets]
         self.name = name
@@ -144,14 +152,20 @@ class StreamingIngestor:
         batch = events.deduplicated()
         in_batch_dups = received - len(batch)
         # Every record this batch could touch, known before reading anything.
+        # `touches`: which key each event changes, (event, key) pairs, a contiguous run per set
         plan = []
         keys: list = []
+        t_ev: list = []
+        t_key: list = []
         for lay in self.layouts:
             fs = lay.feature_set
             m = fs.event_mask(batch)
             codes = fs.entity.codes(batch)[0]
             uniq = np.unique(codes[m])
-            plan.append((lay, m, codes, uniq, len(keys)))
+            ev = np.flatnonzero(m)
+            plan.append((lay, m, codes, uniq, len(keys), len(t_ev)))
+            t_ev += ev.tolist()
+            t_key += (len(keys) + np.searchsorted(uniq, codes[ev])).tolist()
             keys += record_keys(fs, uniq)
         mat_names = [f"materialized:{lay.feature_set.name}:{lay.feature_set.version}" for lay in self.layouts]
         mode_names = [mode_key(lay.feature_set) for lay in self.layouts]
@@ -168,12 +182,20 @@ class StreamingIngestor:
             # a set materialised on a cadence is left to its runs: its watermark says nothing about the others' events
             horizon = max([self._horizon(snap.meta[n]) for n, m in zip(mat_names, modes) if m.mode is not ServingMode.MATERIALIZED] + [-1])
             seen = np.asarray(snap.seen, dtype=bool)
+            # Per (event, key): already applied there. On one store that is the event's `seen`;
+            # on a cluster a commit cut short by a crash leaves an event applied to some slot
+            # groups only (partial): it was judged in time then, so it is finished now, never
+            # refused as late, and applied exactly where it is missing.
+            pair_seen = np.asarray(snap.seen_pairs, dtype=bool)
+            partial = np.zeros(len(batch), dtype=bool)
+            partial[np.asarray(t_ev, dtype=np.int64)[pair_seen]] = True
+            partial &= ~seen
             fresh_idx = np.flatnonzero(~seen)
             fresh = batch.take(fresh_idx)
             # The watermark advances event by event in arrival order, within a batch too.
             before = np.maximum.accumulate(np.concatenate([[wm0], fresh.ts]))[:-1]
-            behind = (before >= 0) & (fresh.ts < before - self.allowed_lateness_ms)
-            old = ~behind & (fresh.ts < horizon)
+            behind = (before >= 0) & (fresh.ts < before - self.allowed_lateness_ms) & ~partial[fresh_idx]
+            old = ~behind & (fresh.ts < horizon) & ~partial[fresh_idx]
             late = int(behind.sum() + old.sum())
             # At-least-once to the dead letters: a retried transaction may repeat them.
             if behind.any():
@@ -186,9 +208,10 @@ class StreamingIngestor:
             applied = np.zeros(len(batch), dtype=bool)
             applied[ok_idx] = True
             writes: list[Write] = []
-            for (lay, m, codes, uniq, k0), mode in zip(plan, modes):
+            for (lay, m, codes, uniq, k0, p0), mode in zip(plan, modes):
                 fs = lay.feature_set
-                sel = np.flatnonzero(m & applied)
+                ev = np.flatnonzero(m)
+                sel = ev[applied[ev] & ~pair_seen[p0 : p0 + len(ev)]]
                 if len(sel) == 0 or mode.mode is ServingMode.MATERIALIZED:
                     continue  # materialised sets read the event log on their cadence
                 sub = batch.take(sel)
@@ -217,6 +240,6 @@ class StreamingIngestor:
             marked = [ids[i] for i in np.flatnonzero(~seen).tolist()]
             return Commit(writes, marked, self.dedupe_ttl_ms, {self._meta_key(): json.dumps(stats)})
 
-        self.store.transact(keys, ids, meta_names, decide)
+        self.store.transact(keys, ids, meta_names, decide, touches=(t_ev, t_key))
         o = outcome
         return IngestResult(received, o["accepted"], o["dups"], o["late"], o["wm"], o["written"])

@@ -271,9 +271,16 @@ def _stream(args: argparse.Namespace) -> int:
 
     ws = open_workspace(args.events)
     rules = EventRules.from_dataset(ws.info, ItemCatalog.from_table(read_items(ws.data_dir)), max_future_ms=args.max_future_ms)
-    client = redis.Redis.from_url(args.redis)
+    if args.redis.startswith(("redis+cluster://", "rediss+cluster://")):  # a stream per master: name it with a hash tag
+        from redis.cluster import RedisCluster
+
+        scheme, rest = args.redis.split("://", 1)
+        client = RedisCluster.from_url(scheme.split("+")[0] + "://" + rest)
+    else:
+        client = redis.Redis.from_url(args.redis)
     store = _store(args.store or args.redis, args.namespace)
-    ing = StreamingIngestor(store, ws.sets, name=f"stream-{args.stream}", allowed_lateness_ms=args.lateness_ms)
+    # a hash-tagged stream name ("events:{s0}") holds braces, which metadata names may not
+    ing = StreamingIngestor(store, ws.sets, name="stream-" + args.stream.replace("{", "").replace("}", ""), allowed_lateness_ms=args.lateness_ms)
     limiter = None if args.no_rate_limit else ContributionLimiter(
         store, ContributionLimits(max_per_item=args.max_per_item, max_per_user=args.max_per_user, window_ms=args.rate_window_ms))
     cons = RedisStreamConsumer(client, args.stream, ing, group=args.group, consumer=args.consumer, batch_size=args.batch,

@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from features.online.base import OnlineStore
-from redis_server import RedisServer
+from redis_server import RedisClusterServers, RedisServer
 
 
 class ManualClock:
@@ -46,17 +46,31 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """One private Redis Cluster (3 masters, 3 replicas) for the whole session, started only
+    when a test asks for it (skips or fails like redis_server if redis-server is missing)."""
+    with RedisClusterServers() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis), pytest.param("cluster", marks=pytest.mark.redis)])
 def online_store(request: pytest.FixtureRequest) -> Iterator[OnlineStore]:
     """A fresh store of each backend under a namespace unique to this test.
 
     The memory store runs on a ManualClock reachable as `store.clock` (it has `.advance`).
+    "cluster" is a RedisStore on the session's 3+3 Redis Cluster (not flushed between tests:
+    the namespace keeps tests apart; a test that failed over a master leaves it healthy).
     """
     namespace = f"t{uuid.uuid4().hex[:12]}"
     if request.param == "memory":
         from features.online.memory import MemoryStore
 
         store = MemoryStore(namespace, clock=ManualClock())
+    elif request.param == "cluster":
+        from features.online.redis_store import RedisStore
+
+        store = RedisStore(request.getfixturevalue("redis_cluster").url, namespace=namespace)
     else:
         from features.online.redis_store import RedisStore
 

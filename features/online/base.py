@@ -2,8 +2,9 @@
 
 A backend stores opaque bytes: packing and unpacking feature state is a pure function in
 features.codec, tested without a server. Keys follow
-`{namespace}:{feature_set}:{version}:{entity_type}:{entity_id}` and never need a multi-key
-command that spans hash slots, so the same code works against Redis Cluster.
+`{namespace}:{feature_set}:{version}:{entity_type}:{entity_id}` (on Redis Cluster with the
+entity id as a hash tag, so one entity's records share a slot and commit together:
+features/online/redis_cluster.py).
 
 Expiry: every record is written with a TTL (the store reclaims space); readers also check
 the record's own feature timestamp against the feature set's TTL, so an expired value
@@ -16,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["RecordKey", "KeyGroup", "Write", "OnlineStore", "StoreUnavailable", "format_key", "Commit", "Snapshot", "TransactionConflict"]
+__all__ = ["RecordKey", "KeyGroup", "Write", "OnlineStore", "StoreUnavailable", "format_key", "Commit", "Snapshot", "TransactionConflict", "Touches", "seen_pairs_of"]
 
 
 class StoreUnavailable(RuntimeError):
@@ -58,11 +59,29 @@ class Write:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a transaction read: record values, whether event ids are marked, metadata."""
+    """What a transaction read: record values, whether event ids are marked, metadata.
+
+    `seen[i]`: event i's whole commit is done (every record it changes is written).
+    `seen_pairs[j]`, one per (event, key) pair the transaction named in `touches`: the event
+    is already applied to that key. One store commits atomically, so there it is just the
+    event's `seen`; a store that commits group by group (Redis Cluster) can hold an event
+    applied to some groups and not yet to others after a crash, and a redelivery must then
+    apply it exactly where it is missing."""
 
     values: list  # bytes | None per key
     seen: list  # bool per event id
     meta: dict  # name -> str | None
+    seen_pairs: Sequence[bool] = ()  # bool per touches pair
+
+
+Touches = tuple[Sequence[int], Sequence[int]]
+
+
+def seen_pairs_of(seen: Sequence[bool], touches: Touches | None) -> list[bool]:
+    """seen_pairs for a store whose commit is one atomic unit: each pair's event's `seen`."""
+    if touches is None:
+        return []
+    return [bool(seen[e]) for e in touches[0]]
 
 
 @dataclass(frozen=True)
@@ -183,6 +202,8 @@ class OnlineStore(abc.ABC):
         event_ids: Sequence[int],
         meta_names: Sequence[str],
         fn: Callable[[Snapshot], Commit],
+        *,
+        touches: Touches | None = None,
     ) -> Commit:
         """Read keys, markers and metadata, let `fn` decide, commit only if nothing changed.
 
@@ -190,8 +211,14 @@ class OnlineStore(abc.ABC):
         one store: a read-modify-write whose inputs changed meanwhile is retried, so no
         update is lost and no event is applied twice. `fn` may run more than once and must
         not call the store. This default is NOT isolated (one writer only); backends override.
+
+        `touches` = (event positions, key positions): event_ids[touches[0][j]] may change
+        keys[touches[1][j]]. It tells a store that commits group by group where each event's
+        dedupe markers belong, and gives `fn` `Snapshot.seen_pairs`. Without it a store that
+        commits group by group marks events only as a whole (commit markers).
         """
-        snap = Snapshot(self.get_many(keys), self.seen(event_ids), {n: self.get_meta(n) for n in meta_names})
+        seen = self.seen(event_ids)
+        snap = Snapshot(self.get_many(keys), seen, {n: self.get_meta(n) for n in meta_names}, seen_pairs_of(seen, touches))
         c = fn(snap)
         self.commit(c.writes, dedupe_ids=c.dedupe_ids, dedupe_ttl_ms=c.dedupe_ttl_ms, meta=c.meta)
         return c

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-from features.online.base import KeyGroup, OnlineStore, RecordKey, Snapshot, Write, _check_part
+from features.online.base import KeyGroup, OnlineStore, RecordKey, Snapshot, Write, _check_part, seen_pairs_of
 
 __all__ = ["MemoryStore"]
 
@@ -208,16 +208,18 @@ class MemoryStore(OnlineStore):
                 self._markers[event_id] = now + dedupe_ttl_ms / 1000.0
             self._meta.update(meta_items)
 
-    def transact(self, keys, event_ids, meta_names, fn):
+    def transact(self, keys, event_ids, meta_names, fn, *, touches=None):
         """Read, decide and write under the store's lock: trivially isolated in one process."""
         for key in keys:
             check_record_key(key)
         with self._lock:
             now = self.clock()
+            seen = [self._marker_live(i, now) for i in event_ids]
             snap = Snapshot(
                 [None if (e := self._live(k, now)) is None else e.value for k in keys],
-                [self._marker_live(i, now) for i in event_ids],
+                seen,
                 {n: self._meta.get(n) for n in meta_names},
+                seen_pairs_of(seen, touches),
             )
             c = fn(snap)
             meta_items = check_writes(c.writes, c.dedupe_ids, c.dedupe_ttl_ms, c.meta)

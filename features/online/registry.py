@@ -11,11 +11,11 @@ from features.online.base import OnlineStore
 
 __all__ = ["open_store", "ALLOWED_SPECS"]
 
-ALLOWED_SPECS = "'memory', 'redis://host:port/db' or 'rediss://host:port/db'"
+ALLOWED_SPECS = "'memory', 'redis://host:port/db', 'rediss://host:port/db' or 'redis+cluster://host:port' (also rediss+cluster://)"
 
 # Options each backend accepts besides the spec and namespace.
 _MEMORY_OPTIONS = frozenset({"clock"})
-_REDIS_OPTIONS = frozenset({"socket_timeout_s", "client"})
+_REDIS_OPTIONS = frozenset({"socket_timeout_s", "client", "wait_replicas", "wait_timeout_ms"})
 
 
 def _check_options(backend: str, options: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -29,7 +29,9 @@ def open_store(spec: str, namespace: str = "parity", **options: Any) -> OnlineSt
     """Open the backend named by `spec`.
 
     - "memory" -> MemoryStore (options: clock)
-    - "redis://..." or "rediss://..." -> RedisStore (options: socket_timeout_s, client)
+    - "redis://...", "rediss://..." -> RedisStore on one server; "redis+cluster://host:port" or
+      "rediss+cluster://..." -> RedisStore on a Redis Cluster seeded from that node
+      (options: socket_timeout_s, client, wait_replicas and wait_timeout_ms for a cluster)
     """
     if not isinstance(spec, str):
         raise ValueError(f"online store spec must be a string: {ALLOWED_SPECS}; got {spec!r}")
@@ -38,7 +40,7 @@ def open_store(spec: str, namespace: str = "parity", **options: Any) -> OnlineSt
         from features.online.memory import MemoryStore
 
         return MemoryStore(namespace, **options)
-    if spec.startswith(("redis://", "rediss://")):
+    if spec.startswith(("redis://", "rediss://", "redis+cluster://", "rediss+cluster://")):
         _check_options("redis", options, _REDIS_OPTIONS)
         try:
             from features.online.redis_store import RedisStore

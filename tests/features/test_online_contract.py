@@ -1,13 +1,13 @@
-"""One contract, two backends: every test here runs against MemoryStore and RedisStore.
+"""One contract, three backends: every test here runs against MemoryStore, RedisStore and RedisStore on a cluster.
 
-Redis-only tests at the end cover what memory cannot show: raw key layout, round trips,
-unavailability and the Redis Cluster code path (on a private one-node cluster).
+Redis-only tests at the end cover what memory cannot show: raw key layout, round trips and
+unavailability. The third backend, "cluster", is a RedisStore on a private 3-master,
+3-replica Redis Cluster (tests/conftest.py); its own behaviours are in test_redis_cluster.py.
 """
 from __future__ import annotations
 
 import socket
 import time
-from typing import Iterator
 
 import pytest
 
@@ -18,7 +18,6 @@ from features.online.registry import open_store
 redis = pytest.importorskip("redis")
 
 from features.online.redis_store import RedisStore  # noqa: E402  (needs the redis package)
-from redis_server import RedisServer  # noqa: E402
 
 HOUR_MS = 3_600_000
 
@@ -230,7 +229,7 @@ def test_incr_many_refuses_bad_arguments_before_counting_anything(online_store: 
 
 def test_incr_many_is_isolated_by_namespace(online_store: OnlineStore, request: pytest.FixtureRequest) -> None:
     ns = online_store.namespace + "x"
-    other = RedisStore(request.getfixturevalue("redis_url"), namespace=ns) if isinstance(online_store, RedisStore) else MemoryStore(ns)
+    other = RedisStore(online_store.url, namespace=ns) if isinstance(online_store, RedisStore) else MemoryStore(ns)
     with other:
         online_store.incr_many(["n"], [3], HOUR_MS)
         assert other.incr_many(["n"], [1], HOUR_MS) == [1]
@@ -316,7 +315,22 @@ def test_key_format(online_store: OnlineStore) -> None:
     ns = online_store.namespace
     assert format_key(ns, key) == f"{ns}:clicks:v3:user:42|7"
     online_store.commit([Write(key, b"\x00raw", HOUR_MS)], dedupe_ids=[77], dedupe_ttl_ms=HOUR_MS, meta={"wm": "5"})
-    if isinstance(online_store, RedisStore):
+    if isinstance(online_store, RedisStore) and online_store.url.startswith("redis+cluster://"):
+        # hash tags: the entity's records in one slot, metadata and commit markers in another
+        raw = redis.cluster.RedisCluster.from_url("redis://" + online_store.url.split("://", 1)[1])
+        try:
+            assert set(raw.scan_iter(match=f"{ns}:*")) == {
+                f"{ns}:clicks:v3:user:{{42|7}}".encode(),
+                f"{ns}:__dedupe__:{{{ns}:meta}}:77".encode(),
+                f"{ns}:__meta__:{{{ns}:meta}}:wm".encode(),
+            }
+            assert raw.get(f"{ns}:clicks:v3:user:{{42|7}}") == b"\x00raw"
+            assert 0 < raw.pttl(f"{ns}:clicks:v3:user:{{42|7}}") <= HOUR_MS
+            assert 0 < raw.pttl(f"{ns}:__dedupe__:{{{ns}:meta}}:77") <= HOUR_MS
+            assert raw.get(f"{ns}:__meta__:{{{ns}:meta}}:wm") == b"5"
+        finally:
+            raw.close()
+    elif isinstance(online_store, RedisStore):
         raw = redis.Redis.from_url(online_store.url)
         try:
             assert set(raw.keys("*")) == {
@@ -368,7 +382,7 @@ def test_bad_filters_and_reserved_names_are_rejected(online_store: OnlineStore) 
 def test_namespaces_isolate_stores(online_store: OnlineStore, request: pytest.FixtureRequest) -> None:
     other: OnlineStore
     if isinstance(online_store, RedisStore):
-        other = RedisStore(request.getfixturevalue("redis_url"), namespace=online_store.namespace + "x")
+        other = RedisStore(online_store.url, namespace=online_store.namespace + "x")
     else:
         other = MemoryStore(online_store.namespace + "x")
     with other:
@@ -487,85 +501,8 @@ def test_redis_incr_many_is_one_round_trip_and_keys_expire(redis_url: str, monke
     admin.close()
 
 
-# -- redis cluster (a private one-node cluster: all slots on one server) ------------------
-
-
-def _raw(port: int, *args: str) -> bytes:
-    payload = f"*{len(args)}\r\n".encode() + b"".join(f"${len(a)}\r\n{a}\r\n".encode() for a in args)
-    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-        sock.sendall(payload)
-        return sock.recv(4096)
-
-
-@pytest.fixture(scope="module")
-def cluster_port(redis_server: RedisServer) -> Iterator[int]:
-    """Depends on redis_server only so a missing binary skips/fails the same way."""
-    with RedisServer(extra_args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]) as server:
-        assert _raw(server.port, "CLUSTER", "ADDSLOTSRANGE", "0", "16383").startswith(b"+OK")
-        deadline = time.monotonic() + 10
-        while b"cluster_state:ok" not in _raw(server.port, "CLUSTER", "INFO"):
-            if time.monotonic() > deadline:
-                pytest.fail("one-node redis cluster did not reach cluster_state:ok within 10 s")
-            time.sleep(0.02)
-        yield server.port
-
-
-@pytest.fixture
-def cluster_store(cluster_port: int) -> Iterator[RedisStore]:
-    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster_port, socket_timeout=1)
-    client.flushall()
-    store = RedisStore(namespace="cl", client=client)
-    try:
-        yield store
-    finally:
-        store.close()
-        client.close()
-
-
-@pytest.mark.redis
-def test_cluster_mode_runs_the_contract_basics(cluster_store: RedisStore) -> None:
-    keys = [rk(str(i)) for i in range(50)]  # spread over many hash slots
-    cluster_store.commit([Write(k, k.entity_id.encode(), HOUR_MS) for k in keys], dedupe_ids=[1, 2], dedupe_ttl_ms=HOUR_MS, meta={"wm": "9"})
-    assert cluster_store.get_many(keys) == [k.entity_id.encode() for k in keys]
-    assert cluster_store.seen([1, 2, 3]) == [True, True, False]
-    assert cluster_store.get_meta("wm") == "9"
-    assert set(cluster_store.iter_keys()) == set(keys)
-    assert cluster_store.delete(keys[:5]) == 5
-    assert cluster_store.delete_matching("clicks", "v1", "user", "1") == 10  # 1, 10..19 minus deleted "1"
-    assert len(set(cluster_store.iter_keys())) == 35
-
-
-@pytest.mark.redis
-def test_cluster_mode_counts_across_hash_slots(cluster_store: RedisStore) -> None:
-    names = [f"rate:{i}" for i in range(40)]  # spread over many hash slots
-    assert cluster_store.incr_many(names, list(range(40)), HOUR_MS) == list(range(40))
-    assert cluster_store.incr_many(names[:3], [1, 1, 1], HOUR_MS) == [1, 2, 3]
-
-
-@pytest.mark.redis
-def test_cluster_mode_writes_markers_last(cluster_store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure between the two cluster pipelines leaves records unmarked (the documented
-    limitation), never markers without records."""
-    client = cluster_store._client
-    real_pipeline = client.pipeline
-    calls = 0
-
-    def failing_second(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        pipe = real_pipeline(*args, **kwargs)
-        if calls == 2:
-            def boom(*a: object, **k: object) -> None:
-                raise redis.exceptions.ConnectionError("simulated crash before the markers")
-            pipe.execute = boom  # type: ignore[method-assign]
-        return pipe
-
-    monkeypatch.setattr(client, "pipeline", failing_second)
-    with pytest.raises(StoreUnavailable, match="simulated crash"):
-        cluster_store.commit([Write(rk("1"), b"x", HOUR_MS)], dedupe_ids=[5], dedupe_ttl_ms=HOUR_MS)
-    monkeypatch.undo()
-    assert cluster_store.get_many([rk("1")]) == [b"x"]
-    assert cluster_store.seen([5]) == [False]
+# Redis Cluster: the whole suite above runs on a 3+3 cluster (the "cluster" backend); what
+# only a cluster shows (slot groups, failover, consumers per master) is in test_redis_cluster.py.
 
 
 def test_clear_namespace_removes_records_markers_and_meta_of_this_namespace_only(online_store: OnlineStore) -> None:
