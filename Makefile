@@ -17,7 +17,7 @@ setup: $(STAMP) $(GEN)
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[train,test,monitor]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e ".[train,test,monitor,eval]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # Generated gRPC code is not committed: it is made from proto/ here (tests check it is current).
@@ -34,7 +34,7 @@ demo: setup
 
 # The bench extra (faiss-cpu) only for benchmarks: `make test` does not need it.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install --quiet -e ".[train,test,monitor,bench]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e ".[train,test,monitor,eval,bench]" --config-settings editable_mode=compat
 	touch $(BENCH_STAMP)
 
 # Micro-benchmarks (pytest-benchmark), then the serving study (bench/serving.py: product server

@@ -38,7 +38,8 @@ from models.peers import Scorer, fit_peer, positives_matrix, require_implicit, w
 from models.protocol import ProtocolSplit, full_ranking_metrics, protocol_split
 from pipeline.heldout import Eligibility, held_out, popularity_lists, seen_before_cut, topk_metrics
 
-__all__ = ["GRIDS", "Task", "protocol_peers", "time_split_peers", "tune_and_test", "protocol_task", "time_split_task"]
+__all__ = ["GRIDS", "Task", "protocol_peers", "protocol_peers_of", "protocol_task", "time_split_peers", "time_split_peers_of",
+           "time_split_task", "tune_and_test"]
 
 # Small grids: both protocols on MovieLens 100K in a few minutes on one core. A list value is a
 # sweep one fit serves (models.peers.fit_peer); every other key spans the grid.
@@ -59,7 +60,7 @@ class Task:
     evaluate: Callable[[Scorer], dict[str, float]]  # -> {"ndcg@10", "recall@10", ...}
 
 
-def tune_and_test(valid: Task, test: Task, grids: Mapping[str, Sequence[dict]] = GRIDS, seed: int = 0) -> dict[str, dict]:
+def tune_and_test(valid: Task, test: Task, grids: Mapping[str, Sequence[dict]], seed: int = 0) -> dict[str, dict]:
     """Each peer's best grid point by NDCG@10 on `valid`, refitted on `test.X` and scored once on
     `test`. -> peer -> {"ndcg@10", "recall@10", "settings", "valid_ndcg@10", "grid_points"}."""
     out = {}
@@ -119,20 +120,27 @@ def time_split_task(release, kind: str, events, items: ItemCatalog, *, part: str
 
 
 def time_split_peers(release_dir: str | Path, data_dir: str | Path, *, max_users: int | None = None, seed: int = 0,
-                     grids: Mapping[str, Sequence[dict]] = GRIDS) -> dict:
+                     grids: Mapping[str, Sequence[dict]] | None = None) -> dict:
     """Peers on `parity eval`'s held-out slice of `release_dir` (the same users for the same
     `max_users` and sample `seed` as evaluate_release). Fitting seeds: the release's seed."""
-    t0 = time.perf_counter()
+    grids = GRIDS if grids is None else grids
     if any(n != "popularity" for n in grids):
         require_implicit()
-    rel = load_release(release_dir)
     info = load_info(data_dir)
     events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
     items = ItemCatalog.from_table(read_items(data_dir))
-    valid, _ = time_split_task(rel, info.kind, events, items, part="valid")
-    test, extra = time_split_task(rel, info.kind, events, items, part="test", max_users=max_users, sample_seed=seed)
-    peers = {"popularity": {**extra["popularity"], "settings": {"half_life_ms": rel.meta.popularity_half_life_ms}},
-             **tune_and_test(valid, test, {n: g for n, g in grids.items() if n != "popularity"}, seed=int(rel.meta.seed))}
+    return time_split_peers_of(load_release(release_dir), info.kind, events, items, max_users=max_users, seed=seed, grids=grids)
+
+
+def time_split_peers_of(release, kind: str, events, items: ItemCatalog, *, max_users: int | None = None, seed: int = 0,
+                        grids: Mapping[str, Sequence[dict]] | None = None) -> dict:
+    """time_split_peers on a deduplicated log already read. -> {"users", "peers", "seconds"}."""
+    grids = GRIDS if grids is None else grids
+    t0 = time.perf_counter()
+    valid, _ = time_split_task(release, kind, events, items, part="valid")
+    test, extra = time_split_task(release, kind, events, items, part="test", max_users=max_users, sample_seed=seed)
+    peers = {"popularity": {**extra["popularity"], "settings": {"half_life_ms": release.meta.popularity_half_life_ms}},
+             **tune_and_test(valid, test, {n: g for n, g in grids.items() if n != "popularity"}, seed=int(release.meta.seed))}
     return {"users": extra["users"], "peers": peers, "seconds": time.perf_counter() - t0}
 
 
@@ -143,16 +151,22 @@ def protocol_task(split: ProtocolSplit) -> Task:
     return Task(X, lambda sc: full_ranking_metrics(split, sc.scores))
 
 
-def protocol_peers(data_dir: str | Path, *, seed: int = 0, grids: Mapping[str, Sequence[dict]] = GRIDS) -> dict:
+def protocol_peers(data_dir: str | Path, *, seed: int = 0, grids: Mapping[str, Sequence[dict]] | None = None) -> dict:
     """Peers under the published protocol (the 80/20 split drawn with `seed`, as
     pipeline.protocol_eval.published_protocol draws it for the release's seed)."""
-    t0 = time.perf_counter()
+    grids = GRIDS if grids is None else grids
     if any(n != "popularity" for n in grids):
         require_implicit()
     info = load_info(data_dir)
     if info.kind != "movielens":
         raise ValueError(f"the published protocol is defined for MovieLens; {data_dir} holds {info.kind} data")
-    events = EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated()
+    return protocol_peers_of(EventLog(Path(data_dir) / "events").read(must_exist=True).deduplicated(), seed=seed, grids=grids)
+
+
+def protocol_peers_of(events, *, seed: int = 0, grids: Mapping[str, Sequence[dict]] | None = None) -> dict:
+    """protocol_peers on a deduplicated log of rating events already read. -> {"users", "peers", "seconds"}."""
+    grids = GRIDS if grids is None else grids
+    t0 = time.perf_counter()
     split = protocol_split(events, seed)
     valid = protocol_split(split.train_events, seed + 1, test_frac=0.125)
     test = protocol_task(split)
