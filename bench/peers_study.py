@@ -115,22 +115,35 @@ def markdown(runs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--movielens", required=True, type=Path, help="the ml-100k folder")
+    p.add_argument("--movielens", type=Path, help="the ml-100k folder")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--work", type=Path, required=True, help="folder for the imported data dir and releases")
+    p.add_argument("--work", type=Path, help="folder for the imported data dir and releases")
     p.add_argument("--releases", type=Path, default=None, help="where to look for trained releases (default WORK/releases)")
     p.add_argument("--profile", default="default")
     p.add_argument("--no-parity-protocol", action="store_true", help="skip Parity's own random 80/20 run (it trains a second release per seed)")
     p.add_argument("--out", type=Path, default=Path("bench/results/peers.json"))
     p.add_argument("--md", type=Path, default=Path("bench/results/peers.md"))
+    p.add_argument("--combine", type=Path, nargs="+", default=None,
+                   help="no run: merge the runs of these JSON files (seeds run by separate processes) into --out and --md")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if a.combine:
+        files = [json.loads(f.read_text()) for f in a.combine]
+        runs = sorted((r for f in files for r in f["runs"]), key=lambda r: r["seed"])
+        if len({r["seed"] for r in runs}) != len(runs) or len({f["profile"] for f in files}) != 1:
+            raise SystemExit("--combine: a seed appears twice, or the files differ in profile")
+        a.out.write_text(json.dumps({"profile": files[0]["profile"], "runs": runs}, indent=1, sort_keys=True))
+        a.md.write_text(markdown(runs))
+        print(markdown(runs))
+        return 0
     try:
         import torch
 
         torch.set_num_threads(1)
     except ImportError:
         pass
+    if a.movielens is None or a.work is None:
+        p.error("--movielens and --work are needed for a run")
     data = _data_dir(a.movielens, a.work)
     releases = a.releases or a.work / "releases"
     runs = []
