@@ -87,14 +87,15 @@ def _rows(runs: list[dict], part: str) -> dict[str, list[tuple[int, float, float
     for r in runs:
         for side, prefix in (("parity", "Parity "), ("peers", "")):
             for name, v in r[part][side].items():
-                rows.setdefault(prefix + name, []).append((r["seed"], v["ndcg@10"], v["recall@10"]))
+                rows.setdefault(prefix + name.removeprefix("parity_"), []).append((r["seed"], v["ndcg@10"], v["recall@10"]))
     return rows
 
 
 def markdown(runs: list[dict]) -> str:
     """Mean, standard deviation (ddof=1) and range over seeds per model, per protocol, best first."""
     seeds = [r["seed"] for r in runs]
-    lines = [f"Peers beside Parity on MovieLens 100K, seeds {seeds} (bench/peers_study.py; settings chosen on validation)", ""]
+    lines = [f"Peers beside Parity on MovieLens 100K, seeds {seeds} (bench/peers_study.py; settings chosen on validation).",
+             "Parity two_stage / student_int8: retrieve, rank with the int8 student; Parity mf_als: models/mf.py's ALS baseline.", ""]
     for part, title in (("time_split", "time split (`parity eval`, per-user cut, held-out users)"),
                         ("protocol", "random 80/20 of ratings >= 4 (`parity eval --protocol`, full ranking)")):
         lines += [f"### {title}", "", "| model | NDCG@10 mean | sd | min-max | recall@10 mean | seeds |", "|---|---|---|---|---|---|"]
