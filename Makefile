@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-peers loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -66,6 +66,14 @@ bench-change: setup
 # (bench/backtest_study.py, ~10 min): the per-set tolerance of staleness and missing records.
 bench-backtest: setup
 	$(PY) -m bench.backtest_study --seeds 0 1 2 --out bench/results/backtest.json --results bench/RESULTS.md
+
+# Parity beside its peers (bench/peers_study.py, issue 13): implicit's ALS and BPR, item kNN and
+# EASE tuned on validation, on MovieLens 100K under both protocols, seeds 0-2 (three default
+# releases plus Parity's own 80/20 run per seed; about 6 CPU-minutes per seed once its release exists). PEERS_WORK keeps the
+# imported data and the releases between runs.
+PEERS_WORK ?= /tmp/parity-peers
+bench-peers: setup
+	$(PY) -m bench.peers_study --movielens $(PARITY_MOVIELENS) --seeds 0 1 2 --work $(PEERS_WORK) --out bench/results/peers.json --md bench/results/peers.md
 
 # The freshness trade (bench/freshness_trade.py): write, read, bytes and served staleness per
 # serving mode for a light and a heavy feature set, and the serving study per mode (~20 min).
