@@ -159,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
             pp = protocol_peers(ws.data_dir, seed=load_release(args.release).meta.seed)
             out["peers"]["published_protocol"] = pp
             _print_peers(f"published protocol, random 80/20 ({pp['users']} users, tuned on 12.5% of the training 80%, {pp['seconds']:.1f} s)",
-                         {**{f"parity {k}": v for k, v in out["published_protocol"].items() if k != "popularity"}, **pp["peers"]})
+                         {**{f"parity {k.removeprefix('parity_')}": v for k, v in out["published_protocol"].items() if k != "popularity"}, **pp["peers"]})
     print(json.dumps(out, sort_keys=True))
     return 0
 
