@@ -145,8 +145,9 @@ def _factor_snapshots(model, X: sp.csr_matrix, iterations: Sequence[int]) -> dic
 def _als(X, factors, regularization, alpha, iterations, seed) -> list[Scorer]:
     from implicit.cpu.als import AlternatingLeastSquares
 
-    m = AlternatingLeastSquares(factors=int(factors), regularization=float(regularization), alpha=float(alpha),
-                                num_threads=1, random_state=seed)
+    with _one_thread():  # the constructor checks the BLAS thread count (and warns past one)
+        m = AlternatingLeastSquares(factors=int(factors), regularization=float(regularization), alpha=float(alpha),
+                                    num_threads=1, random_state=seed)
     return [Scorer("als", {"factors": int(factors), "regularization": float(regularization), "alpha": float(alpha), "iterations": it},
                    lambda rows, U=U, V=V: U[rows] @ V.T)
             for it, (U, V) in sorted(_factor_snapshots(m, X, iterations).items())]
