@@ -10,14 +10,14 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-workers loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-workers bench-peers loadtest clean
 
 setup: $(STAMP) $(GEN)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e ".[train,test,monitor,ray]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e ".[train,test,monitor,eval,ray]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 # Generated gRPC code is not committed: it is made from proto/ here (tests check it is current).
@@ -34,7 +34,7 @@ demo: setup
 
 # The bench extra (faiss-cpu) only for benchmarks: `make test` does not need it.
 $(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(PY) -m pip install --quiet -e ".[train,test,monitor,ray,bench]" --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e ".[train,test,monitor,eval,ray,bench]" --config-settings editable_mode=compat
 	touch $(BENCH_STAMP)
 
 # Micro-benchmarks (pytest-benchmark), then the serving study (bench/serving.py: product server
@@ -72,6 +72,14 @@ bench-backtest: setup
 bench-workers: setup $(BENCH_STAMP)
 	$(PY) -m bench.serving --variants parity_w1,parity_w2 --no-soak --out bench/results/serving_workers.json
 	$(PY) -m bench.workers_report bench/results/serving_workers.json bench/RESULTS.md
+
+# Parity beside its peers (bench/peers_study.py, issue 13): implicit's ALS and BPR, item kNN and
+# EASE tuned on validation, on MovieLens 100K under both protocols, seeds 0-2 (three default
+# releases plus Parity's own 80/20 run per seed; about 6 CPU-minutes per seed once its release exists). PEERS_WORK keeps the
+# imported data and the releases between runs.
+PEERS_WORK ?= /tmp/parity-peers
+bench-peers: setup
+	$(PY) -m bench.peers_study --movielens $(PARITY_MOVIELENS) --seeds 0 1 2 --work $(PEERS_WORK) --out bench/results/peers.json --md bench/results/peers.md
 
 # The freshness trade (bench/freshness_trade.py): write, read, bytes and served staleness per
 # serving mode for a light and a heavy feature set, and the serving study per mode (~20 min).

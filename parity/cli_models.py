@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from parity.engine_args import add_engine_args, engine_from_args
@@ -37,6 +38,9 @@ def register(sub: argparse._SubParsersAction, positive, nonneg) -> None:
     p.add_argument("--protocol", action="store_true", help="also report MovieLens under the published protocol (random 80/20, full ranking)")
     p.add_argument("--device", action="store_true",
                    help="also the device path: distil the tiny on-device ranker and rank each user's retrieval candidates with it")
+    p.add_argument("--peers", action="store_true",
+                   help="also implicit's ALS and BPR, ItemKNN and EASE, tuned on a validation split of the training part and "
+                   "scored on the same split (with --protocol: on the random 80/20 split too); needs the eval extra")
     p.set_defaults(func=_eval)
 
 
@@ -100,6 +104,14 @@ def _eval(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_release
     from parity.workspace import open_workspace
 
+    if args.peers:
+        from models.peers import MissingExtra, require_implicit
+
+        try:
+            require_implicit()
+        except MissingExtra as exc:
+            print(f"parity: error: --peers: {exc}", file=sys.stderr)
+            return 2
     ws = open_workspace(args.events)
     res = evaluate_release(args.release, ws.data_dir, max_users=args.max_users)
     out = res.summary()
@@ -116,6 +128,13 @@ def _eval(args: argparse.Namespace) -> int:
         "two_stage_vs_popularity": (int8 / pop) if pop > 0 else None,
         "int8_size_vs_teacher": res.sizes["student_int8"] / res.sizes["teacher_fp32"],
     }
+    if args.peers:
+        from pipeline.peers import time_split_peers
+
+        peers = time_split_peers(args.release, ws.data_dir, max_users=args.max_users)
+        out["peers"] = {"time_split": peers}
+        _print_peers(f"peers on the held-out slice ({peers['users']} users, tuned on the validation part, {peers['seconds']:.1f} s)",
+                     {**{f"parity {k}": v for k, v in res.two_stage.items() if k != "popularity"}, **peers["peers"]})
     if args.device:
         import tempfile
 
@@ -136,5 +155,22 @@ def _eval(args: argparse.Namespace) -> int:
         out["published_protocol"] = published_protocol(ws.data_dir, args.release)
         for name, v in out["published_protocol"].items():
             print(f"published protocol {name:<12} NDCG@10 {v['ndcg@10']:.4f} recall@10 {v['recall@10']:.4f}")
+        if args.peers:
+            from export.release import load_release
+            from pipeline.peers import protocol_peers
+
+            pp = protocol_peers(ws.data_dir, seed=load_release(args.release).meta.seed)
+            out["peers"]["published_protocol"] = pp
+            _print_peers(f"published protocol, random 80/20 ({pp['users']} users, tuned on 12.5% of the training 80%, {pp['seconds']:.1f} s)",
+                         {**{f"parity {k.removeprefix('parity_')}": v for k, v in out["published_protocol"].items() if k != "popularity"}, **pp["peers"]})
     print(json.dumps(out, sort_keys=True))
     return 0
+
+
+def _print_peers(title: str, rows: dict[str, dict]) -> None:
+    """One table: model, NDCG@10, recall@10, the settings chosen on validation."""
+    print(title)
+    print(f"  {'model':<28} {'NDCG@10':>8} {'recall@10':>10}  settings (chosen on validation)")
+    for name, v in sorted(rows.items(), key=lambda kv: -kv[1]["ndcg@10"]):
+        settings = ", ".join(f"{k}={x}" for k, x in v.get("settings", {}).items())
+        print(f"  {name:<28} {v['ndcg@10']:>8.4f} {v['recall@10']:>10.4f}  {settings}")

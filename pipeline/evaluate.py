@@ -29,8 +29,7 @@ from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import feature_matrix
 from models.metrics import auc, logloss
-from models.popularity import engagement_mask, popularity
-from pipeline.heldout import held_out, topk_metrics
+from pipeline.heldout import Eligibility, held_out, popularity_lists, seen_before_cut, topk_metrics
 
 __all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
 
@@ -72,16 +71,8 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     # The held-out slice, cut exactly as training cut it (globally or per user): pipeline.heldout.
     ho = held_out(rel, info.kind, events, items, max_users=max_users, seed=seed)
     rows, trow, truth, t_of, users, t_user = ho.rows, ho.test_rows, ho.truth, ho.cut_of, ho.users, ho.cut
-    ev_cut = np.asarray([t_of.get(u, -1) for u in events.user_id.tolist()], dtype=np.int64)
-    eng = engagement_mask(events, info.kind) & (events.ts < ev_cut)
-    seen: dict[int, set[int]] = {}
-    for u, i in zip(events.user_id[eng].tolist(), events.item_id[eng].tolist()):
-        seen.setdefault(u, set()).add(i)
-    pub_of = dict(zip(items.item_id.tolist(), items.publish_ts.tolist()))
-    in_release = set(rt.vocab.tolist())
-
-    def eligible(x: int, t: int) -> bool:  # in the release and published before the user's cut
-        return x in in_release and pub_of.get(x, t) < t
+    seen = seen_before_cut(events, info.kind, t_of)
+    eligible = Eligibility.of(rt.vocab, items)  # in the release and published before the user's cut
 
     # Stage 1: user tower on features as of each user's cut, then ANN.
     ucols = columns_from_join(joiner.join(pa.table({"user_id": users, "ts": t_user}), only=[rt.inputs.user_set]), [sets[rt.inputs.user_set]])
@@ -93,18 +84,13 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     cand_ids, _ = rt.retrieve(emb, ann_want(rt, policy, max_seen))
     # Candidates by the server's own function (export.candidates): ANN, new items by content, fresh, popular.
     new = NewItems.of(rt, items)
-    half = rel.meta.popularity_half_life_ms
-    pop_at: dict[int, np.ndarray] = {}
-    for t in np.unique(t_user).tolist():
-        pop_at[t] = popularity(events, info.kind, t, half_life_ms=half)[0]
-    cands, pops = [], []
+    pops = popularity_lists(events, info.kind, users, t_user, seen, eligible, rel.meta.popularity_half_life_ms, k)  # as of the cut
+    cands = []
     for r, (u, t) in enumerate(zip(users.tolist(), t_user.tolist())):
         s = seen.get(u, set())
         blocked = np.fromiter(s, dtype=np.int64, count=len(s))
         c = candidate_union(rt, emb[r], items, new, blocked, t, policy, ann_ids=cand_ids[r])
         cands.append((c.ids, c.source))
-        pop = [x for x in pop_at[t].tolist() if x not in s and eligible(x, t)]  # the popularity baseline, as of the cut
-        pops.append(np.asarray(pop[:k], dtype=np.int64))
 
     # Stage 2: rank every candidate with point-in-time features as of the user's cut.
     lists = ReleaseLists(users, t_user, emb, [c[0] for c in cands])

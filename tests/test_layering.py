@@ -93,3 +93,23 @@ def test_the_layering_check_sees_lazy_imports(tmp_path):
     assert _first_party_imports(f) == {"export.runtime", "server.app"}
     assert not _allowed("server.app", LAYERS["pipeline"]) and not _allowed("server.config", LAYERS["pipeline"])
     assert _allowed("export.candidates", LAYERS["pipeline"])
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_the_peer_recommenders_library_stays_out_of_the_server_and_the_feature_store():
+    """implicit is the `eval` extra (`parity eval --peers`), not the serving runtime."""
+    bad = [path.relative_to(ROOT).as_posix() for layer in ("server", "features", "export", "mobile_sdk")
+           for path in sorted((ROOT / layer).rglob("*.py")) if "implicit" in _third_party_imports(path)]
+    assert not bad, f"these import implicit: {bad}"
+    code = "import sys; sys.modules['implicit'] = None\nimport server, features.history, models.peers, pipeline.peers, parity.cli\n"
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr
