@@ -21,7 +21,7 @@ import numpy as np
 
 from features.history import HISTORY_LEN
 
-__all__ = ["ItemItem", "fit_item_item", "DEFAULT_L2", "SparseItemItem", "sparsify"]
+__all__ = ["ItemItem", "fit_item_item", "top_scored", "DEFAULT_L2", "SparseItemItem", "sparsify"]
 
 DEFAULT_L2 = 200.0  # lambda: chosen on the MovieLens 100K validation lists (50 / 200 / 800)
 
@@ -59,6 +59,38 @@ class ItemItem:
         v = self.weights[h][:, np.maximum(c, 0)].astype(np.float64).sum(axis=0)
         miss = c < 0
         return np.where(miss, 0.0, v), miss
+
+    def top(self, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64, scores float64) of the `n` best-scoring vocabulary items for ONE user's
+        history (the same history and the same numbers as `scores`), best first, ties by the
+        lower id; only nonzero scores, never the history's own items nor `exclude`. The
+        item-item candidate source of the retrieval union."""
+        h = self.rows(np.asarray(history, dtype=np.int64).reshape(-1))
+        h = np.unique(h[h >= 0])
+        if len(h) == 0 or n <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.float64)
+        v = self.weights[h].astype(np.float64).sum(axis=0)
+        return top_scored(self.vocab, v, h, exclude, n)
+
+
+def top_scored(vocab: np.ndarray, values: np.ndarray, history_rows: np.ndarray, exclude: np.ndarray | None,
+               n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `n` best of `values` (one float64 per vocabulary row): nonzero, not in `history_rows`
+    nor `exclude` (item ids), best first, ties by the lower id. A partial sort (argpartition),
+    then an exact sort of the survivors with every tie at the cut kept, so the answer equals a
+    full sort's."""
+    ok = values != 0
+    ok[history_rows] = False
+    if exclude is not None and len(exclude):
+        ok &= ~np.isin(vocab, np.asarray(exclude, dtype=np.int64).reshape(-1))
+    rows = np.flatnonzero(ok)
+    v = values[rows]
+    if len(rows) > n:
+        cut = np.partition(-v, n - 1)[n - 1]  # -(the n-th largest value)
+        keep = -v <= cut
+        rows, v = rows[keep], v[keep]
+    order = np.lexsort((rows, -v))[:n]  # rows are in id order: the vocabulary is sorted
+    return vocab[rows[order]].astype(np.int64), v[order].astype(np.float64)
 
 
 def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, l2: float = DEFAULT_L2,

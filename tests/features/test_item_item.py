@@ -66,3 +66,46 @@ def test_files_round_trip_and_bad_shapes_are_refused(tmp_path):
         ItemItem(np.array([2, 1]), np.zeros((2, 2), np.float32))
     with pytest.raises(ValueError, match="l2"):
         fit_item_item(np.array([1]), np.array([1]), np.array([1]), 0.0)
+
+
+def _random_model(seed=0, users=300, items=60):
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, users, 4000)
+    i = rng.zipf(1.3, 4000) % items * 3 + 5  # ids 5, 8, ... with a popular head
+    return fit_item_item(np.arange(items) * 3 + 5, u, i, 10.0)
+
+
+def _top_by_full_sort(m, history, n, exclude=()):
+    """The reference: score every vocabulary item with `scores`, drop history/exclude/zero, sort."""
+    v, miss = m.scores(history, m.vocab)
+    keep = ~miss & (v != 0) & ~np.isin(m.vocab, history) & ~np.isin(m.vocab, np.asarray(exclude, np.int64))
+    ids, v = m.vocab[keep], v[keep]
+    order = np.lexsort((ids, -v))[:n]
+    return ids[order], v[order]
+
+
+@pytest.mark.parametrize("n", [1, 5, 17, 1000])
+def test_top_equals_a_full_sort_of_the_vocabulary_scores(n):
+    m = _random_model()
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        hist = np.concatenate([[-1, -1, 999], rng.choice(m.vocab, rng.integers(1, 8), replace=False)])
+        exclude = rng.choice(m.vocab, 5, replace=False)
+        ids, v = m.top(hist, n, exclude)
+        ref_ids, ref_v = _top_by_full_sort(m, hist, n, exclude)
+        assert ids.dtype == np.int64 and v.dtype == np.float64
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(v, ref_v)  # the same numbers as `scores`, bit for bit
+        assert not np.isin(ids, hist).any() and not np.isin(ids, exclude).any() and (v != 0).all()
+
+
+def test_top_breaks_ties_by_the_lower_id_and_keeps_only_nonzero_scores():
+    w = np.zeros((5, 5), np.float32)
+    w[0, [1, 2, 3]] = [0.5, 0.5, 0.25]  # items 20 and 30 tie; 50 is never pointed at
+    m = ItemItem(np.array([10, 20, 30, 40, 50]), w)
+    assert m.top(np.array([10]), 1)[0].tolist() == [20] and m.top(np.array([10]), 2)[0].tolist() == [20, 30]
+    ids, v = m.top(np.array([10]), 10)
+    assert ids.tolist() == [20, 30, 40] and v.tolist() == [0.5, 0.5, 0.25]
+    assert m.top(np.array([10]), 10, exclude=np.array([20]))[0].tolist() == [30, 40]
+    assert m.top(np.array([-1, 77]), 3)[0].size == 0  # no known history item: nothing to offer
+    assert m.top(np.array([10]), 0)[0].size == 0
