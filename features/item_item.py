@@ -37,7 +37,7 @@ from features.history import HISTORY_LEN
 __all__ = ["ItemItem", "fit_item_item", "top_scored", "DEFAULT_L2", "DEFAULT_NEIGHBOURS", "SparseItemItem", "sparsify"]
 
 DEFAULT_L2 = 200.0  # lambda: chosen on the MovieLens 100K validation lists (bench/item_item_quality.py)
-DEFAULT_NEIGHBOURS = 64  # m, each item's regression neighbourhood: chosen with lambda (bench/item_item_quality.py)
+DEFAULT_NEIGHBOURS = 128  # m, each item's regression neighbourhood: chosen with lambda (bench/item_item_quality.py)
 _CHUNK = 256  # target items per vectorised step of the fit (bounds its temporary arrays)
 
 
