@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "growth_exponent"]
+__all__ = ["main", "growth_exponent", "render"]
 
 _THREADS = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -46,6 +46,28 @@ def growth_exponent(n: list[float], v: list[float]) -> float | None:
         return None
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     return float(np.polyfit(x, y, 1)[0])
+
+
+def render(res: dict) -> str:
+    """The results as markdown tables (`--table FILE`): fits per size, the growth exponents, releases."""
+    out = ["| items | engagements | fit wall s | fit CPU s | fit peak traced MB | process peak RSS MB | weights | stored MB | dense n x n float32 MB | scores ms p50 | top ms p50 |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [("sparse", f) for f in res["fits"]] + [("dense EASE", f) for f in res.get("dense_fits", [])]
+    for name, f in rows:
+        out.append(f"| {f['items']:,}{'' if name == 'sparse' else ' (dense EASE)'} | {f['engagements']:,} | {f['fit_s']:.1f} | {f['fit_cpu_s']:.1f} | "
+                   f"{f['fit_traced_peak_mb']:.0f} | {f['rss_peak_mb']:.0f} | {f['weights']:,} | {f['stored_mb']:.1f} | {f['dense_float32_mb']:.0f} | "
+                   f"{f['scores_ms_p50']:.2f} | {f['top_ms_p50']:.2f} |")
+    g = res.get("growth_exponent") or {}
+    out += ["", "Growth exponents (log-log slope against items, sparse fits): " + ", ".join(f"{k} {v:.2f}" for k, v in g.items() if v is not None)]
+    rel = res.get("releases") or {}
+    if rel:
+        steps = sorted({k for r in rel.values() for k in r["timings_s"]})
+        out += ["", "| release (tiny, candidate lists) | items | total s | release MB | item-item MB | " + " | ".join(steps) + " |",
+                "|---|---:|---:|---:|---:|" + "---:|" * len(steps)]
+        for name, r in rel.items():
+            out.append(f"| {name} | {r.get('items', '?'):,} | {r['total_s']:.0f} | {r['release_mb']:.1f} | {r['item_item_mb']:.1f} | "
+                       + " | ".join(f"{r['timings_s'].get(k, float('nan')):.1f}" for k in steps) + " |")
+    return "\n".join(out)
 
 
 def _rss_mb() -> float:
@@ -86,9 +108,12 @@ def _child_fit(data: Path, dense: bool, seed: int) -> dict:
            "fit_traced_peak_mb": peak / 1e6, "rss_before_fit_mb": rss_before, "rss_peak_mb": _rss_mb(),
            "weights": model.nnz, "neighbours": model.neighbours, "l2": model.l2,
            "dense_float32_mb": len(vocab) ** 2 * 4 / 1e6}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_item_item(model, tmp)
-        out["stored_mb"] = sum((Path(tmp) / f).stat().st_size for f in FILES) / 1e6
+    if dense:  # as the main branch stored it: the float32 n x n matrix and the int64 ids
+        out["stored_mb"], out["stored_as"] = (len(vocab) ** 2 * 4 + len(vocab) * 8) / 1e6, "dense float32 n x n + ids (computed)"
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_item_item(model, tmp)
+            out["stored_mb"], out["stored_as"] = sum((Path(tmp) / f).stat().st_size for f in FILES) / 1e6, "export.item_item files (measured)"
     rng = np.random.default_rng(seed)
     known = np.unique(items)
     score_ms, top_ms = [], []
@@ -149,15 +174,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/item_item_scale.json")
     ap.add_argument("--work", default="/tmp/parity-item-item-scale", help="where simulated data and releases go (kept between runs)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[3000, 10000, 50000, 100000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[3000, 10000, 50000, 100000], help="catalogue sizes to fit (none: only the releases)")
     ap.add_argument("--dense-sizes", type=int, nargs="*", default=[3000])
     ap.add_argument("--release-at", type=int, default=10000, help="the size at which to train whole releases (0: none)")
     ap.add_argument("--baseline-tree", default=None, help="a source tree with the dense model (e.g. /work/main) to train the same release")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", metavar="FILE", help="print the markdown tables of a results file and exit")
     ap.add_argument("--child", choices=("fit", "dense", "release"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--release-out", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.table:
+        print(render(json.loads(Path(a.table).read_text())))
+        return 0
     if a.child in ("fit", "dense"):
         print(json.dumps(_child_fit(Path(a.data), a.child == "dense", a.seed)))
         return 0
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         res["growth_exponent"] = {k: growth_exponent([x["items"] for x in f], [x[k] for x in f])
                                   for k in ("fit_s", "fit_cpu_s", "fit_traced_peak_mb", "rss_peak_mb", "stored_mb", "weights", "scores_ms_p50", "top_ms_p50", "engagements")}
         save()
-    print(json.dumps(res["growth_exponent"]), flush=True)
+    print(json.dumps(res.get("growth_exponent")), flush=True)
     if a.release_at:  # after the fits: the whole releases are the slow part
         d, _ = _simulate(work, a.release_at, a.seed)
         trees = {"sparse": here} | ({"dense_baseline": Path(a.baseline_tree).resolve()} if a.baseline_tree else {})
