@@ -251,3 +251,18 @@ def test_the_device_cut_keeps_each_items_strongest_weights_of_the_same_model():
     full = sparsify(m, int(np.diff(m.indptr).max()))  # every weight kept: the release model's scores, to float16
     h = np.array([5, 8, 11])
     np.testing.assert_allclose(full.scores(h, m.vocab), m.scores(h, m.vocab)[0], atol=2e-3)
+
+
+def test_the_fit_does_not_depend_on_how_it_is_chunked(monkeypatch):
+    """Pass 2 looks G up in batches of whole chunks (more than nnz/10 lookups each); any chunk size gives the same model."""
+    import features.item_item as ii
+
+    rng = np.random.default_rng(4)
+    users = np.repeat(np.arange(3000), 15)
+    items = rng.zipf(1.3, len(users)) % 700
+    ref = fit_item_item(np.arange(700), users, items, 30.0, neighbours=12)
+    for chunk in (7, 64):
+        monkeypatch.setattr(ii, "_CHUNK", chunk)
+        m = fit_item_item(np.arange(700), users, items, 30.0, neighbours=12)
+        for a in ("indptr", "nbr", "weights"):
+            np.testing.assert_array_equal(getattr(m, a), getattr(ref, a))
