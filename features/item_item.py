@@ -196,12 +196,14 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
     # G_up[a, b] lookups go in batches of more than nnz/10: below that scipy scans each row
     # linearly instead of a binary search (csr_sample_values), quadratic in the long rows of popular items
     batch = _CHUNK * -(-(G_up.nnz // 10 + 1) // (_CHUNK * max(len(iu[0]), 1)))  # whole chunks
+    # an item that co-occurs with nothing has G[N, j] = 0, so its column is 0: only the others are solved
+    active = np.flatnonzero((gnb != 0).any(axis=1))
     src, dst, wts = [], [], []
     g_batch, g_from = np.zeros((0, len(iu[0]))), 0
-    for a in range(0, n, _CHUNK):  # pass 2: one ridge regression per item on its neighbourhood
-        rows_t = np.arange(a, min(a + _CHUNK, n))
+    for a in range(0, len(active), _CHUNK):  # pass 2: one ridge regression per item on its neighbourhood
+        rows_t = active[a : a + _CHUNK]
         if a >= g_from + len(g_batch):
-            B_ = nbrs[a : a + batch]  # N ascending: a < b, the upper triangle
+            B_ = nbrs[active[a : a + batch]]  # N ascending: a < b, the upper triangle
             g_batch, g_from = np.asarray(G_up[B_[:, iu[0]].ravel(), B_[:, iu[1]].ravel()], dtype=np.float32).reshape(len(B_), -1), a
         N = nbrs[rows_t]
         g = g_batch[a - g_from : a - g_from + len(rows_t)].astype(np.float64)
@@ -214,6 +216,8 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
         src.append(N[keep])
         dst.append(np.broadcast_to(rows_t[:, None], N.shape)[keep])
         wts.append(w[keep])
+    if not src:
+        return empty
     src_a, dst_a, w_a = np.concatenate(src), np.concatenate(dst), np.concatenate(wts)
     order = np.lexsort((dst_a, src_a))
     indptr = np.r_[0, np.cumsum(np.bincount(src_a, minlength=n))].astype(np.int64)
