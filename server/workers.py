@@ -58,6 +58,17 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return s
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it when the supervisor dies, even by SIGKILL (Linux
+    PR_SET_PDEATHSIG), so a killed supervisor never leaves workers holding the port."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass  # not Linux: the supervisor's own SIGTERM handling still stops them
+
+
 @dataclass
 class WorkerProc:
     index: int
@@ -69,7 +80,7 @@ class WorkerProc:
     exit_codes: list[int] = field(default_factory=list)
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         self.started = time.monotonic()
         log.info("worker %d started (pid %d)", self.index + 1, self.proc.pid)
 

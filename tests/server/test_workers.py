@@ -183,3 +183,32 @@ def test_worker_argv_rebuilds_the_fleet_arguments():
     assert back.port == 1234 and back.reuse_port and back.worker_index == 2 and back.workers == 1
     assert back.no_caches and back.modes == "user_activity=on_read" and back.release == "r" and back.events == "d"
     assert json.dumps(vars(back), default=str)  # every value survived as text
+
+
+def test_workers_die_with_a_killed_supervisor(small_sim, release_dir, tmp_path):
+    """A supervisor killed with SIGKILL (no chance to forward anything) must not leave workers
+    holding the port: each worker gets SIGTERM from the kernel when its parent dies."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "parity", "serve", "--workers", "2", "--release", str(release_dir), "--events", str(small_sim),
+            "--port", str(port), "--metrics-port", "0", "--admin-token", "t", "--drain-grace", "1"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        pids = {st.pid for st in _each_worker(port, "t", 2, lambda st: st.serving, timeout_s=180).values()}
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
