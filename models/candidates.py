@@ -153,11 +153,11 @@ def _sources(q: _Queries, r: int, vocab: np.ndarray, item_item: ItemItem | None,
 
 def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner, start: dict[int, int], end: dict[int, int],
                        policy: CandidatePolicy, name: str, item_item: ItemItem | None = None,
-                       half_life_ms: int | None = None) -> CandidateLists:
+                       half_life_ms: int | None = None, reveal_seed: int | None = None) -> CandidateLists:
     """Each user with a positive in [start[u], end[u]) gets the candidate union as of start[u]
     (`policy`'s quotas; with the `retrieval.item_item` column when `item_item` is given)."""
     F = len(td.inputs.with_retrieval(item_item is not None).columns)
-    q = _queries(td, model, joiner, start, end, item_item, half_life_ms)
+    q = _queries(td, model, joiner, start, end, item_item, half_life_ms, reveal_seed)
     if q is None:
         z = np.zeros(0, dtype=np.int64)
         return CandidateLists(Split(name, z, z, z, np.zeros(0, np.float32), np.zeros((0, F), np.float32), np.zeros((0, 0), np.int64)), z, np.zeros(1, np.int64))
@@ -230,7 +230,8 @@ def choose_quotas(td: TrainingData, tower: TwoTowerModel, item_item: ItemItem | 
 
 
 def candidate_training_data(td: TrainingData, tower: TwoTowerModel, policy: CandidatePolicy = CandidatePolicy(), seed: int = 0, *,
-                            item_item: ItemItem | None = None, half_life_ms: int | None = None) -> tuple[TrainingData, TwoTowerModel]:
+                            item_item: ItemItem | None = None, half_life_ms: int | None = None,
+                            missing_lists: bool = False) -> tuple[TrainingData, TwoTowerModel]:
     """TrainingData whose train / valid / test splits are candidate lists (see the module
     docstring), with the retrieval columns added to the ranker inputs; and the early tower.
     `item_item`: the release's item-item model (fitted on td.train's positives, as `tower` was
@@ -252,6 +253,9 @@ def candidate_training_data(td: TrainingData, tower: TwoTowerModel, policy: Cand
     joiner = PitJoiner(list(td.sets), td.events)
     early_ii = item_item_for(early.train, item_item.vocab, item_item.l2, item_item.history_len) if item_item is not None else None
     train = candidate_lists_at(td, early_tower, joiner, s0, s1, policy, "train", early_ii, half_life_ms).split
+    if missing_lists:  # and the same users' lists with half their next engagements revealed as history (`_queries`)
+        more = candidate_lists_at(td, early_tower, joiner, s0, s1, policy, "train", early_ii, half_life_ms, reveal_seed=seed).split
+        train = Split("train", *(np.concatenate([getattr(train, f), getattr(more, f)]) for f in ("user_id", "item_id", "ts", "label", "X", "H")))
     o = np.argsort(train.ts, kind="stable")  # time order, as labelled rows (a row cap keeps the most recent)
     train = Split("train", train.user_id[o], train.item_id[o], train.ts[o], train.label[o], train.X[o], train.H[o])
     valid = candidate_lists_at(td, tower, joiner, s1, s2, policy, "valid", item_item, half_life_ms).split

@@ -44,7 +44,8 @@ __all__ = ["published_protocol"]
 
 
 def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int | None = None,
-                       profile: str | None = None, candidates: int = 200, holdout: str = "test") -> dict[str, dict[str, float]]:
+                       profile: str | None = None, candidates: int = 200, holdout: str = "test",
+                       overrides: dict | None = None) -> dict[str, dict[str, float]]:
     """Popularity, ALS and Parity under the published protocol. The profile and seed default
     to the release's (`release_dir`), else "default" and 0. `holdout="valid"` measures on a
     validation split instead, for choices that must not look at the test 20%: the training 80%
@@ -72,7 +73,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         sub = dataclasses.replace(info, n_events=len(split.train_events), params={**info.params, "protocol": "random 80/20 of ratings >= 4"})
         EventLog(d / "events").append(split.train_events)
         write_catalogue(d, read_items(data_dir), read_users(data_dir), dataclasses.replace(sub, pii_fields={"users": []}))
-        rel = train_release(d, Path(tmp) / "releases", profile=profile, seed=seed)
+        rel = train_release(d, Path(tmp) / "releases", profile=profile, seed=seed, overrides=overrides)
         rt = ReleaseRuntime.load(rel)
         sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
         used = [sets[n] for n in rt.inputs.sets]

@@ -61,6 +61,7 @@ class PipelineConfig:
     ranker_candidates: int = 200  # the retrieval budget of the candidate lists (two-tower + item-item; split on validation)
     item_item_l2: float | None = None  # candidate-list rankers: the item-item column's EASE lambda (None: no such column)
     item_item_history: int = HISTORY_LEN  # the user's last engaged items it reads (the server's seen record keeps seen_cap)
+    missing_lists: bool = False  # candidate lists: also train on lists whose truth is missing from the history (models.candidates)
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
@@ -79,7 +80,7 @@ class PipelineConfig:
         return {"profile": self.profile, "max_rows": self.max_rows, "two_tower": self.two_tower.to_dict(),
                 "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms,
                 "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates, "item_item_l2": self.item_item_l2,
-                "item_item_history": self.item_item_history}
+                "item_item_history": self.item_item_history, "missing_lists": self.missing_lists}
 
 
 def _plain(d):
@@ -138,7 +139,7 @@ def _serving_reference(staged: Path, manifest: dict, td, rd, valid_pred: np.ndar
 
 
 def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = "default", seed: int = 0,
-                  keep: dict | None = None, ranker_rows: str | None = None) -> Release:
+                  keep: dict | None = None, ranker_rows: str | None = None, overrides: dict | None = None) -> Release:
     """Train, check and write a release. `keep`, if given, receives the torch models, the
     training data and step timings (benchmarks compare torch with the exported files).
     `ranker_rows` overrides the dataset's default ("labelled" or "candidates")."""
@@ -162,6 +163,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
             raise ValueError(f"ranker_rows must be 'labelled' or 'candidates', got {ranker_rows!r}")
         cfg = dataclasses.replace(cfg, ranker_rows=ranker_rows,
                                   item_item_l2=(cfg.item_item_l2 or DEFAULT_L2) if ranker_rows == "candidates" else None)
+    if overrides:  # studies: PipelineConfig fields by name (bench/quality_study.py)
+        cfg = dataclasses.replace(cfg, **overrides)
     td = build_training_data(data_dir, seed=seed, max_rows=cfg.max_rows, history_len=cfg.two_tower.history_len)
     if min(len(td.train), len(td.valid), len(td.test)) == 0 or td.train.label.sum() == 0:
         raise ValueError(f"{data_dir}: too little labelled data to train (train {len(td.train)}, valid {len(td.valid)}, test {len(td.test)} rows)")
@@ -181,7 +184,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         policy, quota_study = choose_quotas(td, tt, item_item, dataclasses.replace(CandidatePolicy(), retrieve_k=cfg.ranker_candidates),
                                             cfg.popularity_half_life_ms, seed=seed)
         t = step("candidate_quotas", t)
-        rd, _ = candidate_training_data(td, tt, policy, seed, item_item=item_item, half_life_ms=cfg.popularity_half_life_ms)
+        rd, _ = candidate_training_data(td, tt, policy, seed, item_item=item_item, half_life_ms=cfg.popularity_half_life_ms,
+                                        missing_lists=cfg.missing_lists)
         if min(len(rd.train), len(rd.valid)) == 0 or rd.train.label.sum() == 0:
             raise ValueError(f"{data_dir}: too few candidate lists to train the rankers (train {len(rd.train)}, valid {len(rd.valid)} rows)")
         t = step("candidate_lists", t)
