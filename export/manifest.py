@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 from export.manifest_schema import clip
 from features.assemble import RankerInputs
+from features.item_item import DEFAULT_NEIGHBOURS
 
 __all__ = ["ReleaseManifest", "RetrievalMeta", "ItemItemMeta", "FileEntry", "ManifestError"]
 
@@ -33,6 +34,7 @@ class FileEntry:
 class ItemItemMeta:
     l2: float
     history_len: int
+    neighbours: int = DEFAULT_NEIGHBOURS  # each item's regression neighbourhood (features.item_item)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ def _retrieval(r: Any) -> RetrievalMeta | None:
     if ii is not None:
         if not isinstance(ii, dict) or not isinstance(ii.get("l2"), (int, float)) or isinstance(ii.get("l2"), bool):
             raise ManifestError(f"retrieval.item_item must be an object with a numeric l2, not {clip(ii)}")
-        meta = ItemItemMeta(float(ii["l2"]), _int(ii.get("history_len"), "retrieval.item_item.history_len", minimum=1))
+        meta = ItemItemMeta(float(ii["l2"]), _int(ii.get("history_len"), "retrieval.item_item.history_len", minimum=1),
+                            _int(ii.get("neighbours", DEFAULT_NEIGHBOURS), "retrieval.item_item.neighbours", minimum=1))
     return RetrievalMeta(tuple(cols), _int(r.get("creator_buckets"), "retrieval.creator_buckets", minimum=1),
                          _int(r.get("history_len", 0), "retrieval.history_len"), meta)

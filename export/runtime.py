@@ -9,7 +9,7 @@ Release layout (paths relative to the release folder):
   retrieval/item_tower.onnx                               item_index, topic, creator_bucket, duration_s -> "embedding"
   retrieval/item_ids.npy, retrieval/item_embeddings.npy   the vocabulary and its embeddings
   retrieval/index/                                        the ScaNN index (export.index)
-  retrieval/item_item{,_ids}.npy                          the item-item model, when the rankers read
+  retrieval/item_item{,_ids,_indptr,_nbr}.npy             the sparse item-item model, when the rankers read
                                                           retrieval.item_item (export.item_item)
   popularity.json                                         item ids, most popular first
 
@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.index import ItemIndex, exact_search
-from export.item_item import IDS_FILE as ITEM_ITEM_IDS, WEIGHTS_FILE as ITEM_ITEM_WEIGHTS, load_item_item
+from export.item_item import FILES as ITEM_ITEM_FILES, load_item_item
 from export.onnx_export import ort_session
 from features.item_inputs import VocabIndex, history_index, item_tower_inputs, load_vocab, vocab_index
 from export.release import Release, ReleaseError
@@ -90,8 +90,9 @@ class ReleaseRuntime:
         ii_meta = m.retrieval.item_item
         item_item = None
         if ii_meta is not None:
-            release.file("retrieval/" + ITEM_ITEM_IDS), release.file("retrieval/" + ITEM_ITEM_WEIGHTS)  # present and listed
-            item_item = load_item_item(release.path / "retrieval", ii_meta.l2, ii_meta.history_len)
+            for name in ITEM_ITEM_FILES:
+                release.file("retrieval/" + name)  # present and listed
+            item_item = load_item_item(release.path / "retrieval", ii_meta.l2, ii_meta.history_len, ii_meta.neighbours)
         if inputs.uses_item_item and item_item is None:
             raise ReleaseError(f"release {release.release_id}: the rankers read retrieval.item_item but the release has no item-item model")
         return cls(

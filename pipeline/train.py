@@ -248,7 +248,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
                               "affinity": rd.inputs.affinity, "columns": list(rd.columns)},
             "retrieval": {"dim": tt.dim, "user_columns": list(tt.user_columns), "creator_buckets": cfg.two_tower.creator_buckets,
                           "history_len": cfg.two_tower.history_len,
-                          "item_item": {"l2": item_item.l2, "history_len": item_item.history_len, "items": int(len(item_item.vocab))}
+                          "item_item": {"l2": item_item.l2, "history_len": item_item.history_len, "items": int(len(item_item.vocab)),
+                                        "neighbours": item_item.neighbours, "weights": item_item.nnz}
                           if item_item is not None else None,
                           "index": idx_cfg.to_dict(), "items": int(len(item_emb)),
                           **({"candidates": {"retrieve_k": policy.retrieve_k, "n_item_item": policy.n_item_item, "n_popular": policy.n_popular},
