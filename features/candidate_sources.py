@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from features.catalog import ItemCatalog
+from features.item_item import ItemItem
 
 __all__ = ["SOURCES", "CandidatePolicy", "SourceList", "union_sources", "fresh_ids", "member", "item_item_top"]
 
@@ -107,19 +108,9 @@ def fresh_ids(catalog: ItemCatalog, now_ms: int, window_ms: int) -> np.ndarray:
     return catalog.item_id[rows]
 
 
-def item_item_top(model, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
-    """The item-item model's n best items for a history (its own items and `exclude` left out,
-    positive scores only, best first, ties by id). Uses the model's `top` when it has one."""
+def item_item_top(model: ItemItem | None, history: np.ndarray, n: int, exclude: np.ndarray | None = None) -> np.ndarray:
+    """The item-item source: the model's n best items for a history (`ItemItem.top`: nonzero
+    scores, the history's own items and `exclude` left out, best first, ties by id)."""
     if model is None or n <= 0:
         return np.empty(0, dtype=np.int64)
-    h = np.asarray(history, dtype=np.int64).reshape(-1)
-    if hasattr(model, "top"):
-        return np.asarray(model.top(h, n, exclude=exclude)[0], dtype=np.int64)
-    vocab = model.vocab
-    s, miss = model.scores(h, vocab)
-    ok = ~miss & (s > 0) & ~np.isin(vocab, h[h >= 0])
-    if exclude is not None and len(exclude):
-        ok &= ~np.isin(vocab, exclude)
-    cand = np.flatnonzero(ok)
-    order = cand[np.lexsort((vocab[cand], -s[cand]))][:n]
-    return vocab[order].astype(np.int64)
+    return np.asarray(model.top(np.asarray(history, dtype=np.int64).reshape(-1), n, exclude=exclude)[0], dtype=np.int64)
