@@ -61,7 +61,9 @@ class PipelineConfig:
     ranker_candidates: int = 200  # the retrieval budget of the candidate lists (two-tower + item-item; split on validation)
     item_item_l2: float | None = None  # candidate-list rankers: the item-item column's EASE lambda (None: no such column)
     item_item_history: int = HISTORY_LEN  # the user's last engaged items it reads (the server's seen record keeps seen_cap)
-    missing_lists: bool = False  # candidate lists: also train on lists whose truth is missing from the history (models.candidates)
+    # candidate lists: the rankers also learn on lists whose truth is missing from the history (models.candidates):
+    # on MovieLens's random-holdout validation (published_protocol(holdout="valid"), seed 0) two-stage 0.119 -> 0.141
+    missing_lists: bool = True
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
