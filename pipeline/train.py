@@ -1,6 +1,8 @@
-"""`parity train`: events → training data → two-tower + index → (MovieLens: the item-item model,
-features.item_item, and candidate lists, models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable release. Reproducible: the same events,
-profile and seed give the same data fingerprint and the same metrics.
+"""`parity train`: events → training data → two-tower + index → the item-item model
+(features.item_item) → the candidate quotas chosen on validation and the candidate-union lists
+(models.candidates) → teacher → distilled int8 student → checked ONNX files → an immutable
+release. Reproducible: the same events, profile and seed give the same data fingerprint and the
+same metrics.
 
 Each step fails loudly: onnx.checker and torch-vs-ORT agreement (1e-4) in the exporters,
 int8-vs-fp32 ranking agreement (Kendall tau >= 0.95) in the quantiser, ANN recall@100 >=
