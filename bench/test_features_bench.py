@@ -21,7 +21,7 @@ from bench.conftest import Dataset
 from features.batch import BatchEngine
 from features.events import EventBatch, EventType
 from features.lookup import FeatureLookup, LookupRequest, record_keys
-from features.online.base import Write, format_key
+from features.online.base import format_key
 from features.online.memory import MemoryStore
 from features.pit import PitJoiner
 from features.served_values import served_values, state_writes, values_keys
@@ -100,9 +100,7 @@ def _ingest_all(ingestor: StreamingIngestor, batches: list[EventBatch]) -> int:
     return sum(ingestor.ingest(b).accepted for b in batches)
 
 
-@pytest.mark.benchmark(group="streaming")
-def test_stream_memory(benchmark, dataset: Dataset) -> None:
-    """StreamingIngestor over all feature sets into a fresh MemoryStore, 1000 events a batch."""
+def _stream_run(benchmark, dataset: Dataset, **extra) -> None:
     batches = _stream_batches(dataset)
     n = sum(len(b) for b in batches)
 
@@ -111,7 +109,13 @@ def test_stream_memory(benchmark, dataset: Dataset) -> None:
 
     accepted = benchmark.pedantic(_ingest_all, setup=setup, rounds=3, iterations=1)
     assert accepted == n
-    _finish(benchmark, work=n, unit="events", events=n, batch_size=STREAM_BATCH, feature_sets=len(dataset.sets))
+    _finish(benchmark, work=n, unit="events", events=n, batch_size=STREAM_BATCH, **extra)
+
+
+@pytest.mark.benchmark(group="streaming")
+def test_stream_memory(benchmark, dataset: Dataset) -> None:
+    """StreamingIngestor over all feature sets into a fresh MemoryStore, 1000 events a batch."""
+    _stream_run(benchmark, dataset, feature_sets=len(dataset.sets))
 
 
 @pytest.mark.benchmark(group="streaming")
@@ -119,19 +123,10 @@ def test_stream_memory_state_only(benchmark, dataset: Dataset, monkeypatch) -> N
     """Diagnostic: the same ingest writing each state alone, without the served-values record
     beside it (features/served_values.py): what the values records cost the write path."""
     import features.streaming as streaming
-    from features.online.base import Write
+    from features.served_values import writes_of
 
-    monkeypatch.setattr(streaming, "state_writes",
-                        lambda lay, keys, states, t_ref=None: [Write(k, v, lay.feature_set.ttl_ms) for k, v in zip(keys, lay.encode(states))])
-    batches = _stream_batches(dataset)
-    n = sum(len(b) for b in batches)
-
-    def setup():
-        return (StreamingIngestor(MemoryStore("bench"), dataset.sets), batches), {}
-
-    accepted = benchmark.pedantic(_ingest_all, setup=setup, rounds=3, iterations=1)
-    assert accepted == n
-    _finish(benchmark, work=n, unit="events", events=n, batch_size=STREAM_BATCH, baseline="test_stream_memory")
+    monkeypatch.setattr(streaming, "state_writes", lambda lay, keys, states, t_ref=None: writes_of(lay, keys, lay.encode(states), None))
+    _stream_run(benchmark, dataset, baseline="test_stream_memory")
 
 
 @pytest.mark.redis
