@@ -412,16 +412,16 @@ class RedisStore(OnlineStore):
             todo = missing
         raise StoreUnavailable(f"redis cluster at {self.url} kept answering NOSCRIPT for the commit script")
 
-    def _send_per_node(self, batches: list[tuple]) -> list:
+    def _send_per_node(self, batches: list[tuple], *, wait: bool = True) -> list:
         """Send each (node, commands) batch on one connection of its node -- plus a WAIT when
-        wait_replicas is set -- writing every batch before reading any reply. Per batch: the
-        replies in order (an error reply as its exception), or the exception that lost the
-        connection."""
+        wait_replicas is set and `wait` -- writing every batch before reading any reply, so the
+        nodes work in parallel and the call costs one round trip. Per batch: the replies in
+        order (an error reply as its exception), or the exception that lost the connection."""
         results: list = [None] * len(batches)
         held: list[tuple] = []
         try:
             for j, (node, commands) in enumerate(batches):
-                if self.wait_replicas:
+                if wait and self.wait_replicas:
                     commands = [*commands, ("WAIT", self.wait_replicas, self.wait_timeout_ms)]
                 pool = node.redis_connection.connection_pool
                 try:
@@ -622,44 +622,21 @@ class RedisStore(OnlineStore):
         return out
 
     def _read_nodes(self, groups: list[tuple]) -> list:
-        """READ_SCRIPT on every (node, keys) at once: every request is written before any reply
-        is read, so the nodes work in parallel and the call costs one round trip, not one per
-        node. Per group: the values, or the exception its node answered with (NOSCRIPT is
-        handled here: the script is loaded there and that group read again)."""
-        results: list = [None] * len(groups)
-        held: list[tuple] = []  # (group, pool, connection)
-        try:
-            for j, (node, keys) in enumerate(groups):
-                pool = node.redis_connection.connection_pool
+        """READ_SCRIPT on every (node, keys) at once (`_send_per_node`: one round trip). Per
+        group: the values, or the exception its node answered with (NOSCRIPT is handled here:
+        the script is loaded there and that group read again)."""
+        sent = self._send_per_node([(node, [("EVALSHA", self._read_shas.get(node.name, _NO_SHA), 0, *keys)]) for node, keys in groups],
+                                   wait=False)
+        results: list = []
+        for (node, keys), r in zip(groups, sent):
+            r = r[0] if isinstance(r, list) else r
+            if isinstance(r, NoScriptError):
                 try:
-                    conn = pool.get_connection()
-                except _UNAVAILABLE as exc:
-                    results[j] = exc
-                    continue
-                held.append((j, pool, conn))
-                try:
-                    conn.send_command("EVALSHA", self._read_shas.get(node.name, _NO_SHA), 0, *keys)
-                except _UNAVAILABLE as exc:
-                    results[j] = exc
-            for j, _, conn in held:
-                if results[j] is not None:
-                    continue
-                try:
-                    results[j] = conn.read_response()
-                except NoScriptError:
-                    node, keys = groups[j]
-                    try:
-                        sha = self._read_shas[node.name] = node.redis_connection.script_load(READ_SCRIPT)
-                        results[j] = node.redis_connection.evalsha(sha, 0, *keys)
-                    except (*_UNAVAILABLE, ResponseError) as exc:
-                        results[j] = exc
+                    sha = self._read_shas[node.name] = node.redis_connection.script_load(READ_SCRIPT)
+                    r = node.redis_connection.evalsha(sha, 0, *keys)
                 except (*_UNAVAILABLE, ResponseError) as exc:
-                    results[j] = exc
-        finally:
-            for j, pool, conn in held:
-                if results[j] is None or isinstance(results[j], _UNAVAILABLE):
-                    conn.disconnect()  # a reply may still be in flight: never hand it to the next user
-                pool.release(conn)
+                    r = exc
+            results.append(r)
         return results
 
     def incr_many(self, names: Sequence[str], amounts: Sequence[int], ttl_ms: int) -> list[int]:

@@ -355,3 +355,22 @@ def test_erasing_a_user_removes_their_keys_from_every_master(store, cluster, sim
     rep = delete_user(uid, log=log, store=store, sets=SETS, reason="erasure on a cluster")
     assert rep.online_keys_deleted == sum(len(k) for k in before.values())  # state and values records
     assert all(theirs(p) == [] for p in cluster.masters())
+
+
+def test_reads_survive_a_node_that_forgot_the_read_script(store, cluster):
+    """A node restarted or failed over has no scripts: its group answers NOSCRIPT, which the
+    read handles by loading the script there and reading that group again."""
+    fs = SETS[0]
+    ids = [str(i) for i in range(1, 200)]
+    keys = record_keys(fs, np.asarray(ids, dtype=np.int64))
+    from features.online.base import Write
+
+    store.commit([Write(k, f"v{k.entity_id}".encode(), 60_000) for k in keys])
+    group = [KeyGroup(fs.name, fs.version, "user", ids)]
+    assert store.get_groups(group) == [f"v{i}".encode() for i in ids]  # scripts loaded on every master
+    for port in cluster.masters():
+        redis.Redis(port=port).script_flush()
+    assert store.get_groups(group) == [f"v{i}".encode() for i in ids]
+    shas = set(store._read_shas.values())
+    assert len(shas) == 1  # loaded again where it was missing, not answered by the slow fallback
+    assert all(redis.Redis(port=p).script_exists(*shas) == [True] for p in cluster.masters())
