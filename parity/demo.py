@@ -123,7 +123,10 @@ def _train_and_serve(out: Path, ws, user: int) -> dict:
         _show("new user (no history)", new)
         top = [int(it.item_id) for it in known.items[:3]]
         # 20 s plays: plausible for any item (the shortest are 30 s; longer plays than 2x an item's duration are refused)
-        live = [LiveEvent(2 * 10**12 + i, status.now_ms + i, user, item, "play", 20.0) for i, item in enumerate(top)]
+        # stamped by the server's clock after the requests above: an event stamped earlier than a
+        # request that did not see it is a late event, which the live parity check rightly flags
+        live_ms = client.status().now_ms
+        live = [LiveEvent(2 * 10**12 + i, live_ms + i, user, item, "play", 20.0) for i, item in enumerate(top)]
         ing = client.ingest(live)
         print(f"  ingested {ing.accepted} live plays of the top items ({ing.duplicates} duplicates, {ing.invalid} invalid, {ing.limited} rate-limited)")
         time.sleep(cfg.response_cache_ttl_s + 0.2)
