@@ -131,6 +131,13 @@ class ServedValues:
         """One served-values record per state, with values as of `t_ref` (default: just after
         each state's newest event; writers pass the time they write at, so an entity quiet for
         days gets an interval that starts now). States with no event get an empty interval."""
+        raw = self.encode_array(states, t_ref).tobytes()
+        k = self.record_size
+        return [raw[i : i + k] for i in range(0, len(raw), k)]
+
+    def encode_array(self, states: np.ndarray, t_ref: int | np.ndarray | None = None) -> np.ndarray:
+        """`encode`'s records as one structured array (`dtype`): for a holder that keeps them in
+        process (the server's item table) and never needs the bytes."""
         n = len(states)
         rec = np.zeros(n, dtype=self.dtype)
         rec["magic"] = _MAGIC
@@ -149,9 +156,7 @@ class ServedValues:
         rec["feature_ts"] = np.where(frame.feature_ts >= 0, fts, -1)
         rec["valid_from"] = np.where(has, start, _NEVER)
         rec["valid_until"] = np.where(has, until, np.iinfo(np.int64).min)
-        raw = rec.tobytes()
-        k = self.record_size
-        return [raw[i : i + k] for i in range(0, len(raw), k)]
+        return rec
 
     # -- reading -----------------------------------------------------------------------------
     def read(self, records: Sequence[bytes | None], t: int) -> ValuesRead:
@@ -171,20 +176,29 @@ class ServedValues:
             # the common case, every record present and of this format, joins the list as it is
             blob = b"".join(records) if len(idx) == n else b"".join([records[i] for i in idx.tolist()])
             rec = np.frombuffer(blob, dtype=self.dtype)
-            good = (rec["magic"] == _MAGIC) & (rec["ncol"] == ncol) & (rec["valid_from"] <= t) & (t < rec["valid_until"])
+            good = self.answers(rec, t)
             if not good.all():
                 expired[idx[~good]] = True
                 rec, idx = rec[good], idx[good]
-            v = rec["values"].copy()
-            for d in self._decayed:
-                td = rec[f"{d.field}_t"].astype(np.int64)
-                fac = np.where(td >= 0, decay_factor(np.maximum(t - td, 0), d.half_life_ms), 0.0)
-                v[:, d.col : d.col + d.width] *= fac[:, None]
-            miss = np.isnan(v)
-            values[idx] = np.where(miss, self.defaults, v)
+            v, miss = self.values_at(rec, t)
+            values[idx] = v
             missing[idx] = miss
             fts_out[idx] = rec["feature_ts"]
         return ValuesRead(FeatureFrame(list(self.columns), values, missing, fts_out), present, expired)
+
+    def answers(self, rec: np.ndarray, t: int) -> np.ndarray:
+        """Which records (a `dtype` array) hold this set's values exactly at t."""
+        return (rec["magic"] == _MAGIC) & (rec["ncol"] == len(self.columns)) & (rec["valid_from"] <= t) & (t < rec["valid_until"])
+
+    def values_at(self, rec: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(values with defaults where missing, missing) as of t of records that `answer` at t."""
+        v = rec["values"].copy()
+        for d in self._decayed:
+            td = rec[f"{d.field}_t"].astype(np.int64)
+            fac = np.where(td >= 0, decay_factor(np.maximum(t - td, 0), d.half_life_ms), 0.0)
+            v[:, d.col : d.col + d.width] *= fac[:, None]
+        miss = np.isnan(v)
+        return np.where(miss, self.defaults, v), miss
 
 
 @dataclass(frozen=True)

@@ -107,34 +107,44 @@ class ItemTable:
     def _catalogue_frame(self, now_ms: int) -> FeatureFrame:
         """`read_features(layout, states, now_ms)`, from the kept served-values records where they
         answer and from the states elsewhere; records that did not answer are rewritten as of
-        now_ms (the list is replaced, never changed in place, so a concurrent reader is safe)."""
+        now_ms (the arrays are replaced, never changed in place, so a concurrent reader is safe).
+        The records are one structured array (`ServedValues.dtype`), not bytes: the table never
+        ships them, and a tick then costs a few vector operations over the catalogue."""
         sv = served_values(self.layout)
-        recs = self._values.get("records")
-        if recs is None:
-            recs = _unwritten(self.states, np.ones(len(self.states), dtype=bool), [])
-        got = sv.read(recs, now_ms)
-        rows = np.flatnonzero(got.expired)
-        frame = got.frame
+        kept = self._values.get("records")
+        if kept is None:
+            kept = _unwritten(sv, self.states, np.ones(len(self.states), dtype=bool), None)
+        rec, kind = kept
+        # every row from its record (whole-array operations, no gathers), then the rows whose
+        # record cannot answer: empty states read as all missing, the others from their state
+        values, missing = sv.values_at(rec, now_ms)
+        fts = rec["feature_ts"].astype(np.int64)
+        written = kind == _RECORD
+        good = written & sv.answers(rec, now_ms)
+        empty = np.flatnonzero(kind == _EMPTY)
+        if len(empty):
+            values[empty], missing[empty], fts[empty] = sv.defaults, True, -1
+        rows = np.flatnonzero((kind == _UNWRITTEN) | (written & ~good))
         if len(rows):
             states = self.states[rows]
             fr = read_features(self.layout, states, now_ms)
-            frame.values[rows], frame.missing[rows], frame.feature_ts[rows] = fr.values, fr.missing, fr.feature_ts
-            recs = list(recs)
-            for r, rec in zip(rows.tolist(), sv.encode(states, now_ms)):
-                recs[r] = rec
-        self._values["records"] = recs
-        return frame
+            values[rows], missing[rows], fts[rows] = fr.values, fr.missing, fr.feature_ts
+            rec, kind = rec.copy(), kind.copy()
+            rec[rows] = sv.encode_array(states, now_ms)
+            kind[rows] = _RECORD
+        self._values["records"] = (rec, kind)
+        return FeatureFrame(list(sv.columns), values, missing, fts)
 
     def keep_records_of(self, previous: "ItemTable") -> None:
         """Take over `previous`'s served-values records of the items whose states did not change
         (a refresh after a few items' events then encodes only those items)."""
-        recs = previous._values.get("records")
-        if recs is None or previous.catalog is not self.catalog or previous.states.dtype != self.states.dtype:
+        kept = previous._values.get("records")
+        if kept is None or previous.catalog is not self.catalog or previous.states.dtype != self.states.dtype:
             return
         n = len(self.states)
         a = np.ascontiguousarray(self.states).view(np.uint8).reshape(n, -1)
         b = np.ascontiguousarray(previous.states).view(np.uint8).reshape(n, -1)
-        self._values["records"] = _unwritten(self.states, ~(a == b).all(axis=1), recs)
+        self._values["records"] = _unwritten(served_values(self.layout), self.states, ~(a == b).all(axis=1), kept)
 
     def content(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(topic, creator_id, duration_s, publish_ts) per row (of `rows()`); the unknown row gets
@@ -150,14 +160,16 @@ class ItemTable:
                 np.append(c.duration_s.astype(np.float64), 0.0), np.append(c.publish_ts.astype(np.int64), 0))
 
 
-def _unwritten(states: np.ndarray, changed: np.ndarray, records: list) -> list:
-    """Records with the rows of `changed` marked unwritten: b"" (expired to the reader, so the
-    state answers and the record is written then), or None for a state without events, which
-    reads as an empty state does (every feature missing), bit for bit."""
-    out = list(records) if len(records) else [b""] * len(states)
-    for r, has in zip(np.flatnonzero(changed).tolist(), (states["feature_ts"][changed] >= 0).tolist()):
-        out[r] = b"" if has else None
-    return out
+_RECORD, _UNWRITTEN, _EMPTY = 0, 1, 2  # a row's kept record: one that may answer; none yet (the state answers, then it is written); an empty state (every feature missing)
+
+
+def _unwritten(sv, states: np.ndarray, changed: np.ndarray, kept: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(records, kind) with the rows of `changed` marked unwritten, or empty for a state without
+    events, which reads as an empty state does (every feature missing), bit for bit."""
+    rec = np.zeros(len(states), dtype=sv.dtype) if kept is None else kept[0].copy()
+    kind = np.full(len(states), _UNWRITTEN, dtype=np.int8) if kept is None else kept[1].copy()
+    kind[changed] = np.where(states["feature_ts"][changed] >= 0, _UNWRITTEN, _EMPTY)
+    return rec, kind
 
 
 def change_token(store: OnlineStore, item_set: FeatureSet, sets: Sequence[FeatureSet] = ()) -> str:

@@ -69,6 +69,8 @@ def test_a_new_as_of_time_reads_the_states_of_only_the_items_whose_records_canno
 
 
 def test_a_refreshed_table_keeps_the_records_of_unchanged_items_and_rereads_the_changed_ones(item_table):
+    import server.items as items_mod
+
     table, end = item_table
     t = end + 3 * MS_PER_HOUR
     rows = np.arange(len(table.states))
@@ -80,9 +82,11 @@ def test_a_refreshed_table_keeps_the_records_of_unchanged_items_and_rereads_the_
     states[f"{ring}_count"][changed] += 1  # a few items got events (same feature_ts: only the state bytes tell)
     fresh = replace(table, states=states, _frames={}, _values={})
     fresh.keep_records_of(table)
-    recs = fresh._values["records"]
-    assert [recs[r] for r in changed.tolist()] == [b""] * 3
-    assert all(recs[r] is table._values["records"][r] for r in live[3:].tolist())
+    recs, kind = fresh._values["records"]
+    old_recs, old_kind = table._values["records"]
+    assert (kind[changed] == items_mod._UNWRITTEN).all()
+    assert (kind[live[3:]] == old_kind[live[3:]]).all() and (old_kind[live[3:]] == items_mod._RECORD).all()
+    assert recs[live[3:]].tobytes() == old_recs[live[3:]].tobytes()
     got = fresh.features(rows, t + 100)
     want = read_features(fresh.layout, states, t + 100)
     assert np.array_equal(got.values.view(np.int64), want.values.view(np.int64))
