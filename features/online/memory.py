@@ -179,7 +179,9 @@ class MemoryStore(OnlineStore):
     def get_groups(self, groups: Sequence[KeyGroup]) -> list[bytes | None]:
         for g in groups:
             check_group(g)
-        return self._values([RecordKey(g.feature_set, g.version, g.entity_type, i) for g in groups for i in g.entity_ids])
+        # plain tuples: equal to the RecordKey (a named tuple) they spell and hashed the same, so
+        # they find its entry without building one per entity
+        return self._values([(g.feature_set, g.version, g.entity_type, i) for g in groups for i in g.entity_ids])
 
     def _values(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         with self._lock:
