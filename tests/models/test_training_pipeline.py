@@ -191,6 +191,12 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
     assert list(m["ranker_inputs"]["columns"][-3:]) == list(RETRIEVAL_COLUMNS)
     assert m["retrieval"]["item_item"]["items"] > 1000 and ReleaseRuntime.load(rel).item_item is not None
     assert all(m["training_data"]["ranker_rows"][s] > 0 for s in ("train", "valid", "test"))
+    # the candidate union's quotas: the retrieval budget split between the tower and item-item on validation
+    q, study = m["retrieval"]["candidates"], m["retrieval"]["candidate_quotas_valid"]
+    assert q["retrieve_k"] + q["n_item_item"] == study["budget"] == 200 and q["n_item_item"] in study["n_item_item"]
+    mean = (np.asarray(study["valid_recall_next"]) + np.asarray(study["valid_recall_missing"])) / 2
+    assert mean[study["n_item_item"].index(q["n_item_item"])] == mean.max()
+    assert ReleaseRuntime.load(rel).release.meta.candidates == q
     assert m["metrics"]["quantization"]["mean_tau"] >= 0.95
     res = evaluate_release(rel.path, tmp_path / "ml", max_users=150)
     assert res.users == 150 and all(0 <= v["ndcg@10"] <= 1 for v in res.two_stage.values())
