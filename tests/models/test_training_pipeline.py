@@ -37,9 +37,14 @@ def test_the_release_holds_every_artifact_and_names_its_feature_set_versions(tin
 def test_the_release_serves_through_the_runtime_with_int8_close_to_fp32(tiny_release, small_sim):
     rt = ReleaseRuntime.load(tiny_release)
     td = build_training_data(small_sim, seed=0, max_rows=20_000)
-    X = td.valid.X[:200]
+    # the rankers read the labelled inputs plus the list-relative retrieval columns (models/candidates.py)
+    assert list(rt.inputs.columns[: len(td.columns)]) == list(td.columns) and len(rt.inputs.columns) == len(td.columns) + 3
+    rng = np.random.default_rng(0)
+    extra = np.stack([rng.integers(0, 200, 200), -rng.random(200), rng.normal(size=200)], axis=1)
+    X = np.concatenate([td.valid.X[:200], extra], axis=1).astype(np.float32)
     a, b = rt.score(X, "student_fp32"), rt.score(X, "student_int8")
     assert np.all((a >= 0) & (a <= 1)) and np.corrcoef(a, b)[0, 1] > 0.98
+    X = td.valid.X[:200]
     emb = rt.user_embeddings(rt.user_inputs(X))
     ids, _ = rt.retrieve(emb, 10)
     assert ids.shape == (200, 10) and set(ids.ravel().tolist()) <= set(rt.vocab.tolist())
