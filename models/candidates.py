@@ -132,6 +132,21 @@ def _queries(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner, start: d
     return _Queries(users, tu, truth, S, seen, Hii, popularity_at(ev, kind, tu, half_life_ms=half_life_ms))
 
 
+def top_stable(s: np.ndarray, k: int) -> np.ndarray:
+    """`np.argsort(-s, kind="stable")[:k]` without sorting the whole row: a partition finds the
+    k-th score, ties at it are taken in index order (as the stable sort takes them), and only
+    those k are sorted. Called once per user per list build, over the whole catalogue."""
+    n = len(s)
+    if k >= n:
+        return np.argsort(-s, kind="stable")
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    kth = s[np.argpartition(-s, k - 1)[k - 1]]
+    above = np.flatnonzero(s > kth)
+    idx = np.sort(np.concatenate([above, np.flatnonzero(s == kth)[: k - len(above)]]))
+    return idx[np.argsort(-s[idx], kind="stable")]
+
+
 def _sources(q: _Queries, r: int, vocab: np.ndarray, item_item: ItemItem | None, policy: CandidatePolicy, catalog: ItemCatalog,
              pool: int) -> tuple[list[SourceList], np.ndarray]:
     """User r's sources the way `export.candidates.candidate_union` builds them from a release
@@ -139,7 +154,7 @@ def _sources(q: _Queries, r: int, vocab: np.ndarray, item_item: ItemItem | None,
     u, t = int(q.users[r]), int(q.cut[r])
     blocked = np.asarray(q.seen.get(u, ()), dtype=np.int64)
     s = q.scores[r]
-    top = np.argsort(-s, kind="stable")[: pool + len(blocked) + 50]
+    top = top_stable(s, pool + len(blocked) + 50)
     top = top[np.lexsort((vocab[top], -s[top]))]
     src = [SourceList(vocab[top], SOURCES.index("ann"), pool)]
     if item_item is not None and q.history is not None:
