@@ -7,46 +7,27 @@ rule and `CandidatePolicy` its numbers, torch-free and below both: the server's 
 its policy from these defaults and `parity eval` reads the same defaults.
 
 Sources, in priority order (the first to name an item keeps it): the two-tower's ANN
-neighbours, new items (in the catalogue, never seen by the release) by their content
-embedding, items published within `fresh_window_ms`, the release's popular items. Every
+neighbours, the item-item model's best items for the user's history (`features.item_item`;
+a release chooses its quota on validation and writes it in its manifest, see
+`models.candidates.choose_quotas`), new items (in the catalogue, never seen by the release)
+by their content embedding, items published within `fresh_window_ms`, popular items. Every
 source keeps only eligible items (in the catalogue, published before the request, not seen or
-excluded) up to its quota.
+excluded) up to its quota; the merge is `features.candidate_sources.union_sources`, which the
+rankers' training lists (models.candidates) call too.
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ContextManager
 
 import numpy as np
 
 from export.runtime import ReleaseRuntime
+from features.candidate_sources import SOURCES, CandidatePolicy, SourceList, fresh_ids, item_item_top, union_sources
 from features.catalog import ItemCatalog
 
 __all__ = ["SOURCES", "CandidatePolicy", "NewItems", "Candidates", "candidate_union", "ann_want", "candidate_scores", "fresh_ids"]
-
-SOURCES = ("ann", "content", "fresh", "popular", "request")  # index = Candidates.source code
-_DAY_MS = 86_400_000
-
-
-@dataclass(frozen=True)
-class CandidatePolicy:
-    """How many candidates each source contributes (the server's defaults; eval uses them too)."""
-
-    retrieve_k: int = 200  # ANN candidates kept after filtering
-    n_content: int = 20  # new items (not in the release) by their content embedding
-    n_fresh: int = 20  # most recently published items
-    fresh_window_ms: int = 2 * _DAY_MS
-    n_popular: int = 50  # the release's popular items (cold start)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{f.name} must be a non-negative integer, got {v!r}")
-        if self.retrieve_k < 1:
-            raise ValueError(f"retrieve_k must be at least 1, got {self.retrieve_k}")
-
 
 @dataclass(frozen=True)
 class NewItems:
@@ -85,60 +66,37 @@ def fresh_ids(catalog: ItemCatalog, now_ms: int, window_ms: int) -> np.ndarray:
     return catalog.item_id[rows]
 
 
-def _member(ids: np.ndarray, sorted_unique: np.ndarray) -> np.ndarray:
-    """np.isin(ids, sorted_unique) for a sorted array of distinct ids (one binary search each)."""
-    if not len(sorted_unique):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_unique, ids), len(sorted_unique) - 1)
-    return sorted_unique[pos] == ids
-
-
-def _eligible(catalog: ItemCatalog, ids: np.ndarray, blocked: np.ndarray, now_ms: int) -> np.ndarray:
-    """`blocked` sorted and distinct (candidate_union makes it so)."""
-    rows = catalog.index(ids) if len(catalog) else np.full(len(ids), -1, dtype=np.int64)
-    known = rows >= 0
-    ok = known & (np.where(known, catalog.publish_ts[np.maximum(rows, 0)], now_ms) < now_ms) if len(catalog) else known
-    if len(blocked):
-        ok &= ~_member(ids, blocked)
-    return ok
-
-
-def _take(catalog: ItemCatalog, ids: np.ndarray, blocked: np.ndarray, now_ms: int, quota: int) -> np.ndarray:
-    if quota <= 0 or not len(ids):
-        return np.empty(0, dtype=np.int64)
-    ids = np.asarray(ids, dtype=np.int64)
-    return ids[_eligible(catalog, ids, blocked, now_ms)][:quota]
-
-
 def candidate_union(rt: ReleaseRuntime, user_emb: np.ndarray, catalog: ItemCatalog, new: NewItems, blocked: np.ndarray, now_ms: int,
                     policy: CandidatePolicy, *, ann_ids: np.ndarray | None = None, exact: bool = False,
+                    history: np.ndarray | None = None, popular: np.ndarray | None = None,
                     stage: Callable[[str], ContextManager] | None = None) -> Candidates:
     """The request's candidates. `user_emb` (d,) or (1, d); `blocked` the seen and excluded items;
-    `ann_ids`: this user's ANN neighbours when the caller retrieved a batch at once (eval)."""
+    `ann_ids`: this user's ANN neighbours when the caller retrieved a batch at once (eval);
+    `history`: the user's last engaged items (PAD = -1), read by the item-item source;
+    `popular`: the popular list to use instead of the release's (eval: as of the user's cut)."""
     stage = stage or (lambda _name: nullcontext())
     emb = np.asarray(user_emb, dtype=np.float32).reshape(1, -1)
     blocked = np.asarray(blocked, dtype=np.int64)
-    lookup = np.unique(blocked)  # sorted and distinct: _eligible's lookups are binary searches
-    parts: list[tuple[np.ndarray, int]] = []
+    sources: list[SourceList] = []
     with stage("ann"):
         if ann_ids is None:
             want = ann_want(rt, policy, len(blocked))
             ann_ids = (rt.retrieve_exact(emb, want) if exact else rt.retrieve(emb, want))[0][0]
-        parts.append((_take(catalog, ann_ids, lookup, now_ms, policy.retrieve_k), 0))
+        sources.append(SourceList(ann_ids, 0, policy.retrieve_k))
+        if policy.n_item_item and rt.item_item is not None and history is not None:
+            sources.append(SourceList(item_item_top(rt.item_item, history, policy.n_item_item, blocked), SOURCES.index("item_item"),
+                                      policy.n_item_item))
     with stage("cold_start"):
         if policy.n_content and len(new.ids):
             order = np.argsort(-(new.emb @ emb[0]), kind="stable")
-            parts.append((_take(catalog, new.ids[order], lookup, now_ms, policy.n_content), 1))
+            sources.append(SourceList(new.ids[order], 1, policy.n_content))
         if policy.n_fresh:
-            parts.append((_take(catalog, fresh_ids(catalog, now_ms, policy.fresh_window_ms), lookup, now_ms, policy.n_fresh), 2))
+            sources.append(SourceList(fresh_ids(catalog, now_ms, policy.fresh_window_ms), 2, policy.n_fresh))
         if policy.n_popular:
-            pop = rt.popular[: policy.n_popular + len(blocked) + 50]
-            parts.append((_take(catalog, pop, lookup, now_ms, policy.n_popular), 3))
-    ids = np.concatenate([p for p, _ in parts]).astype(np.int64)
-    src = np.concatenate([np.full(len(p), s, dtype=np.int8) for p, s in parts])
-    _, first = np.unique(ids, return_index=True)  # the first source listed wins
-    keep = np.sort(first)
-    return Candidates(ids[keep], src[keep])
+            pop = rt.popular if popular is None else popular
+            sources.append(SourceList(pop[: policy.n_popular + len(blocked) + 50], 3, policy.n_popular))
+        ids, src = union_sources(sources, catalog, blocked, now_ms)
+    return Candidates(ids, src)
 
 
 def candidate_scores(rt: ReleaseRuntime, new: NewItems, user_emb: np.ndarray, ids: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ JSON they are, under `raw`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from export.manifest_schema import clip
@@ -60,6 +60,7 @@ class ReleaseManifest:
     popularity_half_life_ms: int | None
     reference: Mapping[str, Any] | None  # per-column and prediction histograms (export/reference.py), when recorded
     raw: Mapping[str, Any]
+    candidates: Mapping[str, int] = field(default_factory=dict)  # retrieval.candidates: quotas chosen on validation at training
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> "ReleaseManifest":
@@ -77,7 +78,18 @@ class ReleaseManifest:
         return cls(m["release_id"], m["created_at_ms"], m["seed"], m["dataset"]["kind"], versions, inputs, _retrieval(m.get("retrieval")),
                    {rel: FileEntry(meta["sha256"], meta["bytes"]) for rel, meta in m["files"].items()}, dict(m["models"]),
                    profile if isinstance(profile, str) else None, _int(half, "config.popularity_half_life_ms", none_ok=True),
-                   ref if isinstance(ref, dict) else None, m)
+                   ref if isinstance(ref, dict) else None, m, _candidates((m.get("retrieval") or {}).get("candidates")))
+
+
+CANDIDATE_QUOTAS = ("retrieve_k", "n_item_item", "n_popular")  # the quotas a release may choose (export.candidates.CandidatePolicy)
+
+
+def _candidates(c: Any) -> dict[str, int]:
+    if c is None:
+        return {}
+    if not isinstance(c, dict) or not set(c) <= set(CANDIDATE_QUOTAS):
+        raise ManifestError(f"retrieval.candidates must be an object with keys among {', '.join(CANDIDATE_QUOTAS)}, not {clip(c)}")
+    return {k: _int(v, f"retrieval.candidates.{k}") for k, v in c.items()}
 
 
 def _int(v: Any, field: str, *, none_ok: bool = False, minimum: int = 0) -> int | None:

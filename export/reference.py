@@ -88,12 +88,13 @@ def served_rows(rt, joiner, used, user_set, events, kind: str, items, users: np.
     this module stays numpy-only)."""
     from export.candidates import CandidatePolicy, NewItems, candidate_union
     from export.device.lists import ReleaseLists, release_lists, teacher_matrix
-    from features.history import engagement_mask
+    from features.history import engagement_mask, history_at
 
-    policy = policy or CandidatePolicy()
+    policy = (policy or CandidatePolicy()).for_release(rt.release.meta.candidates)  # the release's quotas, as the server
     new = new if new is not None else NewItems.of(rt, items)
     lists = release_lists(rt, joiner, user_set, events, kind, items, users, ts, k=policy.retrieve_k)
     u_all, t_all = lists.users, lists.cut
+    hist = history_at(events, kind, u_all, t_all, rt.item_item.history_len) if policy.n_item_item and rt.item_item is not None else None
     pos = np.clip(np.searchsorted(u_all, events.user_id), 0, max(len(u_all) - 1, 0))
     mine = (u_all[pos] == events.user_id) if len(u_all) else np.zeros(len(events.user_id), bool)
     eng = engagement_mask(events, kind) & mine
@@ -105,7 +106,8 @@ def served_rows(rt, joiner, used, user_set, events, kind: str, items, users: np.
     cands, picks, srcs = [], [], []
     for r in range(len(u_all)):
         blocked = np.unique(seen_i[order[bounds[r]:bounds[r + 1]]])
-        c = candidate_union(rt, lists.user_emb[r], items, new, blocked, int(t_all[r]), policy, ann_ids=lists.ids[r])
+        c = candidate_union(rt, lists.user_emb[r], items, new, blocked, int(t_all[r]), policy, ann_ids=lists.ids[r],
+                            history=hist[r] if hist is not None else None)
         n = len(c.ids)
         pk = np.arange(n) if n <= per_request else np.sort(rng.choice(n, per_request, replace=False))
         cands.append(c.ids)

@@ -1,9 +1,10 @@
 """`parity eval`: every model of a release on the held-out time slice, the way it serves.
 
 The two-stage path is the server's: user features and engagement history as of the test
-start (point-in-time), the user tower, ANN retrieval of 200 candidates plus the server's popular and fresh
-cold-start candidates (seen and not-yet-published items removed), ranking with each ranker,
-top 10. Popularity and the two-tower alone are measured on the
+start (point-in-time), the user tower, then the server's candidate function with the
+release's quotas (ANN, item-item for the history, new, fresh and popular items; popular as of
+the cut, not the release's list, which saw the held-out slice; seen and not-yet-published
+items removed), ranking with each ranker, top 10. Popularity and the two-tower alone are measured on the
 same users in the same run. Pure numpy + ONNX Runtime (through export.runtime).
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import feature_matrix
 from models.metrics import auc, logloss
+from models.popularity import popularity_at
 from pipeline.heldout import Eligibility, held_out, popularity_lists, seen_before_cut, topk_metrics
 
 __all__ = ["evaluate_release", "topk_metrics", "EvalResult"]
@@ -80,16 +82,20 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     H = history_at(events, info.kind, users, t_user, rt.history_len) if rt.history_len else None  # the seen record's last items
     emb = rt.user_embeddings(U, H)
     max_seen = max((len(seen.get(int(u), ())) for u in users), default=0)
-    policy = dataclasses.replace(_POLICY, retrieve_k=retrieve_k)
+    policy = dataclasses.replace(_POLICY, retrieve_k=retrieve_k).for_release(rel.meta.candidates)  # the release's quotas, as the server
     cand_ids, _ = rt.retrieve(emb, ann_want(rt, policy, max_seen))
+    Hii = history_at(events, info.kind, users, t_user, rt.item_item.history_len) if rt.item_item is not None and policy.n_item_item else None
     # Candidates by the server's own function (export.candidates): ANN, new items by content, fresh, popular.
     new = NewItems.of(rt, items)
-    pops = popularity_lists(events, info.kind, users, t_user, seen, eligible, rel.meta.popularity_half_life_ms, k)  # as of the cut
+    half = rel.meta.popularity_half_life_ms
+    pops = popularity_lists(events, info.kind, users, t_user, seen, eligible, half, k)  # the popularity baseline, as of the cut
+    pop_at = popularity_at(events, info.kind, t_user, half_life_ms=half)  # the popular source, as of each cut (the release's list saw the held-out slice)
     cands = []
     for r, (u, t) in enumerate(zip(users.tolist(), t_user.tolist())):
         s = seen.get(u, set())
         blocked = np.fromiter(s, dtype=np.int64, count=len(s))
-        c = candidate_union(rt, emb[r], items, new, blocked, t, policy, ann_ids=cand_ids[r])
+        c = candidate_union(rt, emb[r], items, new, blocked, t, policy, ann_ids=cand_ids[r], history=Hii[r] if Hii is not None else None,
+                            popular=pop_at[t])
         cands.append((c.ids, c.source))
 
     # Stage 2: rank every candidate with point-in-time features as of the user's cut.

@@ -26,7 +26,7 @@ from features.catalog import ItemCatalog
 from features.events import EventBatch
 from features.history import engagement_mask
 from models.data import SPLIT_FRACTIONS, LabelledRows, label_rows, split_cuts
-from models.popularity import popularity
+from models.popularity import popularity_at
 
 __all__ = ["Eligibility", "HeldOut", "held_out", "popularity_lists", "seen_before_cut", "topk_metrics"]
 
@@ -114,7 +114,7 @@ def popularity_lists(events: EventBatch, kind: str, users: np.ndarray, cuts: np.
                      eligible: Eligibility, half_life_ms: int | None, k: int = 10) -> list[np.ndarray]:
     """The popularity baseline per user: engagement before the user's cut (decayed with the
     release's half-life), minus what the user has seen and what is not eligible, top k."""
-    pop_at = {t: popularity(events, kind, t, half_life_ms=half_life_ms)[0] for t in np.unique(cuts).tolist()}
+    pop_at = popularity_at(events, kind, np.unique(cuts), half_life_ms=half_life_ms)  # one pass for every cut
     out = []
     for u, t in zip(np.asarray(users).tolist(), np.asarray(cuts).tolist()):
         s = seen.get(u, set())

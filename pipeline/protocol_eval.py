@@ -8,7 +8,9 @@ files (export.runtime, as `parity eval` and the server do), with features and hi
 the end of the training 80%:
 
 - ``parity_two_tower``: the user tower . item embeddings over the full catalogue;
-- ``parity_two_stage``: the two-tower's top `candidates` unseen items re-ranked by the int8
+- ``parity_two_stage``: the server's candidate union (the two-tower's top unseen items, the
+  item-item model's best for the history, fresh and popular items, with the quotas the release
+  chose on validation: `export.candidates.candidate_union`) re-ranked by the int8
   student, with the list-relative retrieval columns computed per list as the server does
   (`features.assemble.retrieval_columns`, incl. the item-item score for the user's history);
   the rest of the catalogue below them, in tower order;
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from export.candidates import CandidatePolicy, NewItems, candidate_union
 from export.release import load_release
 from export.runtime import ReleaseRuntime
 from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, columns_from_join, retrieval_columns
@@ -41,7 +44,8 @@ __all__ = ["published_protocol"]
 
 
 def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int | None = None,
-                       profile: str | None = None, candidates: int = 200, holdout: str = "test") -> dict[str, dict[str, float]]:
+                       profile: str | None = None, candidates: int = 200, holdout: str = "test",
+                       overrides: dict | None = None) -> dict[str, dict[str, float]]:
     """Popularity, ALS and Parity under the published protocol. The profile and seed default
     to the release's (`release_dir`), else "default" and 0. `holdout="valid"` measures on a
     validation split instead, for choices that must not look at the test 20%: the training 80%
@@ -69,7 +73,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         sub = dataclasses.replace(info, n_events=len(split.train_events), params={**info.params, "protocol": "random 80/20 of ratings >= 4"})
         EventLog(d / "events").append(split.train_events)
         write_catalogue(d, read_items(data_dir), read_users(data_dir), dataclasses.replace(sub, pii_fields={"users": []}))
-        rel = train_release(d, Path(tmp) / "releases", profile=profile, seed=seed)
+        rel = train_release(d, Path(tmp) / "releases", profile=profile, seed=seed, overrides=overrides)
         rt = ReleaseRuntime.load(rel)
         sets = {fs.name: fs for fs in feature_sets(info.kind, info.n_topics)}
         used = [sets[n] for n in rt.inputs.sets]
@@ -97,17 +101,27 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         base = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity,
                             tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
 
-        def lists(s: np.ndarray) -> np.ndarray:
-            """Column indices of one user's candidate list: the tower's top `candidates` unseen items."""
-            top = np.argsort(-s, kind="stable")[:candidates]
-            return top[np.isfinite(s[top])]
+        policy = dataclasses.replace(CandidatePolicy(), retrieve_k=candidates).for_release(rt.release.meta.candidates)
+        new = NewItems.of(rt, items)
+        col = {x: j for j, x in enumerate(split.item_ids.tolist())}
+
+        def lists(s: np.ndarray, u: int) -> np.ndarray:
+            """Column indices of one user's candidate list: the server's candidate function
+            (export.candidates.candidate_union, the release's quotas) with the tower's exact
+            order as its ANN list, as of the end of the training 80%."""
+            top = np.argsort(-s, kind="stable")[: policy.retrieve_k + 50]
+            top = top[np.isfinite(s[top])]
+            blocked = np.fromiter(seen[u], dtype=np.int64, count=len(seen[u]))
+            c = candidate_union(rt, ue[u], items, new, blocked, t_end, policy, ann_ids=split.item_ids[top],
+                                history=Hii[u] if Hii is not None else None)
+            return np.asarray([col[x] for x in c.ids.tolist() if x in col], dtype=np.int64)
 
         def two_stage(ranker: str):
             def score(ub: np.ndarray) -> np.ndarray:
                 s = tower[ub].copy()
                 for r, u in enumerate(ub.tolist()):
                     s[r, list(seen[u])] = -np.inf
-                tops = [lists(s[r]) for r in range(len(ub))]
+                tops = [lists(s[r], u) for r, u in enumerate(ub.tolist())]
                 n = np.asarray([len(t) for t in tops])
                 ids = split.item_ids[np.concatenate(tops)]
                 Xb = feature_matrix(base, joiner, used, items, np.repeat(uids[ub], n), ids, t_end)

@@ -21,7 +21,7 @@ from typing import Mapping
 
 import numpy as np
 
-from export.candidates import SOURCES, candidate_union
+from export.candidates import SOURCES, CandidatePolicy, candidate_union
 from export.candidates import candidate_scores as shared_candidate_scores
 from features.assemble import Block, assemble, retrieval_columns
 from features.history import history_row
@@ -106,14 +106,28 @@ def user_history(uf: UserFeatures, n: int) -> np.ndarray:
     return history_row(uf.seen, n)[None, :]
 
 
+@functools.lru_cache(maxsize=16)
+def _policy(base: CandidatePolicy, quotas: tuple[tuple[str, int], ...]) -> CandidatePolicy:
+    return base.for_release(dict(quotas))
+
+
+def release_policy(base: CandidatePolicy, quotas: Mapping[str, int]) -> CandidatePolicy:
+    """The server's policy with the release's quotas (manifest retrieval.candidates) in place of
+    its own, as `parity eval` applies them; cached, so a request pays one dict lookup."""
+    return _policy(base, tuple(sorted(quotas.items()))) if quotas else base
+
+
 def retrieve(snap: Snapshot, uf: UserFeatures, exclude: np.ndarray, now_ms: int, cfg: ServerConfig, timer: Timer) -> Candidates:
-    """The user tower, then `export.candidates.candidate_union`: the rule the offline eval uses too."""
+    """The user tower, then `export.candidates.candidate_union`: the rule the offline eval uses too,
+    with the quotas the release chose on validation (`release_policy`)."""
     rt = snap.runtime
     blocked = np.union1d(exclude, uf.seen) if len(uf.seen) else exclude
     with timer.stage("embed"):
         emb = rt.user_embeddings(user_matrix(snap, uf), user_history(uf, rt.history_len))
-    c = candidate_union(rt, emb, snap.items.catalog, snap.new, blocked, now_ms, cfg.candidates, exact=cfg.retrieval == "exact",
-                        stage=timer.stage)
+    policy = release_policy(cfg.candidates, rt.release.meta.candidates)
+    hist = user_history(uf, rt.item_item.history_len)[0] if policy.n_item_item and rt.item_item is not None else None
+    c = candidate_union(rt, emb, snap.items.catalog, snap.new, blocked, now_ms, policy, exact=cfg.retrieval == "exact",
+                        history=hist, stage=timer.stage)
     return Candidates(c.ids, c.source, snap.items.rows(c.ids), emb)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from export import candidates as C
+from features import candidate_sources as S
 from features.datasets import load_info
 from features.repo import feature_sets
 from server.items import load_catalog
@@ -16,8 +17,8 @@ def test_membership_by_binary_search_is_isin():
     for _ in range(300):
         blocked = np.unique(rng.integers(-5, 50, rng.integers(1, 20)))
         ids = rng.integers(-10, 60, rng.integers(0, 40))
-        assert np.array_equal(C._member(ids, blocked), np.isin(ids, blocked))
-    assert C._member(np.array([1, 2]), np.empty(0, np.int64)).tolist() == [False, False]
+        assert np.array_equal(S.member(ids, blocked), np.isin(ids, blocked))
+    assert S.member(np.array([1, 2]), np.empty(0, np.int64)).tolist() == [False, False]
 
 
 def test_candidates_are_those_of_the_isin_filter_for_any_blocked_list(release_dir, small_sim, monkeypatch):
@@ -33,7 +34,7 @@ def test_candidates_are_those_of_the_isin_filter_for_any_blocked_list(release_di
         blocked = rng.choice(catalog.item_id, size=12)  # unsorted, with repeats
         got = C.candidate_union(rt, emb[i], catalog, new, blocked, now, policy)
         with monkeypatch.context() as m:
-            m.setattr(C, "_member", lambda ids, b: np.isin(ids, b))
+            m.setattr(S, "member", lambda ids, b: np.isin(ids, b))
             want = C.candidate_union(rt, emb[i], catalog, new, blocked, now, policy)
         assert got.ids.tolist() == want.ids.tolist() and got.source.tolist() == want.source.tolist()
         assert not set(got.ids.tolist()) & set(blocked.tolist())

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import pytest
 
+from export.release import load_release
+
 from export.device.inputs import device_columns, stat_columns
 from export.device.tiny_model import MAX_INT8_BYTES, build_device_model, device_session
 from export.device.training_rows import TrainingDataMismatch, device_training_data
@@ -27,8 +29,16 @@ def rows(release_dir, small_sim):
 
 
 @pytest.fixture(scope="module")
-def labelled(release_dir, small_sim):
-    return device_training_data(release_dir, small_sim, seed=0, rows="labelled")
+def labelled_release(small_sim, tmp_path_factory):
+    """A release whose rankers learned on labelled impression rows (releases learn on candidate lists by default)."""
+    from pipeline.train import train_release
+
+    return train_release(small_sim, tmp_path_factory.mktemp("labelled-releases"), profile="tiny", seed=0, ranker_rows="labelled").path
+
+
+@pytest.fixture(scope="module")
+def labelled(labelled_release, small_sim):
+    return device_training_data(labelled_release, small_sim, seed=0, rows="labelled")
 
 
 def test_the_model_is_small_and_its_files_are_what_they_claim(device):
@@ -38,8 +48,9 @@ def test_the_model_is_small_and_its_files_are_what_they_claim(device):
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.graph.node}
 
 
-def test_columns_session_and_stats_are_the_bundle_contract(device):
-    assert device.columns == device_columns("simulated", device.dim)
+def test_columns_session_and_stats_are_the_bundle_contract(device, release_dir):
+    has_ii = load_release(release_dir).meta.retrieval.item_item is not None  # every release with candidate lists has one now
+    assert device.columns == device_columns("simulated", device.dim, item_item=has_ii)
     assert device.session == session_spec("simulated")
     assert device.stat_columns == stat_columns("simulated")
     sess = ort_session(device.fp32_path)
@@ -67,7 +78,7 @@ def test_training_rows_carry_the_teacher_and_blankable_embeddings(rows, labelled
     assert rows.rows == "candidates"
     for r in (rows, labelled):
         assert r.train.X.shape[1] == len(r.columns) and len(r.train.teacher) == len(r.train)
-        assert np.all((r.train.teacher > 0) & (r.train.teacher < 1))
+        assert np.all((r.train.teacher >= 0) & (r.train.teacher <= 1)) and np.ptp(r.train.teacher) > 0  # probabilities (float32 saturates)
         assert np.isfinite(r.train.X[:, 0]).all()  # every training row has a user and an item embedding
     # candidate lists: each user's list is ranked by its own dot products (emb.rank 0 is its best)
     c = {n: j for j, n in enumerate(rows.columns)}
@@ -76,10 +87,10 @@ def test_training_rows_carry_the_teacher_and_blankable_embeddings(rows, labelled
     assert (X[first, c["emb.rank"]] == 0).mean() > 0.9 and (X[:, c["emb.gap"]] <= 0).all()
 
 
-def test_data_the_release_was_not_trained_on_is_refused(release_dir, tmp_path):
+def test_data_the_release_was_not_trained_on_is_refused(labelled_release, tmp_path):
     from features.simulator import simulate
 
     other = tmp_path / "other"
     simulate(other, users=150, items=60, days=4, seed=4)  # same shape and feature sets, other events
     with pytest.raises(TrainingDataMismatch, match="fingerprint .* but release .* was trained on"):
-        device_training_data(release_dir, other, seed=0, rows="labelled")
+        device_training_data(labelled_release, other, seed=0, rows="labelled")

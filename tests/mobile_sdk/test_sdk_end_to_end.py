@@ -53,10 +53,17 @@ def list_release(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return train_release(small_sim, tmp_path_factory.mktemp("list-releases"), profile="tiny", seed=0, ranker_rows="candidates").path
 
 
+@pytest.fixture(scope="module")
+def labelled_release(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A release whose rankers learn on labelled impression rows: no item-item model."""
+    from pipeline.train import train_release
+
+    return train_release(small_sim, tmp_path_factory.mktemp("labelled-releases"), profile="tiny", seed=0, ranker_rows="labelled").path
+
+
 @pytest.fixture(scope="module", params=["labelled", "lists"])
-def device(request, release_dir: Path, small_sim: Path, tmp_path_factory: pytest.TempPathFactory):
-    if request.param == "lists":
-        release_dir = request.getfixturevalue("list_release")
+def device(request, small_sim: Path, tmp_path_factory: pytest.TempPathFactory):
+    release_dir = request.getfixturevalue("list_release" if request.param == "lists" else "labelled_release")
     root = tmp_path_factory.mktemp("device")
     model = build_device_model(release_dir, small_sim, root / "model", seed=0, profile="tiny")
     assert ("item.item_item" in model.columns) == (request.param == "lists")

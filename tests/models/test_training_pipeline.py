@@ -37,9 +37,14 @@ def test_the_release_holds_every_artifact_and_names_its_feature_set_versions(tin
 def test_the_release_serves_through_the_runtime_with_int8_close_to_fp32(tiny_release, small_sim):
     rt = ReleaseRuntime.load(tiny_release)
     td = build_training_data(small_sim, seed=0, max_rows=20_000)
-    X = td.valid.X[:200]
+    # the rankers read the labelled inputs plus the list-relative retrieval columns (models/candidates.py)
+    assert list(rt.inputs.columns[: len(td.columns)]) == list(td.columns) and len(rt.inputs.columns) == len(td.columns) + 3
+    rng = np.random.default_rng(0)
+    extra = np.stack([rng.integers(0, 200, 200), -rng.random(200), rng.normal(size=200)], axis=1)
+    X = np.concatenate([td.valid.X[:200], extra], axis=1).astype(np.float32)
     a, b = rt.score(X, "student_fp32"), rt.score(X, "student_int8")
     assert np.all((a >= 0) & (a <= 1)) and np.corrcoef(a, b)[0, 1] > 0.98
+    X = td.valid.X[:200]
     emb = rt.user_embeddings(rt.user_inputs(X))
     ids, _ = rt.retrieve(emb, 10)
     assert ids.shape == (200, 10) and set(ids.ravel().tolist()) <= set(rt.vocab.tolist())
@@ -191,6 +196,12 @@ def test_movielens_rankers_learn_on_candidate_lists_and_eval_reads_them(movielen
     assert list(m["ranker_inputs"]["columns"][-3:]) == list(RETRIEVAL_COLUMNS)
     assert m["retrieval"]["item_item"]["items"] > 1000 and ReleaseRuntime.load(rel).item_item is not None
     assert all(m["training_data"]["ranker_rows"][s] > 0 for s in ("train", "valid", "test"))
+    # the candidate union's quotas: the retrieval budget split between the tower and item-item on validation
+    q, study = m["retrieval"]["candidates"], m["retrieval"]["candidate_quotas_valid"]
+    assert q["retrieve_k"] + q["n_item_item"] == study["budget"] == 200 and q["n_item_item"] in study["n_item_item"]
+    mean = (np.asarray(study["valid_recall_next"]) + np.asarray(study["valid_recall_missing"])) / 2
+    assert mean[study["n_item_item"].index(q["n_item_item"])] == mean.max()
+    assert ReleaseRuntime.load(rel).release.meta.candidates == q
     assert m["metrics"]["quantization"]["mean_tau"] >= 0.95
     res = evaluate_release(rel.path, tmp_path / "ml", max_users=150)
     assert res.users == 150 and all(0 <= v["ndcg@10"] <= 1 for v in res.two_stage.values())

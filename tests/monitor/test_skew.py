@@ -144,13 +144,11 @@ def test_a_release_folder_selects_its_rows(honest, small_sim, release_dir, tmp_p
 
 
 def test_list_relative_retrieval_columns_are_left_out_and_named(honest, small_sim, tmp_path):
-    def with_retrieval(r: ServedRecord) -> ServedRecord:  # a release whose ranker reads the list's rank and gap
-        extra = np.stack([np.arange(len(r.item_ids)), -np.arange(len(r.item_ids)) / 10.0], axis=1).astype(np.float32)
-        return replace(r, features=np.concatenate([r.features, extra], axis=1), columns=(*r.columns, "retrieval.rank", "retrieval.gap"))
-
-    _write(tmp_path, [with_retrieval(r) for r in honest])
+    # every release's ranker reads the list's rank, score gap and item-item score (models/candidates.py)
+    assert {"retrieval.rank", "retrieval.gap", "retrieval.item_item"} <= set(honest[0].columns)
+    _write(tmp_path, honest)
     rep = check_skew(read_served_log(tmp_path), *_inputs(small_sim))
-    assert rep.excluded == ("retrieval.gap", "retrieval.rank")
+    assert rep.excluded == ("retrieval.gap", "retrieval.item_item", "retrieval.rank")
     assert "retrieval" not in {s.feature_set for s in rep.sets} and rep.differ == 0
     assert rep.summary()["excluded_why"].startswith("list-relative")
 

@@ -35,7 +35,14 @@ def test_the_release_keeps_a_torch_teacher_that_scores_as_its_onnx_export(releas
     snap = svc.state.current
     now = svc.clock.now_ms()
     uf = snap.plan.decode(3, snap.plan.read_records(svc.store, 3, now), now)
-    X = pipeline.feature_matrix(snap, uf, snap.items.rows(snap.items.catalog.item_id), now)
+    ids = snap.items.catalog.item_id
+    rt = snap.runtime
+    rc = None
+    if rt.inputs.uses_retrieval:  # a ranker of candidate lists (every release now) reads the list's columns
+        emb = rt.user_embeddings(pipeline.user_matrix(snap, uf), pipeline.user_history(uf, rt.history_len))
+        hist = pipeline.user_history(uf, rt.item_item.history_len)[0] if rt.item_item is not None else None
+        rc = pipeline.retrieval_columns(pipeline.candidate_scores(snap, emb, ids), ids, hist, rt.item_item)
+    X = pipeline.feature_matrix(snap, uf, snap.items.rows(ids), now, None, rc)
     torch_scores = services["baseline"].state.current.runtime.score(X)
     onnx_scores = services["onnx_teacher"].state.current.runtime.score(X)
     assert torch_scores.shape == (len(X),)
@@ -106,9 +113,10 @@ def test_a_torch_checkpoint_that_is_not_a_ranker_is_refused(tmp_path):
 
 def test_a_release_reading_more_history_than_the_server_keeps_is_refused(release_dir, services):
     sets = services["product"].sets_by_name
-    need = load_runtime(release_dir, sets).history_len
+    rt = load_runtime(release_dir, sets)
+    need = max(rt.history_len, rt.item_item.history_len if rt.item_item is not None else 0)  # the tower's and the item-item model's
     assert need > 1
-    assert load_runtime(release_dir, sets, seen_cap=need).history_len == need
+    assert load_runtime(release_dir, sets, seen_cap=need).history_len == rt.history_len
     with pytest.raises(FailedPrecondition, match=f"last {need} engaged items.*keeps {need - 1}"):
         load_runtime(release_dir, sets, seen_cap=need - 1)
 

@@ -60,11 +60,15 @@ def test_block_assembly_equals_column_assembly_bit_for_bit(services, kind):
     for user in (0, 3, 17, 2_000_000):  # the last one is new: no records at all
         uf = snap.plan.decode(user, snap.plan.read_records(svc.store, user, now), now)
         cand = pipeline.retrieve(snap, uf, np.empty(0, np.int64), now, svc.cfg, Timer())
+        rt = snap.runtime
+        hist = pipeline.user_history(uf, rt.item_item.history_len)[0] if rt.item_item is not None else None
         for ids in (cand.ids, cat, np.array([cat[0], 10**9, cat[-1], cat[0]])):  # an unknown item and a repeat
             rows = snap.items.rows(ids)
             extra = _deferred(svc, snap, uf, rows, now) if snap.plan.deferred else None
+            rc = (pipeline.retrieval_columns(pipeline.candidate_scores(snap, cand.user_emb, ids), ids, hist, rt.item_item)
+                  if rt.inputs.uses_retrieval else None)  # a ranker of candidate lists reads the list's columns too
             for t in (now, now + 3_600_000):
-                _same(pipeline.feature_matrix(snap, uf, rows, t, extra), _by_column(snap, uf, rows, t, extra))
+                _same(pipeline.feature_matrix(snap, uf, rows, t, extra, rc), _by_column(snap, uf, rows, t, extra, rc))
 
 
 def test_the_user_towers_row_is_the_users_columns_nan_where_missing(services):

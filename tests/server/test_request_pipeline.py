@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from features.assemble import RETRIEVAL_COLUMNS, RankerInputs, retrieval_columns
 from features.catalog import ItemCatalog
 from features.datasets import ITEMS_FILE, read_items
 from features.eventlog import EventLog
@@ -43,10 +44,19 @@ def test_online_ranker_inputs_equal_the_training_point_in_time_join(service, sma
     for user in users.tolist():
         uf = snap.plan.decode(user, snap.plan.read_records(service.store, user, now), now)
         items = catalog.item_id
-        online = pipeline.feature_matrix(snap, uf, snap.items.rows(items), now)
-        offline = feature_matrix(snap.runtime.inputs, joiner, sets, catalog, np.full(len(items), user), items, now)
-        np.testing.assert_allclose(online, offline, rtol=1e-6, atol=1e-6, equal_nan=True)
-        np.testing.assert_array_equal(pipeline.user_matrix(snap, uf)[0], snap.runtime.user_inputs(offline[:1])[0])
+        rt = snap.runtime
+        # the list-relative retrieval columns are the request's own (not features): given, and written as given
+        retrieval = retrieval_columns(np.linspace(1.0, -1.0, len(items)), items, pipeline.user_history(uf, 20)[0], rt.item_item)
+        online = pipeline.feature_matrix(snap, uf, snap.items.rows(items), now, retrieval=retrieval)
+        base = [c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS]
+        spec = RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity, tuple(base))
+        offline = feature_matrix(spec, joiner, sets, catalog, np.full(len(items), user), items, now)
+        cols = list(rt.inputs.columns)
+        np.testing.assert_allclose(online[:, [cols.index(c) for c in base]], offline, rtol=1e-6, atol=1e-6, equal_nan=True)
+        for c in (c for c in cols if c in RETRIEVAL_COLUMNS):
+            v, m = retrieval[c]
+            np.testing.assert_allclose(online[:, cols.index(c)], np.where(m, np.nan, v).astype(np.float32), equal_nan=True)
+        np.testing.assert_array_equal(pipeline.user_matrix(snap, uf)[0], rt.user_inputs(online[:1])[0])
 
 
 def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
@@ -65,7 +75,8 @@ def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
     assert pipeline.user_history(uf, snap.runtime.history_len).tolist() == H.tolist()
     emb = snap.runtime.user_embeddings(pipeline.user_matrix(snap, uf), H)
     ids, _ = snap.runtime.retrieve(emb, len(snap.runtime.vocab))
-    expect = [x for x in ids[0].tolist() if x not in seen][: service.cfg.retrieve_k]
+    k = pipeline.release_policy(service.cfg.candidates, snap.runtime.release.meta.candidates).retrieve_k  # the release's quota
+    expect = [x for x in ids[0].tolist() if x not in seen][:k]
     assert cand.ids[cand.source == 0].tolist() == expect
     assert not seen & set(cand.ids.tolist())
 
