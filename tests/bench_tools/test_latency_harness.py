@@ -244,7 +244,7 @@ def test_locust_headless_run_writes_csv(target: str, small_sim: Path, tmp_path: 
     rows = (tmp_path / "lt_stats.csv").read_text().splitlines()
     header = rows[0].split(",")
     by_name = {line.split(",")[header.index("Name")]: line.split(",") for line in rows[1:]}
-    assert {"Recommend", "Aggregated"} <= set(by_name)
+    assert {"Recommend", "Aggregated"} <= set(by_name), r.stderr[-3000:]
     agg = by_name["Aggregated"]
     assert int(agg[header.index("Request Count")]) > 10 and int(agg[header.index("Failure Count")]) == 0
 
