@@ -1,6 +1,7 @@
 """The ScaNN item index and the torch-free item-input helpers the server shares with training."""
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from export.index import (
     ItemIndex,
     ItemIndexError,
     build_index,
+    build_index_for_recall,
     exact_search,
     recall_at_k,
 )
@@ -192,3 +194,25 @@ def test_index_and_item_inputs_import_without_torch():
     code = "import sys; sys.modules['torch'] = None\nimport export.index, features.item_inputs\n"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def test_an_index_short_of_its_recall_probes_more_leaves_then_falls_back_to_brute_force():
+    """Unclustered embeddings (what a barely trained tower gives) at a tree-sized catalogue: the
+    search widens until the recall target is met, and brute force always meets it."""
+    rng = np.random.default_rng(3)
+    E = rng.normal(size=(10_000, 16)).astype(np.float32)
+    Q = rng.normal(size=(200, 16)).astype(np.float32)
+    first = IndexConfig.for_size(len(E))
+    assert not first.brute_force
+    index, recall, tried = build_index_for_recall(E, Q, min_recall=0.0)
+    assert len(tried) == 1 and tried[0]["config"] == first.to_dict() and index.config == first
+    assert recall == pytest.approx(tried[0]["recall"], abs=1e-4) and recall == pytest.approx(recall_at_k(index, E, Q), abs=1e-9)
+    assert recall < 0.95  # for_size alone misses the release's gate on such embeddings
+    index, recall, tried = build_index_for_recall(E, Q, min_recall=1.01)  # unreachable: every step is taken
+    probes = [t["config"]["num_leaves_to_search"] for t in tried[:-1]]
+    assert probes[0] == first.num_leaves_to_search and probes[-1] == first.num_leaves
+    assert all(b == min(2 * a, first.num_leaves) for a, b in itertools.pairwise(probes))
+    assert [t["recall"] for t in tried[:-1]] == sorted(t["recall"] for t in tried[:-1])  # more leaves, more recall
+    assert tried[-1]["config"]["brute_force"] and index.config.brute_force and recall >= 0.999
+    index, recall, tried = build_index_for_recall(E, Q, min_recall=tried[1]["recall"])  # met at the second step
+    assert len(tried) == 2 and recall >= tried[0]["recall"]
