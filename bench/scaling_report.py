@@ -62,14 +62,15 @@ def fastest_step(rows: list[dict], x: str) -> tuple[str, float, dict[str, float 
 
 
 def verdict(judged: dict[str, float | None], note: str | None = None, limit: float = LINEAR_LIMIT) -> str:
-    """One line: linear when every judged exponent is <= limit, else which are above and why."""
+    """One line: linear when every judged exponent is <= limit, else which are above and why
+    (`note`: the run's explanation, after either verdict)."""
     known = {k: v for k, v in judged.items() if v is not None}
     if not known:
         return "**Verdict: not enough sizes measured to fit an exponent.**"
     shown = ", ".join(f"{k} {v:.2f}" for k, v in known.items())
     over = {k: v for k, v in known.items() if v > limit}
     if not over:
-        return f"**Verdict: linear** (exponents {shown}; all <= {limit:g})."
+        return f"**Verdict: linear** (exponents {shown}; all <= {limit:g})." + (f" {note}" if note else "")
     why = note or "no explanation recorded yet: profile it (py-spy record) before trusting this cost at larger sizes"
     return f"**Verdict: super-linear** ({', '.join(f'{k} {v:.2f}' for k, v in over.items())} > {limit:g}): {why}"
 
@@ -183,7 +184,7 @@ def _device_curve(c: dict, notes: dict) -> list[str]:
     if not rows:
         return [f"Not run: {c.get('not_run', 'no sizes measured')}."]
     phases = sorted({k for r in rows for k in r.get("phases_s", {})} - {"total"})
-    out = ["| users | events | export wall s | export CPU s | users/s | bytes/user | peak RSS MB | " + " | ".join(phases) + " |",
+    out = ["| users exported | events | export wall s | export CPU s | users/s | bytes/user | peak RSS MB | " + " | ".join(phases) + " |",
            "|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(phases)]
     for r in rows:
         out.append(f"| {_f(r['users'])} | {_f(r.get('events'))} | {_f(r['seconds'], 2)} | {_f(r.get('cpu_s'), 2)} | {_f(r['users'] / r['seconds'], 0)} | "

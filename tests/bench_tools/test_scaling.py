@@ -100,6 +100,10 @@ def test_a_note_explains_a_super_linear_curve() -> None:
     assert "**Verdict: super-linear** (train CPU 2.00 > 1.1): the PIT join sorts every event per feature set" in render(r)
 
 
+def test_a_note_follows_a_linear_verdict_too() -> None:
+    assert verdict({"a": 0.9}, "step x grows faster") == "**Verdict: linear** (exponents a 0.90; all <= 1.1). step x grows faster"
+
+
 def test_worker_capacity_is_rendered_when_the_study_exists() -> None:
     r = _result()
     r["curves"]["workers"]["result"] = {"started_at": "2026-11-29T10:00:00Z", "scenarios": [
