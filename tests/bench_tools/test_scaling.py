@@ -88,7 +88,7 @@ def test_rendered_section_names_command_machine_exponents_and_verdicts() -> None
     assert "| 1,000,000 | local | 16.67 | 60,000 |" in text
     # curve 4: export time grows linearly; the exporter's own total is not a phase
     assert "export wall 1.00, export CPU 1.00" in text
-    device_header = next(line for line in text.split("### 4.")[1].splitlines() if line.startswith("| users |"))
+    device_header = next(line for line in text.split("### 4.")[1].splitlines() if line.startswith("| users exported |"))
     assert "load" in device_header and "total" not in device_header
     assert "run `make bench-workers`" in text
     assert "16,000,000 events (`--big`)" in text
