@@ -396,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "per item; curve 4: 3000 items over 3 days (bench/device.py's export scaling)."},
            "curves": dict(prev.get("curves", {})), "not_run": []}
     if prev and set(a.curves) != set(CURVES):  # a partial run keeps the other curves' figures and says when they were measured
-        res["command"] += f" (other curves from {prev.get('started_at', '?')}: `{prev.get('command', '?')}`)"
+        res["runs"] = [r for r in prev.get("runs", [{"command": prev.get("command"), "started_at": prev.get("started_at"),
+                                                       "curves": list(prev.get("curves", {}))}])]
+    res.setdefault("runs", []).append({"command": res["command"], "started_at": res["started_at"], "curves": list(a.curves)})
 
     def save() -> None:
         write_json(a.out, res)

@@ -128,3 +128,12 @@ def test_the_section_is_spliced_between_its_markers_only(tmp_path) -> None:
     update_results(md, render(r), START, END)
     second = md.read_text()
     assert second.startswith(other) and second.count(START) == 1 and "2026-12-01T09:00:00Z" in second and "2026-11-30T15:40:00Z" not in second
+
+
+def test_curves_from_separate_runs_name_each_run_once() -> None:
+    r = _result()
+    r["runs"] = [{"command": "python -m bench.scaling", "started_at": "2026-11-30T15:00:00Z", "curves": ["train_events", "train_items", "batch"]},
+                 {"command": "python -m bench.scaling --curves train_items", "started_at": "2026-11-30T16:00:00Z", "curves": ["train_items"]}]
+    text = render(r)
+    assert "  - `python -m bench.scaling` at 2026-11-30T15:00:00Z: train_events, batch\n" in text
+    assert "  - `python -m bench.scaling --curves train_items` at 2026-11-30T16:00:00Z: train_items\n" in text
