@@ -111,6 +111,10 @@ def _train_curve(c: dict, x: str, notes: dict, name: str) -> list[str]:
     ex = exponents(rows, x, ["train_wall_s", "train_cpu_s", "rss_peak_mb", "events"])
     out += ["", f"Growth exponents against {x}: train wall {_e(ex['train_wall_s'])}, train CPU {_e(ex['train_cpu_s'])}, "
             f"peak RSS {_e(ex['rss_peak_mb'])}" + (f", events {_e(ex['events'])}" if x != "events" else "") + "."]
+    if len(rows) >= 3:
+        tail = exponents(rows[-2:], x, ["train_cpu_s", "rss_peak_mb"])
+        out.append(f"Between the two largest sizes alone: train CPU {_e(tail['train_cpu_s'])}, peak RSS {_e(tail['rss_peak_mb'])} "
+                   "(the verdict is on the fit over every size).")
     fs = fastest_step(rows, x)
     if fs:
         s, e, all_e = fs
@@ -162,6 +166,9 @@ def _batch_curve(c: dict, notes: dict) -> list[str]:
         ex = exponents(er, "events", [f"{e}.materialise_s", f"{e}.states_s", f"{e}.materialise_cpu_s"])
         lines.append(f"{e}: materialise wall {_e(ex[f'{e}.materialise_s'])} (driver CPU {_e(ex[f'{e}.materialise_cpu_s'])}), "
                      f"batch states wall {_e(ex[f'{e}.states_s'])}")
+        if len(er) >= 3:
+            tail = exponents(er[-2:], "events", [f"{e}.materialise_s", f"{e}.states_s"])
+            lines[-1] += f" (two largest sizes alone: {_e(tail[f'{e}.materialise_s'])} and {_e(tail[f'{e}.states_s'])})"
         judged[f"{e} materialise"] = ex[f"{e}.materialise_s"]
         judged[f"{e} states"] = ex[f"{e}.states_s"]
     ratio = [f"{_f(r['events'])}: {r['local']['materialise_s'] / r['ray']['materialise_s']:.2f}x materialise, "

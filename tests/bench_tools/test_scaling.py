@@ -82,6 +82,7 @@ def test_rendered_section_names_command_machine_exponents_and_verdicts() -> None
     assert "train CPU 2.00, peak RSS 0.50" in text
     assert "**Verdict: super-linear** (train CPU 2.00 > 1.1): no explanation recorded yet" in text
     assert "**training_data**, exponent 2.00" in text
+    assert "Between the two largest sizes alone: train CPU 2.00, peak RSS 0.50" in text
     assert "| 2,500 | 2,000 | 250,000 |" in text  # the table's first row: users, items, events
     # curve 3: linear on both engines, throughput in events/s
     assert "**Verdict: linear** (exponents local materialise 1.00, local states 1.00, ray materialise 1.00, ray states 1.00" in text
