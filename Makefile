@@ -84,7 +84,7 @@ bench-peers: setup
 # Scaling curves (issue 14, bench/scaling.py): tiny-profile training time and peak memory against
 # events (0.25M, 1M, 4M) and items (3k, 10k), materialisation and batch states in one process vs
 # Ray, device export against users; growth exponents, PNGs in bench/results/, the JSON and the
-# generated:scaling section of bench/RESULTS.md (~30 min on 2 cores). SCALING_ARGS=--quick for a
+# generated:scaling section of bench/RESULTS.md (~15 min on 2 shared cores). SCALING_ARGS=--quick for a
 # smoke run (written under /tmp, RESULTS untouched); SCALING_ARGS=--big adds 16M events.
 SCALING_ARGS ?=
 bench-scaling: setup

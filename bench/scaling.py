@@ -6,7 +6,8 @@
 Curves (each size measured in a fresh subprocess, one at a time; the machine is shared, so CPU
 time is recorded beside wall time):
 1. train_events: a whole `train_release(profile="tiny")` (pipeline/train.py: max_rows 20k, the
-   tiny towers and rankers; the simulator's default ranker rows, "labelled") on simulated logs of
+   tiny towers and rankers; the simulator's default ranker rows, "labelled"; the ANN index by brute
+   force at every size, as bench/item_item_scale.py) on simulated logs of
    --events sizes (users = events / 100, --train-items items, 14 days): train wall and CPU time,
    the process's peak RSS (os.wait4's rusage of that child) and the manifest's step timings.
 2. train_items: the same tiny release on catalogues of --items sizes with 4 users per item (so
@@ -41,9 +42,9 @@ import time
 from pathlib import Path
 
 from bench.report import machine, write_json
-from bench.scaling_report import LINEAR_LIMIT, START, END, exponents, render
+from bench.scaling_report import END, LINEAR_LIMIT, START, exponents, render
 
-__all__ = ["main", "DEFAULT_EVENTS", "QUICK"]
+__all__ = ["DEFAULT_EVENTS", "QUICK", "main"]
 
 CURVES = ("train_events", "train_items", "batch", "device", "workers")
 DEFAULT_EVENTS = [250_000, 1_000_000, 4_000_000]
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--ray-cpus", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds per curve): a smoke run, written to --out unless told otherwise")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (about 3 minutes in all, mostly fixed costs): a smoke run, written under --work, RESULTS untouched")
     ap.add_argument("--render-only", action="store_true", help="re-make the plots and the section from --out")
     ap.add_argument("--child", choices=("train", "batch", "device-setup", "device-export"), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
