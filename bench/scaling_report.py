@@ -138,8 +138,14 @@ def _items_curve(c: dict, notes: dict) -> list[str]:
         g = fit.get("growth_exponent", {})
         out += ["", (f"Its growth exponents against items (as recorded there): fit CPU {_e(g.get('fit_cpu_s'))}, fit wall {_e(g.get('fit_s'))}, "
                 f"peak RSS {_e(g.get('rss_peak_mb'))}, stored size {_e(g.get('stored_mb'))}."), "",
-                verdict({"fit CPU": g.get("fit_cpu_s"), "peak RSS": g.get("rss_peak_mb")}, notes.get("item_item_fit")), "",
-                "Whole tiny releases against items, this run:", ""]
+                verdict({"fit CPU": g.get("fit_cpu_s"), "peak RSS": g.get("rss_peak_mb")}, notes.get("item_item_fit")), ""]
+        rel = fit.get("releases") or {}
+        if rel:
+            out += ["Whole tiny releases on the candidate-list path (the one that fits the item-item model), from the same file: "
+                    + "; ".join(f"{name} at {_f(r.get('items'))} items {_f(r['total_s'], 0)} s (candidate_lists "
+                                f"{_f(r['timings_s'].get('candidate_lists'), 0)} s, training_data {_f(r['timings_s'].get('training_data'), 0)} s)"
+                                for name, r in rel.items()) + ".", ""]
+        out += ["Whole tiny releases against items, this run:", ""]
     return out + _train_curve(c, "items", notes, "train_items")
 
 

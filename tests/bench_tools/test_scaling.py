@@ -138,3 +138,17 @@ def test_curves_from_separate_runs_name_each_run_once() -> None:
     text = render(r)
     assert "  - `python -m bench.scaling` at 2026-11-30T15:00:00Z: train_events, batch\n" in text
     assert "  - `python -m bench.scaling --curves train_items` at 2026-11-30T16:00:00Z: train_items\n" in text
+
+
+def test_the_cited_item_item_figures_and_releases_are_rendered_with_their_source() -> None:
+    r = _result()
+    r["curves"]["train_items"]["item_item_fit"] = {
+        "source": "bench/results/item_item_scale.json", "started_at": "2026-11-30T13:04:01Z", "data": "4 users per item",
+        "fits": [{"items": n, "engagements": 80 * n, "fit_s": n / 1000, "fit_cpu_s": n / 1000, "rss_peak_mb": 300.0, "stored_mb": n / 1000}
+                 for n in (3000, 10000)],
+        "growth_exponent": {"fit_cpu_s": 1.21, "fit_s": 1.03, "rss_peak_mb": 0.73, "stored_mb": 1.0},
+        "releases": {"sparse": {"items": 10000, "total_s": 194.2, "timings_s": {"candidate_lists": 63.5, "training_data": 65.1}}}}
+    text = render(r)
+    assert "from `bench/results/item_item_scale.json` (2026-11-30T13:04:01Z" in text and "| 10,000 | 800,000 | 10.0 | 10.0 | 300 | 10.0 |" in text
+    assert "**Verdict: super-linear** (fit CPU 1.21 > 1.1)" in text
+    assert "sparse at 10,000 items 194 s (candidate_lists 64 s, training_data 65 s)" in text
