@@ -10,7 +10,7 @@ GEN    := parity_api/v1/.generated
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-workers bench-peers loadtest clean
+.PHONY: setup test demo bench bench-reliability bench-device bench-change bench-backtest bench-freshness bench-workers bench-peers bench-scaling loadtest clean
 
 setup: $(STAMP) $(GEN)
 
@@ -80,6 +80,15 @@ bench-workers: setup $(BENCH_STAMP)
 PEERS_WORK ?= /tmp/parity-peers
 bench-peers: setup
 	$(PY) -m bench.peers_study --movielens $(PARITY_MOVIELENS) --seeds 0 1 2 --work $(PEERS_WORK) --out bench/results/peers.json --md bench/results/peers.md
+
+# Scaling curves (issue 14, bench/scaling.py): tiny-profile training time and peak memory against
+# events (0.25M, 1M, 4M) and items (3k, 10k), materialisation and batch states in one process vs
+# Ray, device export against users; growth exponents, PNGs in bench/results/, the JSON and the
+# generated:scaling section of bench/RESULTS.md (~15 min on 2 shared cores). SCALING_ARGS=--quick for a
+# smoke run (written under /tmp, RESULTS untouched); SCALING_ARGS=--big adds 16M events.
+SCALING_ARGS ?=
+bench-scaling: setup
+	nice -n 10 $(PY) -m bench.scaling $(SCALING_ARGS)
 
 # The freshness trade (bench/freshness_trade.py): write, read, bytes and served staleness per
 # serving mode for a light and a heavy feature set, and the serving study per mode (~20 min).
