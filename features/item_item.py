@@ -194,7 +194,8 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
     iu = np.triu_indices(m, 1)
     upper, lower, diag = iu[0] * m + iu[1], iu[1] * m + iu[0], np.arange(m) * (m + 1)
     # G_up[a, b] lookups go in batches of more than nnz/10: below that scipy scans each row
-    # linearly instead of a binary search (csr_sample_values), quadratic in the long rows of popular items
+    # linearly instead of a binary search (csr_sample_values), quadratic in the long rows of popular items;
+    # _pair_values groups each batch's lookups by row, so each row is searched while it is in cache
     batch = _CHUNK * -(-(G_up.nnz // 10 + 1) // (_CHUNK * max(len(iu[0]), 1)))  # whole chunks
     # an item that co-occurs with nothing has G[N, j] = 0, so its column is 0: only the others are solved
     active = np.flatnonzero((gnb != 0).any(axis=1))
@@ -204,7 +205,7 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
         rows_t = active[a : a + _CHUNK]
         if a >= g_from + len(g_batch):
             B_ = nbrs[active[a : a + batch]]  # N ascending: a < b, the upper triangle
-            g_batch, g_from = np.asarray(G_up[B_[:, iu[0]].ravel(), B_[:, iu[1]].ravel()], dtype=np.float32).reshape(len(B_), -1), a
+            g_batch, g_from = _pair_values(G_up, B_, iu).reshape(len(B_), -1), a
         N = nbrs[rows_t]
         g = g_batch[a - g_from : a - g_from + len(rows_t)].astype(np.float64)
         A = np.zeros((len(rows_t), m * m))
@@ -222,6 +223,40 @@ def fit_item_item(vocab: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray,
     order = np.lexsort((dst_a, src_a))
     indptr = np.r_[0, np.cumsum(np.bincount(src_a, minlength=n))].astype(np.int64)
     return ItemItem(vocab, indptr, dst_a[order].astype(np.int32), w_a[order], float(l2), int(history_len), int(neighbours))
+
+
+def _pair_values(G_up, N: np.ndarray, iu: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """float32 (len(N) * len(iu[0]),): G_up[N[k, iu[0]], N[k, iu[1]]] for every row k of N, in that
+    order (row k's pairs, then row k + 1's), with 0 where G_up stores nothing: exactly the values of
+    scipy's fancy indexing `G_up[a, b]` (the same C++ routine, csr_sample_values, which reads the
+    stored float32), with the lookups reordered first. N holds each item's neighbours ascending and
+    iu = np.triu_indices(m, 1), so the pairs of (k, p) (row N[k, p], columns N[k, p + 1:]) are one
+    contiguous run; the runs are sorted by their row (a stable argsort of len(N) * (m - 1) keys), so
+    the binary searches of one row, over all the items of the batch that have it as a neighbour,
+    run one after the other while the row is in cache and the rows are read in storage order;
+    the values are put back in the original order. G_up must be canonical (sorted indices, no
+    duplicates; csr_sample_values checks it) and len(N) * len(iu[0]) > G_up.nnz / 10 for scipy to
+    binary-search rather than scan the rows (the caller's batches are sized so)."""
+    # scipy's own G_up[a, b] routine, called directly (private module: scipy is pinned, and the tests compare it with G_up[a, b])
+    from scipy.sparse._sparsetools import csr_sample_values
+
+    t, m, P = N.shape[0], N.shape[1], len(iu[0])
+    if t == 0 or P == 0:
+        return np.zeros(t * P, np.float32)
+    idx = G_up.indices.dtype  # scipy's index dtype for this matrix (int32 unless nnz needs int64)
+    run_len = np.arange(m - 1, 0, -1, dtype=np.int64)  # pairs (p, q > p): m - 1 - p of them
+    run_start = np.r_[0, np.cumsum(run_len)[:-1]]  # where run p starts in iu's order
+    order = np.argsort(N[:, : m - 1].ravel(), kind="stable")  # runs by their row, ties in place
+    lens = np.tile(run_len, t)[order]
+    starts = (np.repeat(np.arange(t, dtype=np.int64) * P, m - 1) + np.tile(run_start, t))[order]
+    perm = np.repeat(starts - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(t * P, dtype=np.int64)
+    rows = N[:, iu[0]].ravel()[perm].astype(idx)
+    cols = N[:, iu[1]].ravel()[perm].astype(idx)
+    found = np.empty(t * P, G_up.dtype)
+    csr_sample_values(G_up.shape[0], G_up.shape[1], G_up.indptr, G_up.indices, G_up.data, t * P, rows, cols, found)
+    out = np.empty(t * P, np.float32)
+    out[perm] = found
+    return out
 
 
 def _neighbourhoods(rows_t: np.ndarray, r: np.ndarray, c: np.ndarray, v: np.ndarray, m: int,

@@ -266,3 +266,67 @@ def test_the_fit_does_not_depend_on_how_it_is_chunked(monkeypatch):
         m = fit_item_item(np.arange(700), users, items, 30.0, neighbours=12)
         for a in ("indptr", "nbr", "weights"):
             np.testing.assert_array_equal(getattr(m, a), getattr(ref, a))
+
+
+def _scipy_pair_values(G_up, N, iu):
+    """The lookup _pair_values replaced (issue 14), kept here as its reference: scipy's fancy indexing."""
+    return np.asarray(G_up[N[:, iu[0]].ravel(), N[:, iu[1]].ravel()], dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_the_grouped_pair_lookup_equals_scipys_fancy_indexing(seed, index_dtype):
+    """Random canonical upper-triangle matrices (empty rows, long rows, no duplicates), int32 and
+    int64 indices, neighbourhoods ascending as the fit makes them, batches above and below nnz/10."""
+    import scipy.sparse as sp
+
+    from features.item_item import _pair_values
+
+    rng = np.random.default_rng(seed)
+    n, m, t = int(rng.integers(20, 300)), int(rng.integers(2, 18)), int(rng.integers(1, 40))
+    m = min(m, n - 1)
+    dense = np.triu(rng.random((n, n)) < rng.uniform(0.01, 0.6), 1) * rng.integers(1, 50, (n, n)).astype(np.float32)
+    dense[rng.random(n) < 0.3] = 0  # empty rows
+    dense[int(rng.integers(n))] = np.triu(np.arange(1, n + 1, dtype=np.float32)[None, :], 1)[0]  # a long row
+    G = sp.csr_array(dense)
+    G.indptr, G.indices = G.indptr.astype(index_dtype), G.indices.astype(index_dtype)
+    G.sum_duplicates()
+    G.has_sorted_indices = True
+    assert G.indices.dtype == index_dtype and G.has_canonical_format
+    N = np.sort(np.stack([rng.choice(n, m, replace=False) for _ in range(t)]), axis=1).astype(np.int32)
+    iu = np.triu_indices(m, 1)
+    got, want = _pair_values(G, N, iu), _scipy_pair_values(G, N, iu)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    np.testing.assert_array_equal(want, dense[N[:, iu[0]].ravel(), N[:, iu[1]].ravel()])
+    assert _pair_values(G, N[:0], iu).shape == (0,) and _pair_values(G, N[:, :1], np.triu_indices(1, 1)).shape == (0,)
+
+
+def test_the_fit_on_a_simulated_log_is_unchanged_by_the_grouped_lookup(tmp_path, monkeypatch):
+    """The fitted model, bit for bit, and its stored files, byte for byte, are the ones of scipy's fancy indexing."""
+    import features.item_item as ii
+    from features.datasets import read_items
+    from features.eventlog import EventLog
+    from features.events import EventType
+    from features.history import engagement_mask
+    from features.simulator import simulate
+
+    simulate(tmp_path / "data", users=1200, items=300, days=14, seed=3)
+    ev = EventLog(tmp_path / "data" / "events").read(types=[EventType.PLAY, EventType.LIKE], must_exist=True)
+    keep = engagement_mask(ev, "simulated")
+    vocab = np.asarray(read_items(tmp_path / "data").column("item_id").to_numpy(), np.int64)
+    users, items = ev.user_id[keep], ev.item_id[keep]
+    for chunk in (256, 16):  # one batch, and batches of several chunks
+        monkeypatch.setattr(ii, "_CHUNK", chunk)
+        new = fit_item_item(vocab, users, items, 200.0, neighbours=64)
+        with monkeypatch.context() as mp:
+            mp.setattr(ii, "_pair_values", _scipy_pair_values)
+            old = fit_item_item(vocab, users, items, 200.0, neighbours=64)
+        assert new.nnz > 10 * len(vocab)
+        for a in ("vocab", "indptr", "nbr", "weights"):
+            np.testing.assert_array_equal(getattr(new, a).view(np.uint8), getattr(old, a).view(np.uint8))
+        for name, model in (("new", new), ("old", old)):
+            (tmp_path / f"{name}{chunk}").mkdir()
+            save_item_item(model, tmp_path / f"{name}{chunk}")
+        for f in FILES:
+            assert (tmp_path / f"new{chunk}" / f).read_bytes() == (tmp_path / f"old{chunk}" / f).read_bytes()
