@@ -82,6 +82,22 @@ def test_eval_reads_the_release_and_reports_every_model(tiny_release, small_sim)
     json.dumps(res.summary())
 
 
+def test_the_rankers_are_refitted_on_the_validation_lists_for_the_epochs_chosen_there(tiny_release):
+    m = tiny_release.manifest
+    refit = m["metrics"]["ranker_refit"]
+    assert m["config"]["refit_ranker"] is True and refit["teacher_epochs"] >= 1 and refit["student_epochs"] >= 1
+    rows = m["training_data"]["ranker_rows"]
+    assert refit["rows"] == rows["train"] + rows["valid"]  # the training lists and the validation lists
+
+
+def test_eval_measures_the_validation_slice_the_same_way(tiny_release, small_sim):
+    test, valid = evaluate_release(tiny_release.path, small_sim), evaluate_release(tiny_release.path, small_sim, part="valid")
+    assert set(valid.two_stage) == set(test.two_stage) and valid.users > 0
+    assert valid.two_stage["popularity"] != test.two_stage["popularity"]  # other users, other cut
+    with pytest.raises(ValueError, match="part"):
+        evaluate_release(tiny_release.path, small_sim, part="train")
+
+
 def test_eval_refuses_a_release_trained_on_other_feature_versions(tiny_release, tmp_path, small_sim):
     import shutil
 
