@@ -41,6 +41,13 @@ def time_split(data_dir: Path, seed: int, profile: str) -> dict:
         rel = train_release(data_dir, tmp, profile=profile, seed=seed)
         res = evaluate_release(rel.path, data_dir)
         out = _ndcg(res.two_stage)
+        valid = _ndcg(evaluate_release(rel.path, data_dir, part="valid").two_stage)  # the slice the release chose its settings on
+        out["valid"] = {k: valid[k] for k in ("student_int8", "two_tower", "popularity", "int8_vs_popularity")}
+        if "ranker_refit" in rel.manifest["metrics"]:  # the rankers were refitted on the validation lists too: in-sample there
+            out["valid"]["in_sample"] = True
+        for key in ("trend_choice", "ranker_refit"):  # what the release chose on its validation lists
+            if key in rel.manifest["metrics"]:
+                out[key] = rel.manifest["metrics"][key]
         out["quotas"] = dict(rel.meta.candidates)
         out["quota_study"] = rel.meta.raw["retrieval"].get("candidate_quotas_valid")
     out["seconds"] = round(time.perf_counter() - t, 1)

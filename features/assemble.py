@@ -25,10 +25,32 @@ if TYPE_CHECKING:
     from features.pit import PitJoiner
 
 __all__ = ["point_in_time_matrix", "RankerInputs", "ranker_inputs", "assemble", "columns_from_join", "columns_from_frame", "Columns",
-           "RETRIEVAL_COLUMNS", "retrieval_columns", "Block", "DERIVED_COLUMNS", "prefixed"]
+           "RETRIEVAL_COLUMNS", "retrieval_columns", "Block", "DERIVED_COLUMNS", "TREND_COLUMNS", "prefixed"]
 
 RETRIEVAL_COLUMNS = ("retrieval.rank", "retrieval.gap", "retrieval.item_item")
-DERIVED_COLUMNS = ("cross.topic_affinity", "request.item_age_h", "item.duration_s")  # computed by `assemble` itself
+
+# Trend inputs (issue 13, robustness under shift): how fast something moves now against its usual
+# pace, derived by `assemble` from windowed columns the ranker already reads, so the batch path
+# and the server compute them from the same numbers with the same code. name -> (short column,
+# long column, steady-state ratio of short to long): value = (short + 1) / (long * ratio + 1),
+# 1 for a steady pace, above 1 when rising (a missing count reads as 0). A release reads the
+# ones whose columns its feature sets have (`ranker_inputs`).
+TREND_COLUMNS: dict[str, tuple[str, str, float]] = {
+    # item velocity: plays, exposure, over a day against the week, over an hour against the day
+    "trend.item_plays_1d_7d": ("item_popularity.plays_1d", "item_popularity.plays_7d", 1 / 7),
+    "trend.item_plays_1h_1d": ("item_popularity.plays_1h", "item_popularity.plays_1d", 1 / 24),
+    "trend.item_impressions_1d_7d": ("item_popularity.impressions_1d", "item_popularity.impressions_7d", 1 / 7),
+    # recency of the user's interest in the item's topic: 3-day-decayed engagements against the
+    # week's plays (a steady rate gives decayed / count = (3 d / ln 2) (1 - 2^(-7/3)) / 7 d ~ 0.5)
+    "trend.user_topic_recency": ("user_topic.engaged_decayed_3d", "user_topic.plays_7d", 0.5),
+    # MovieLens: item ratings over a week against the month, a day against the week; the user's genre
+    "trend.item_ratings_7d_30d": ("item_ratings.ratings_7d", "item_ratings.ratings_30d", 7 / 30),
+    "trend.item_ratings_1d_7d": ("item_ratings.ratings_1d", "item_ratings.ratings_7d", 1 / 7),
+    "trend.user_genre_recency": ("user_genre.rating_decayed_30d", "user_genre.ratings_30d", 0.72),  # (30 d / ln 2)(1 - 1/2) / 30 d
+}
+# the item's topic's share of the user's (decayed) topic affinity vector: where their interest is now
+TOPIC_SHARE = "trend.user_topic_share"
+DERIVED_COLUMNS = ("cross.topic_affinity", "request.item_age_h", "item.duration_s", TOPIC_SHARE, *TREND_COLUMNS)  # computed by `assemble`
 
 Columns = Mapping[str, tuple[np.ndarray, np.ndarray]]  # name -> (values, missing)
 
@@ -108,7 +130,9 @@ def retrieval_columns(scores: np.ndarray, item_ids: np.ndarray, history: np.ndar
     return out
 
 
-def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:
+def ranker_inputs(sets: Sequence[FeatureSet], trend: bool = True) -> RankerInputs:
+    """The ranker's inputs for a dataset kind's feature sets: every column of the user, item and
+    pair sets, then the derived columns (`trend`: with the trend inputs, `TREND_COLUMNS`)."""
     by = {fs.name: fs for fs in sets}
     if "user_activity" in by:
         user, item, pairs, aff = "user_activity", "item_popularity", (("user_topic", "topic"), ("user_creator", "creator_id")), "user_activity.topic_affinity"
@@ -120,6 +144,8 @@ def ranker_inputs(sets: Sequence[FeatureSet]) -> RankerInputs:
     for name in (user, item, *(p for p, _ in pairs)):
         cols += [f"{name}.{c}" for c in by[name].columns]
     cols += ["cross.topic_affinity", "request.item_age_h", "item.duration_s"]
+    if trend:
+        cols += [TOPIC_SHARE] + [name for name, (a, b, _) in TREND_COLUMNS.items() if a in cols and b in cols]
     return RankerInputs(user, item, pairs, aff, tuple(cols))
 
 
@@ -175,7 +201,11 @@ def assemble(
     derived = _derived(spec, cols, np.asarray(item_topic), np.asarray(item_publish_ts), np.asarray(item_duration_s), request_ts, n)
     one_j: list[int] = []
     one_v: list[float] = []
+    trends: list[tuple[int, str]] = []
     for j, name in plan.rest:
+        if name in TREND_COLUMNS:
+            trends.append((j, name))  # from the filled matrix, below
+            continue
         if name in derived:
             v, m = derived[name]
         else:
@@ -195,7 +225,28 @@ def assemble(
             X[m, j] = np.nan
     if one_j:
         X[:, one_j] = np.asarray(one_v, dtype=np.float64).astype(np.float32)
+    if trends:
+        _trends(X, spec.columns, trends)
     return X
+
+
+def _trends(X: np.ndarray, columns: tuple[str, ...], trends: list[tuple[int, str]]) -> None:
+    """`TREND_COLUMNS` from the matrix's own (float32) short and long columns, in place."""
+    pos = _positions(columns)
+    for j, name in trends:
+        short, long, ratio = TREND_COLUMNS[name]
+        try:
+            a, b = X[:, pos[short]], X[:, pos[long]]
+        except KeyError:
+            raise KeyError(f"ranker input {name!r} needs {short!r} and {long!r} among the inputs") from None
+        a = np.where(np.isnan(a), 0.0, a.astype(np.float64))
+        b = np.where(np.isnan(b), 0.0, b.astype(np.float64))
+        X[:, j] = (np.maximum(a, 0.0) + 1.0) / (np.maximum(b, 0.0) * ratio + 1.0)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(columns: tuple[str, ...]) -> dict[str, int]:
+    return {c: j for j, c in enumerate(columns)}
 
 
 @dataclass(frozen=True)
@@ -252,10 +303,23 @@ def _derived(spec, cols, topic, publish_ts, duration_s, request_ts, n):
     age, age_m = item_age_hours(publish_ts, request_ts)
     dur = np.asarray(duration_s, dtype=np.float64)
     return {
+        TOPIC_SHARE: _topic_share(cols, keys, aff, aff_m, n),
         "cross.topic_affinity": (aff, aff_m),
         "request.item_age_h": (np.broadcast_to(age, (n,)), np.broadcast_to(age_m, (n,))),
         "item.duration_s": (dur, dur <= 0),
     }
+
+
+def _topic_share(cols, keys, aff, aff_m, n):
+    """The affinity of the item's topic over the sum of the user's affinity vector (missing
+    where the affinity is, or the vector sums to nothing)."""
+    if not keys:
+        return np.zeros(n), np.ones(n, dtype=bool)
+    vals = [np.asarray(cols[k][0], dtype=np.float64) for k in keys]
+    total = sum(np.where(np.isnan(v), 0.0, v) for v in vals)  # one value per user (serving) or per row
+    total = np.broadcast_to(total, (n,))
+    ok = ~np.asarray(aff_m) & (total > 0)
+    return np.where(ok, aff / np.where(ok, total, 1.0), 0.0), ~ok
 
 
 def point_in_time_matrix(inputs: RankerInputs, joiner: "PitJoiner", sets: Sequence[FeatureSet], items: ItemCatalog,

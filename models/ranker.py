@@ -265,16 +265,18 @@ BatchLoss = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], torch.Te
 
 
 def _fit(model: _Ranker, Ztr: torch.Tensor, n_rows: int, batch_loss: BatchLoss, Zva: torch.Tensor, yva: np.ndarray,
-         lr: float, cfg: RankerConfig, seed: int, valid_score: Callable[[np.ndarray], float] | None = None) -> FitInfo:
+         lr: float, cfg: RankerConfig, seed: int, valid_score: Callable[[np.ndarray], float] | None = None,
+         epochs: int | None = None) -> FitInfo:
     """Mini-batch Adam on model.head; keeps the weights of the best validation epoch (AUC, or
     `valid_score(validation logits)`). `n_rows` is what batches index: rows, or lists for a
-    listwise loss (`batch_loss` gets the indices of a batch)."""
+    listwise loss (`batch_loss` gets the indices of a batch). `epochs`: a refit, exactly that
+    many epochs and the last weights kept (the count was chosen on validation before)."""
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("transform.")], lr=lr,
                            weight_decay=cfg.weight_decay)
     best_auc, best_epoch, best_state, history, bad = -1.0, 0, None, [], 0
-    for epoch in range(1, cfg.max_epochs + 1):
+    for epoch in range(1, (epochs or cfg.max_epochs) + 1):
         model.train()
         perm = torch.from_numpy(rng.permutation(n_rows))
         for i in range(0, n_rows, cfg.batch_size):
@@ -283,6 +285,8 @@ def _fit(model: _Ranker, Ztr: torch.Tensor, n_rows: int, batch_loss: BatchLoss, 
             loss = batch_loss(idx, Ztr, rng)
             loss.backward()
             opt.step()
+        if epochs is not None:
+            continue
         a = _valid_auc(model, Zva, yva) if valid_score is None else valid_score(_head_logits(model, Zva).numpy())
         history.append(a)
         if a > best_auc:
@@ -292,6 +296,9 @@ def _fit(model: _Ranker, Ztr: torch.Tensor, n_rows: int, batch_loss: BatchLoss, 
             bad += 1
             if bad >= cfg.patience:
                 break
+    if epochs is not None:
+        model.eval()
+        return FitInfo(epochs, epochs, float("nan"), time.perf_counter() - t0, (), seed, n_rows)
     model.load_state_dict(best_state)
     model.eval()
     return FitInfo(len(history), best_epoch, best_auc, time.perf_counter() - t0, tuple(history), seed, n_rows)
@@ -309,8 +316,9 @@ class _Threads:
         torch.set_num_threads(self.prev)
 
 
-def train_teacher(td, cfg: RankerConfig | None = None, seed: int = 0) -> TeacherRanker:
-    """Fit the transform on the training rows, then the DCN-v2 teacher with BCE."""
+def train_teacher(td, cfg: RankerConfig | None = None, seed: int = 0, *, epochs: int | None = None) -> TeacherRanker:
+    """Fit the transform on the training rows, then the DCN-v2 teacher with BCE. `epochs`: a
+    refit of exactly that many epochs (no early stopping; see `_fit`)."""
     t0 = time.perf_counter()
     cfg = cfg or RankerConfig.for_profile("default")
     _check_data(td)
@@ -325,12 +333,13 @@ def train_teacher(td, cfg: RankerConfig | None = None, seed: int = 0) -> Teacher
         def loss(idx, Z, rng):
             return F.binary_cross_entropy_with_logits(model.head(Z[idx]), ytr[idx])
 
-        info = _fit(model, Ztr, len(y), loss, Zva, td.valid.label, cfg.teacher_lr, cfg, seed)
+        info = _fit(model, Ztr, len(y), loss, Zva, td.valid.label, cfg.teacher_lr, cfg, seed, epochs=epochs)
         model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
     return model
 
 
-def train_student(td, teacher: TeacherRanker, cfg: RankerConfig | None = None, seed: int = 0) -> StudentRanker:
+def train_student(td, teacher: TeacherRanker, cfg: RankerConfig | None = None, seed: int = 0, *,
+                  epochs: int | None = None) -> StudentRanker:
     """Distil a small MLP from the teacher (same transform, copied from the teacher).
 
     loss = alpha * BCE(s, y) + (1 - alpha) * BCE(s / T, sigmoid(t / T)) on the training rows,
@@ -368,7 +377,7 @@ def train_student(td, teacher: TeacherRanker, cfg: RankerConfig | None = None, s
                     out = out + (1 - alpha) * F.binary_cross_entropy_with_logits(model.head(z) / T, t)
             return out
 
-        info = _fit(model, Ztr, len(y), loss, Zva, td.valid.label, cfg.student_lr, cfg, seed)
+        info = _fit(model, Ztr, len(y), loss, Zva, td.valid.label, cfg.student_lr, cfg, seed, epochs=epochs)
         model.fit_info = dataclasses.replace(info, seconds=time.perf_counter() - t0)
     return model
 

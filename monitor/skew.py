@@ -12,7 +12,8 @@ What is compared: every logged row with features (the returned items and the sam
 candidates), grouped by feature set (the column-name prefix: `user_activity.*`, `user_topic.*`,
 ...). The derived columns are checked too: `request.*` from the request time and the item's
 publish time, `item.*` from the catalogue, `cross.*` from the user's affinity vector and the
-item's topic. The list-relative `retrieval.*` columns (rank and score gap within the request's
+item's topic, `trend.*` from the row's own windowed item and pair columns (`features.assemble.TREND_COLUMNS`).
+The list-relative `retrieval.*` columns (rank and score gap within the request's
 candidate list, the item-item score of the user's history) depend on the whole candidate list
 and the release's towers, not on the row: they are outside this check, and the report says so.
 

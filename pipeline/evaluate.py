@@ -55,7 +55,10 @@ class EvalResult:
 
 
 def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_k: int = 200, k: int = 10,
-                     max_users: int | None = None, seed: int = 0) -> EvalResult:
+                     max_users: int | None = None, seed: int = 0, part: str = "test") -> EvalResult:
+    """`part="valid"`: the same measurement on the validation slice (its users at its start,
+    pipeline.heldout), the slice a release chose its settings on: its lift over popularity
+    there against the test's says whether the test period moved away from what training saw."""
     t_start = time.perf_counter()
     rel = load_release(release_dir)
     info = load_info(data_dir)
@@ -71,7 +74,7 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     joiner = PitJoiner(used, events)
 
     # The held-out slice, cut exactly as training cut it (globally or per user): pipeline.heldout.
-    ho = held_out(rel, info.kind, events, items, max_users=max_users, seed=seed)
+    ho = held_out(rel, info.kind, events, items, max_users=max_users, seed=seed, part=part)
     rows, trow, truth, t_of, users, t_user = ho.rows, ho.test_rows, ho.truth, ho.cut_of, ho.users, ho.cut
     seen = seen_before_cut(events, info.kind, t_of)
     eligible = Eligibility.of(rt.vocab, items)  # in the release and published before the user's cut

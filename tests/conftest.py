@@ -106,10 +106,11 @@ def small_sim(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def release_dir(small_sim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ONE tiny release per session, trained on `small_sim` (read-only: copy it before changing it)."""
+    """ONE tiny release per session, trained on `small_sim` (read-only: copy it before changing it). It reads
+    the trend inputs whatever its validation lists would choose, so the serving tests cover every input."""
     from pipeline.train import train_release  # torch lives here, in the test process only
 
-    return train_release(small_sim, tmp_path_factory.mktemp("releases"), profile="tiny", seed=0).path
+    return train_release(small_sim, tmp_path_factory.mktemp("releases"), profile="tiny", seed=0, overrides={"trend_features": "on"}).path
 
 
 @pytest.fixture

@@ -244,3 +244,14 @@ def test_training_leaves_the_global_torch_state_alone(tiny_td, teacher, tiny_cfg
 def test_distillation_with_augmented_rows_trains(tiny_td, teacher, tiny_cfg):
     s = train_student(tiny_td, teacher, tiny_cfg.replace(augment_ratio=0.5, max_epochs=3), seed=0)
     assert auc(tiny_td.valid.label, predict(s, tiny_td.valid.X)) > 0.55
+
+
+def test_a_refit_trains_exactly_the_epochs_it_is_given_and_keeps_the_last_weights(tiny_td, tiny_cfg):
+    """`epochs=` (pipeline.train's refit on the training and validation lists): no early stopping,
+    no validation score, the same seed gives the same weights."""
+    a = train_teacher(tiny_td, tiny_cfg, seed=0, epochs=2)
+    assert a.fit_info.epochs_run == a.fit_info.best_epoch == 2 and a.fit_info.valid_auc_history == ()
+    b = train_teacher(tiny_td, tiny_cfg, seed=0, epochs=2)
+    np.testing.assert_array_equal(predict(a, tiny_td.valid.X), predict(b, tiny_td.valid.X))
+    s = train_student(tiny_td, a, tiny_cfg, seed=0, epochs=1)
+    assert s.fit_info.epochs_run == 1 and np.isfinite(predict(s, tiny_td.valid.X)).all()

@@ -9,7 +9,7 @@ import pytest
 from export.release import ReleaseError
 from export.runtime import ReleaseRuntime
 from features.repo import feature_sets
-from models.data import build_training_data
+from models.data import Split, build_training_data
 from pipeline.evaluate import evaluate_release, topk_metrics
 from pipeline.train import train_release
 
@@ -37,15 +37,18 @@ def test_the_release_holds_every_artifact_and_names_its_feature_set_versions(tin
 def test_the_release_serves_through_the_runtime_with_int8_close_to_fp32(tiny_release, small_sim):
     rt = ReleaseRuntime.load(tiny_release)
     td = build_training_data(small_sim, seed=0, max_rows=20_000)
-    # the rankers read the labelled inputs plus the list-relative retrieval columns (models/candidates.py)
-    assert list(rt.inputs.columns[: len(td.columns)]) == list(td.columns) and len(rt.inputs.columns) == len(td.columns) + 3
+    # the rankers read the labelled inputs (the trend inputs if validation kept them) plus the list-relative
+    # retrieval columns (models/candidates.py)
+    kept = [c for c in td.columns if c in rt.inputs.columns]
+    assert {c for c in td.columns if c not in kept} in (set(), {c for c in td.columns if c.startswith("trend.")})
+    assert list(rt.inputs.columns[: len(kept)]) == kept and len(rt.inputs.columns) == len(kept) + 3
     rng = np.random.default_rng(0)
     extra = np.stack([rng.integers(0, 200, 200), -rng.random(200), rng.normal(size=200)], axis=1)
-    X = np.concatenate([td.valid.X[:200], extra], axis=1).astype(np.float32)
+    Xv = td.valid.X[:200][:, [td.columns.index(c) for c in kept]]
+    X = np.concatenate([Xv, extra], axis=1).astype(np.float32)
     a, b = rt.score(X, "student_fp32"), rt.score(X, "student_int8")
     assert np.all((a >= 0) & (a <= 1)) and np.corrcoef(a, b)[0, 1] > 0.98
-    X = td.valid.X[:200]
-    emb = rt.user_embeddings(rt.user_inputs(X))
+    emb = rt.user_embeddings(rt.user_inputs(Xv))
     ids, _ = rt.retrieve(emb, 10)
     assert ids.shape == (200, 10) and set(ids.ravel().tolist()) <= set(rt.vocab.tolist())
     nan_user = rt.user_embeddings(np.full((1, len(rt.user_columns)), np.nan, dtype=np.float32))
@@ -80,6 +83,40 @@ def test_eval_reads_the_release_and_reports_every_model(tiny_release, small_sim)
     assert res.users > 0 and all(0 <= v["ndcg@10"] <= 1 for v in res.two_stage.values())
     assert res.sizes["student_int8"] < res.sizes["student_fp32"]
     json.dumps(res.summary())
+
+
+def test_the_rankers_are_refitted_on_the_validation_lists_for_the_epochs_chosen_there(tiny_release):
+    m = tiny_release.manifest
+    refit = m["metrics"]["ranker_refit"]
+    assert m["config"]["refit_ranker"] is True and refit["teacher_epochs"] >= 1 and refit["student_epochs"] >= 1
+    rows = m["training_data"]["ranker_rows"]
+    assert refit["rows"] == rows["train"] + rows["valid"]  # the training lists and the validation lists
+
+
+def test_the_trend_inputs_are_kept_only_when_they_raise_the_validation_ndcg(tiny_release):
+    from pipeline.train import _valid_ndcg_choice
+
+    m = tiny_release.manifest
+    choice = m["metrics"]["trend_choice"]
+    has = any(c.startswith("trend.") for c in m["ranker_inputs"]["columns"])
+    assert m["config"]["trend_features"] == "valid" and has == choice["kept"] == (choice["paired_diff"] > 0)
+    # a fixed validation input: two users' lists; with the trends the first list's positive is ranked first
+    valid = Split("valid", np.array([1, 1, 1, 2, 2, 2]), np.arange(6), np.zeros(6, np.int64), np.array([1, 0, 0, 0, 1, 0], np.float32),
+                  np.zeros((6, 1), np.float32), np.zeros((6, 0), np.int64))
+    better = np.array([0.9, 0.1, 0.2, 0.3, 0.5, 0.1])
+    worse = np.array([0.1, 0.9, 0.2, 0.3, 0.5, 0.1])
+    got = _valid_ndcg_choice(valid, better, worse)
+    assert got["kept"] and got["lists"] == 2 and got["paired_diff"] == pytest.approx((1.0 - 1.0 / np.log2(4)) / 2)
+    assert not _valid_ndcg_choice(valid, worse, better)["kept"]
+    assert not _valid_ndcg_choice(valid, better, better)["kept"]  # no gain: dropped
+
+
+def test_eval_measures_the_validation_slice_the_same_way(tiny_release, small_sim):
+    test, valid = evaluate_release(tiny_release.path, small_sim), evaluate_release(tiny_release.path, small_sim, part="valid")
+    assert set(valid.two_stage) == set(test.two_stage) and valid.users > 0
+    assert valid.two_stage["popularity"] != test.two_stage["popularity"]  # other users, other cut
+    with pytest.raises(ValueError, match="part"):
+        evaluate_release(tiny_release.path, small_sim, part="train")
 
 
 def test_eval_refuses_a_release_trained_on_other_feature_versions(tiny_release, tmp_path, small_sim):

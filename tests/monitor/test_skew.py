@@ -79,7 +79,7 @@ def test_honest_rows_show_no_skew_in_any_feature_set(honest, small_sim, tmp_path
     cols = honest[0].columns
     assert rep.rows == sum(len(r.item_ids) for r in honest) and rep.requests == len(honest)
     assert {s.feature_set for s in rep.sets} == {feature_group(c) for c in cols if not c.startswith("retrieval.")}
-    assert {"request", "item", "cross"} <= {s.feature_set for s in rep.sets}  # derived columns are checked too
+    assert {"request", "item", "cross", "trend"} <= {s.feature_set for s in rep.sets}  # derived columns are checked too
     assert rep.excluded == tuple(sorted(c for c in cols if c.startswith("retrieval.")))
     assert rep.compared == rep.rows * (len(cols) - len(rep.excluded))
     assert rep.differ == 0, [e for s in rep.sets for e in s.examples]

@@ -59,6 +59,34 @@ def test_online_ranker_inputs_equal_the_training_point_in_time_join(service, sma
         np.testing.assert_array_equal(pipeline.user_matrix(snap, uf)[0], rt.user_inputs(online[:1])[0])
 
 
+def test_the_trend_inputs_are_served_as_the_batch_path_derives_them(service, small_sim):
+    """Every release reads the trend inputs (features.assemble.TREND_COLUMNS, the topic share);
+    the server derives them from its item and pair blocks, training from the join: same numbers."""
+    from features.assemble import TOPIC_SHARE
+    from models.data import feature_matrix
+
+    snap = service.state.current
+    rt = snap.runtime
+    now = service.clock.now_ms()
+    trend = [c for c in rt.inputs.columns if c.startswith("trend.")]
+    assert TOPIC_SHARE in trend and "trend.item_plays_1d_7d" in trend and "trend.user_topic_recency" in trend
+    events = EventLog(small_sim / "events").read().deduplicated()
+    user = int(np.bincount(events.user_id).argmax())
+    sets = [service.sets_by_name[n] for n in rt.inputs.sets]
+    catalog = ItemCatalog.from_table(read_items(small_sim))
+    items = catalog.item_id
+    uf = snap.plan.decode(user, snap.plan.read_records(service.store, user, now), now)
+    retrieval = retrieval_columns(np.linspace(1.0, -1.0, len(items)), items, pipeline.user_history(uf, 20)[0], rt.item_item)
+    online = pipeline.feature_matrix(snap, uf, snap.items.rows(items), now, retrieval=retrieval)
+    base = tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS)
+    offline = feature_matrix(RankerInputs(rt.inputs.user_set, rt.inputs.item_set, rt.inputs.pair_sets, rt.inputs.affinity, base),
+                             PitJoiner(sets, events), sets, catalog, np.full(len(items), user), items, now)
+    cols = list(rt.inputs.columns)
+    for c in trend:
+        np.testing.assert_allclose(online[:, cols.index(c)], offline[:, base.index(c)], rtol=1e-6, equal_nan=True)
+    assert len(np.unique(online[:, cols.index("trend.item_plays_1d_7d")])) > 1  # it moves from item to item
+
+
 def test_ann_candidates_are_the_offline_evaluations(service, small_sim):
     snap = service.state.current
     now = service.clock.now_ms()
