@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from features.batch import BatchEngine
+from features.engines import gather_frame, gather_states
 from features.events import EventBatch
 from features.partition import split_by_partition
 from features.state import FeatureFrame, StateLayout
@@ -170,20 +171,11 @@ class RayBatchEngine:
 
     def states_asof(self, codes: np.ndarray, t: np.ndarray) -> np.ndarray:
         """State per row as of t[i], in the rows' order (`BatchEngine.states_asof`)."""
-        out = self.layout.empty(len(codes))
-        for idx, st in self._routed("states_asof", codes, t):
-            out[idx] = st
-        return out
+        return gather_states(self.layout, len(codes), self._routed("states_asof", codes, t))
 
     def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 32_768) -> FeatureFrame:
         """Feature values per (entity, t) row, in the rows' order (`BatchEngine.features_asof`)."""
-        n, n_cols = len(codes), len(self.layout.columns)
-        values = np.empty((n, n_cols), dtype=np.float64)
-        missing = np.empty((n, n_cols), dtype=bool)
-        fts = np.empty(n, dtype=np.int64)
-        for idx, (v, m, f) in self._routed("features_asof", codes, t):
-            values[idx], missing[idx], fts[idx] = v, m, f
-        return FeatureFrame(columns=self.layout.columns, values=values, missing=missing, feature_ts=fts)
+        return gather_frame(self.layout, len(codes), self._routed("features_asof", codes, t))
 
     def map_chunks(self, fn, codes: np.ndarray, chunk: int):
         """fn(partition engine, chunk of its codes) on the partitions' actors, yielded partition by

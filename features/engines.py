@@ -18,7 +18,7 @@ from features.events import EventBatch
 from features.partition import split_by_partition
 from features.state import FeatureFrame, StateLayout
 
-__all__ = ["ENGINES", "Engine", "SetEngine", "EngineUnavailable", "LocalEngine", "LOCAL", "PARTITION_EVENTS", "PartitionedBatchEngine", "open_engine"]
+__all__ = ["ENGINES", "Engine", "SetEngine", "EngineUnavailable", "LocalEngine", "LOCAL", "PARTITION_EVENTS", "PartitionedBatchEngine", "gather_frame", "gather_states", "open_engine"]
 
 ENGINES = ("local", "ray")
 
@@ -121,20 +121,14 @@ class PartitionedBatchEngine:
                 yield self._parts[p], idx, codes[idx], np.ascontiguousarray(t[idx])
 
     def states_asof(self, codes: np.ndarray, t: np.ndarray) -> np.ndarray:
-        out = self.layout.empty(len(codes))
-        for eng, idx, c, tt in self._routed(codes, t):
-            out[idx] = eng.states_asof(c, tt)
-        return out
+        return gather_states(self.layout, len(codes), ((idx, eng.states_asof(c, tt)) for eng, idx, c, tt in self._routed(codes, t)))
 
     def features_asof(self, codes: np.ndarray, t: np.ndarray, chunk: int = 32_768) -> FeatureFrame:
-        n, n_cols = len(codes), len(self.layout.columns)
-        values = np.empty((n, n_cols), dtype=np.float64)
-        missing = np.empty((n, n_cols), dtype=bool)
-        fts = np.empty(n, dtype=np.int64)
-        for eng, idx, c, tt in self._routed(codes, t):
-            fr = eng.features_asof(c, tt, chunk)
-            values[idx], missing[idx], fts[idx] = fr.values, fr.missing, fr.feature_ts
-        return FeatureFrame(columns=self.layout.columns, values=values, missing=missing, feature_ts=fts)
+        def parts():
+            for eng, idx, c, tt in self._routed(codes, t):
+                fr = eng.features_asof(c, tt, chunk)
+                yield idx, (fr.values, fr.missing, fr.feature_ts)
+        return gather_frame(self.layout, len(codes), parts())
 
     def map_chunks(self, fn, codes: np.ndarray, chunk: int):
         """fn(partition engine, chunk of its codes), partition by partition (the Ray engine's
@@ -144,3 +138,23 @@ class PartitionedBatchEngine:
         todo = [p for p, idx in enumerate(rows) if len(idx)] or [0]
         for p in todo:
             yield from self._parts[p].map_chunks(fn, codes[rows[p]], chunk)
+
+
+def gather_states(layout: StateLayout, n: int, parts) -> np.ndarray:
+    """States of n rows from (row indices, their states) per partition (rows absent stay empty)."""
+    out = layout.empty(n)
+    for idx, st in parts:
+        out[idx] = st
+    return out
+
+
+def gather_frame(layout: StateLayout, n: int, parts) -> FeatureFrame:
+    """A FeatureFrame of n rows from (row indices, (values, missing, feature_ts)) per partition,
+    the partitions together covering every row: the partitioned engines' (local and Ray) answer."""
+    n_cols = len(layout.columns)
+    values = np.empty((n, n_cols), dtype=np.float64)
+    missing = np.empty((n, n_cols), dtype=bool)
+    fts = np.empty(n, dtype=np.int64)
+    for idx, (v, m, f) in parts:
+        values[idx], missing[idx], fts[idx] = v, m, f
+    return FeatureFrame(columns=layout.columns, values=values, missing=missing, feature_ts=fts)
