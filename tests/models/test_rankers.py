@@ -246,6 +246,16 @@ def test_distillation_with_augmented_rows_trains(tiny_td, teacher, tiny_cfg):
     assert auc(tiny_td.valid.label, predict(s, tiny_td.valid.X)) > 0.55
 
 
+def test_a_row_cap_trains_on_the_most_recent_rows(tiny_td, tiny_cfg):
+    """max_train_rows keeps the last rows (training rows are in time order), for the transform too."""
+    cap = len(tiny_td.train) // 3
+    m = train_teacher(tiny_td, tiny_cfg.replace(max_train_rows=cap, max_epochs=1), seed=0)
+    assert m.fit_info.n_train_rows == cap
+    want = FeatureTransform.fit(tiny_td.train.X[-cap:], tiny_td.columns, z_max=tiny_cfg.z_max)
+    assert m.transform.stats_dict() == want.stats_dict()
+    assert RankerConfig.for_profile("default").max_train_rows == 1_000_000
+
+
 def test_a_refit_trains_exactly_the_epochs_it_is_given_and_keeps_the_last_weights(tiny_td, tiny_cfg):
     """`epochs=` (pipeline.train's refit on the training and validation lists): no early stopping,
     no validation score, the same seed gives the same weights."""
