@@ -39,6 +39,7 @@ from models.data import SPLIT_FRACTIONS, build_training_data
 from models.metrics import auc, candidate_lists, logloss, ndcg_at_k
 from models.popularity import popularity
 from models.ranker import RankerConfig, predict, save_ranker, train_student, train_teacher
+from pipeline.ranker_pairs import train_pair, train_two_pairs
 from models.two_tower import TwoTowerConfig, popularity_recall, retrieval_recall, train_two_tower
 
 __all__ = ["PipelineConfig", "train_release", "PROFILES", "RecallTooLow"]
@@ -240,19 +241,17 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         if min(len(rd.train), len(rd.valid)) == 0 or rd.train.label.sum() == 0:
             raise ValueError(f"{data_dir}: too few candidate lists to train the rankers (train {len(rd.train)}, valid {len(rd.valid)} rows)")
         t = step("candidate_lists", t)
-    teacher = train_teacher(rd, cfg.ranker, seed)
-    t = step("teacher", t)
-    student = train_student(rd, teacher, cfg.ranker, seed)
-    t = step("student", t)
     trend_choice = None
     if cfg.trend_features == "valid" and _trend_columns(rd.columns):
-        off = _without_columns(rd, _trend_columns(rd.columns))
-        teacher_off = train_teacher(off, cfg.ranker, seed)
-        student_off = train_student(off, teacher_off, cfg.ranker, seed)
+        off = _without_columns(rd, _trend_columns(rd.columns))  # both pairs at once where a core is spare
+        (teacher, student), (teacher_off, student_off) = train_two_pairs(rd, off, cfg.ranker, seed)
         trend_choice = _valid_ndcg_choice(rd.valid, predict(student, rd.valid.X), predict(student_off, off.valid.X))
         if not trend_choice["kept"]:
             rd, teacher, student = off, teacher_off, student_off
-        t = step("trend_choice", t)
+        t = step("rankers_and_trend_choice", t)
+    else:
+        teacher, student = train_pair(rd, cfg.ranker, seed)
+        t = step("rankers", t)
     refit = None
     if cfg.refit_ranker and rd is not td:
         both = dataclasses.replace(rd, train=_concat("train", rd.train, rd.valid))
