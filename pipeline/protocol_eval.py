@@ -17,6 +17,11 @@ the end of the training 80%:
 - ``parity_two_stage_teacher``: the same lists re-ranked by the fp32 teacher;
 - ``parity_item_item``: the release's item-item model alone (`features.item_item`) over the
   full catalogue, for the history as of the end of the training 80%.
+
+With `diagnostics=True` (studies on the validation holdout), also: the lists' recall of the
+held-out items (``parity_lists_recall``) and the same lists in the tower's order
+(``parity_lists_tower_order``) and in the item-item model's order
+(``parity_lists_item_item_order``): whether retrieval or the re-ranking loses the items.
 """
 from __future__ import annotations
 
@@ -45,11 +50,18 @@ __all__ = ["published_protocol"]
 
 def published_protocol(data_dir: str | Path, release_dir: str | Path | None = None, *, seed: int | None = None,
                        profile: str | None = None, candidates: int = 200, holdout: str = "test",
-                       overrides: dict | None = None) -> dict[str, dict[str, float]]:
+                       overrides: dict | None = None, diagnostics: bool = False,
+                       n_item_item: int | None = None) -> dict[str, dict[str, float]]:
     """Popularity, ALS and Parity under the published protocol. The profile and seed default
     to the release's (`release_dir`), else "default" and 0. `holdout="valid"` measures on a
     validation split instead, for choices that must not look at the test 20%: the training 80%
-    split again the same way (12.5% of it held out, seed + 1) and the test 20% never read."""
+    split again the same way (12.5% of it held out, seed + 1) and the test 20% never read.
+    `diagnostics`: also the candidate lists' recall of the held-out items and NDCG@10 of the same
+    lists in the tower's and in the item-item model's order (is it retrieval or the re-ranking).
+    `n_item_item`: the item-item source's quota in the candidate lists, out of `candidates` (None:
+    the release's own choice, manifest retrieval.candidates), for studies on the validation holdout."""
+    if n_item_item is not None and not 0 <= n_item_item <= candidates:
+        raise ValueError(f"n_item_item must be in [0, {candidates}], got {n_item_item}")
     info = load_info(data_dir)
     if info.kind != "movielens":
         raise ValueError(f"the published protocol is defined for MovieLens; {data_dir} holds {info.kind} data")
@@ -102,6 +114,8 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
                             tuple(c for c in rt.inputs.columns if c not in RETRIEVAL_COLUMNS))
 
         policy = dataclasses.replace(CandidatePolicy(), retrieve_k=candidates).for_release(rt.release.meta.candidates)
+        if n_item_item is not None:
+            policy = dataclasses.replace(policy, retrieve_k=candidates - n_item_item, n_item_item=n_item_item)
         new = NewItems.of(rt, items)
         col = {x: j for j, x in enumerate(split.item_ids.tolist())}
 
@@ -116,29 +130,60 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
                                 history=Hii[u] if Hii is not None else None)
             return np.asarray([col[x] for x in c.ids.tolist() if x in col], dtype=np.int64)
 
-        def two_stage(ranker: str):
-            def score(ub: np.ndarray) -> np.ndarray:
-                s = tower[ub].copy()
-                for r, u in enumerate(ub.tolist()):
-                    s[r, list(seen[u])] = -np.inf
-                tops = [lists(s[r], u) for r, u in enumerate(ub.tolist())]
-                n = np.asarray([len(t) for t in tops])
-                ids = split.item_ids[np.concatenate(tops)]
-                Xb = feature_matrix(base, joiner, used, items, np.repeat(uids[ub], n), ids, t_end)
-                X = np.empty((len(ids), len(rt.inputs.columns)), dtype=np.float32)
-                pos = {c: j for j, c in enumerate(base.columns)}
-                rc = [retrieval_columns(rt.item_scores(ue[u], split.item_ids[tops[r]]), split.item_ids[tops[r]],
-                                        Hii[u] if Hii is not None else None, rt.item_item) for r, u in enumerate(ub.tolist())]
-                for j, c in enumerate(rt.inputs.columns):
-                    X[:, j] = np.concatenate([np.where(x[c][1], np.nan, x[c][0]) for x in rc]) if c in RETRIEVAL_COLUMNS else Xb[:, pos[c]]
-                p = rt.score(X, ranker).astype(np.float64)
-                full = np.where(np.isfinite(s), s - 10.0, -np.inf)  # the rest in tower order (scores are in [-1, 1]), below the lists
-                off = np.r_[0, np.cumsum(n)]
-                for r, t in enumerate(tops):
-                    full[r, t] = 1.0 + p[off[r] : off[r + 1]]
-                return full
-            return score
+        test_users = np.unique(split.test_u)
+        lists_of = {}  # user index -> (candidate columns, ranker inputs X): built once, scored by each ranker
 
-        out["parity_two_stage"] = full_ranking_metrics(split, two_stage("student_int8"))
-        out["parity_two_stage_teacher"] = full_ranking_metrics(split, two_stage("teacher_fp32"))
+        def build(ub: np.ndarray) -> None:
+            s = tower[ub].copy()
+            for r, u in enumerate(ub.tolist()):
+                s[r, list(seen[u])] = -np.inf
+            tops = [lists(s[r], u) for r, u in enumerate(ub.tolist())]
+            n = np.asarray([len(t) for t in tops])
+            ids = split.item_ids[np.concatenate(tops)]
+            Xb = feature_matrix(base, joiner, used, items, np.repeat(uids[ub], n), ids, t_end)
+            X = np.empty((len(ids), len(rt.inputs.columns)), dtype=np.float32)
+            pos = {c: j for j, c in enumerate(base.columns)}
+            rc = [retrieval_columns(rt.item_scores(ue[u], split.item_ids[tops[r]]), split.item_ids[tops[r]],
+                                    Hii[u] if Hii is not None else None, rt.item_item) for r, u in enumerate(ub.tolist())]
+            for j, c in enumerate(rt.inputs.columns):
+                X[:, j] = np.concatenate([np.where(x[c][1], np.nan, x[c][0]) for x in rc]) if c in RETRIEVAL_COLUMNS else Xb[:, pos[c]]
+            off = np.r_[0, np.cumsum(n)]
+            for r, u in enumerate(ub.tolist()):
+                lists_of[u] = (tops[r], X[off[r] : off[r + 1]])
+
+        for a in range(0, len(test_users), 256):
+            build(test_users[a : a + 256])
+
+        def reranked(list_score, raw: bool = False) -> np.ndarray:
+            """Full-catalogue scores: each list ordered by `list_score(u, cols, X)` (`raw`: the score itself, in
+            [0, 1], else its rank in the list, ties in list order), the rest below in tower order."""
+            full = np.where(np.isfinite(tower), tower - 10.0, -np.inf)  # tower scores are in [-1, 1]: the lists sit above
+            for u, (t, X) in lists_of.items():
+                v = np.asarray(list_score(u, t, X), dtype=np.float64)
+                if raw:
+                    full[u, t] = 1.0 + v
+                    continue
+                r = np.argsort(np.argsort(-np.where(np.isfinite(v), v, -np.inf), kind="stable"), kind="stable")  # rank in the list, NaN last
+                full[u, t] = 1.0 + (len(t) - r) / max(len(t), 1)
+            return full
+
+        def by_ranker(ranker: str):
+            return lambda u, t, X: rt.score(X, ranker)
+
+        def metrics(full: np.ndarray) -> dict[str, float]:
+            return full_ranking_metrics(split, lambda ub: full[ub])
+
+        out["parity_two_stage"] = metrics(reranked(by_ranker("student_int8"), raw=True))
+        out["parity_two_stage_teacher"] = metrics(reranked(by_ranker("teacher_fp32"), raw=True))
+        if not diagnostics:
+            return out
+        # the same lists in the tower's order and in the item-item model's order
+        out["parity_lists_tower_order"] = metrics(reranked(lambda u, t, X: tower[u, t]))
+        if Hii is not None:
+            out["parity_lists_item_item_order"] = metrics(reranked(lambda u, t, X: ii[u, t]))
+        truth = {}
+        for u, i in zip(split.test_u.tolist(), split.test_i.tolist()):
+            truth.setdefault(u, set()).add(i)
+        out["parity_lists_recall"] = {"recall@list": float(np.mean([len(truth[u].intersection(lists_of[u][0].tolist())) / len(truth[u]) for u in truth])),
+                                      "mean_len": float(np.mean([len(v[0]) for v in lists_of.values()]))}
     return out
