@@ -102,7 +102,8 @@ def test_the_serving_report_states_targets_and_ratios_from_one_run() -> None:
 
     text = render(_result(), {"Latency distribution, memory store": "results/latency_memory.png"})
     assert text.startswith(START) and text.rstrip().endswith(END)
-    assert "(memory store): **met**" in text and "(redis store): **not met**" in text  # 8 ms vs 12 ms against 10 ms
+    assert "zero errors* (memory store): **met**" in text and "zero errors* (redis store): **not met**" in text  # 8 / 12 ms vs 10 ms
+    assert "(issue 12) (memory store): **not met** (p99 8.00 ms" in text  # 8 ms against issue 12's 5 ms
     assert "**5.00×**" in text  # baseline p99 / parity p99 on memory (40 / 8)
     assert "**2.00×**" in text and "**3.00×**" in text  # capacity ratios (400 / 200, 300 / 100)
     assert "250.0 → 251.0" in text and "6.0 / 7.0 / 7.0" in text  # RSS and soak windows
