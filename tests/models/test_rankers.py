@@ -253,7 +253,6 @@ def test_a_row_cap_trains_on_the_most_recent_rows(tiny_td, tiny_cfg):
     assert m.fit_info.n_train_rows == cap
     want = FeatureTransform.fit(tiny_td.train.X[-cap:], tiny_td.columns, z_max=tiny_cfg.z_max)
     assert m.transform.stats_dict() == want.stats_dict()
-    assert RankerConfig.for_profile("default").max_train_rows == 1_000_000
 
 
 def test_a_refit_trains_exactly_the_epochs_it_is_given_and_keeps_the_last_weights(tiny_td, tiny_cfg):
