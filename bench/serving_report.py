@@ -61,7 +61,8 @@ def render(result: dict, plots: dict[str, str] | None = None) -> str:
            f"- **Data and release:** `simulate({', '.join(f'{k}={v}' for k, v in setup['sim'].items())})`, release "
            f"`{setup['release_id']}` ({setup['profile']} profile, {setup['items']:,} items, index: {_index(setup['index'])})",
            f"- **Requests:** Recommend k={cfg['k']}, user ids 70 % known / 10 % new / 20 % heavy, deadline {cfg['timeout_s']:g} s; "
-           "latency from each request's intended send time (open loop, no coordinated omission)",
+           "latency from each request's intended send time (open loop, no coordinated omission); each server first gets "
+           f"{cfg.get('warmup_seconds', 0):g} s of unmeasured load at {cfg['fixed_qps'] / 2:g} req/s",
            "- **Parity** = the product server (`parity serve`: int8 ONNX student, ScaNN index, caches). "
            "**Baseline** = the same server with the torch fp32 teacher, exact numpy retrieval and no caches "
            "(`python -m bench.baseline_server`), measured in the same run.", ""]
