@@ -302,12 +302,14 @@ def _derived(spec, cols, topic, publish_ts, duration_s, request_ts, n):
         aff, aff_m = np.zeros(n), np.ones(n, dtype=bool)
     age, age_m = item_age_hours(publish_ts, request_ts)
     dur = np.asarray(duration_s, dtype=np.float64)
-    return {
-        TOPIC_SHARE: _topic_share(cols, keys, aff, aff_m, n),
+    out = {
         "cross.topic_affinity": (aff, aff_m),
         "request.item_age_h": (np.broadcast_to(age, (n,)), np.broadcast_to(age_m, (n,))),
         "item.duration_s": (dur, dur <= 0),
     }
+    if TOPIC_SHARE in _positions(spec.columns):  # a release the trend choice left without it: not on its request path
+        out[TOPIC_SHARE] = _topic_share(cols, keys, aff, aff_m, n)
+    return out
 
 
 def _topic_share(cols, keys, aff, aff_m, n):
