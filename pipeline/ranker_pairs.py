@@ -86,7 +86,21 @@ def train_two_pairs(a, b, cfg: RankerConfig, seed: int, *, parallel: bool | None
             return mine, pickle.load(f)
 
 
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """A child whose parent died (kill -9, OOM) stops instead of training for nobody."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parity-parent-watch", daemon=True).start()
+
+
 def _child(job: Path) -> None:
+    _exit_with_parent(os.getppid())
     with open(job / "in.pkl", "rb") as f:
         rows, cfg, seed = pickle.load(f)
     pair = train_pair(rows, cfg, seed)

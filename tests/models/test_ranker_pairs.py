@@ -52,3 +52,38 @@ def test_small_data_trains_both_pairs_here(tiny_td, monkeypatch):
     cfg = RankerConfig.for_profile("tiny").replace(max_epochs=1)
     (_, s), (_, s2) = train_two_pairs(tiny_td, tiny_td, cfg, seed=0)
     np.testing.assert_array_equal(predict(s, tiny_td.valid.X), predict(s2, tiny_td.valid.X))
+
+
+def test_a_child_whose_parent_dies_stops(tiny_td, tmp_path):
+    """kill -9 of the training process must not leave its second pair training for nobody."""
+    import os
+    import pickle
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = RankerConfig.for_profile("tiny").replace(max_epochs=10_000, patience=10_000)
+    with open(tmp_path / "in.pkl", "wb") as f:
+        pickle.dump((RankerRows.of(tiny_td), cfg, 0), f)
+    parent = subprocess.Popen(["bash", "-c", f'"{sys.executable}" -m pipeline.ranker_pairs "{tmp_path}" & echo $! ; wait'],
+                              stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(3.0)
+    os.kill(child, 0)  # still training
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as st:
+            if st.read().split()[2] == "Z":  # exited, not yet reaped by its new parent
+                break
+        time.sleep(0.2)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the child kept training after its parent died")
+    assert not (tmp_path / "out.pkl").exists()
