@@ -242,7 +242,10 @@ class BackgroundServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.server is not None and self.loop is not None and self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.server.request_stop)
+            try:
+                self.loop.call_soon_threadsafe(self.server.request_stop)
+            except RuntimeError:  # its loop closed meanwhile: the server stopped by itself (drained), the thread is ending
+                pass
         self._thread.join(timeout_s)
 
     def __enter__(self) -> "BackgroundServer":

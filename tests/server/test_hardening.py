@@ -353,3 +353,16 @@ def test_the_first_refusal_names_the_event_by_its_place_in_the_stream(client):
     r = client.ingest(events)
     assert (r.received, r.invalid) == (600, 1)
     assert r.first_invalid.startswith("event 550 (event_id '8699999999'): type"), r.first_invalid
+
+
+def test_stop_after_the_server_stopped_by_itself_does_not_raise(release_dir, small_sim, server_config, monkeypatch):
+    """A drain that ends on its own closes the loop; a stop() racing with the thread's exit (the
+    thread still alive, the loop already closed: seen once in CI) must just join."""
+    s = BackgroundServer(server_config(release_dir, small_sim)).start()
+    s.loop.call_soon_threadsafe(s.server.request_stop)
+    deadline = time.monotonic() + 30
+    while not s.loop.is_closed():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    monkeypatch.setattr(s._thread, "is_alive", lambda: True)  # the window between loop.close() and the thread's end
+    s.stop()
