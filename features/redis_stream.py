@@ -43,6 +43,7 @@ from features.contribution import ContributionLimiter
 from features.event_rules import IMPLAUSIBLE, MALFORMED, OUT_OF_RANGE, RATE_LIMITED, EventRules, Rejection
 from features.events import EVENT_SCHEMA, EventBatch
 from features.online.base import StoreUnavailable, TransactionConflict
+from features.online.redis_store import node_refused
 from features.streaming import IngestResult, StreamingIngestor
 
 __all__ = ["RedisStreamConsumer", "RedisDeadLetters", "publish_events", "ConsumerStats", "event_fields", "dead_reason"]
@@ -332,7 +333,13 @@ class RedisStreamConsumer:
                 elif idle_exit_s is not None and time.monotonic() - idle_since >= idle_exit_s:
                     break
                 delay = self.retry_s[0]
-            except _OUTAGES as exc:
+            except Exception as exc:
+                # A node's "not here, not now" (MOVED/ASK mid-failover, TRYAGAIN, CLUSTERDOWN,
+                # READONLY) on the stream's own commands is an outage too: the ack transaction
+                # did not run, so the batch stays pending and is re-read; crashing the consumer
+                # would stop the stream until someone restarted it.
+                if not (isinstance(exc, _OUTAGES) or node_refused(exc)):
+                    raise
                 self.stats.outages += 1
                 recover = True
                 if isinstance(self.client, RedisCluster):

@@ -47,7 +47,7 @@ from features.online.memory import (
     check_writes,
 )
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "node_refused"]
 
 # Errors that mean "the backend is not there / did not answer", as opposed to a bug in the
 # request. ClusterDownError is a ResponseError subclass but means the same thing to callers.
@@ -61,7 +61,7 @@ _NO_SHA = "0" * 40  # a script sha no node knows: the first read on a node gets 
 _REFUSED = frozenset({"NOREPLICAS", "READONLY", "LOADING", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "MOVED", "ASK"})
 
 
-def _refused(exc: BaseException) -> bool:
+def node_refused(exc: BaseException) -> bool:
     """A node's answer that means "not here, not now" (redis-py strips MOVED/ASK from the text
     and gives them, TRYAGAIN and READONLY their own classes)."""
     return isinstance(exc, (*_UNAVAILABLE, AskError, TryAgainError, ReadOnlyError)) or (
@@ -403,7 +403,7 @@ class RedisStore(OnlineStore):
                 self._refresh_slots()
                 if isinstance(failure, StoreUnavailable):
                     raise failure
-                if _refused(failure):
+                if node_refused(failure):
                     raise StoreUnavailable(f"redis cluster at {self.url} refused a commit group: {type(failure).__name__}: {failure}") from failure
                 raise failure
             if not missing:

@@ -255,6 +255,57 @@ def test_a_store_outage_acknowledges_nothing_and_the_batch_is_retried(redis_url)
     assert _pending(client, "ev") == 0 and client.xlen("ev:dead") == 0
 
 
+class _RedirectingClient(redis.Redis):
+    """A stream client whose ack transactions first meet the given cluster refusals, as a
+    consumer's did in CI while a killed master came back as a replica (MovedError)."""
+
+    def __init__(self, url: str, refusals: list[Exception]) -> None:
+        super().__init__(connection_pool=redis.ConnectionPool.from_url(url))
+        self.refusals = refusals
+
+    def pipeline(self, *args, **kwargs):
+        pipe = super().pipeline(*args, **kwargs)
+        refusals, run = self.refusals, pipe.execute
+
+        def execute(*a, **kw):
+            if refusals:
+                pipe.reset()
+                raise refusals.pop(0)
+            return run(*a, **kw)
+
+        pipe.execute = execute
+        return pipe
+
+
+def test_a_cluster_redirect_on_the_ack_is_an_outage_not_a_crash(redis_url):
+    from redis.exceptions import ClusterDownError, MovedError, ReadOnlyError, TryAgainError
+
+    refusals = [MovedError("3999 127.0.0.1:7001"), TryAgainError("TRYAGAIN"), ClusterDownError("CLUSTERDOWN"),
+                ReadOnlyError("READONLY You can't write against a read only replica.")]
+    client = _RedirectingClient(redis_url, list(refusals))
+    now = int(time.time() * 1000)
+    for i in range(5):
+        client.xadd("ev", {**VALID, "event_id": str(i), "ts": str(now)})
+    store = MemoryStore("redirect")
+    cons = RedisStreamConsumer(client, "ev", StreamingIngestor(store, SETS), block_ms=100, retry_s=(0.01, 0.02))
+    stats = cons.run(idle_exit_s=0.3)
+    # each refusal left the batch pending; the re-read found its events already applied. The
+    # consumer counts the acknowledged pass (once per message), the store the one that applied.
+    assert client.refusals == [] and stats.outages == len(refusals)
+    assert (stats.messages, stats.accepted, stats.duplicates, stats.dead_lettered) == (5, 0, 5, 0)
+    assert _pending(client, "ev") == 0 and client.xlen("ev:dead") == 0
+    assert StreamingIngestor(store, SETS).stats().accepted == 5  # counted once
+
+
+def test_a_bug_on_the_ack_still_raises(redis_url):
+    client = _RedirectingClient(redis_url, [redis.exceptions.ResponseError("ERR wrong number of arguments")])
+    client.xadd("ev", {**VALID, "event_id": "1", "ts": str(int(time.time() * 1000))})
+    cons = RedisStreamConsumer(client, "ev", StreamingIngestor(MemoryStore("bug"), SETS), block_ms=100, retry_s=(0.01, 0.02))
+    with pytest.raises(redis.exceptions.ResponseError, match="wrong number"):
+        cons.run(idle_exit_s=0.3)
+    assert _pending(client, "ev") == 1  # nothing acknowledged
+
+
 def test_events_over_a_users_contribution_cap_are_dead_lettered_as_rate_limited(redis_url, small_sim):
     client = redis.Redis.from_url(redis_url)
     now = int(time.time() * 1000)
