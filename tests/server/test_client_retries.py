@@ -35,13 +35,16 @@ def test_calls_dropped_by_the_c_core_are_retried_by_the_typed_client(release_dir
         results, errors = [], []
 
         def one(i: int) -> None:
-            with ParityClient(f"127.0.0.1:{s.port}", timeout_s=10.0, retries=8, backoff_s=0.02) as c:
+            # The retry throttle lets one client retry 4 shed calls in a row; the backoff before the
+            # 5th attempt (0.375-1.125 s at 0.05) outlasts the burst (8 calls x 20 ms held), even
+            # on a slow machine. At 0.02 and 12 calls, CI once saw a call dropped 5 times.
+            with ParityClient(f"127.0.0.1:{s.port}", timeout_s=10.0, retries=8, backoff_s=0.05) as c:
                 try:
                     results.append(c.recommend(200 + i, k=3))
                 except Exception as exc:  # noqa: BLE001 - collected and asserted below
                     errors.append(exc)
 
-        ts = [threading.Thread(target=one, args=(i,)) for i in range(12)]
+        ts = [threading.Thread(target=one, args=(i,)) for i in range(8)]
         for t in ts:
             t.start()
         for t in ts:
@@ -49,4 +52,4 @@ def test_calls_dropped_by_the_c_core_are_retried_by_the_typed_client(release_dir
         d = {r: metric(r) - before[r] for r in before}
         dropped = d["started"] - d["succeeded"] - d["failed"]
         assert not errors, errors[:3]
-        assert len(results) == 12 and dropped >= 1  # some first attempts were dropped, every call got its answer
+        assert len(results) == 8 and dropped >= 1  # some first attempts were dropped, every call got its answer
