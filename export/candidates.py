@@ -26,6 +26,7 @@ import numpy as np
 from export.runtime import ReleaseRuntime
 from features.candidate_sources import SOURCES, CandidatePolicy, SourceList, fresh_ids, item_item_top, union_sources
 from features.catalog import ItemCatalog
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["SOURCES", "CandidatePolicy", "NewItems", "Candidates", "candidate_union", "ann_want", "candidate_scores", "fresh_ids"]
 
@@ -105,7 +106,7 @@ def candidate_scores(rt: ReleaseRuntime, new: NewItems, user_emb: np.ndarray, id
     s = rt.item_scores(user_emb, ids)
     miss = np.isnan(s)
     if miss.any() and len(new.ids):
-        pos = np.clip(np.searchsorted(new.ids, ids), 0, len(new.ids) - 1)
+        pos = sorted_positions(new.ids, ids)
         hit = miss & (new.ids[pos] == ids)
         if hit.any():
             s[hit] = new.emb[pos[hit]].astype(np.float32) @ np.asarray(user_emb, dtype=np.float32).reshape(-1)

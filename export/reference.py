@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["SAMPLE_FILE", "PER_REQUEST", "attach_samples", "build_reference", "column_references", "histogram_reference", "psi",
            "release_reference", "request_times", "served_rows"]
@@ -95,7 +96,7 @@ def served_rows(rt, joiner, used, user_set, events, kind: str, items, users: np.
     lists = release_lists(rt, joiner, user_set, events, kind, items, users, ts, k=policy.retrieve_k)
     u_all, t_all = lists.users, lists.cut
     hist = history_at(events, kind, u_all, t_all, rt.item_item.history_len) if policy.n_item_item and rt.item_item is not None else None
-    pos = np.clip(np.searchsorted(u_all, events.user_id), 0, max(len(u_all) - 1, 0))
+    pos = sorted_positions(u_all, events.user_id)
     mine = (u_all[pos] == events.user_id) if len(u_all) else np.zeros(len(events.user_id), bool)
     eng = engagement_mask(events, kind) & mine
     eng &= events.ts < (t_all[pos] if len(u_all) else 0)

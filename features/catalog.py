@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["ItemCatalog"]
 
@@ -27,7 +28,7 @@ class ItemCatalog:
     def index(self, item_ids: np.ndarray) -> np.ndarray:
         """Row of each item id; -1 for unknown ids."""
         item_ids = np.asarray(item_ids, dtype=np.int64)
-        i = np.clip(np.searchsorted(self.item_id, item_ids), 0, len(self.item_id) - 1)
+        i = sorted_positions(self.item_id, item_ids)
         return np.where(self.item_id[i] == item_ids, i, -1)
 
     def __len__(self) -> int:

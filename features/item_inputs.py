@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from features.sorted_lookup import sorted_positions
 
 if TYPE_CHECKING:  # a type only
     from features.catalog import ItemCatalog
@@ -93,7 +94,7 @@ class VocabIndex:
         ids = np.asarray(item_ids, dtype=np.int64)
         if len(self._sorted) == 0:
             return np.zeros(ids.shape, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self._sorted, ids), 0, len(self._sorted) - 1)
+        pos = sorted_positions(self._sorted, ids)
         return np.where(self._sorted[pos] == ids, self._order[pos] + 1, 0).astype(np.int64)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from features.history import HISTORY_LEN
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["ItemItem", "fit_item_item", "top_scored", "DEFAULT_L2", "DEFAULT_NEIGHBOURS", "SparseItemItem", "sparsify"]
 
@@ -91,7 +92,7 @@ class ItemItem:
         ids = np.asarray(item_ids, dtype=np.int64)
         if len(self.vocab) == 0:
             return np.full(ids.shape, -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.vocab, ids), 0, len(self.vocab) - 1)
+        pos = sorted_positions(self.vocab, ids)
         return np.where(self.vocab[pos] == ids, pos, -1)
 
     def _history_rows(self, history: np.ndarray) -> np.ndarray:
@@ -299,7 +300,7 @@ class SparseItemItem:
         ids = np.asarray(item_ids, dtype=np.int64)
         if len(self.item_id) == 0:
             return np.full(ids.shape, -1, dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.item_id, ids), 0, len(self.item_id) - 1)
+        pos = sorted_positions(self.item_id, ids)
         return np.where(self.item_id[pos] == ids, pos, -1)
 
     def scores(self, history: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
@@ -317,7 +318,7 @@ class SparseItemItem:
         keep = ids >= 0
         uniq, inv = np.unique(ids[keep], return_inverse=True)
         total = np.bincount(inv, weights=w[keep], minlength=len(uniq))
-        pos = np.clip(np.searchsorted(uniq, c), 0, max(len(uniq) - 1, 0))
+        pos = sorted_positions(uniq, c)
         hit = (uniq[pos] == c) if len(uniq) else np.zeros(len(c), bool)
         return np.where(hit, total[pos] if len(uniq) else 0.0, 0.0)
 

@@ -42,6 +42,7 @@ from features.pit import PitJoiner
 from models.data import SPLIT_FRACTIONS, Split, TrainingData, feature_matrix, split_cuts
 from models.popularity import popularity_at
 from models.two_tower import TwoTowerModel, train_two_tower
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["CandidateLists", "TRAIN_QUERY_AT", "candidate_lists_at", "candidate_training_data", "choose_quotas", "item_item_for"]
 
@@ -184,7 +185,7 @@ def candidate_lists_at(td: TrainingData, model: TwoTowerModel, joiner: PitJoiner
         src, blocked = _sources(q, r, vocab, item_item, policy, td.items, pool)
         src[0] = SourceList(src[0].ids, src[0].source, policy.retrieve_k)
         cand, _ = union_sources(src, td.items, blocked, int(q.cut[r]))
-        pos = np.clip(np.searchsorted(vocab, cand), 0, len(vocab) - 1)
+        pos = sorted_positions(vocab, cand)
         sc = np.where(vocab[pos] == cand, q.scores[r][pos], np.nan).astype(np.float64)  # items outside the tower's vocabulary: no score
         rc = retrieval_columns(sc, cand, q.history[r] if q.history is not None else None, item_item)
         ids.append(cand)

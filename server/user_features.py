@@ -27,6 +27,7 @@ from features.lookup import record_keys
 from features.online.base import KeyGroup, OnlineStore, RecordKey
 from features.modes import ModePlan, ServingMode
 from features.on_read import OnReadLayout
+from features.sorted_lookup import sorted_positions
 from features.served_values import VALUES_SUFFIX, expired, read_mixed, served_values, values_key, values_keys
 from features.state import FeatureFrame, StateLayout, read_features
 from server.seen import SEEN_SET, SEEN_VERSION, decode_seen
@@ -52,7 +53,7 @@ class PairTable:
         n = len(self.values)
         if not n:
             return np.zeros(len(keys), dtype=np.int64)
-        pos = np.clip(np.searchsorted(self.values, keys), 0, n - 1)
+        pos = sorted_positions(self.values, keys)
         return np.where((self.values[pos] == keys) & (keys >= 0), pos, n)
 
     def columns(self, keys: np.ndarray) -> Columns:

@@ -35,6 +35,7 @@ from features.eventlog import EventLog
 from features.pit import PitJoiner
 from features.repo import feature_sets
 from models.data import SPLIT_FRACTIONS, build_training_data, label_rows, split_cuts
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["DeviceSplit", "DeviceTrainingData", "TrainingDataMismatch", "device_training_data", "ItemEmbeddingTable",
            "check_feature_sets", "VALID_SHARE"]
@@ -90,7 +91,7 @@ class ItemEmbeddingTable:
         d = rt.item_embeddings.shape[1]
         order = np.argsort(rt.vocab)
         sv = rt.vocab[order]
-        p = np.clip(np.searchsorted(sv, items.item_id), 0, max(len(sv) - 1, 0))
+        p = sorted_positions(sv, items.item_id)
         inv = (sv[p] == items.item_id) if len(sv) else np.zeros(len(items), bool)
         E = np.full((len(items), d), np.nan, dtype=np.float32)
         E[inv] = rt.item_embeddings[order[p[inv]]]

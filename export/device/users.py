@@ -21,6 +21,7 @@ from features.definitions import FeatureSet
 from features.events import EventBatch
 from features.history import engagement_mask, history_at
 from features.pit import PitJoiner
+from features.sorted_lookup import sorted_positions
 
 __all__ = ["UserStates", "user_states", "N_CANDIDATES", "N_RECENT"]
 
@@ -47,7 +48,7 @@ class UserStates:
 
 def _seen_keys(events: EventBatch, kind: str, as_of: np.ndarray, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted user<<32|item keys of engaged pairs before each user's as_of, engaged-item count per user)."""
-    pos = np.clip(np.searchsorted(user_ids, events.user_id), 0, len(user_ids) - 1)
+    pos = sorted_positions(user_ids, events.user_id)
     mine = user_ids[pos] == events.user_id
     m = engagement_mask(events, kind) & mine & (events.ts < as_of[pos])
     keys = np.unique((events.user_id[m].astype(np.int64) << 32) | events.item_id[m].astype(np.int64))
@@ -93,9 +94,9 @@ def user_states(rt: ReleaseRuntime, events: EventBatch, items: ItemCatalog, user
         want = int(min(len(rt.vocab), n_candidates + int(n_seen[a:a + batch].max()) + 50))
         ids, _ = rt.retrieve(e, want)
         key = (u[:, None] << 32) | ids
-        pos = np.clip(np.searchsorted(seen, key), 0, max(len(seen) - 1, 0))
+        pos = sorted_positions(seen, key)
         is_seen = (seen[pos] == key) if len(seen) else np.zeros(ids.shape, bool)
-        ids_pub = pub[vocab_pos[np.clip(np.searchsorted(sorted_vocab, ids), 0, len(sorted_vocab) - 1)]]
+        ids_pub = pub[vocab_pos[sorted_positions(sorted_vocab, ids)]]
         ok = ~is_seen & (ids_pub < t[:, None]) & (ids >= 0)
         rank = np.cumsum(ok, axis=1) - 1
         keep = ok & (rank < n_candidates)
