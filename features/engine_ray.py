@@ -19,12 +19,20 @@ the driver's process, and the watermark must move with the last commit after eve
 (see features.materialize); the actors return record bytes (the heavy work: states and
 served values), the driver only adds keys and commits.
 
+A worker that dies (its process killed, its node lost) takes its partitions' engines with it.
+Every call the driver makes is a read of an engine (build, states, features, a materialisation
+chunk's record bytes), so it can be made again: the driver starts a replacement actor in the
+dead one's place, rebuilds the partitions that lived there from the log it still holds (on
+first use, for every feature set's engine), and repeats the call, at most `max_recoveries`
+times per call. The answers are the same bytes; the engine counts its `recoveries`.
+
 Nothing outside features/ runs on the workers, so with an address the `features` package is
 shipped to the cluster (runtime_env py_modules): workers run the driver's code.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 from pathlib import Path
 
@@ -36,9 +44,12 @@ from features.events import EventBatch
 from features.partition import split_by_partition
 from features.state import FeatureFrame, StateLayout
 
-__all__ = ["RayEngine", "RayBatchEngine", "DEFAULT_PARTITIONS_PER_WORKER"]
+__all__ = ["RayEngine", "RayBatchEngine", "DEFAULT_PARTITIONS_PER_WORKER", "DEFAULT_MAX_RECOVERIES"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PARTITIONS_PER_WORKER = 2  # k: P = workers x k, so a slow partition does not hold a whole worker's share
+DEFAULT_MAX_RECOVERIES = 3  # replacement actors per call before its error is raised
 _LOCAL_OBJECT_STORE_BYTES = 1 << 30  # a local cluster's shared-memory object store (Ray's default takes 30 % of RAM)
 
 
@@ -76,12 +87,14 @@ class RayEngine:
     cluster with `num_cpus` CPUs (shut down again on close). If Ray is already initialised in
     this process (a test's cluster), that connection is used and left open on close.
     workers: actors to start (default: one per CPU of the cluster), spread over the nodes.
-    partitions_per_worker: k in P = workers x k."""
+    partitions_per_worker: k in P = workers x k.
+    max_recoveries: replacement actors one call may start when its worker dies (0: none)."""
 
     name = "ray"
 
     def __init__(self, address: str | None = None, *, workers: int | None = None,
-                 partitions_per_worker: int = DEFAULT_PARTITIONS_PER_WORKER, num_cpus: int = 2) -> None:
+                 partitions_per_worker: int = DEFAULT_PARTITIONS_PER_WORKER, num_cpus: int = 2,
+                 max_recoveries: int = DEFAULT_MAX_RECOVERIES) -> None:
         import ray
 
         for opt, v in (("partitions_per_worker", partitions_per_worker), ("num_cpus", num_cpus)) + ((("workers", workers),) if workers is not None else ()):
@@ -89,6 +102,10 @@ class RayEngine:
                 raise TypeError(f"{opt} must be an int, got {type(v).__name__}")
             if v < 1:
                 raise ValueError(f"{opt} must be >= 1, got {v}")
+        if not isinstance(max_recoveries, int) or isinstance(max_recoveries, bool) or max_recoveries < 0:
+            raise ValueError(f"max_recoveries must be an int >= 0, got {max_recoveries!r}")
+        self.max_recoveries = max_recoveries
+        self.recoveries = 0  # replacement actors started
         self._ray = ray
         self._owns_connection = not ray.is_initialized()
         if self._owns_connection:
@@ -112,12 +129,32 @@ class RayEngine:
         self.n_partitions = workers * partitions_per_worker
         # Ray's default for actors: a CPU to be placed, none held while alive, so the engine's
         # idle actors never starve other work (or a second engine) on a shared cluster
-        actor = ray.remote(_Partitions)
-        self._actors = [actor.options(scheduling_strategy="SPREAD").remote() for _ in range(workers)]
+        self._actor_cls = ray.remote(_Partitions)
+        self._actors = [self._new_actor() for _ in range(workers)]
+        self.generations = [0] * workers  # per worker slot: how many times its actor was replaced
         self._ids = itertools.count()
+
+    def _new_actor(self):
+        return self._actor_cls.options(scheduling_strategy="SPREAD").remote()
 
     def actor_of(self, p: int):
         return self._actors[p % self.workers]
+
+    def generation_of(self, p: int) -> int:
+        return self.generations[p % self.workers]
+
+    def replace(self, p: int, generation: int, cause: BaseException) -> None:
+        """Partition p's worker died during a call made at `generation`: start its replacement
+        (once, however many callers saw the death). The replacement holds no engines; each
+        RayBatchEngine rebuilds its partitions there on first use."""
+        w = p % self.workers
+        if self.generations[w] != generation:
+            return  # already replaced since that call was made
+        self._actors[w] = self._new_actor()
+        self.generations[w] += 1
+        self.recoveries += 1
+        log.warning("ray engine: worker %d died (%s); started a replacement (%d so far), its partitions are rebuilt on use",
+                    w, type(cause).__name__, self.recoveries)
 
     def batch_engine(self, layout: StateLayout, events: EventBatch) -> "RayBatchEngine":
         return RayBatchEngine(self, layout, events, next(self._ids))
@@ -142,18 +179,56 @@ class RayBatchEngine:
 
     def __init__(self, ray_engine: RayEngine, layout: StateLayout, events: EventBatch, key: int) -> None:
         self._eng, self.layout, self._key = ray_engine, layout, key
-        fs = layout.feature_set
-        events = events.deduplicated()  # on the whole log: a duplicate id's first occurrence may be another entity's
-        ev = events.take(np.flatnonzero(fs.event_mask(events)))
-        parts = split_by_partition(fs.entity.codes(ev)[0], ray_engine.n_partitions)
-        self._built = [ray_engine.actor_of(p).build.remote(key, p, layout, ev.take(idx)) for p, idx in enumerate(parts)]
+        self._source = events  # the caller's log, held to rebuild a partition whose worker died
+        parts = self._partitions()
+        self._built: list = [None] * ray_engine.n_partitions  # per partition: (worker generation, build ref)
+        for p, part in enumerate(parts):
+            self._build(p, part)
         self._entities: np.ndarray | None = None
+
+    def _partitions(self) -> list[EventBatch]:
+        """The set's events of each partition (deduplicated on the whole log: a duplicate id's
+        first occurrence may be another entity's)."""
+        fs = self.layout.feature_set
+        events = self._source.deduplicated()
+        ev = events.take(np.flatnonzero(fs.event_mask(events)))
+        return [ev.take(idx) for idx in split_by_partition(fs.entity.codes(ev)[0], self._eng.n_partitions)]
+
+    def _build(self, p: int, part: EventBatch) -> None:
+        self._built[p] = (self._eng.generation_of(p), self._eng.actor_of(p).build.remote(self._key, p, self.layout, part))
+
+    def _current(self, todo: list[int]) -> None:
+        """Rebuild the partitions in `todo` whose worker was replaced since they were built."""
+        stale = [p for p in todo if self._built[p][0] != self._eng.generation_of(p)]
+        if stale:
+            parts = self._partitions()
+            for p in stale:
+                self._build(p, parts[p])
+
+    def _get(self, p: int, ref, submit):
+        """ray.get(ref) of a call on partition p; if its worker died, replace the worker, rebuild
+        the partition there and `submit()` the call again (`max_recoveries` times at most)."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(self._eng.max_recoveries + 1):
+            gen = self._built[p][0]
+            try:
+                self._eng._ray.get(self._built[p][1])  # the partition's engine (a build error raises here)
+                return self._eng._ray.get(ref)
+            except RayActorError as exc:
+                if attempt == self._eng.max_recoveries:
+                    raise
+                self._eng.replace(p, gen, exc)
+                self._current([p])
+                ref = submit()
+        raise AssertionError("unreachable")
 
     @property
     def entities(self) -> np.ndarray:
         """Every entity with events, sorted (the union of the partitions' disjoint entities)."""
         if self._entities is None:
-            self._entities = np.sort(np.concatenate(self._eng._ray.get(self._built)))
+            got = [self._get(p, self._built[p][1], lambda p=p: self._built[p][1]) for p in range(len(self._built))]
+            self._entities = np.sort(np.concatenate(got))
         return self._entities
 
     def _ready(self) -> None:
@@ -165,9 +240,15 @@ class RayBatchEngine:
         codes = np.asarray(codes, dtype=np.int64)
         t = np.broadcast_to(np.asarray(t, dtype=np.int64), codes.shape)
         rows = split_by_partition(codes, self._eng.n_partitions)
-        calls = [(idx, getattr(self._eng.actor_of(p), method).remote(self._key, p, codes[idx], np.ascontiguousarray(t[idx])))
-                 for p, idx in enumerate(rows) if len(idx)]
-        return [(idx, self._eng._ray.get(ref)) for idx, ref in calls]
+        todo = [p for p, idx in enumerate(rows) if len(idx)]
+        self._current(todo)
+
+        def submit(p: int):
+            idx = rows[p]
+            return getattr(self._eng.actor_of(p), method).remote(self._key, p, codes[idx], np.ascontiguousarray(t[idx]))
+
+        calls = [(p, submit(p)) for p in todo]
+        return [(rows[p], self._get(p, ref, lambda p=p: submit(p))) for p, ref in calls]
 
     def states_asof(self, codes: np.ndarray, t: np.ndarray) -> np.ndarray:
         """State per row as of t[i], in the rows' order (`BatchEngine.states_asof`)."""
@@ -184,10 +265,21 @@ class RayBatchEngine:
         codes = np.asarray(codes, dtype=np.int64)
         rows = split_by_partition(codes, self._eng.n_partitions)
         todo = [p for p, idx in enumerate(rows) if len(idx)] or [0]
-        refs = [self._eng.actor_of(p).map_chunks.remote(self._key, p, fn, codes[rows[p]], chunk) for p in todo]
-        for ref in refs:
-            yield from self._eng._ray.get(ref)
+        self._current(todo)
+
+        def submit(p: int):
+            return self._eng.actor_of(p).map_chunks.remote(self._key, p, fn, codes[rows[p]], chunk)
+
+        refs = [(p, submit(p)) for p in todo]
+        for p, ref in refs:
+            yield from self._get(p, ref, lambda p=p: submit(p))
 
     def close(self) -> None:
         """Free the partitions' engines on the actors (they also go when the RayEngine closes)."""
-        self._eng._ray.get([a.drop.remote(self._key) for a in self._eng._actors])
+        from ray.exceptions import RayActorError
+
+        for a in self._eng._actors:
+            try:
+                self._eng._ray.get(a.drop.remote(self._key))
+            except RayActorError:  # a dead worker holds nothing to free
+                pass

@@ -177,3 +177,61 @@ def test_the_local_engine_is_the_default_and_takes_no_address():
         open_engine("spark")
     with pytest.raises(ValueError, match="takes no address"):
         open_engine("local", "127.0.0.1:6379")
+
+
+def test_a_dead_worker_is_replaced_and_its_partitions_rebuilt_with_the_same_answers(small_sim, ray_engine):
+    """kill a worker actor (as a crash or a lost node would): the next call on its partitions
+    starts one replacement, rebuilds them there, for every set's engine, and answers the same
+    bytes; a materialisation that starts on a dead worker writes what the local path writes."""
+    import ray
+
+    from features.engine_ray import RayEngine
+
+    log = EventLog(small_sim / "events")
+    ev = log.read()
+    t_end = int(ev.ts.max()) + 1
+    eng = RayEngine(workers=2)  # joins the module's connection; its own actors
+    try:
+        lays = [StateLayout(SETS[0]), StateLayout(SETS[1])]
+        local = [BatchEngine(lay, ev) for lay in lays]
+        remote = [eng.batch_engine(lay, ev) for lay in lays]
+        codes = [e.entities for e in local]
+        t = [np.full(len(c), t_end) for c in codes]
+        assert remote[0].states_asof(codes[0], t[0]).tobytes() == local[0].states_asof(codes[0], t[0]).tobytes()
+        ray.kill(eng.actor_of(0), no_restart=True)  # partitions 0 and 2 of both sets go with it
+        assert remote[0].states_asof(codes[0], t[0]).tobytes() == local[0].states_asof(codes[0], t[0]).tobytes()
+        assert eng.recoveries == 1 and eng.generations == [1, 0]
+        f1, f2 = local[1].features_asof(codes[1], t[1]), remote[1].features_asof(codes[1], t[1])
+        assert np.array_equal(f1.values, f2.values) and np.array_equal(f1.missing, f2.missing)
+        assert eng.recoveries == 1  # the second set rebuilt its partitions on the replacement, no second one
+        ray.kill(eng.actor_of(1), no_restart=True)
+        stores = [_store(), _store()]
+        reports = [materialize(log, stores[0], SETS), materialize(log, stores[1], SETS, engine=eng)]
+        assert eng.recoveries == 2 and reports[0] == reports[1]
+        a, b = _records(stores[0]), _records(stores[1])
+        assert len(a) > 0 and list(a) == list(b) and all(a[k] == b[k] for k in a)
+        for r in remote:
+            r.close()
+    finally:
+        eng.close()
+
+
+def test_with_no_recoveries_allowed_a_dead_worker_is_an_error(small_sim, ray_engine):
+    import ray
+    from ray.exceptions import RayActorError
+
+    from features.engine_ray import RayEngine
+
+    ev = EventLog(small_sim / "events").read()
+    eng = RayEngine(workers=2, max_recoveries=0)
+    try:
+        remote = eng.batch_engine(StateLayout(SETS[0]), ev)
+        _ = remote.entities
+        ray.kill(eng.actor_of(1), no_restart=True)
+        with pytest.raises(RayActorError):
+            remote.states_asof(remote.entities, np.full(len(remote.entities), int(ev.ts.max())))
+        assert eng.recoveries == 0
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="max_recoveries"):
+        RayEngine(workers=1, max_recoveries=-1)
