@@ -17,7 +17,7 @@ from export.manifest_schema import clip
 from features.assemble import RankerInputs
 from features.item_item import DEFAULT_NEIGHBOURS
 
-__all__ = ["ReleaseManifest", "RetrievalMeta", "ItemItemMeta", "FileEntry", "ManifestError"]
+__all__ = ["ReleaseManifest", "RetrievalMeta", "ItemItemMeta", "FileEntry", "ManifestError", "ORDERS"]
 
 
 class ManifestError(ValueError):
@@ -61,6 +61,7 @@ class ReleaseManifest:
     reference: Mapping[str, Any] | None  # per-column and prediction histograms (export/reference.py), when recorded
     raw: Mapping[str, Any]
     candidates: Mapping[str, int] = field(default_factory=dict)  # retrieval.candidates: quotas chosen on validation at training
+    order: str = "ranker"  # ranking.order: how a candidate list is ordered (ORDERS; export.runtime.ReleaseRuntime.final_scores)
 
     @classmethod
     def parse(cls, m: Mapping[str, Any]) -> "ReleaseManifest":
@@ -78,7 +79,24 @@ class ReleaseManifest:
         return cls(m["release_id"], m["created_at_ms"], m["seed"], m["dataset"]["kind"], versions, inputs, _retrieval(m.get("retrieval")),
                    {rel: FileEntry(meta["sha256"], meta["bytes"]) for rel, meta in m["files"].items()}, dict(m["models"]),
                    profile if isinstance(profile, str) else None, _int(half, "config.popularity_half_life_ms", none_ok=True),
-                   ref if isinstance(ref, dict) else None, m, _candidates((m.get("retrieval") or {}).get("candidates")))
+                   ref if isinstance(ref, dict) else None, m, _candidates((m.get("retrieval") or {}).get("candidates")),
+                   _order(m.get("ranking"), inputs))
+
+
+# "ranker": the int8 student's probability; "item_item": the item-item model's score of the
+# user's history (the ranker's retrieval.item_item input), the ranker only where that is missing
+ORDERS = ("ranker", "item_item")
+
+
+def _order(r: Any, inputs: RankerInputs) -> str:
+    if r is None:
+        return "ranker"
+    order = r.get("order") if isinstance(r, dict) else None
+    if order not in ORDERS:
+        raise ManifestError(f"ranking.order must be one of {', '.join(ORDERS)}, not {clip(order if isinstance(r, dict) else r)}")
+    if order == "item_item" and not inputs.uses_item_item:
+        raise ManifestError("ranking.order is item_item but the ranker inputs have no retrieval.item_item column")
+    return order
 
 
 CANDIDATE_QUOTAS = ("retrieve_k", "n_item_item", "n_popular")  # the quotas a release may choose (export.candidates.CandidatePolicy)

@@ -121,7 +121,7 @@ def served_rows(rt, joiner, used, user_set, events, kind: str, items, users: np.
     else:
         X = teacher_matrix(rt, joiner, used, events, kind, items, ReleaseLists(u_all, t_all, lists.user_emb, [c[pk] for c, pk in zip(cands, picks)]))
     X = np.asarray(X, dtype=np.float32)
-    scores = rt.score(X, ranker).reshape(-1) if len(X) else np.zeros(0, np.float32)
+    scores = rt.final_scores(X, ranker).reshape(-1) if len(X) else np.zeros(0, np.float32)  # what the server serves
     req = np.repeat(np.arange(len(u_all)), [len(p) for p in picks]) if picks else np.zeros(0, np.int64)
     return {"users": u_all, "ts": t_all, "X": X, "scores": np.asarray(scores, np.float32), "request": req,
             "sources": np.concatenate(srcs) if srcs else np.zeros(0, np.int8), "n_candidates": np.asarray([len(c) for c in cands])}

@@ -37,12 +37,29 @@ from features.assemble import RankerInputs
 from features.catalog import ItemCatalog
 from features.item_item import ItemItem
 
-__all__ = ["ReleaseRuntime", "RANKERS", "Scorer", "ScorerFactory"]
+__all__ = ["ReleaseRuntime", "RANKERS", "Scorer", "ScorerFactory", "ordered_scores"]
 
 RANKERS = ("teacher_fp32", "student_fp32", "student_int8")
 
 Scorer = Callable[[np.ndarray], np.ndarray]  # raw ranker inputs (N, F) float32 -> scores (N,)
 ScorerFactory = Callable[[Release], Scorer]
+
+
+def ordered_scores(ranker: np.ndarray, item_item: np.ndarray, order: str) -> np.ndarray:
+    """The scores of an order (export.manifest.ORDERS) from the ranker's probabilities and the
+    rows' retrieval.item_item values (NaN: none): training's validation choice and serving
+    compute them here alike. "item_item" maps the item-item score into (1, 2) by a logistic,
+    above every probability, and keeps the probability where the row has no item-item score."""
+    p = np.asarray(ranker, dtype=np.float32).reshape(-1)
+    if order == "ranker":
+        return p
+    if order != "item_item":
+        raise ValueError(f"order must be 'ranker' or 'item_item', got {order!r}")
+    ii = np.asarray(item_item, dtype=np.float64).reshape(-1)
+    ok = np.isfinite(ii)
+    with np.errstate(over="ignore"):
+        mapped = 1.0 + 1.0 / (1.0 + np.exp(-np.where(ok, ii, 0.0)))
+    return np.where(ok, mapped, p).astype(np.float32)
 
 
 @dataclass
@@ -146,6 +163,22 @@ class ReleaseRuntime:
         """(item ids (n, k), scores) by exact dot product over every item (numpy)."""
         rows, scores = exact_search(self.item_embeddings, np.ascontiguousarray(user_emb, dtype=np.float32), k)
         return self.vocab[rows], scores
+
+    @property
+    def order(self) -> str:
+        """How the release orders a candidate list (manifest ranking.order, chosen on validation)."""
+        return self.release.meta.order
+
+    def final_scores(self, X: np.ndarray, ranker: str | None = None, order: str | None = None) -> np.ndarray:
+        """The scores a candidate list is ordered by, in the release's `order` (or `order`):
+        "ranker": `score(X, ranker)`; "item_item": the retrieval.item_item column mapped into
+        (1, 2) by a logistic (same order), above the ranker's probability in [0, 1], which
+        rows without an item-item score keep (a user with no history, an item outside the
+        model). Row by row, so a list's order never depends on which rows are beside it."""
+        p = self.score(X, ranker)
+        if (order or self.order) != "item_item":
+            return p
+        return ordered_scores(p, np.asarray(X)[:, self.inputs.columns.index("retrieval.item_item")], "item_item")
 
     def score(self, X: np.ndarray, ranker: str | None = None) -> np.ndarray:
         """Scores of raw ranker inputs with `ranker` (None: the first ranker loaded)."""

@@ -27,7 +27,7 @@ from export.onnx_export import export_ranker, ort_session
 from export.quantize import quantize_student
 from export.reference import PER_REQUEST, SAMPLE_FILE, build_reference, request_times, served_rows
 from export.release import Release, new_release_id, write_release
-from export.runtime import ReleaseRuntime
+from export.runtime import ReleaseRuntime, ordered_scores
 from export.towers import export_towers
 from export.item_item import save_item_item
 from features.history import HISTORY_LEN
@@ -76,6 +76,12 @@ class PipelineConfig:
     # (simulator seed 1, small, trend inputs on: int8 1.19x popularity without the refit, 1.27x with; trend inputs off
     # (what its validation lists choose): 1.14x without, 1.16x with. Its test slice lies in the drift)
     refit_ranker: bool = True
+    # how a candidate list is ordered (manifest ranking.order, export.runtime.ordered_scores): "ranker" (the int8
+    # student), "item_item" (the item-item score of the user's history, the ranker where there is none), or "valid":
+    # item_item only if it raises the validation lists' NDCG@10 over the student (manifest ranking.choice).
+    # The time-split validation lists favour the ranker; pipeline.protocol_eval chooses on the random protocol's own
+    # validation split and passes its choice here
+    final_order: str = "ranker"
 
     @classmethod
     def for_profile(cls, profile: str, kind: str) -> "PipelineConfig":
@@ -95,7 +101,7 @@ class PipelineConfig:
                 "ranker": _plain(asdict(self.ranker)), "popularity_half_life_ms": self.popularity_half_life_ms,
                 "ranker_rows": self.ranker_rows, "ranker_candidates": self.ranker_candidates, "item_item_l2": self.item_item_l2,
                 "item_item_history": self.item_item_history, "missing_lists": self.missing_lists,
-                "trend_features": self.trend_features, "refit_ranker": self.refit_ranker}
+                "trend_features": self.trend_features, "refit_ranker": self.refit_ranker, "final_order": self.final_order}
 
 
 def _without_columns(td, drop: set[str]):
@@ -110,18 +116,37 @@ def _trend_columns(columns) -> set[str]:
     return {c for c in columns if c.startswith("trend.")}
 
 
-def _valid_ndcg_choice(valid, with_trend: np.ndarray, without: np.ndarray, k: int = 10) -> dict:
-    """Whether the trend inputs raise the student's NDCG@k on the validation lists (one list per
-    user, the same rows for both): kept only when the paired mean difference is above 0."""
+def _valid_ndcg_choice(valid, with_trend: np.ndarray, without: np.ndarray, k: int = 10, names: tuple[str, str] = ("with", "without")) -> dict:
+    """Whether the first scores (the trend inputs; the item-item order) raise NDCG@k on the
+    validation lists over the second (one list per user, the same rows for both): kept only
+    when the paired mean difference is above 0."""
     lists = candidate_lists(valid.user_id, min_size=1)
     a = np.array([ndcg_at_k(valid.label[i], with_trend[i], k) for i in lists])
     b = np.array([ndcg_at_k(valid.label[i], without[i], k) for i in lists])
     ok = ~np.isnan(a) & ~np.isnan(b)
     d = a[ok] - b[ok]
     se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"kept": bool(len(d) and d.mean() > 0), f"valid_ndcg@{k}": {"with": float(a[ok].mean()) if ok.any() else None,
-            "without": float(b[ok].mean()) if ok.any() else None}, "paired_diff": float(d.mean()) if len(d) else None,
+    return {"kept": bool(len(d) and d.mean() > 0), f"valid_ndcg@{k}": {names[0]: float(a[ok].mean()) if ok.any() else None,
+            names[1]: float(b[ok].mean()) if ok.any() else None}, "paired_diff": float(d.mean()) if len(d) else None,
             "se": se, "lists": int(ok.sum())}
+
+
+def _final_order(cfg: "PipelineConfig", rd, student) -> tuple[str, dict | None]:
+    """The release's ranking.order and, for "valid", the choice's figures on the validation lists."""
+    if cfg.final_order not in ("ranker", "item_item", "valid"):
+        raise ValueError(f"final_order must be 'ranker', 'item_item' or 'valid', got {cfg.final_order!r}")
+    if cfg.final_order == "ranker":
+        return "ranker", None
+    if "retrieval.item_item" not in rd.columns:
+        if cfg.final_order == "item_item":
+            raise ValueError("final_order 'item_item' needs rankers trained on candidate lists with the item-item input")
+        return "ranker", None  # "valid": nothing to choose between
+    if cfg.final_order == "item_item":
+        return "item_item", None
+    p = predict(student, rd.valid.X)
+    ii = rd.valid.X[:, rd.columns.index("retrieval.item_item")]
+    choice = _valid_ndcg_choice(rd.valid, ordered_scores(p, ii, "item_item"), p, names=("item_item", "ranker"))
+    return ("item_item" if choice["kept"] else "ranker"), choice
 
 
 def _concat(name: str, *parts):
@@ -252,6 +277,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
     else:
         teacher, student = train_pair(rd, cfg.ranker, seed)
         t = step("rankers", t)
+    order, order_choice = _final_order(cfg, rd, student)  # on the validation lists, before the refit sees them
     refit = None
     if cfg.refit_ranker and rd is not td:
         both = dataclasses.replace(rd, train=_concat("train", rd.train, rd.valid))
@@ -308,6 +334,8 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
         if trend_choice is not None:
             metrics["trend_choice"] = trend_choice
         valid_pred = predict(student, rd.valid.X)
+        if order != "ranker":  # what the server will serve (export.runtime.ReleaseRuntime.final_scores)
+            valid_pred = ordered_scores(valid_pred, rd.valid.X[:, rd.columns.index("retrieval.item_item")], order)
         manifest = {
             "release_id": new_release_id(fingerprint),
             "created_at_ms": int(time.time() * 1000),
@@ -327,6 +355,7 @@ def train_release(data_dir: str | Path, out_root: str | Path, *, profile: str = 
                               "positive_rate": {s.name: float(s.label.mean()) for s in (td.train, td.valid, td.test)},
                               "split_ts": list(td.split_ts), "split_mode": td.split_mode, "split_fractions": list(SPLIT_FRACTIONS),
                               "ranker_rows": {s.name: len(s) for s in (rd.train, rd.valid, rd.test)} if rd is not td else None},
+            "ranking": {"order": order, **({"choice": order_choice} if order_choice is not None else {})},
             "config": cfg.to_dict() | {"popularity_half_life_ms": cfg.popularity_half_life_ms},
             "seed": seed,
             "libraries": _libraries(),

@@ -178,7 +178,7 @@ def rank(snap: Snapshot, uf: UserFeatures, cand: Candidates, now_ms: int, timer:
             retrieval = retrieval_columns(candidate_scores(snap, emb, cand.ids), cand.ids, hist, rt.item_item)
         X = feature_matrix(snap, uf, cand.rows, now_ms, extra_pairs, retrieval)
     with timer.stage("rank"):
-        scores = snap.runtime.score(X)  # ONE batched call of the configured ranker
+        scores = snap.runtime.final_scores(X)  # ONE batched call of the configured ranker, in the release's order
     return Ranked(cand.ids, scores.astype(np.float32), cand.source, X)
 
 

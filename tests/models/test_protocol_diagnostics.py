@@ -25,7 +25,7 @@ def test_the_diagnostics_rank_the_same_lists_three_ways(movielens_dir, tmp_path)
     import_movielens(movielens_dir, tmp_path / "ml")
     res = published_protocol(tmp_path / "ml", profile="tiny", holdout="valid", diagnostics=True, n_item_item=50)
     ranked = {"popularity", "mf_als", "parity_two_tower", "parity_two_stage", "parity_two_stage_teacher", "parity_item_item",
-              "parity_lists_tower_order", "parity_lists_item_item_order"}
+              "parity_two_stage_item_item", "parity_lists_tower_order", "parity_lists_item_item_order"}
     assert set(res) == ranked | {"parity_lists_recall"}
     users = res["mf_als"]["users"]
     assert all(res[k]["users"] == users and 0 <= res[k]["ndcg@10"] <= 1 for k in ranked)
