@@ -106,15 +106,18 @@ def evaluate_release(release_dir: str | Path, data_dir: str | Path, *, retrieve_
     cu, ci, ct = lists.rows()
     X = teacher_matrix(rt, joiner, used, events, info.kind, items, lists, new)  # incl. the list-relative retrieval columns
     scores = {r: rt.score(X, r) for r in RANKERS}
+    ordered = ("release_order",) if rt.order != "ranker" else ()  # what the server serves, when not the int8 ranker's order
+    if ordered:
+        scores["release_order"] = rt.final_scores(X, "student_int8")
 
-    acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS)}
+    acc: dict[str, list[tuple[float, float]]] = {name: [] for name in ("popularity", "two_tower", *RANKERS, *ordered)}
     off = 0
     for u, (ids, src), pop in zip(users.tolist(), cands, pops):
         n = len(ids)
         tset = truth[u]
         acc["popularity"].append(topk_metrics(pop, tset, k))
         acc["two_tower"].append(topk_metrics(ids[src == 0], tset, k))  # the ANN list alone, in its own order
-        for r in RANKERS:
+        for r in (*RANKERS, *ordered):
             sc = scores[r][off : off + n]
             acc[r].append(topk_metrics(ids[np.lexsort((ids, -sc))], tset, k))
         off += n

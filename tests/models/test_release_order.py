@@ -91,3 +91,11 @@ def test_a_release_chooses_its_order_on_the_validation_lists(small_sim, tmp_path
     assert rel.manifest["config"]["final_order"] == "valid"
     with pytest.raises(ValueError, match="final_order"):
         train_release(small_sim, tmp_path, profile="tiny", seed=0, overrides={"final_order": "best"})
+
+
+def test_eval_measures_the_order_the_release_serves(item_item_release, small_sim):
+    from pipeline.evaluate import evaluate_release
+
+    res = evaluate_release(item_item_release.path, small_sim)
+    assert set(res.two_stage) == {"popularity", "two_tower", "teacher_fp32", "student_fp32", "student_int8", "release_order"}
+    assert 0 <= res.two_stage["release_order"]["ndcg@10"] <= 1
