@@ -61,7 +61,9 @@ def test_a_release_ordered_by_item_item_is_served_in_that_order(item_item_releas
     from server.config import ServerConfig
     from server.validation import validate_recommend
 
-    assert item_item_release.manifest["ranking"] == {"order": "item_item"}
+    r = item_item_release.manifest["ranking"]
+    assert r["order"] == "item_item" and r["item_item_refit"]["positives"] > 0  # refitted on every split's positives
+    assert r["item_item_refit"]["weights"] == item_item_release.manifest["retrieval"]["item_item"]["weights"]  # the one saved
     rt = ReleaseRuntime.load(item_item_release)
     assert rt.order == "item_item"
     ev = EventLog(small_sim / "events").read()
