@@ -10,7 +10,8 @@ numpy retrieval and no caches, see bench/baseline_server.py):
   2. offer a fixed rate (default 200 Recommend/s for 30 s) with the open-loop harness
      (bench/latency.py: latency from each request's intended send time);
   3. find the highest rate at which p99 <= 50 ms with zero errors (and the server keeps up):
-     a ladder of rates x1.5 until one fails, then bisection between the last pass and the fail;
+     a ladder of rates x1.5 until one fails, then bisection between the last pass and the fail,
+     then that rate held for 30 s (a sustained-rate confirmation, stepping down 10 % if not);
   4. on the soak stores (default memory), offer 70 % of that rate for `soak_seconds`
      (default 600) and record p99 per 30 s window and the server's RSS every 5 s.
 The load generator runs in this process, the server in its own: both share the two cores,
@@ -58,6 +59,13 @@ class ServingBenchConfig:
     # at 200 req/s (2026-11-30 19:34: p99 251 ms, 214 errors); after 90 s at 150 req/s it held 200 req/s (p99 22-40 ms)
     warmup_seconds: float = 90.0
     keep_up: float = 0.97  # a pass also needs achieved >= keep_up x offered
+    # the rate the search found must then hold for confirm_seconds (0: not checked): near the limit a queue takes
+    # longer than a 10-s step to build, so short steps overstate what a server sustains (2026-11-30: a Redis
+    # server passed 10-s steps at 206 req/s and failed 30 s at 200). A failed confirmation steps down by
+    # confirm_backoff, at most confirm_tries times; the capacity is the first rate confirmed (0 if none is)
+    confirm_seconds: float = 30.0
+    confirm_backoff: float = 0.9
+    confirm_tries: int = 4
     soak_fraction: float = 0.7
     soak_seconds: float = 600.0
     soak_window_s: float = 30.0
@@ -75,7 +83,8 @@ class ServingBenchConfig:
     @classmethod
     def quick(cls) -> "ServingBenchConfig":
         """Every step, briefly: a smoke run of the whole procedure (figures not for RESULTS.md)."""
-        return cls(fixed_seconds=5, step_seconds=3, ladder_start=100, ladder_factor=2.0, ladder_max=800, bisect_steps=1, cooldown_s=1.0, warmup_seconds=3, soak_seconds=20,
+        return cls(fixed_seconds=5, step_seconds=3, ladder_start=100, ladder_factor=2.0, ladder_max=800, bisect_steps=1, cooldown_s=1.0, warmup_seconds=3,
+                   confirm_seconds=5, soak_seconds=20,
                    soak_window_s=5, rss_every_s=1, profile="tiny", sim={"users": 2000, "items": 600, "days": 7, "seed": 1})
 
 
@@ -88,6 +97,7 @@ class Step:
     errors: int
     qps_achieved: float
     passed: bool
+    confirm: bool = False  # a step of the sustained-rate confirmation (confirm_seconds long)
 
 
 def passes(summary: dict, qps: float, cfg: ServingBenchConfig) -> bool:
@@ -96,16 +106,20 @@ def passes(summary: dict, qps: float, cfg: ServingBenchConfig) -> bool:
             and summary.get("qps_achieved", 0.0) >= cfg.keep_up * qps)
 
 
-def capacity_search(measure: Callable[[float], dict], cfg: ServingBenchConfig) -> tuple[float, list[Step]]:
+def capacity_search(measure: Callable[[float], dict], cfg: ServingBenchConfig,
+                    confirm: Callable[[float], dict] | None = None) -> tuple[float, list[Step]]:
     """(highest passing rate found, every step). `measure(qps)` returns a latency summary.
     Up the ladder until a rate fails, then bisect between the last pass and the first fail;
-    if even the first rate fails, halve down (to 1/8 of it) to find one that passes."""
+    if even the first rate fails, halve down (to 1/8 of it) to find one that passes.
+    `confirm(qps)` (a longer run, `cfg.confirm_seconds`): the found rate must pass it too, else
+    the rate steps down by `cfg.confirm_backoff` up to `cfg.confirm_tries` times (0 if none holds)."""
     steps: list[Step] = []
 
-    def probe(q: float) -> bool:
-        s = measure(q)
+    def probe(q: float, run: Callable[[float], dict] = measure, is_confirm: bool = False) -> bool:
+        s = run(q)
         ok = passes(s, q, cfg)
-        steps.append(Step(q, s.get("p50_ms") or float("nan"), s.get("p99_ms") or float("nan"), int(s.get("errors", 0)), float(s.get("qps_achieved", 0.0)), ok))
+        steps.append(Step(q, s.get("p50_ms") or float("nan"), s.get("p99_ms") or float("nan"), int(s.get("errors", 0)),
+                          float(s.get("qps_achieved", 0.0)), ok, is_confirm))
         return ok
 
     good, bad = 0.0, None
@@ -136,6 +150,13 @@ def capacity_search(measure: Callable[[float], dict], cfg: ServingBenchConfig) -
             else:
                 hi = mid
         good = lo
+    if confirm is not None and good > 0:
+        q = good
+        for _ in range(cfg.confirm_tries):
+            if probe(q, confirm, True):
+                return float(q), steps
+            q = round(q * cfg.confirm_backoff)
+        return 0.0, steps
     return float(good), steps
 
 
@@ -378,7 +399,8 @@ def run(out: Path, cfg: ServingBenchConfig, work: Path | None = None) -> dict:
                         if cfg.warmup_seconds:
                             scen["warmup"] = _measure(srv, user_ids, cfg, cfg.fixed_qps / 2, cfg.warmup_seconds)
                         scen["fixed"] = _measure(srv, user_ids, cfg, cfg.fixed_qps, cfg.fixed_seconds, keep_latencies=True)
-                        capacity, steps = capacity_search(lambda q: _measure(srv, user_ids, cfg, q, cfg.step_seconds), cfg)
+                        capacity, steps = capacity_search(lambda q: _measure(srv, user_ids, cfg, q, cfg.step_seconds), cfg,
+                                                          (lambda q: _measure(srv, user_ids, cfg, q, cfg.confirm_seconds)) if cfg.confirm_seconds else None)
                         scen["capacity_qps"] = capacity
                         scen["capacity_steps"] = [asdict(s) for s in steps]
                         if store in cfg.soak_stores and capacity > 0:

@@ -92,12 +92,15 @@ def render(result: dict, plots: dict[str, str] | None = None) -> str:
     # capacity
     out += [f"### Capacity: the highest rate with p99 ≤ {lim:g} ms, zero errors and the server keeping up", "",
             f"Search: {cfg['step_seconds']:g} s per rate, rates ×{cfg['ladder_factor']:g} from {cfg['ladder_start']:g}/s until one fails, "
-            f"then {cfg['bisect_steps']} bisections; a pass also needs achieved ≥ {cfg['keep_up']:.0%} of offered.", "",
-            "| store | parity req/s | baseline req/s | ratio parity / baseline | rates tried (parity; ✓ pass, ✗ fail, p99 ms) |",
+            f"then {cfg['bisect_steps']} bisections; a pass also needs achieved ≥ {cfg['keep_up']:.0%} of offered."
+            + (f" The rate found must then hold for {cfg['confirm_seconds']:g} s, else it steps down ×{cfg['confirm_backoff']:g} "
+               f"(at most {cfg['confirm_tries']} times)." if cfg.get("confirm_seconds") else
+               " (This run predates the sustained-rate confirmation: 10-s steps overstate what a server sustains near its limit.)"), "",
+            "| store | parity req/s | baseline req/s | ratio parity / baseline | rates tried (parity; ✓ pass, ✗ fail, p99 ms; held: the sustained-rate confirmation) |",
             "|---|---:|---:|---:|---|"]
     for st in stores:
         p, b = sc[(st, "parity")], sc.get((st, "baseline"), {})
-        steps = ", ".join(f"{s['qps']:g} {'✓' if s['passed'] else '✗'} {_f(s['p99_ms'])}" for s in p.get("capacity_steps", []))
+        steps = ", ".join(f"{'held ' if s.get('confirm') else ''}{s['qps']:g} {'✓' if s['passed'] else '✗'} {_f(s['p99_ms'])}" for s in p.get("capacity_steps", []))
         out.append(f"| {st} | {_f(p.get('capacity_qps'), 0)} | {_f(b.get('capacity_qps'), 0)} | "
                    f"{_ratio(p.get('capacity_qps'), b.get('capacity_qps'))} | {steps} |")
     out.append("")

@@ -43,6 +43,27 @@ def test_capacity_search_goes_below_the_first_rate_when_it_fails() -> None:
     assert steps[0].qps == 100 and not steps[0].passed
 
 
+def _queueing_server(short_cap: float, long_cap: float):
+    """A server whose queue builds slowly: 10-s steps pass up to short_cap, 30-s runs only to long_cap."""
+    def run(cap: float):
+        return lambda q: {"p50_ms": 2.0, "p99_ms": 5.0 if q <= cap else 500.0, "errors": 0, "qps_achieved": q}
+    return run(short_cap), run(long_cap)
+
+
+def test_the_found_rate_must_hold_for_the_confirmation_or_steps_down() -> None:
+    short, long = _queueing_server(400, 330)
+    found, steps = capacity_search(short, CFG, long)
+    held = [s for s in steps if s.confirm]
+    assert [s.passed for s in held] == [False, False, True]  # 400 -> 360 -> 324
+    assert found == held[-1].qps == 324 and found <= 330
+    assert not any(s.confirm for s in steps[: -len(held)])  # the search's own steps come first
+    # a rate that holds at once is the capacity; none that holds within the tries is 0
+    assert capacity_search(short, CFG, short)[0] == capacity_search(short, CFG)[0] == 400
+    never = lambda q: {"p50_ms": 2.0, "p99_ms": 500.0, "errors": 0, "qps_achieved": q}  # noqa: E731
+    found, steps = capacity_search(short, CFG, never)
+    assert found == 0.0 and sum(s.confirm for s in steps) == CFG.confirm_tries
+
+
 def test_a_pass_needs_no_errors_p99_within_the_limit_and_keeping_up() -> None:
     good = {"p99_ms": 20.0, "errors": 0, "qps_achieved": 199.0}
     assert passes(good, 200, CFG)
