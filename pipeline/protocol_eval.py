@@ -92,6 +92,8 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         final_order = "item_item" if both["item_item"] is not None and both["item_item"] > both["ranker"] else "ranker"
         order_note = {"order": final_order, "chosen_on": "validation: the training 80% split again (12.5% held out, seed + 1)",
                       "valid_ndcg@10": both}
+    if holdout == "valid" and final_order is None:
+        final_order = "ranker"  # the validation pass: both orders reported, the release's own choice not asked
     if final_order is not None:
         overrides = {**(overrides or {}), "final_order": final_order}
     split = protocol_split(events, seed)
