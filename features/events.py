@@ -125,13 +125,25 @@ class EventBatch:
         return EventBatch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
     def deduplicated(self) -> "EventBatch":
-        """First occurrence of each event_id: the log is at-least-once, features are not."""
-        if len(self) == 0:
+        """First occurrence of each event_id: the log is at-least-once, features are not.
+
+        Remembered on the batch (its columns are never written in place): materialisation and
+        the point-in-time join build one engine per feature set from the same log, and each
+        asked again (np.unique with its index over 15.3M shuffled ids: 3.9-5.1 s on this machine, once
+        per set; a 16M-event local materialisation took 100.7 s in all)."""
+        d = self.__dict__
+        if d.get("_unique") or len(self) == 0:
             return self
+        if "_deduplicated" in d:
+            return d["_deduplicated"]
         _, first = np.unique(self.event_id, return_index=True)
         if len(first) == len(self):
+            object.__setattr__(self, "_unique", True)
             return self
-        return self.take(np.sort(first))
+        out = self.take(np.sort(first))
+        object.__setattr__(out, "_unique", True)
+        object.__setattr__(self, "_deduplicated", out)
+        return out
 
     def sorted(self) -> "EventBatch":
         """Events in (ts, event_id) order: the order in which ties are broken everywhere."""

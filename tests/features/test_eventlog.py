@@ -230,3 +230,20 @@ def test_large_log_reads_fast(tmp_path: Path) -> None:
     one = log.read(user_ids=[42], start_ts=T0 + 2 * MS_PER_DAY)
     assert time.perf_counter() - t < 2.0
     assert np.all(one.user_id == 42)
+
+
+def test_deduplicated_is_computed_once_per_batch_and_keeps_the_first_occurrence():
+    import pickle
+
+    from features.events import EventBatch
+
+    n = 6
+    cols = {f: np.zeros(n, dtype=getattr(EventBatch.empty(), f).dtype) for f in ("user_id", "item_id", "creator_id", "topic", "session_id", "type", "value")}
+    b = EventBatch(**cols, event_id=np.array([5, 3, 5, 7, 3, 9], dtype=np.int64), ts=np.arange(n, dtype=np.int64) * 10)
+    d = b.deduplicated()
+    assert d.event_id.tolist() == [5, 3, 7, 9] and d.ts.tolist() == [0, 10, 30, 50]  # first occurrences, log order
+    assert b.deduplicated() is d and d.deduplicated() is d  # remembered, and a deduplicated batch is its own
+    e = pickle.loads(pickle.dumps(d))  # as shipped to a Ray worker
+    assert e.deduplicated() is e and e.event_id.tolist() == d.event_id.tolist()
+    u = d.take(np.array([0, 0, 1]))  # a take may repeat rows: not known to be unique, computed again
+    assert u.deduplicated().event_id.tolist() == [5, 3]
