@@ -83,6 +83,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _free_ports(n: int, avoid: int = 0) -> int:
+    """A port p with p .. p + n - 1 all free now (a fleet's metrics ports are consecutive).
+    CI once lost a run to p + 1 being taken: worker 2 could not serve its metrics and the
+    supervisor stopped the fleet."""
+    for _ in range(200):
+        p = _free_port()
+        if avoid in range(p, p + n) or p + n > 65535:
+            continue
+        held = []
+        try:
+            for q in range(p, p + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
 def _status(port: int, token: str) -> pb.StatusResponse:
     """GetStatus on a new connection (the kernel picks the worker per connection)."""
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
@@ -119,9 +142,8 @@ def test_a_fleet_shares_one_port_and_a_load_release_reaches_every_worker(release
     primary = root / release_dir.name
     shutil.copytree(release_dir, primary)
     other = derive(load_release(primary), root, "good").release_id
-    port, metrics = _free_port(), _free_port()
-    while metrics + 1 == port:
-        metrics = _free_port()
+    port = _free_port()
+    metrics = _free_ports(2, avoid=port)
     argv = [sys.executable, "-m", "parity", "serve", "--workers", "2", "--release", str(primary), "--events", str(small_sim),
             "--store", redis_url, "--namespace", "fleet", "--port", str(port), "--metrics-port", str(metrics),
             "--admin-token", admin_token, "--releases-root", str(root), "--drain-grace", "2"]
