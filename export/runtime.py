@@ -175,10 +175,19 @@ class ReleaseRuntime:
         (1, 2) by a logistic (same order), above the ranker's probability in [0, 1], which
         rows without an item-item score keep (a user with no history, an item outside the
         model). Row by row, so a list's order never depends on which rows are beside it."""
-        p = self.score(X, ranker)
         if (order or self.order) != "item_item":
-            return p
-        return ordered_scores(p, np.asarray(X)[:, self.inputs.columns.index("retrieval.item_item")], "item_item")
+            return self.score(X, ranker)
+        ii = np.asarray(X)[:, self._item_item_column]
+        need = ~np.isfinite(ii)
+        p = np.zeros(len(ii), dtype=np.float32)
+        if need.any():  # the ranker only for the rows the order falls back on (none, for a user with a history)
+            p[need] = self.score(np.asarray(X)[need], ranker)
+        return ordered_scores(p, ii, "item_item")
+
+    @functools.cached_property
+    def _item_item_column(self) -> int:
+        """Where retrieval.item_item sits in the ranker inputs (found once, not per request)."""
+        return self.inputs.columns.index("retrieval.item_item")
 
     def score(self, X: np.ndarray, ranker: str | None = None) -> np.ndarray:
         """Scores of raw ranker inputs with `ranker` (None: the first ranker loaded)."""

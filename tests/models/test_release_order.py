@@ -101,3 +101,20 @@ def test_eval_measures_the_order_the_release_serves(item_item_release, small_sim
     res = evaluate_release(item_item_release.path, small_sim)
     assert set(res.two_stage) == {"popularity", "two_tower", "teacher_fp32", "student_fp32", "student_int8", "release_order"}
     assert 0 <= res.two_stage["release_order"]["ndcg@10"] <= 1
+
+
+def test_an_item_item_release_runs_the_ranker_only_on_the_rows_it_falls_back_on(item_item_release):
+    rt = ReleaseRuntime.load(item_item_release)
+    cols = rt.inputs.columns
+    X = np.random.default_rng(0).random((50, len(cols))).astype(np.float32)
+    col = cols.index("retrieval.item_item")
+    X[[3, 17], col] = np.nan  # two rows without an item-item score
+    full = ordered_scores(rt.score(X, "student_int8"), X[:, col], "item_item")
+    seen = []
+    real = rt.score
+    rt.score = lambda Xs, ranker=None: seen.append(len(Xs)) or real(Xs, ranker)
+    assert np.array_equal(rt.final_scores(X, "student_int8"), full)  # the same scores, row by row
+    assert seen == [2]
+    X[[3, 17], col] = 0.5
+    rt.final_scores(X, "student_int8")
+    assert seen == [2]  # every row scored by item-item: the ranker not run at all
