@@ -198,7 +198,7 @@ def published_protocol(data_dir: str | Path, release_dir: str | Path | None = No
         out["parity_two_stage_teacher"] = metrics(reranked(by_ranker("teacher_fp32"), raw=True))
         if holdout == "valid" and rt.inputs.uses_item_item:  # the other order, for the choice above
             other = "item_item" if rt.order == "ranker" else "ranker"
-            out[f"parity_two_stage_{other}" if other == "item_item" else "parity_two_stage_ranker"] = metrics(
+            out[f"parity_two_stage_{other}"] = metrics(
                 reranked(lambda u, t, X: rt.final_scores(X, "student_int8", order=other), raw=True))
         if order_note is not None:
             out["parity_order"] = order_note
